@@ -1,0 +1,772 @@
+/* rr.loop: the one sd-event loop, and Lua coroutines as tasks on it.
+ *
+ * Tasks never run from inside an sd-event callback: a callback only completes an op, which puts
+ * the waiting task on the ready queue; the scheduler resumes ready tasks between two
+ * sd_event_run() turns. That keeps Lua out of sd-event's dispatch (sd_event_run() is not
+ * reentrant) and lets a task block the loop in a nested turn when it cannot yield. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "rr.h"
+
+#define TASK_MT "rr.task"
+
+typedef enum {
+        TASK_READY,
+        TASK_RUNNING,
+        TASK_WAITING,
+        TASK_DONE,
+        TASK_FAILED,
+        TASK_CANCELED,
+} TaskState;
+
+static const char *const task_state_names[] = {
+        [TASK_READY] = "ready",     [TASK_RUNNING] = "running", [TASK_WAITING] = "waiting",
+        [TASK_DONE] = "done",       [TASK_FAILED] = "failed",   [TASK_CANCELED] = "canceled",
+};
+
+typedef struct JoinOp JoinOp;
+typedef struct JoinNode JoinNode;
+
+typedef struct RrTask {
+        lua_State *co;      /* the coroutine; NULL once finished (results are in uservalue 2) */
+        int ref;            /* registry ref keeping the userdata alive until it finishes */
+        TaskState state;
+        int nargs;          /* arguments on co's stack for the first resume */
+        RrOp *op;           /* the op it waits on, while WAITING */
+        bool cancel;        /* raise "canceled" at the next wait point */
+        bool queued;
+        bool error_seen;    /* someone received its error (a join), or it was printed */
+        unsigned id;
+        struct RrTask *next; /* ready queue */
+        JoinNode *joiners;
+} RrTask;
+
+struct JoinNode {
+        JoinNode *next;
+        JoinOp *join;
+        RrTask *task;
+        int ref; /* keeps the task userdata alive while joined */
+};
+
+struct JoinOp {
+        RrOp op;
+        int n;
+        int remaining;
+        bool as_list; /* rr.wait{...}: one table of results */
+        JoinNode nodes[];
+};
+
+typedef struct SleepOp {
+        RrOp op;
+        sd_event_source *source;
+} SleepOp;
+
+static struct {
+        sd_event *event;
+        lua_State *L; /* main thread */
+        RrTask *ready_head, *ready_tail;
+        RrTask *current;
+        unsigned live;
+        unsigned next_id;
+        unsigned interrupts;
+        bool interrupt_unhandled; /* a signal no Lua handler took: cancel the top-level wait */
+        int handlers_ref;         /* table of Lua signal handlers */
+        sd_event_source *sigint, *sigterm;
+} S = { .handlers_ref = LUA_NOREF };
+
+sd_event *rr_loop_event(void) {
+        return S.event;
+}
+
+double rr_now(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+unsigned rr_interrupts(void) {
+        return S.interrupts;
+}
+
+int rr_push_fail(lua_State *L, int errnum, const char *fmt, ...) {
+        va_list ap;
+        char buf[1024];
+
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        lua_pushnil(L);
+        lua_pushstring(L, buf);
+        if (errnum > 0) {
+                const char *name = strerrorname_np(errnum);
+                lua_pushstring(L, name ? name : "EUNKNOWN");
+                return 3;
+        }
+        return 2;
+}
+
+static void ready_push(RrTask *t) {
+        if (t->queued)
+                return;
+        t->queued = true;
+        t->next = NULL;
+        if (S.ready_tail)
+                S.ready_tail->next = t;
+        else
+                S.ready_head = t;
+        S.ready_tail = t;
+}
+
+static RrTask *ready_pop(void) {
+        RrTask *t = S.ready_head;
+        if (!t)
+                return NULL;
+        S.ready_head = t->next;
+        if (!S.ready_head)
+                S.ready_tail = NULL;
+        t->next = NULL;
+        t->queued = false;
+        return t;
+}
+
+void rr_op_complete(RrOp *op) {
+        if (op->done)
+                return;
+        op->done = true;
+        if (op->task)
+                ready_push(op->task);
+}
+
+static bool task_finished(const RrTask *t) {
+        return t->state >= TASK_DONE;
+}
+
+/* Pushes the task userdata (alive: it holds its own ref until it finishes). */
+static void push_task(lua_State *L, RrTask *t) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
+}
+
+/* Finish a task whose coroutine returned or raised; the outcome (nres values or the error
+ * value) is at the top of co. Stores it in uservalue 2, wakes joiners, drops the coroutine. */
+static void task_finish(RrTask *t, TaskState state, int nres) {
+        lua_State *L = S.L;
+        lua_State *co = t->co;
+
+        push_task(L, t); /* ud */
+        lua_createtable(L, nres, 1); /* ud results */
+        if (state == TASK_DONE) {
+                lua_xmove(co, L, nres); /* ud results v1..vn */
+                for (int i = nres; i >= 1; i--)
+                        lua_rawseti(L, -1 - i, i); /* table is below the i values left */
+                lua_pushinteger(L, nres);
+                lua_setfield(L, -2, "n");
+        } else {
+                /* The error value is at co's top. A string gets the coroutine's traceback. */
+                if (lua_type(co, -1) == LUA_TSTRING) {
+                        const char *msg = lua_tostring(co, -1);
+                        if (state == TASK_CANCELED)
+                                lua_pushstring(L, msg);
+                        else
+                                luaL_traceback(L, co, msg, 0);
+                } else
+                        lua_xmove(co, L, 1);
+                lua_rawseti(L, -2, 1);
+                lua_pushinteger(L, 1);
+                lua_setfield(L, -2, "n");
+        }
+        lua_setiuservalue(L, -2, 2); /* ud */
+
+        if (state != TASK_DONE)
+                lua_resetthread(co); /* closes pending to-be-closed variables */
+        lua_pushnil(L);
+        lua_setiuservalue(L, -2, 1); /* the coroutine can go */
+        t->co = NULL;
+        t->state = state;
+
+        for (JoinNode *j = t->joiners, *next; j; j = next) {
+                next = j->next;
+                j->next = NULL;
+                j->task = NULL; /* unlinked; the node still holds its ref for push() */
+                if (--j->join->remaining == 0)
+                        rr_op_complete(&j->join->op);
+        }
+        if (t->joiners)
+                t->error_seen = true;
+        t->joiners = NULL;
+
+        if (state == TASK_FAILED && !t->error_seen) {
+                /* Nobody is waiting for it now: say it at once instead of losing it. */
+                lua_getiuservalue(L, -1, 2);
+                lua_rawgeti(L, -1, 1);
+                fprintf(stderr, "rrengine: task %u failed: %s\n", t->id, luaL_tolstring(L, -1, NULL));
+                lua_pop(L, 3);
+                t->error_seen = true;
+        }
+        lua_pop(L, 1);
+
+        S.live--;
+        luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
+        t->ref = LUA_NOREF; /* the userdata may be collected from here on: do not touch t */
+}
+
+static void task_resume(RrTask *t) {
+        RrTask *prev = S.current;
+        lua_State *from = prev ? prev->co : S.L;
+        int nargs = t->nargs, nres = 0, r;
+
+        t->nargs = 0;
+        t->state = TASK_RUNNING;
+        S.current = t;
+        r = lua_resume(t->co, from, nargs, &nres);
+        S.current = prev;
+
+        if (r == LUA_YIELD) {
+                lua_pop(t->co, nres);
+                if (t->op)
+                        t->state = TASK_WAITING;
+                else {
+                        /* A plain coroutine.yield() inside a task: give the others a turn. */
+                        t->state = TASK_READY;
+                        ready_push(t);
+                }
+        } else if (r == LUA_OK)
+                task_finish(t, TASK_DONE, nres);
+        else
+                task_finish(t, t->cancel ? TASK_CANCELED : TASK_FAILED, 0);
+}
+
+/* Resume the tasks that are ready now; those made ready meanwhile wait for the next turn, so a
+ * task that keeps yielding cannot starve the loop. */
+static void run_ready(void) {
+        RrTask *last = S.ready_tail;
+
+        while (S.ready_head) {
+                RrTask *t = ready_pop();
+                bool was_last = t == last;
+
+                if (t->state == TASK_READY || t->state == TASK_WAITING)
+                        task_resume(t);
+                if (was_last)
+                        break;
+        }
+}
+
+/* One turn: run what is ready, then wait for and dispatch one event (not when more work
+ * is ready, or when the goal is reached: *stop, or with stop NULL, no task left). */
+static int loop_turn(const bool *stop) {
+        int r;
+
+        run_ready();
+        if ((stop ? *stop : S.live == 0) || S.ready_head)
+                return 0;
+        r = sd_event_run(S.event, UINT64_MAX);
+        if (r < 0) {
+                fprintf(stderr, "rrengine: event loop failed: %s\n", strerror(-r));
+                return r;
+        }
+        return 0;
+}
+
+static int await_continue(lua_State *L, int status, lua_KContext ctx) {
+        RrTask *t = S.current;
+        RrOp *op;
+        int n;
+
+        (void) status;
+        (void) ctx;
+        op = t->op;
+        t->op = NULL;
+        if (!op)
+                return luaL_error(L, "canceled"); /* the op was released by task_cancel() */
+        n = op->push(L, op);
+        op->release(op);
+        return n;
+}
+
+int rr_op_await(lua_State *L, RrOp *op) {
+        RrTask *t = S.current;
+        int n;
+
+        op->done = false;
+        op->task = NULL;
+        if (t && t->co == L && lua_isyieldable(L)) {
+                if (t->cancel) {
+                        op->release(op);
+                        return luaL_error(L, "canceled");
+                }
+                op->task = t;
+                t->op = op;
+                return lua_yieldk(L, 0, 0, await_continue);
+        }
+
+        /* Not a task (top level, REPL, spec, or a non-yieldable spot): run the loop here. */
+        while (!op->done) {
+                if (S.interrupt_unhandled) {
+                        S.interrupt_unhandled = false;
+                        op->release(op);
+                        return luaL_error(L, "interrupted");
+                }
+                if (loop_turn(&op->done) < 0) {
+                        op->release(op);
+                        return luaL_error(L, "event loop failed");
+                }
+        }
+        n = op->push(L, op);
+        op->release(op);
+        return n;
+}
+
+static RrTask *task_new(lua_State *L) {
+        RrTask *t = lua_newuserdatauv(L, sizeof(RrTask), 2);
+        memset(t, 0, sizeof *t);
+        t->ref = LUA_NOREF;
+        t->id = ++S.next_id;
+        luaL_setmetatable(L, TASK_MT);
+        return t;
+}
+
+/* Creates the task from the function and nargs arguments on top of L (popping them) and
+ * queues it; the task userdata is left on L. */
+static RrTask *task_spawn(lua_State *L, int nargs) {
+        lua_State *co;
+        RrTask *t;
+
+        luaL_checktype(L, -1 - nargs, LUA_TFUNCTION);
+        t = task_new(L);                /* fn args ud */
+        co = lua_newthread(L);          /* fn args ud co */
+        lua_setiuservalue(L, -2, 1);    /* fn args ud */
+        lua_insert(L, -2 - nargs);      /* ud fn args */
+        lua_xmove(L, co, nargs + 1);    /* ud */
+        t->co = co;
+        t->nargs = nargs;
+        t->state = TASK_READY;
+        lua_pushvalue(L, -1);
+        t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        S.live++;
+        ready_push(t);
+        return t;
+}
+
+int rr_task_spawn(lua_State *L, int nargs) {
+        if (!lua_checkstack(L, 4))
+                return -ENOMEM;
+        task_spawn(L, nargs);
+        lua_pop(L, 1);
+        return 0;
+}
+
+static RrTask *check_task(lua_State *L, int idx) {
+        return luaL_checkudata(L, idx, TASK_MT);
+}
+
+/* rr.spawn(fn, ...) -> task */
+static int loop_spawn(lua_State *L) {
+        int nargs = lua_gettop(L) - 1;
+
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+        task_spawn(L, nargs); /* ud */
+        return 1;
+}
+
+/* Pushes ok, results... of a finished task; returns the count. */
+static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
+        int n;
+
+        lua_pushboolean(L, t->state == TASK_DONE);
+        lua_getiuservalue(L, ud_idx, 2);
+        lua_getfield(L, -1, "n");
+        n = (int) lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        luaL_checkstack(L, n + 1, "too many results");
+        for (int i = 1; i <= n; i++)
+                lua_rawgeti(L, -i, i); /* the table sits below the i-1 values pushed so far */
+        lua_remove(L, -1 - n);
+        if (t->state == TASK_FAILED)
+                t->error_seen = true;
+        return n + 1;
+}
+
+static int join_push(lua_State *L, RrOp *op) {
+        JoinOp *j = (JoinOp *) op;
+
+        if (j->n == 1 && !j->as_list) {
+                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[0].ref);
+                int n = push_outcome(L, check_task(L, -1), lua_gettop(L));
+                lua_remove(L, -1 - n);
+                return n;
+        }
+        if (j->as_list)
+                lua_createtable(L, j->n, 0);
+        for (int i = 0; i < j->n; i++) {
+                int top, n;
+                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
+                top = lua_gettop(L);
+                lua_createtable(L, 4, 1);
+                n = push_outcome(L, check_task(L, top), top); /* ud tbl ok ... */
+                for (int k = n; k >= 1; k--)
+                        lua_rawseti(L, top + 1, k);
+                lua_pushinteger(L, n);
+                lua_setfield(L, top + 1, "n");
+                lua_remove(L, top); /* ... tbl */
+                if (j->as_list)
+                        lua_rawseti(L, -2, i + 1);
+        }
+        return j->as_list ? 1 : j->n;
+}
+
+static void join_release(RrOp *op) {
+        JoinOp *j = (JoinOp *) op;
+
+        for (int i = 0; i < j->n; i++) {
+                JoinNode *node = &j->nodes[i];
+                if (node->task) {
+                        /* Still linked: the task has not finished. */
+                        for (JoinNode **p = &node->task->joiners; *p; p = &(*p)->next)
+                                if (*p == node) {
+                                        *p = node->next;
+                                        break;
+                                }
+                }
+                luaL_unref(S.L, LUA_REGISTRYINDEX, node->ref);
+        }
+        free(j);
+}
+
+/* rr.wait(t1, ...) -> ok, results... (one task) | one table.pack(ok, ...) per task
+ * rr.wait{t1, ...} -> a list of table.pack(ok, ...) */
+static int loop_wait(lua_State *L) {
+        bool as_list = lua_istable(L, 1) && !luaL_testudata(L, 1, TASK_MT);
+        int n, base;
+        JoinOp *j;
+
+        if (as_list) {
+                n = (int) luaL_len(L, 1);
+                luaL_checkstack(L, n, "too many tasks");
+                for (int i = 1; i <= n; i++)
+                        lua_geti(L, 1, i);
+                base = 2;
+        } else {
+                n = lua_gettop(L);
+                base = 1;
+        }
+        if (n == 0 && !as_list)
+                return luaL_argerror(L, 1, "task expected");
+        for (int i = 0; i < n; i++) {
+                RrTask *t = check_task(L, base + i);
+                if (t == S.current && !task_finished(t))
+                        return luaL_error(L, "a task cannot wait for itself");
+        }
+
+        j = calloc(1, sizeof(JoinOp) + (size_t) n * sizeof(JoinNode));
+        if (!j)
+                return luaL_error(L, "out of memory");
+        j->op.push = join_push;
+        j->op.release = join_release;
+        j->n = n;
+        j->as_list = as_list;
+        for (int i = 0; i < n; i++) {
+                RrTask *t = check_task(L, base + i);
+                JoinNode *node = &j->nodes[i];
+                lua_pushvalue(L, base + i);
+                node->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+                node->join = j;
+                if (!task_finished(t)) {
+                        node->task = t;
+                        node->next = t->joiners;
+                        t->joiners = node;
+                        j->remaining++;
+                }
+        }
+        if (j->remaining == 0) {
+                int r = join_push(L, &j->op);
+                join_release(&j->op);
+                return r;
+        }
+        return rr_op_await(L, &j->op);
+}
+
+static int sleep_push(lua_State *L, RrOp *op) {
+        (void) L;
+        (void) op;
+        return 0;
+}
+
+static void sleep_release(RrOp *op) {
+        SleepOp *s = (SleepOp *) op;
+        sd_event_source_disable_unref(s->source);
+        free(s);
+}
+
+static int sleep_fired(sd_event_source *src, uint64_t usec, void *userdata) {
+        (void) src;
+        (void) usec;
+        rr_op_complete(userdata);
+        return 0;
+}
+
+/* rr.sleep(seconds) */
+static int loop_sleep(lua_State *L) {
+        double secs = luaL_checknumber(L, 1);
+        SleepOp *s;
+        int r;
+
+        luaL_argcheck(L, secs >= 0 && secs < 1e9, 1, "seconds must be >= 0");
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return luaL_error(L, "out of memory");
+        s->op.push = sleep_push;
+        s->op.release = sleep_release;
+        r = sd_event_add_time_relative(S.event, &s->source, CLOCK_MONOTONIC, (uint64_t) (secs * 1e6), 1000,
+                                       sleep_fired, s);
+        if (r < 0) {
+                free(s);
+                return luaL_error(L, "cannot add timer: %s", strerror(-r));
+        }
+        return rr_op_await(L, &s->op);
+}
+
+/* rr.now() -> monotonic seconds */
+static int loop_now(lua_State *L) {
+        lua_pushnumber(L, rr_now());
+        return 1;
+}
+
+/* rr.current() -> the running task, or nil at the top level */
+static int loop_current(lua_State *L) {
+        if (!S.current || S.current->ref == LUA_NOREF)
+                lua_pushnil(L);
+        else
+                push_task(L, S.current);
+        return 1;
+}
+
+/* rr.on_signal(fn): fn(signame) runs as a task on every SIGINT/SIGTERM. With at least one
+ * handler the engine itself does nothing on a signal: the plan decides. */
+static int loop_on_signal(lua_State *L) {
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
+        lua_pushvalue(L, 1);
+        lua_rawseti(L, -2, (lua_Integer) lua_rawlen(L, -2) + 1);
+        return 0;
+}
+
+/* rr.interrupts() -> how many SIGINT/SIGTERM arrived */
+static int loop_interrupts(lua_State *L) {
+        lua_pushinteger(L, S.interrupts);
+        return 1;
+}
+
+static void task_cancel(RrTask *t) {
+        if (task_finished(t) || t->cancel)
+                return;
+        t->cancel = true;
+        switch (t->state) {
+        case TASK_WAITING:
+                if (t->op) {
+                        RrOp *op = t->op;
+                        t->op = NULL;
+                        op->release(op);
+                }
+                ready_push(t); /* await_continue raises "canceled" inside the task */
+                break;
+        case TASK_READY:
+                if (lua_status(t->co) == LUA_OK && lua_gettop(t->co) == t->nargs + 1) {
+                        /* Never started: it finishes as canceled without running. */
+                        lua_settop(t->co, 0);
+                        lua_pushliteral(t->co, "canceled");
+                        task_finish(t, TASK_CANCELED, 0);
+                }
+                /* else a yielded task: its next wait point raises */
+                break;
+        default:
+                break; /* running: its next wait point raises */
+        }
+}
+
+/* task:cancel() */
+static int task_l_cancel(lua_State *L) {
+        task_cancel(check_task(L, 1));
+        return 0;
+}
+
+static int task_l_status(lua_State *L) {
+        lua_pushstring(L, task_state_names[check_task(L, 1)->state]);
+        return 1;
+}
+
+/* task:result() -> ok, results... of a finished task */
+static int task_l_result(lua_State *L) {
+        RrTask *t = check_task(L, 1);
+        if (!task_finished(t))
+                return luaL_error(L, "task %u has not finished (%s)", t->id, task_state_names[t->state]);
+        return push_outcome(L, t, 1);
+}
+
+static int task_l_id(lua_State *L) {
+        lua_pushinteger(L, check_task(L, 1)->id);
+        return 1;
+}
+
+static int task_l_tostring(lua_State *L) {
+        RrTask *t = check_task(L, 1);
+        lua_pushfstring(L, "rr.task %d (%s)", (int) t->id, task_state_names[t->state]);
+        return 1;
+}
+
+/* __close: leaving the scope of a task cancels it if it still runs. */
+static int task_l_close(lua_State *L) {
+        task_cancel(check_task(L, 1));
+        return 0;
+}
+
+static int signal_fired(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
+        lua_State *L = S.L;
+        int n;
+
+        (void) src;
+        (void) userdata;
+        S.interrupts++;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
+        n = (int) lua_rawlen(L, -1);
+        for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, -1, i);
+                lua_pushstring(L, si->ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+                rr_task_spawn(L, 1);
+        }
+        lua_pop(L, 1);
+        if (n == 0)
+                S.interrupt_unhandled = true;
+        return 0;
+}
+
+static const luaL_Reg task_methods[] = {
+        { "cancel", task_l_cancel },
+        { "status", task_l_status },
+        { "result", task_l_result },
+        { "id", task_l_id },
+        { NULL, NULL },
+};
+
+static const luaL_Reg task_meta[] = {
+        { "__tostring", task_l_tostring },
+        { "__close", task_l_close },
+        { NULL, NULL },
+};
+
+static const luaL_Reg loop_functions[] = {
+        { "spawn", loop_spawn },
+        { "wait", loop_wait },
+        { "sleep", loop_sleep },
+        { "now", loop_now },
+        { "current", loop_current },
+        { "on_signal", loop_on_signal },
+        { "interrupts", loop_interrupts },
+        { NULL, NULL },
+};
+
+int luaopen_rr_loop(lua_State *L) {
+        if (luaL_newmetatable(L, TASK_MT)) {
+                luaL_setfuncs(L, task_meta, 0);
+                luaL_newlib(L, task_methods);
+                lua_setfield(L, -2, "__index");
+        }
+        lua_pop(L, 1);
+        luaL_newlib(L, loop_functions);
+        return 1;
+}
+
+int rr_loop_init(lua_State *L) {
+        sigset_t mask;
+        int r;
+
+        /* Child exits and the two stop signals arrive through sd-event, so they must be blocked
+         * for the whole process; rr.proc restores the mask in children before exec. */
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGCHLD);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGTERM);
+        if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+                return -errno;
+
+        r = sd_event_new(&S.event);
+        if (r < 0)
+                return r;
+        r = sd_event_add_signal(S.event, &S.sigint, SIGINT, signal_fired, NULL);
+        if (r < 0)
+                return r;
+        r = sd_event_add_signal(S.event, &S.sigterm, SIGTERM, signal_fired, NULL);
+        if (r < 0)
+                return r;
+        S.L = L;
+        lua_newtable(L);
+        S.handlers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return 0;
+}
+
+void rr_loop_drain(lua_State *L) {
+        (void) L;
+        while (S.live > 0) {
+                if (S.interrupt_unhandled) {
+                        rr_loop_shutdown(L);
+                        S.interrupt_unhandled = true; /* main.c reads it for the exit code */
+                        break;
+                }
+                if (loop_turn(NULL) < 0)
+                        break;
+        }
+}
+
+bool rr_loop_take_interrupt(void) {
+        bool r = S.interrupt_unhandled;
+        S.interrupt_unhandled = false;
+        return r;
+}
+
+int rr_loop_run_until(const bool *stop) {
+        while (!*stop && !S.interrupt_unhandled) {
+                int r = loop_turn(stop);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+void rr_loop_shutdown(lua_State *L) {
+        (void) L;
+        /* Cancel everything, then let the canceled tasks unwind (their <close> handlers run). A
+         * bounded number of turns: a task that swallows "canceled" in a loop must not hang us. */
+        for (int round = 0; round < 100 && S.live > 0; round++) {
+                lua_State *ML = S.L;
+                int n = 0;
+                lua_newtable(ML);
+                /* Collect live tasks from the registry refs reachable through the ready queue and
+                 * waiting states: walk the registry for rr.task userdata. */
+                lua_pushnil(ML);
+                while (lua_next(ML, LUA_REGISTRYINDEX)) {
+                        RrTask *t = luaL_testudata(ML, -1, TASK_MT);
+                        if (t && !task_finished(t)) {
+                                lua_pushvalue(ML, -1);
+                                lua_rawseti(ML, -4, ++n);
+                        }
+                        lua_pop(ML, 1);
+                }
+                for (int i = 1; i <= n; i++) {
+                        lua_rawgeti(ML, -1, i);
+                        task_cancel(luaL_checkudata(ML, -1, TASK_MT));
+                        lua_pop(ML, 1);
+                }
+                lua_pop(ML, 1);
+                run_ready();
+        }
+}
+
+void rr_loop_free(void) {
+        S.sigint = sd_event_source_disable_unref(S.sigint);
+        S.sigterm = sd_event_source_disable_unref(S.sigterm);
+        S.event = sd_event_unref(S.event);
+}

@@ -1,0 +1,383 @@
+/* rrengine: the interpreter. Runs a Lua plan (or -e code, or the REPL) with the rr.* modules
+ * on one sd-event loop, then runs the loop until every task has finished. */
+#define _GNU_SOURCE
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <lualib.h>
+#include <readline/history.h>
+#include <readline/readline.h>
+
+#include "rr.h"
+
+#ifndef RR_VERSION
+#define RR_VERSION "0.1.0"
+#endif
+#ifndef RR_DATADIR
+#define RR_DATADIR "/usr/local/share/rrengine"
+#endif
+
+#define EXIT_INTERRUPTED 130
+
+static const char usage_text[] =
+        "Usage: rrengine [options] [SCRIPT.lua [args...]]\n"
+        "\n"
+        "Examples:\n"
+        "  rrengine plans/rolling.lua --service sso.api      restart one service, with rollback\n"
+        "  rrengine plans/rolling.lua --dry-run               show the plan, change nothing\n"
+        "  rrengine plans/status.lua                          state and health of every service\n"
+        "  rrengine -i                                        emergency REPL, services preloaded\n"
+        "  rrengine -e 'print(require(\"rr\").now())'          run a line of Lua\n"
+        "\n"
+        "Options:\n"
+        "  -e CODE      run CODE (may repeat), then the script if one is given\n"
+        "  -i           interactive REPL after the script (or alone)\n"
+        "  --debug      print full tracebacks on errors\n"
+        "  --version    print the version\n"
+        "  -h, --help   this text\n"
+        "\n"
+        "A plan's own options come after its name: rrengine plans/rolling.lua --help\n"
+        "Exit codes: 0 ok, 1 error (plans: a service failed), 2 usage/configuration error,\n"
+        "3 a rollback failed (manual action needed), 130 interrupted.\n";
+
+static bool debug;
+static int exit_requested = -1;
+
+/* Message handler: a traceback only with --debug, else the bare message (operators at 3 a.m.
+ * want the one line that says what is wrong). Error objects that are tables pass through. */
+static int msghandler(lua_State *L) {
+        const char *msg = lua_tostring(L, 1);
+        if (!msg) {
+                if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+                        return 1;
+                msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+        }
+        if (debug)
+                luaL_traceback(L, L, msg, 1);
+        else
+                lua_pushstring(L, msg);
+        return 1;
+}
+
+static int docall(lua_State *L, int narg, int nres) {
+        int base = lua_gettop(L) - narg;
+        int r;
+        lua_pushcfunction(L, msghandler);
+        lua_insert(L, base);
+        r = lua_pcall(L, narg, nres, base);
+        lua_remove(L, base);
+        return r;
+}
+
+static void report(lua_State *L, int status) {
+        if (status != LUA_OK) {
+                const char *msg = lua_tostring(L, -1);
+                fprintf(stderr, "rrengine: %s\n", msg ? msg : "(error object is not a string)");
+                lua_pop(L, 1);
+        }
+}
+
+/* The directory holding this executable, for finding lua/ when run from the source tree. */
+static int exe_dir(char *buf, size_t size) {
+        ssize_t n = readlink("/proc/self/exe", buf, size - 1);
+        char *slash;
+        if (n < 0)
+                return -errno;
+        buf[n] = '\0';
+        slash = strrchr(buf, '/');
+        if (!slash)
+                return -EINVAL;
+        *slash = '\0';
+        return 0;
+}
+
+/* package.path: lua/ beside the executable (source tree) or RR_DATADIR/lua (installed), first;
+ * the system's paths after it so busted, cjson and friends are found. */
+static void set_paths(lua_State *L) {
+        char dir[PATH_MAX], probe[PATH_MAX + 32];
+        const char *root = RR_DATADIR;
+        struct stat st;
+
+        /* RRENGINE_ROOT: a development override (a binary built outside the tree). */
+        if (getenv("RRENGINE_ROOT"))
+                root = getenv("RRENGINE_ROOT");
+        else if (exe_dir(dir, sizeof dir - 32) == 0) {
+                snprintf(probe, sizeof probe, "%s/lua/rr/init.lua", dir);
+                if (stat(probe, &st) == 0)
+                        root = dir;
+        }
+        lua_getglobal(L, "package");
+        lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;", root, root);
+        lua_getfield(L, -2, "path");
+        lua_concat(L, 2);
+        lua_setfield(L, -2, "path");
+        lua_pushstring(L, root);
+        lua_setfield(L, LUA_REGISTRYINDEX, "rr.root");
+        lua_pop(L, 1);
+}
+
+static void preload(lua_State *L) {
+        static const luaL_Reg modules[] = {
+                { "rr.loop", luaopen_rr_loop },       { "rr.systemd", luaopen_rr_systemd },
+                { "rr.http", luaopen_rr_http },       { "rr.proc", luaopen_rr_proc },
+                { "rr.log", luaopen_rr_log },         { "rr.fs", luaopen_rr_fs },
+                { NULL, NULL },
+        };
+        luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+        for (const luaL_Reg *m = modules; m->name; m++) {
+                lua_pushcfunction(L, m->func);
+                lua_setfield(L, -2, m->name);
+        }
+        lua_pop(L, 1);
+}
+
+/* os.exit(code): finish like the end of a script (tasks canceled, everything released) so that
+ * valgrind and ASan see a clean exit, then leave with the code. */
+static int os_exit(lua_State *L) {
+        int code;
+        if (lua_isboolean(L, 1))
+                code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+        else
+                code = (int) luaL_optinteger(L, 1, EXIT_SUCCESS);
+        fflush(stdout);
+        rr_loop_shutdown(L);
+        lua_close(L);
+        rr_loop_free();
+        exit(code);
+}
+
+/* rrengine.root(): where the Lua library and plans live. */
+static void install_globals(lua_State *L, char **argv, int script) {
+        int argc = 0;
+        while (argv[argc])
+                argc++;
+        /* arg as lua.c sets it: arg[0] the script, positives its arguments, negatives before */
+        lua_createtable(L, argc - (script > 0 ? script + 1 : 0), script + 1);
+        for (int i = 0; i < argc; i++) {
+                lua_pushstring(L, argv[i]);
+                lua_rawseti(L, -2, i - (script > 0 ? script : argc));
+        }
+        lua_setglobal(L, "arg");
+
+        lua_getglobal(L, "os");
+        lua_pushcfunction(L, os_exit);
+        lua_setfield(L, -2, "exit");
+        lua_pop(L, 1);
+        (void) exit_requested;
+}
+
+static int run_chunk(lua_State *L, int status, int nargs) {
+        if (status == LUA_OK)
+                status = docall(L, nargs, 0);
+        else if (nargs > 0)
+                lua_pop(L, nargs);
+        report(L, status);
+        return status;
+}
+
+static int run_script(lua_State *L, const char *path) {
+        int nargs, status;
+        status = luaL_loadfile(L, path);
+        /* the script's arguments as varargs too, as lua.c does */
+        lua_getglobal(L, "arg");
+        nargs = (int) luaL_len(L, -1);
+        luaL_checkstack(L, nargs + 3, "too many arguments");
+        for (int i = 1; i <= nargs; i++)
+                lua_rawgeti(L, -i, i);
+        lua_remove(L, -1 - nargs);
+        return run_chunk(L, status, nargs);
+}
+
+/* ---- REPL: readline's callback interface on the loop, so tasks keep running at the prompt ---- */
+
+static struct {
+        char *line;
+        bool have_line;
+        bool eof;
+} repl;
+
+static void repl_line(char *line) {
+        repl.have_line = true;
+        if (!line) {
+                repl.eof = true;
+                return;
+        }
+        repl.line = line;
+}
+
+static int repl_input(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
+        (void) src;
+        (void) fd;
+        (void) revents;
+        (void) userdata;
+        rl_callback_read_char(); /* may call repl_line(); never runs Lua */
+        return 0;
+}
+
+static void repl_eval(lua_State *L, const char *line) {
+        int status;
+        /* An expression first (so `status()` and `1+1` print), else a statement. */
+        const char *ret = lua_pushfstring(L, "return %s;", line);
+        status = luaL_loadbuffer(L, ret, strlen(ret), "=stdin");
+        lua_remove(L, -2);
+        if (status != LUA_OK) {
+                lua_pop(L, 1);
+                status = luaL_loadbuffer(L, line, strlen(line), "=stdin");
+        }
+        if (status == LUA_OK) {
+                int base = lua_gettop(L);
+                status = docall(L, 0, LUA_MULTRET);
+                if (status == LUA_OK) {
+                        int n = lua_gettop(L) - base + 1;
+                        if (n > 0) {
+                                lua_getglobal(L, "print");
+                                lua_insert(L, -1 - n);
+                                if (lua_pcall(L, n, 0, 0) != LUA_OK)
+                                        report(L, LUA_ERRRUN);
+                        }
+                        return;
+                }
+        }
+        report(L, status);
+}
+
+static int repl_run(lua_State *L) {
+        _cleanup_(freep) char *history = NULL;
+        sd_event_source *src = NULL;
+        const char *home = getenv("HOME");
+        int r;
+
+        /* The REPL's helpers (status, restart, ...) when the library provides them. */
+        lua_getglobal(L, "require");
+        lua_pushliteral(L, "rr.repl");
+        if (docall(L, 1, 0) != LUA_OK) {
+                const char *msg = lua_tostring(L, -1);
+                if (msg && !strstr(msg, "module 'rr.repl' not found"))
+                        fprintf(stderr, "rrengine: REPL helpers not loaded: %s\n", msg);
+                lua_pop(L, 1);
+        }
+
+        if (home && asprintf(&history, "%s/.rrengine_history", home) >= 0)
+                read_history(history);
+        rl_catch_signals = 0; /* signals arrive through sd-event */
+        r = sd_event_add_io(rr_loop_event(), &src, STDIN_FILENO, EPOLLIN, repl_input, NULL);
+        if (r < 0) {
+                fprintf(stderr, "rrengine: cannot watch stdin: %s\n", strerror(-r));
+                return EXIT_FAILURE;
+        }
+        rl_callback_handler_install("rr> ", repl_line);
+        for (;;) {
+                repl.have_line = false;
+                rr_loop_run_until(&repl.have_line);
+                if (rr_loop_take_interrupt()) {
+                        /* Ctrl-C at the prompt drops the line, as a shell does. */
+                        rl_free_line_state();
+                        rl_crlf();
+                        rl_replace_line("", 0);
+                        rl_on_new_line();
+                        rl_redisplay();
+                        continue;
+                }
+                if (repl.eof)
+                        break;
+                if (!repl.have_line)
+                        continue;
+                rl_callback_handler_remove();
+                sd_event_source_set_enabled(src, SD_EVENT_OFF);
+                if (*repl.line) {
+                        add_history(repl.line);
+                        repl_eval(L, repl.line);
+                        rr_loop_take_interrupt(); /* a Ctrl-C that canceled the line is spent */
+                }
+                free(repl.line);
+                repl.line = NULL;
+                sd_event_source_set_enabled(src, SD_EVENT_ON);
+                rl_callback_handler_install("rr> ", repl_line);
+        }
+        rl_callback_handler_remove();
+        if (isatty(STDIN_FILENO))
+                putchar('\n');
+        if (history)
+                write_history(history);
+        sd_event_source_disable_unref(src);
+        return EXIT_SUCCESS;
+}
+
+int main(int argc, char **argv) {
+        lua_State *L;
+        int script = 0, status = LUA_OK, code = EXIT_SUCCESS, r;
+        bool interactive = false, have_exec = false;
+
+        for (int i = 1; i < argc; i++) {
+                const char *a = argv[i];
+                if (strcmp(a, "--version") == 0) {
+                        printf("rrengine %s (%s, %s)\n", RR_VERSION, LUA_RELEASE, "libsystemd, libcurl");
+                        return EXIT_SUCCESS;
+                } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+                        fputs(usage_text, stdout);
+                        return EXIT_SUCCESS;
+                } else if (strcmp(a, "--debug") == 0)
+                        debug = true;
+                else if (strcmp(a, "-i") == 0)
+                        interactive = true;
+                else if (strcmp(a, "-e") == 0) {
+                        if (++i >= argc) {
+                                fprintf(stderr, "rrengine: -e needs an argument\n");
+                                return 2;
+                        }
+                        have_exec = true;
+                } else if (strcmp(a, "--") == 0) {
+                        if (i + 1 < argc)
+                                script = i + 1;
+                        break;
+                } else if (a[0] == '-' && a[1] != '\0') {
+                        fprintf(stderr, "rrengine: unknown option '%s' (try --help)\n", a);
+                        return 2;
+                } else {
+                        script = i;
+                        break;
+                }
+        }
+
+        L = luaL_newstate();
+        if (!L) {
+                fprintf(stderr, "rrengine: cannot create Lua state\n");
+                return EXIT_FAILURE;
+        }
+        luaL_openlibs(L);
+        r = rr_loop_init(L);
+        if (r < 0) {
+                fprintf(stderr, "rrengine: cannot start the event loop: %s\n", strerror(-r));
+                lua_close(L);
+                rr_loop_free();
+                return EXIT_FAILURE;
+        }
+        set_paths(L);
+        preload(L);
+        install_globals(L, argv, script);
+
+        for (int i = 1; i < (script ? script : argc) && status == LUA_OK; i++)
+                if (strcmp(argv[i], "-e") == 0) {
+                        const char *code_arg = argv[++i];
+                        status = run_chunk(L, luaL_loadbuffer(L, code_arg, strlen(code_arg), "=(command line)"), 0);
+                }
+        if (status == LUA_OK && script)
+                status = run_script(L, argv[script]);
+        if (status == LUA_OK)
+                rr_loop_drain(L);
+        if (status == LUA_OK && (interactive || (!script && !have_exec)))
+                code = repl_run(L);
+
+        if (rr_loop_take_interrupt())
+                code = EXIT_INTERRUPTED;
+        else if (status != LUA_OK)
+                code = rr_interrupts() > 0 ? EXIT_INTERRUPTED : EXIT_FAILURE;
+        fflush(stdout);
+        rr_loop_shutdown(L);
+        lua_close(L);
+        rr_loop_free();
+        return code;
+}

@@ -1,0 +1,92 @@
+/* rrengine core: what every primitive module needs from the loop and the task scheduler.
+ *
+ * One sd-event loop owns everything that waits. A task is a Lua coroutine. A primitive that
+ * waits (a unit job, an HTTP request, a child process, a timer) describes its pending work as an
+ * RrOp and ends with `return rr_op_await(L, &x->op);`:
+ *   - called from a task, the task yields and is resumed once rr_op_complete() was called;
+ *   - called outside a task (script top level, REPL, a spec), the loop runs until the op completes.
+ * Either way the op's push() then puts the results on the caller's stack and release() frees it.
+ * If the caller is cancelled (task:cancel(), or Ctrl-C at the top level) before completion,
+ * release() is called on the still-pending op: it must stop the event source / transfer / job
+ * wait and free everything, and must not call rr_op_complete() afterwards. */
+#pragma once
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <systemd/sd-event.h>
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+
+static inline void closep(int *fd) {
+        if (*fd >= 0)
+                close(*fd);
+}
+
+typedef struct RrOp RrOp;
+struct RrOp {
+        /* Filled by the module before rr_op_await(). */
+        int (*push)(lua_State *L, RrOp *op); /* push the results on L; return how many */
+        void (*release)(RrOp *op);           /* cancel what is still pending, then free op */
+
+        /* Engine-private. */
+        struct RrTask *task; /* the task waiting, NULL when the caller blocks the loop */
+        bool done;
+};
+
+/* The one loop (never NULL once the engine started). */
+sd_event *rr_loop_event(void);
+
+/* Suspend the caller until rr_op_complete(op); see the top of this file. On a start-up failure
+ * a primitive must not call this: it frees its op and returns nil, err itself. */
+int rr_op_await(lua_State *L, RrOp *op);
+
+/* The operation finished (successfully or not: push() reports which). Safe to call from any
+ * loop callback; the waiting task is resumed from the scheduler, never from inside the callback. */
+void rr_op_complete(RrOp *op);
+
+/* Start a task running the function at the top of L's stack below nargs arguments; pops them.
+ * Used to deliver callbacks (output lines, signals) as tasks so they may wait themselves.
+ * Tasks start in FIFO order on the next scheduler turn. Returns 0 or a negative errno. */
+int rr_task_spawn(lua_State *L, int nargs);
+
+/* Seconds on CLOCK_MONOTONIC, as a double. */
+double rr_now(void);
+
+/* Number of SIGINT/SIGTERM received so far. */
+unsigned rr_interrupts(void);
+
+/* Push `nil, message` (and the errno name when errnum > 0) and return the count: the shape of
+ * every expected failure. */
+int rr_push_fail(lua_State *L, int errnum, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Module openers (each file is one Lua module). */
+int luaopen_rr_loop(lua_State *L);
+int luaopen_rr_systemd(lua_State *L);
+int luaopen_rr_http(lua_State *L);
+int luaopen_rr_proc(lua_State *L);
+int luaopen_rr_log(lua_State *L);
+int luaopen_rr_fs(lua_State *L);
+
+/* Engine life cycle, for main.c. */
+int rr_loop_init(lua_State *L);
+/* Run until every task has finished (or, after an interrupt without a Lua signal handler,
+ * until every task was cancelled). */
+void rr_loop_drain(lua_State *L);
+/* Cancel every task and release pending ops; call before lua_close(). */
+void rr_loop_shutdown(lua_State *L);
+void rr_loop_free(void);
+/* Run turns until *stop or an interrupt no Lua handler took (the REPL waits for input so). */
+int rr_loop_run_until(const bool *stop);
+/* Was there a SIGINT/SIGTERM that no Lua handler took? Clears it. */
+bool rr_loop_take_interrupt(void);

@@ -1,0 +1,402 @@
+-- rr.cli: command-line options of plans.
+--
+-- A small generic parser (cli.parse) driven by a spec that declares each
+-- option, the spec of plans/rolling.lua (cli.rolling_spec) with its
+-- cross-field rules (cli.check_rolling), and usage text built from a spec
+-- (cli.usage). Errors are one line, for "rrengine: <error>" and exit code 2.
+--
+-- Spec shape:
+--   {
+--     usage = "rrengine plans/x.lua [options]",   -- synopsis line
+--     summary = "what the plan does",             -- optional, one paragraph
+--     examples = { { "command line", "what it does" }, ... },   -- optional
+--     options = {
+--       { name = "services",        -- long name, used as --services
+--         key = "services_file",    -- field in the result (default: name with - as _)
+--         type = "string",          -- "boolean" (default), "string" or "number"
+--         value = "FILE",           -- what the value is, for usage and errors
+--         repeatable = true,        -- may be given again; the result is a list
+--         split = ",",              -- with repeatable: each value is also a list
+--         default = "services.lua", -- value when absent (booleans: false)
+--         short = "h",              -- optional one-letter alias, as -h
+--         help = "..." },
+--     },
+--     exit_codes = { { 0, "meaning" }, ... },     -- optional
+--   }
+--
+-- Decisions: options are never abbreviated (a prefix gets a "did you mean",
+-- not a guess: a wrong guess here restarts production services); a value
+-- option given twice is an error unless repeatable (no silent last-wins);
+-- a boolean given twice is harmless and accepted; a repeatable option absent
+-- from the command line is nil, not {} (for --service, nil means "all").
+
+local cli = {}
+
+local TYPES = { boolean = true, string = true, number = true }
+
+-- Checks a spec once per parse; misuse raises at the caller of parse/usage.
+local function check_spec(spec, level)
+  if type(spec) ~= "table" or type(spec.options) ~= "table" then
+    error("rr.cli: spec must be a table with an options list", level + 1)
+  end
+  local seen = {}
+  for i, option in ipairs(spec.options) do
+    if type(option) ~= "table" or type(option.name) ~= "string" or not option.name:match("^%w[%w-]*$") then
+      error(("rr.cli: spec.options[%d] needs a name like \"dry-run\""):format(i), level + 1)
+    end
+    local kind = option.type or "boolean"
+    if not TYPES[kind] then
+      error(("rr.cli: option --%s has unknown type %q"):format(option.name, tostring(kind)), level + 1)
+    end
+    if kind == "boolean" and (option.repeatable or option.split) then
+      error(("rr.cli: boolean option --%s cannot be repeatable or split"):format(option.name), level + 1)
+    end
+    if seen[option.name] or (option.short and seen["-" .. option.short]) then
+      error(("rr.cli: option --%s declared twice"):format(option.name), level + 1)
+    end
+    seen[option.name] = true
+    if option.short then seen["-" .. option.short] = true end
+  end
+end
+
+local function key_of(option)
+  return option.key or (option.name:gsub("-", "_"))
+end
+
+local function metavar(option)
+  return option.value or (option.type == "number" and "N" or "VALUE")
+end
+
+-- Edits (insert, delete, substitute, swap two neighbours) from a to b: the
+-- optimal string alignment distance, where a swapped pair is one typo.
+local function distance(a, b)
+  local d = {}
+  for i = 0, #a do d[i] = { [0] = i } end
+  for j = 0, #b do d[0][j] = j end
+  for i = 1, #a do
+    for j = 1, #b do
+      local cost = a:byte(i) == b:byte(j) and 0 or 1
+      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
+        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
+      end
+    end
+  end
+  return d[#a][#b]
+end
+
+-- The closest option to a mistyped name, or nil. A candidate qualifies when it
+-- starts with what was typed (--dry for --dry-run), when it is within a third
+-- of the word of edits, or when it shares the first two letters and is within
+-- the word's length of edits (--foo for --force). Prefixes rank first, then
+-- fewer edits, then declaration order.
+local function closest_option(typed, spec)
+  local best, best_rank
+  for index, option in ipairs(spec.options) do
+    local name = option.name
+    local d = distance(typed, name)
+    local qualifies = name:sub(1, #typed) == typed
+      or d <= math.max(1, #typed // 3)
+      or (#typed >= 2 and name:sub(1, 2) == typed:sub(1, 2) and d <= #typed)
+    if qualifies and #typed > 0 then
+      local rank = { name:sub(1, #typed) == typed and 0 or 1, d, index }
+      local better = best_rank == nil
+        or rank[1] < best_rank[1]
+        or (rank[1] == best_rank[1] and (rank[2] < best_rank[2]
+          or (rank[2] == best_rank[2] and rank[3] < best_rank[3])))
+      if better then best, best_rank = name, rank end
+    end
+  end
+  return best
+end
+
+-- Converts a value to the option's type, or nil, err.
+local function convert(option, text)
+  if option.type == "number" then
+    if not (text:match("^[+-]?%d+$") or text:match("^[+-]?%d*%.%d+$") or text:match("^[+-]?%d+%.%d*$")) then
+      return nil, ("option --%s expects a number, got %q"):format(option.name, text)
+    end
+    local number = tonumber(text)
+    return math.tointeger(number) or number
+  end
+  return text
+end
+
+-- Parses argv (a list of strings) against spec. Accepts --opt=value and
+-- --opt value; "--" ends the options; everything else is positional.
+-- Returns opts = { [key] = value..., args = { positional... } }, or nil, err.
+function cli.parse(argv, spec)
+  if type(argv) ~= "table" then error("rr.cli.parse: argv must be a list of strings, got " .. type(argv), 2) end
+  check_spec(spec, 2)
+  for i, a in ipairs(argv) do
+    if type(a) ~= "string" then
+      error(("rr.cli.parse: argv[%d] must be a string, got %s"):format(i, type(a)), 2)
+    end
+  end
+
+  local by_long, by_short = {}, {}
+  for _, option in ipairs(spec.options) do
+    by_long[option.name] = option
+    if option.short then by_short[option.short] = option end
+  end
+
+  local opts, given = { args = {} }, {}
+  for _, option in ipairs(spec.options) do
+    local default = option.default
+    if option.type == nil or option.type == "boolean" then default = default or false end
+    if type(default) == "table" then
+      local copy = {}
+      for i, v in ipairs(default) do copy[i] = v end
+      default = copy
+    end
+    opts[key_of(option)] = default
+  end
+
+  -- Records one value of a value option.
+  local function take(option, text)
+    local value, err = convert(option, text)
+    if value == nil then return nil, err end
+    local key = key_of(option)
+    if not option.repeatable then
+      if given[option.name] then
+        return nil, ("option --%s given more than once"):format(option.name)
+      end
+      opts[key] = value
+      return true
+    end
+    if not given[option.name] then opts[key] = {} end
+    local list = opts[key]
+    local items = { value }
+    if option.split then
+      items = {}
+      for item in (text .. option.split):gmatch("(.-)" .. option.split:gsub("%p", "%%%0")) do
+        item = item:match("^%s*(.-)%s*$")
+        if item == "" then
+          return nil, ("option --%s has an empty %s in %q"):format(option.name, metavar(option), text)
+        end
+        items[#items + 1] = convert(option, item)
+      end
+    end
+    for _, item in ipairs(items) do
+      local duplicate = false
+      for _, existing in ipairs(list) do
+        if existing == item then duplicate = true end
+      end
+      if not duplicate then list[#list + 1] = item end
+    end
+    return true
+  end
+
+  local i = 1
+  while i <= #argv do
+    local a = argv[i]
+    if a == "--" then
+      for j = i + 1, #argv do opts.args[#opts.args + 1] = argv[j] end
+      break
+    end
+    local option, inline, shown
+    if a:sub(1, 2) == "--" then
+      local name, value = a:match("^%-%-([^=]*)=(.*)$")
+      name = name or a:sub(3)
+      inline = value
+      option, shown = by_long[name], "--" .. name
+      if option == nil then
+        local close = closest_option(name, spec)
+        return nil, ("unknown option %s%s"):format(shown, close and (" (did you mean --%s?)"):format(close) or "")
+      end
+    elseif a:sub(1, 1) == "-" and #a > 1 then
+      option, shown = by_short[a:sub(2)], a
+      if option == nil then
+        local close = #a == 2 and nil or closest_option(a:sub(2), spec)
+        return nil, ("unknown option %s%s"):format(a, close and (" (did you mean --%s?)"):format(close) or "")
+      end
+    else
+      opts.args[#opts.args + 1] = a
+    end
+
+    if option then
+      if option.type == nil or option.type == "boolean" then
+        if inline ~= nil then return nil, ("option %s takes no value"):format(shown) end
+        opts[key_of(option)] = true
+      else
+        local text = inline
+        if text == nil then
+          -- "--services --dry-run" is a forgotten value, not a file named "--dry-run".
+          local following = argv[i + 1]
+          if following == nil or following:sub(1, 2) == "--" then
+            return nil, ("option %s needs a value (%s)"):format(shown, metavar(option))
+          end
+          text = following
+          i = i + 1
+        end
+        local ok, err = take(option, text)
+        if not ok then return nil, err end
+      end
+      given[option.name] = true
+    end
+    i = i + 1
+  end
+  return opts
+end
+
+-- Wraps text at `width` columns with `indent` on every line.
+local function wrap(text, indent, width)
+  local lines, line = {}, indent
+  for word in text:gmatch("%S+") do
+    if #line > #indent and #line + 1 + #word > width then
+      lines[#lines + 1] = line
+      line = indent .. word
+    else
+      line = (#line > #indent) and (line .. " " .. word) or (line .. word)
+    end
+  end
+  if #line > #indent then lines[#lines + 1] = line end
+  return table.concat(lines, "\n")
+end
+
+-- Usage text for a spec: synopsis, summary, examples first (an operator in an
+-- emergency wants the command line to copy), then options, then exit codes.
+function cli.usage(spec)
+  check_spec(spec, 2)
+  local out = {}
+  out[#out + 1] = "Usage: " .. (spec.usage or "rrengine PLAN [options]")
+  if spec.summary then
+    out[#out + 1] = ""
+    out[#out + 1] = wrap(spec.summary, "", 78)
+  end
+  if spec.examples and #spec.examples > 0 then
+    out[#out + 1] = ""
+    out[#out + 1] = "Examples:"
+    for _, example in ipairs(spec.examples) do
+      out[#out + 1] = "  " .. example[1]
+      if example[2] then out[#out + 1] = wrap(example[2], "      ", 78) end
+    end
+  end
+  out[#out + 1] = ""
+  out[#out + 1] = "Options:"
+  local columns = {}
+  local column_width = 0
+  for _, option in ipairs(spec.options) do
+    local left = "--" .. option.name
+    if option.short then left = "-" .. option.short .. ", " .. left end
+    if option.type ~= nil and option.type ~= "boolean" then left = left .. " " .. metavar(option) end
+    columns[#columns + 1] = left
+    if #left > column_width then column_width = #left end
+  end
+  for k, option in ipairs(spec.options) do
+    local help = option.help or ""
+    if option.repeatable then help = help .. " (repeatable)" end
+    if option.default ~= nil and option.type ~= nil and option.type ~= "boolean" then
+      help = help .. (" (default: %s)"):format(tostring(option.default))
+    end
+    local indent = (" "):rep(column_width + 4)
+    local text = wrap(help, indent, 78)
+    out[#out + 1] = "  " .. columns[k] .. (" "):rep(column_width - #columns[k] + 2) .. text:sub(#indent + 1)
+  end
+  if spec.exit_codes and #spec.exit_codes > 0 then
+    out[#out + 1] = ""
+    out[#out + 1] = "Exit codes:"
+    for _, code in ipairs(spec.exit_codes) do
+      out[#out + 1] = ("  %-4s %s"):format(tostring(code[1]), wrap(code[2], "       ", 78):sub(8))
+    end
+  end
+  return table.concat(out, "\n") .. "\n"
+end
+
+-- The command line of plans/rolling.lua (DESIGN.md "plans/rolling.lua").
+cli.rolling_spec = {
+  usage = "rrengine plans/rolling.lua [options]",
+  summary = "Restart the platform's services in dependency order: health check, backup, "
+    .. "optional deploy and migration, reload or restart, health check, stabilization, "
+    .. "and rollback of a service whose new version is not healthy.",
+  examples = {
+    { "rrengine plans/rolling.lua --dry-run",
+      "show the plan (order, reload or restart, deploy, migrations) and change nothing" },
+    { "rrengine plans/rolling.lua --service sso.api",
+      "restart sso.api only (its dependencies are not restarted)" },
+    { "rrengine plans/rolling.lua --service sso.api --deploy --deploy-path /tmp/deploy/sso-api",
+      "deploy new code into sso.api's working_dir, migrate, restart; a rollback undoes the deploy" },
+    { "rrengine plans/rolling.lua --service sso.redis,sso.api --continue-on-error",
+      "restart two services; when one fails, skip only the services that depend on it" },
+    { "rrengine plans/rolling.lua --user --services ~/dev/services.lua",
+      "use your own user service manager (as systemctl --user)" },
+  },
+  options = {
+    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua",
+      help = "the platform's services file" },
+    { name = "service", key = "service_names", type = "string", value = "NAME", repeatable = true, split = ",",
+      help = "restart only this service; repeat it or give a comma list (default: all, in dependency order)" },
+    { name = "dry-run", help = "print the plan and why, after read-only checks; change nothing" },
+    { name = "diff",
+      help = "show how each unit's definition differs from its last known good snapshot" },
+    { name = "force", help = "skip health checks and stabilization (emergency only)" },
+    { name = "deploy", help = "rsync --deploy-path into the service's working_dir before the restart" },
+    { name = "deploy-path", type = "string", value = "DIR", help = "the new code to deploy (with --deploy)" },
+    { name = "skip-migrations", help = "do not run the services' migrate commands" },
+    { name = "user", help = "talk to your user service manager, as systemctl --user" },
+    { name = "events", key = "events_file", type = "string", value = "FILE",
+      help = "append events (JSON lines) here (default: /var/log/rrengine/events.jsonl, "
+        .. "with --user $XDG_STATE_HOME/rrengine/events.jsonl)" },
+    { name = "parallel", type = "number", value = "N", default = 1,
+      help = "restart up to N services at once, never one before its dependencies" },
+    { name = "continue-on-error",
+      help = "when a service fails, go on, skipping only the services that depend on it" },
+    { name = "json", help = "print one JSON object per line instead of the human output" },
+    { name = "hooks", key = "hook_files", type = "string", value = "FILE", repeatable = true,
+      help = "a hook script for the whole run" },
+    { name = "accept-unknown-definition",
+      help = "go on when a unit's definition changed on disk (NeedDaemonReload) and no known good "
+        .. "snapshot exists, although rollback cannot restore the earlier definition" },
+    { name = "help", short = "h", help = "show this help" },
+  },
+  exit_codes = {
+    { 0, "every service succeeded" },
+    { 1, "a service failed and was rolled back, or was not touched" },
+    { 2, "usage or configuration error: nothing was touched" },
+    { 3, "a rollback failed: manual action needed (the output says what)" },
+    { 130, "interrupted (Ctrl-C, SIGTERM): no new service started; the one in flight finished or rolled back" },
+  },
+}
+
+-- Cross-field rules of plans/rolling.lua, after cli.parse. Whether files and
+-- directories exist is the plan's business, later. Returns true or nil, err.
+function cli.check_rolling(opts)
+  if type(opts) ~= "table" then error("rr.cli.check_rolling: opts must be a table, got " .. type(opts), 2) end
+  if opts.help then return true end
+  local positional = opts.args and opts.args[1]
+  if positional then
+    return nil, ("unexpected argument %q (choose services with --service NAME)"):format(positional)
+  end
+  if opts.deploy and not opts.deploy_path then
+    return nil, "--deploy needs --deploy-path DIR (the new code to deploy)"
+  end
+  if opts.deploy_path and not opts.deploy then
+    return nil, "--deploy-path needs --deploy (say it twice: this replaces code)"
+  end
+  -- One deploy directory goes into one working_dir; without a single --service
+  -- it would be copied over every service's code.
+  if opts.deploy and (opts.service_names == nil or #opts.service_names ~= 1) then
+    return nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)"
+  end
+  local parallel = opts.parallel
+  if parallel ~= nil and (math.type(parallel) ~= "integer" or parallel < 1) then
+    return nil, ("--parallel must be an integer >= 1, got %s"):format(tostring(parallel))
+  end
+  return true
+end
+
+-- cli.parse with cli.rolling_spec, then cli.check_rolling: opts, or nil, err.
+function cli.parse_rolling(argv)
+  local opts, err = cli.parse(argv, cli.rolling_spec)
+  if not opts then return nil, err end
+  local ok, rule_err = cli.check_rolling(opts)
+  if not ok then return nil, rule_err end
+  return opts
+end
+
+-- The usage text of plans/rolling.lua.
+function cli.rolling_usage()
+  return cli.usage(cli.rolling_spec)
+end
+
+return cli

@@ -1,0 +1,697 @@
+-- rr.services: load and validate a platform's services file.
+--
+-- The file is data: a Lua chunk returning { defaults = ..., services = ... }
+-- (DESIGN.md "services.lua"). Loading checks everything before anything is
+-- touched and reports every problem at once, one line each, naming the file,
+-- the service and the field, so that an operator fixes the file in one pass.
+--
+-- Decisions where DESIGN.md is silent (documented here, asserted in
+-- spec/unit/services_spec.lua):
+--   * `health` absent means "systemd": every unit has a systemd state to check.
+--   * `health` as a table means an HTTP check and needs `url`.
+--   * `expect_body` is a plain substring, not a Lua pattern: health bodies are
+--     JSON full of pattern magic characters ("-", ".", "%") and a plain match
+--     cannot surprise anyone.
+--   * `migrate` / `migrate_rollback` need `working_dir` (they run there).
+--   * A name is letters, digits and . _ : @ - (starting with a letter or
+--     digit): names are given on the command line, in comma lists.
+--   * Two services naming the same unit is an error (two snapshots and two
+--     rollbacks of one unit would fight).
+--   * `hooks` is resolved against the services file's directory here; whether
+--     the file exists is checked at run time, not by validation.
+
+local dag = require("rr.dag")
+
+local services = {}
+
+-- Built-in defaults (DESIGN.md): used when the file's `defaults` omits them.
+local BUILTIN_DEFAULTS = {
+  health = { timeout = 30, retries = 3, interval = 1 },
+  stabilize = 30,
+}
+
+-- Fields in the order they are checked and reported.
+local SERVICE_FIELDS = {
+  "name", "unit", "kind", "depends", "health", "stabilize", "working_dir",
+  "migrate", "migrate_rollback", "reload", "hooks", "deploy_delete",
+  "start_timeout", "stop_timeout",
+}
+local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
+local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout" }
+local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
+local TOP_FIELDS = { "defaults", "services" }
+
+local UNIT_SUFFIXES = { "service", "socket", "target", "timer", "mount", "path" }
+local UNIT_NAME_MAX = 255 -- systemd's UNIT_NAME_MAX
+
+-- Instructions a services file may run before it is taken for an endless loop.
+-- A real file, even generated in loops, needs a few thousand.
+local LOAD_INSTRUCTION_LIMIT = 10000000
+
+local function set_of(list)
+  local set = {}
+  for _, v in ipairs(list) do set[v] = true end
+  return set
+end
+
+-- Quotes a string for a one-line message ("%q" would split on a newline).
+local function quote(s)
+  return (("%q"):format(s):gsub("\\\n", "\\n"))
+end
+
+-- Names a value's type for "must be X, got Y" messages.
+local function describe(value)
+  local t = type(value)
+  if t == "string" then return "string " .. quote(value) end
+  if t == "number" or t == "boolean" then return t .. " " .. tostring(value) end
+  return t
+end
+
+-- Names a table key in a message: field "name" or field [1].
+local function key_label(key)
+  if type(key) == "string" then return quote(key) end
+  if type(key) == "number" then return "[" .. tostring(key) .. "]" end
+  return "[" .. type(key) .. "]"
+end
+
+-- Edits (insert, delete, substitute, swap two neighbours) from a to b: the
+-- optimal string alignment distance, where a swapped pair is one typo.
+local function distance(a, b)
+  local d = {}
+  for i = 0, #a do d[i] = { [0] = i } end
+  for j = 0, #b do d[0][j] = j end
+  for i = 1, #a do
+    for j = 1, #b do
+      local cost = a:byte(i) == b:byte(j) and 0 or 1
+      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
+        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
+      end
+    end
+  end
+  return d[#a][#b]
+end
+
+-- " (did you mean "x"?)" for the closest candidate, or "".
+-- A typo is at most a third of the word (and one edit in a short word).
+local function hint(word, candidates, prefix)
+  if type(word) ~= "string" then return "" end
+  local best, best_distance
+  for _, candidate in ipairs(candidates) do
+    local d = distance(word:lower(), candidate:lower())
+    if d <= math.max(1, #word // 3) and (best_distance == nil or d < best_distance) then
+      best, best_distance = candidate, d
+    end
+  end
+  return best and (" (did you mean %s?)"):format(quote((prefix or "") .. best)) or ""
+end
+
+-- Keys of a table in a fixed order (known fields first, in their order, then
+-- the others sorted), so that the same file always gives the same messages.
+local function sorted_unknown_keys(tbl, known)
+  local unknown = {}
+  for key in next, tbl do
+    if not known[key] then unknown[#unknown + 1] = key end
+  end
+  table.sort(unknown, function(a, b)
+    local ta, tb = type(a), type(b)
+    if ta ~= tb then return ta < tb end
+    if ta == "string" or ta == "number" then return a < b end
+    return false
+  end)
+  return unknown
+end
+
+-- True when `tbl` is a sequence 1..n with nothing else in it.
+local function is_array(tbl)
+  local count = 0
+  for _ in next, tbl do count = count + 1 end
+  return count == #tbl, count
+end
+
+-- Says what keeps `tbl` from being an array, for messages.
+local function non_array_reason(tbl)
+  local n = #tbl
+  for _, key in ipairs(sorted_unknown_keys(tbl, {})) do
+    if math.type(key) ~= "integer" or key < 1 or key > n then
+      return "a table with key " .. key_label(key)
+    end
+  end
+  return "a table with holes (nil entries)"
+end
+
+local function is_finite(x)
+  return x == x and x ~= math.huge and x ~= -math.huge
+end
+
+-- The directory part of a path ("." when there is none).
+local function dirname(path)
+  local dir = path:match("^(.*)/[^/]*$")
+  if dir == nil then return "." end
+  if dir == "" then return "/" end
+  return dir
+end
+
+-- Resolves a relative path against a directory ("." keeps it relative).
+local function resolve(base_dir, path)
+  if path:sub(1, 1) == "/" or base_dir == nil or base_dir == "." then return path end
+  if base_dir:sub(-1) == "/" then return base_dir .. path end
+  return base_dir .. "/" .. path
+end
+
+-- Why a unit name is invalid, or nil when systemd would accept it for a unit
+-- rrengine can restart (no templates without an instance).
+local function unit_name_problem(unit)
+  if #unit > UNIT_NAME_MAX then
+    return ("is longer than %d characters"):format(UNIT_NAME_MAX)
+  end
+  local stem, suffix = unit:match("^(.*)%.([^.]*)$")
+  if stem == nil or not set_of(UNIT_SUFFIXES)[suffix] then
+    return "must end in ." .. table.concat(UNIT_SUFFIXES, ", .")
+  end
+  local prefix, instance = stem:match("^([^@]*)@(.*)$")
+  if prefix and instance:find("@", 1, true) then
+    return "has more than one \"@\""
+  end
+  local function plain(part)
+    return part:match("^[A-Za-z0-9:_.\\%-]+$") ~= nil
+  end
+  if prefix then
+    if prefix == "" then return "has nothing before \"@\"" end
+    if instance == "" then return "is a template (nothing between \"@\" and the suffix)" end
+    if not plain(prefix) or not plain(instance) then
+      return "may only contain letters, digits and : _ . \\ - (and one \"@\")"
+    end
+  elseif stem == "" then
+    return "has nothing before the suffix"
+  elseif not plain(stem) then
+    return "may only contain letters, digits and : _ . \\ - (and one \"@\")"
+  end
+  return nil
+end
+
+-- Why a health URL is unusable, or nil: http or https with a host, nothing
+-- that curl would read differently from the operator.
+local function url_problem(url)
+  if url:find("[%s%c]") then return "contains whitespace or control characters" end
+  local scheme, rest = url:match("^(%a[%w+.-]*)://(.*)$")
+  if scheme == nil or (scheme:lower() ~= "http" and scheme:lower() ~= "https") then
+    return "is not an http:// or https:// URL"
+  end
+  local authority = rest:match("^([^/?#]*)")
+  local hostport = authority:match("@([^@]*)$") or authority
+  local host, port
+  if hostport:sub(1, 1) == "[" then
+    host, port = hostport:match("^(%[[%x:.]+%])(.*)$")
+  else
+    host, port = hostport:match("^([^:]*)(.*)$")
+  end
+  if host == nil or host == "" then return "has no host" end
+  if port ~= "" then
+    local digits = port:match("^:(%d+)$")
+    local number = digits and tonumber(digits)
+    if number == nil or number < 1 or number > 65535 then return "has an invalid port" end
+  end
+  return nil
+end
+
+-- One validation run: collects problems with the file's name in front.
+local function new_report(source_name)
+  local report = { problems = {} }
+  function report.add(where, message)
+    local prefix = source_name .. ": "
+    if where then prefix = prefix .. where .. ": " end
+    report.problems[#report.problems + 1] = prefix .. message
+  end
+  return report
+end
+
+-- Checks one field against a type; reports and returns false when wrong.
+local function check_type(report, where, field, value, expected)
+  if type(value) == expected then return true end
+  report.add(where, ("field %s must be a %s, got %s"):format(quote(field), expected, describe(value)))
+  return false
+end
+
+-- A number that must be > 0 (or >= 0 with allow_zero). Returns it or nil.
+local function check_positive(report, where, field, value, allow_zero)
+  if not check_type(report, where, field, value, "number") then return nil end
+  local ok = is_finite(value) and (value > 0 or (allow_zero and value == 0))
+  if not ok then
+    report.add(where, ("field %s must be a number %s 0, got %s"):format(
+      quote(field), allow_zero and ">=" or ">", tostring(value)))
+    return nil
+  end
+  return value
+end
+
+-- A count: integer >= 0. Returns it as an integer or nil.
+local function check_count(report, where, field, value)
+  if not check_type(report, where, field, value, "number") then return nil end
+  local integer = math.tointeger(value)
+  if integer == nil or integer < 0 then
+    report.add(where, ("field %s must be an integer >= 0, got %s"):format(quote(field), tostring(value)))
+    return nil
+  end
+  return integer
+end
+
+-- An absolute path. Returns it or nil.
+local function check_absolute(report, where, field, value)
+  if not check_type(report, where, field, value, "string") then return nil end
+  if value:sub(1, 1) ~= "/" then
+    report.add(where, ("field %s must be an absolute path, got %s"):format(quote(field), quote(value)))
+    return nil
+  end
+  if value:find("%z") then
+    report.add(where, ("field %s contains a NUL byte"):format(quote(field)))
+    return nil
+  end
+  return value
+end
+
+-- A non-empty list of non-empty strings (an argv or a name list). Returns a
+-- copy or nil.
+local function check_string_list(report, where, field, value, what)
+  if type(value) ~= "table" then
+    report.add(where, ("field %s must be %s, got %s"):format(quote(field), what, describe(value)))
+    return nil
+  end
+  if not is_array(value) then
+    report.add(where, ("field %s must be %s, got %s"):format(quote(field), what, non_array_reason(value)))
+    return nil
+  end
+  local copy, ok = {}, true
+  for i, item in ipairs(value) do
+    local item_field = ("%s[%d]"):format(field, i)
+    if type(item) ~= "string" then
+      report.add(where, ("field %s must be a string, got %s"):format(quote(item_field), describe(item)))
+      ok = false
+    elseif item == "" then
+      report.add(where, ("field %s must not be empty"):format(quote(item_field)))
+      ok = false
+    else
+      copy[i] = item
+    end
+  end
+  return ok and copy or nil
+end
+
+-- An argv array: non-empty list of strings.
+local function check_argv(report, where, field, value)
+  local argv = check_string_list(report, where, field, value, "an argv array of strings")
+  if argv and #argv == 0 then
+    report.add(where, ("field %s must not be empty (an argv array: { \"program\", \"arg\", ... })"):format(quote(field)))
+    return nil
+  end
+  return argv
+end
+
+-- Reports the keys of `tbl` not in `known` (a list), with a hint.
+local function check_unknown_fields(report, where, tbl, known, prefix)
+  for _, key in ipairs(sorted_unknown_keys(tbl, set_of(known))) do
+    local label = type(key) == "string" and quote((prefix or "") .. key) or key_label(key)
+    report.add(where, ("field %s is unknown%s"):format(label, hint(key, known, prefix)))
+  end
+end
+
+-- The `defaults` table merged over the built-in defaults.
+local function check_defaults(report, value)
+  local defaults = {
+    health = {
+      timeout = BUILTIN_DEFAULTS.health.timeout,
+      retries = BUILTIN_DEFAULTS.health.retries,
+      interval = BUILTIN_DEFAULTS.health.interval,
+    },
+    stabilize = BUILTIN_DEFAULTS.stabilize,
+  }
+  if value == nil then return defaults end
+  local where = "defaults"
+  if type(value) ~= "table" then
+    report.add(nil, ("field \"defaults\" must be a table, got %s"):format(describe(value)))
+    return defaults
+  end
+  check_unknown_fields(report, where, value, DEFAULT_FIELDS)
+  local health = value.health
+  if health ~= nil and check_type(report, where, "health", health, "table") then
+    check_unknown_fields(report, where, health, DEFAULT_HEALTH_FIELDS, "health.")
+    if health.timeout ~= nil then
+      defaults.health.timeout = check_positive(report, where, "health.timeout", health.timeout)
+        or defaults.health.timeout
+    end
+    if health.retries ~= nil then
+      defaults.health.retries = check_count(report, where, "health.retries", health.retries)
+        or defaults.health.retries
+    end
+    if health.interval ~= nil then
+      defaults.health.interval = check_positive(report, where, "health.interval", health.interval)
+        or defaults.health.interval
+    end
+  end
+  if value.stabilize ~= nil then
+    defaults.stabilize = check_positive(report, where, "stabilize", value.stabilize, true) or defaults.stabilize
+  end
+  for _, field in ipairs({ "start_timeout", "stop_timeout" }) do
+    if value[field] ~= nil then defaults[field] = check_positive(report, where, field, value[field]) end
+  end
+  return defaults
+end
+
+-- The normalized health check of a service (defaults merged), or nil.
+local function check_health(report, where, value, defaults)
+  local health = {
+    kind = "systemd",
+    timeout = defaults.health.timeout,
+    retries = defaults.health.retries,
+    interval = defaults.health.interval,
+  }
+  if value == nil then return health end
+  if type(value) == "string" then
+    if value == "systemd" or value == "none" then
+      health.kind = value
+      return health
+    end
+    report.add(where, ("field \"health\" must be \"systemd\", \"none\" or a table { url = ... }, got %s%s"):format(
+      quote(value), hint(value, { "systemd", "none" })))
+    return nil
+  end
+  if type(value) ~= "table" then
+    report.add(where, ("field \"health\" must be \"systemd\", \"none\" or a table { url = ... }, got %s"):format(
+      describe(value)))
+    return nil
+  end
+  local ok = true
+  check_unknown_fields(report, where, value, HEALTH_FIELDS, "health.")
+  health.kind = "http"
+  if value.url == nil then
+    report.add(where, "field \"health.url\" is required when \"health\" is a table (use health = \"systemd\" for a unit-state check)")
+    ok = false
+  elseif check_type(report, where, "health.url", value.url, "string") then
+    local problem = url_problem(value.url)
+    if problem then
+      report.add(where, ("field \"health.url\" %s: %s (expected http://HOST[:PORT]/PATH or https://...)"):format(
+        problem, quote(value.url)))
+      ok = false
+    else
+      health.url = value.url
+    end
+  else
+    ok = false
+  end
+  local function merge(field, checked)
+    if value[field] == nil then return end
+    if checked == nil then ok = false else health[field] = checked end
+  end
+  merge("timeout", value.timeout ~= nil and check_positive(report, where, "health.timeout", value.timeout) or nil)
+  merge("retries", value.retries ~= nil and check_count(report, where, "health.retries", value.retries) or nil)
+  merge("interval", value.interval ~= nil and check_positive(report, where, "health.interval", value.interval) or nil)
+  if value.expect_body ~= nil then
+    if check_type(report, where, "health.expect_body", value.expect_body, "string") then
+      health.expect_body = value.expect_body
+    else
+      ok = false
+    end
+  end
+  return ok and health or nil
+end
+
+-- The label of service i in messages: its name when it has a usable one.
+local function service_label(i, entry, first_index_of)
+  if type(entry) == "table" and type(entry.name) == "string" and entry.name ~= "" then
+    if first_index_of[entry.name] ~= i then
+      return ("service %s (services[%d])"):format(quote(entry.name), i)
+    end
+    return "service " .. quote(entry.name)
+  end
+  return ("services[%d]"):format(i)
+end
+
+local NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+
+-- Validates one service entry; returns the normalized service (nil when a
+-- problem was found, the problem being reported).
+local function check_service(report, i, entry, ctx)
+  local where = service_label(i, entry, ctx.first_index_of)
+  if type(entry) ~= "table" then
+    report.add(nil, ("services[%d] must be a table { name = ..., unit = ... }, got %s"):format(i, describe(entry)))
+    return nil
+  end
+  local before = #report.problems
+  local svc = { index = i }
+
+  check_unknown_fields(report, where, entry, SERVICE_FIELDS)
+
+  -- name
+  if entry.name == nil then
+    report.add(where, "field \"name\" is required")
+  elseif check_type(report, where, "name", entry.name, "string") then
+    if not entry.name:match(NAME_PATTERN) then
+      report.add(where, ("field \"name\" must be letters, digits and . _ : @ - (starting with a letter or digit), got %s"):format(
+        quote(entry.name)))
+    elseif ctx.first_index_of[entry.name] ~= i then
+      report.add(where, ("field \"name\" duplicates services[%d]"):format(ctx.first_index_of[entry.name]))
+    end
+    svc.name = entry.name
+  end
+
+  -- unit
+  if entry.unit == nil then
+    report.add(where, "field \"unit\" is required")
+  elseif check_type(report, where, "unit", entry.unit, "string") then
+    local problem = unit_name_problem(entry.unit)
+    if problem then
+      report.add(where, ("field \"unit\" is not a valid systemd unit name: %s %s"):format(quote(entry.unit), problem))
+    else
+      local other = ctx.unit_owner[entry.unit]
+      if other then
+        report.add(where, ("field \"unit\" %s is also the unit of %s"):format(quote(entry.unit), other))
+      else
+        ctx.unit_owner[entry.unit] = where
+      end
+      svc.unit = entry.unit
+    end
+  end
+
+  if entry.kind ~= nil and check_type(report, where, "kind", entry.kind, "string") then
+    svc.kind = entry.kind
+  end
+
+  -- depends
+  svc.depends = {}
+  if entry.depends ~= nil then
+    local depends = check_string_list(report, where, "depends", entry.depends, "an array of service names")
+    if depends then
+      local seen = {}
+      for _, dep in ipairs(depends) do
+        if seen[dep] then
+          report.add(where, ("field \"depends\" lists %s more than once"):format(quote(dep)))
+        elseif dep == entry.name then
+          report.add(where, "field \"depends\" names the service itself")
+        elseif ctx.first_index_of[dep] == nil then
+          report.add(where, ("field \"depends\" names unknown service %s%s"):format(quote(dep), hint(dep, ctx.names)))
+        end
+        seen[dep] = true
+      end
+      svc.depends = depends
+    end
+  end
+
+  svc.health = check_health(report, where, entry.health, ctx.defaults)
+
+  svc.stabilize = ctx.defaults.stabilize
+  if entry.stabilize ~= nil then
+    svc.stabilize = check_positive(report, where, "stabilize", entry.stabilize, true)
+  end
+
+  if entry.working_dir ~= nil then
+    svc.working_dir = check_absolute(report, where, "working_dir", entry.working_dir)
+  end
+
+  for _, field in ipairs({ "migrate", "migrate_rollback" }) do
+    if entry[field] ~= nil then
+      svc[field] = check_argv(report, where, field, entry[field])
+      if entry.working_dir == nil then
+        report.add(where, ("field %s needs \"working_dir\" (the command runs there)"):format(quote(field)))
+      end
+    end
+  end
+
+  for _, field in ipairs({ "reload", "deploy_delete" }) do
+    svc[field] = false
+    if entry[field] ~= nil and check_type(report, where, field, entry[field], "boolean") then
+      svc[field] = entry[field]
+    end
+  end
+
+  if entry.hooks ~= nil and check_type(report, where, "hooks", entry.hooks, "string") then
+    if entry.hooks == "" then
+      report.add(where, "field \"hooks\" must not be empty")
+    else
+      svc.hooks = resolve(ctx.base_dir, entry.hooks)
+    end
+  end
+
+  for _, field in ipairs({ "start_timeout", "stop_timeout" }) do
+    svc[field] = ctx.defaults[field]
+    if entry[field] ~= nil then svc[field] = check_positive(report, where, field, entry[field]) end
+  end
+
+  if #report.problems > before then return nil end
+  return svc
+end
+
+-- Validates a platform table (what a services file returns). `source_name`
+-- names it in messages (default "services"); relative `hooks` paths resolve
+-- against `base_dir` (default: the directory of source_name).
+-- Returns platform = { source, defaults, services = { normalized, declaration
+-- order }, by_name = { [name] = service } }, or nil, problems (a list of
+-- one-line strings, every problem found).
+function services.validate(tbl, source_name, base_dir)
+  if source_name ~= nil and type(source_name) ~= "string" then
+    error("rr.services.validate: source_name must be a string, got " .. type(source_name), 2)
+  end
+  if base_dir ~= nil and type(base_dir) ~= "string" then
+    error("rr.services.validate: base_dir must be a string, got " .. type(base_dir), 2)
+  end
+  source_name = source_name or "services"
+  base_dir = base_dir or dirname(source_name)
+  local report = new_report(source_name)
+
+  if type(tbl) ~= "table" then
+    report.add(nil, ("must return a table { services = { ... } }, got %s"):format(describe(tbl)))
+    return nil, report.problems
+  end
+  check_unknown_fields(report, nil, tbl, TOP_FIELDS)
+  local defaults = check_defaults(report, tbl.defaults)
+
+  local entries = tbl.services
+  if entries == nil then
+    report.add(nil, "field \"services\" is required (a list of { name = ..., unit = ... })")
+    return nil, report.problems
+  end
+  if type(entries) ~= "table" then
+    report.add(nil, ("field \"services\" must be an array of services, got %s"):format(describe(entries)))
+    return nil, report.problems
+  end
+  if not is_array(entries) then
+    report.add(nil, ("field \"services\" must be an array of services, got %s"):format(non_array_reason(entries)))
+    return nil, report.problems
+  end
+
+  -- Names first, so that dependencies on services declared later resolve.
+  local ctx = { defaults = defaults, base_dir = base_dir, first_index_of = {}, names = {}, unit_owner = {} }
+  for i, entry in ipairs(entries) do
+    if type(entry) == "table" and type(entry.name) == "string" and ctx.first_index_of[entry.name] == nil then
+      ctx.first_index_of[entry.name] = i
+      ctx.names[#ctx.names + 1] = entry.name
+    end
+  end
+
+  local normalized = {}
+  for i, entry in ipairs(entries) do
+    normalized[i] = check_service(report, i, entry, ctx) or false
+  end
+
+  -- Cycles among the services whose names are usable; self dependencies were
+  -- reported above with their field.
+  local graph = {}
+  for i, entry in ipairs(entries) do
+    if type(entry) == "table" and type(entry.name) == "string" and ctx.first_index_of[entry.name] == i then
+      local depends = type(entry.depends) == "table" and is_array(entry.depends) and entry.depends or {}
+      local names = {}
+      for _, dep in ipairs(depends) do
+        if type(dep) == "string" then names[#names + 1] = dep end
+      end
+      graph[#graph + 1] = { name = entry.name, depends = names }
+    end
+  end
+  for _, cycle in ipairs(dag.find_cycles(graph)) do
+    if #cycle > 2 then
+      report.add("service " .. quote(cycle[1]), "field \"depends\" forms a dependency cycle: " .. dag.format_cycle(cycle))
+    end
+  end
+
+  if #report.problems > 0 then return nil, report.problems end
+
+  local platform = { source = source_name, defaults = defaults, services = normalized, by_name = {} }
+  for _, svc in ipairs(normalized) do platform.by_name[svc.name] = svc end
+  return platform
+end
+
+-- The globals a services file may use: enough to build tables in loops and
+-- format strings, nothing that reads the outside world (os, io, require) or
+-- varies between runs (math.random), so that loading is deterministic. This is
+-- hygiene for a data file, not a security boundary against its author.
+local function sandbox_env()
+  local function copy(lib, except)
+    local t = {}
+    for k, v in pairs(lib) do
+      if not (except and except[k]) then t[k] = v end
+    end
+    return t
+  end
+  return {
+    assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
+    select = select, tonumber = tonumber, tostring = tostring, type = type,
+    rawequal = rawequal, rawget = rawget, rawlen = rawlen,
+    string = copy(string, { rep = true, dump = true }),
+    table = copy(table),
+    math = copy(math, { random = true, randomseed = true }),
+    utf8 = copy(utf8),
+  }
+end
+
+-- Makes an error from the file one line, with the file's full path in front
+-- (Lua shortens long chunk names to ".../tail").
+local function one_line_error(path, message)
+  if type(message) ~= "string" then
+    -- error({}) and friends: the value itself would print an address.
+    return ("%s: raised an error that is not a message (a %s)"):format(path, type(message))
+  end
+  message = message:gsub("[\r\n]+%s*", " ")
+  local shown, line, rest = message:match("^(.-):(%d+): (.*)$")
+  if shown and (shown == path or (shown:sub(1, 3) == "..." and path:sub(-(#shown - 3)) == shown:sub(4))) then
+    return ("%s:%s: %s"):format(path, line, rest)
+  end
+  return path .. ": " .. message
+end
+
+-- Loads and validates a services file. Returns the platform (see validate),
+-- or nil, problems: every validation problem, or one line for a file that
+-- cannot be read, does not compile, or fails while running.
+function services.load(path)
+  if type(path) ~= "string" then
+    error("rr.services.load: path must be a string, got " .. type(path), 2)
+  end
+  local file, open_err = io.open(path, "rb")
+  if not file then
+    -- io.open's message is "PATH: reason"; keep the reason only.
+    local reason = open_err and open_err:match(": ([^:]*)$") or tostring(open_err)
+    return nil, { ("%s: cannot read the services file: %s"):format(path, reason) }
+  end
+  local source, read_err = file:read("a")
+  file:close()
+  if source == nil then
+    return nil, { ("%s: cannot read the services file: %s"):format(path, tostring(read_err)) }
+  end
+  -- As lua's loadfile: skip a UTF-8 BOM and a first "#" line (keeping line
+  -- numbers right).
+  source = source:gsub("^\239\187\191", "")
+  if source:sub(1, 1) == "#" then source = source:gsub("^[^\n]*", "") end
+
+  -- Text only: a precompiled chunk could crash the interpreter.
+  local chunk, syntax_err = load(source, "@" .. path, "t", sandbox_env())
+  if not chunk then return nil, { one_line_error(path, syntax_err) } end
+
+  -- Run in a coroutine of its own, so that the instruction limit hook does not
+  -- disturb the caller's hooks (a task's, a debugger's).
+  local runner = coroutine.create(chunk)
+  debug.sethook(runner, function()
+    error(("runs more than %d instructions (an endless loop?)"):format(LOAD_INSTRUCTION_LIMIT), 2)
+  end, "", LOAD_INSTRUCTION_LIMIT)
+  local ok, result = coroutine.resume(runner)
+  if not ok then return nil, { one_line_error(path, result) } end
+  return services.validate(result, path)
+end
+
+return services

@@ -1,0 +1,472 @@
+-- Specs for rr.services: loading a services file and validating a platform.
+local services = require("rr.services")
+
+describe("rr.services", function()
+  local created = {}
+
+  -- Writes a fixture services file into a fresh temporary file; removed after
+  -- each test.
+  local function fixture(source)
+    local path = os.tmpname()
+    local file = assert(io.open(path, "wb"))
+    file:write(source)
+    file:close()
+    created[#created + 1] = path
+    return path
+  end
+
+  after_each(function()
+    for _, path in ipairs(created) do os.remove(path) end
+    created = {}
+  end)
+
+  -- Validates a table and returns the problems (asserting there are some).
+  local function problems_of(tbl)
+    local platform, problems = services.validate(tbl, "services.lua")
+    assert.is_nil(platform)
+    return problems
+  end
+
+  -- One service table with the required fields plus `extra`.
+  local function one(extra)
+    local entry = { name = "sso.api", unit = "lilith-sso-api.service" }
+    for k, v in pairs(extra or {}) do entry[k] = v end
+    return { services = { entry } }
+  end
+
+  describe("load", function()
+    it("loads and normalizes a valid file", function()
+      local path = fixture([[
+        return {
+          defaults = { health = { timeout = 60, retries = 5 }, stabilize = 10 },
+          services = {
+            { name = "db", unit = "db.service", health = "systemd" },
+            { name = "api", unit = "api.service", kind = "api", depends = { "db" },
+              health = { url = "http://localhost:3001/health", interval = 2, expect_body = '"ok"' },
+              working_dir = "/srv/api", migrate = { "npx", "prisma", "migrate", "deploy" },
+              reload = true, hooks = "hooks/api.lua", stabilize = 0 },
+            { name = "cron", unit = "cron.timer", health = "none", deploy_delete = true,
+              start_timeout = 5, stop_timeout = 2.5 },
+          },
+        }
+      ]])
+      local platform, problems = services.load(path)
+      assert.is_nil(problems)
+      assert.equal(path, platform.source)
+      assert.equal(3, #platform.services)
+      assert.equal(platform.services[2], platform.by_name.api)
+      local dir = path:match("^(.*)/[^/]*$")
+      assert.same({
+        index = 2, name = "api", unit = "api.service", kind = "api", depends = { "db" },
+        health = { kind = "http", url = "http://localhost:3001/health", timeout = 60, retries = 5,
+                   interval = 2, expect_body = '"ok"' },
+        stabilize = 0, working_dir = "/srv/api", migrate = { "npx", "prisma", "migrate", "deploy" },
+        reload = true, deploy_delete = false, hooks = dir .. "/hooks/api.lua",
+      }, platform.services[2])
+      assert.same({
+        index = 1, name = "db", unit = "db.service", depends = {},
+        health = { kind = "systemd", timeout = 60, retries = 5, interval = 1 },
+        stabilize = 10, reload = false, deploy_delete = false,
+      }, platform.services[1])
+      assert.same({ kind = "none", timeout = 60, retries = 5, interval = 1 }, platform.services[3].health)
+      assert.equal(true, platform.services[3].deploy_delete)
+      assert.equal(5, platform.services[3].start_timeout)
+      assert.equal(2.5, platform.services[3].stop_timeout)
+    end)
+
+    it("validates the example services.lua at the repository root", function()
+      local platform, problems = services.load("services.lua")
+      assert.is_nil(problems)
+      local by_name = platform.by_name
+      assert.equal("systemd", by_name["sso.postgresql"].health.kind)
+      assert.equal("systemd", by_name["minio"].health.kind)
+      assert.same({ "sso.postgresql", "sso.redis" }, by_name["sso.api"].depends)
+      assert.same({ "npx", "prisma", "migrate", "deploy" }, by_name["sso.api"].migrate)
+      assert.equal("hooks/sso.lua", by_name["sso.api"].hooks)
+      assert.equal(true, by_name["sso.api"].reload)
+      assert.equal("http", by_name["sso.api"].health.kind)
+    end)
+
+    it("reports a missing file in one line", function()
+      local path = os.tmpname()
+      os.remove(path)
+      assert.same({ nil, { path .. ": cannot read the services file: No such file or directory" } },
+        { services.load(path) })
+    end)
+
+    it("reports a syntax error in one line with the line number, no traceback", function()
+      local path = fixture("return {\n  services = {\n    { name = 'a' unit = 'a.service' },\n  },\n}\n")
+      assert.same({ nil, { path .. ":3: '}' expected near 'unit'" } },
+        { services.load(path) })
+    end)
+
+    it("reports a runtime error in one line", function()
+      local path = fixture("local port = nil\nreturn { services = { { name = 'a', unit = 'a.service', port = port + 1 } } }\n")
+      assert.same({ nil, { path .. ":2: attempt to perform arithmetic on a nil value (local 'port')" } },
+        { services.load(path) })
+    end)
+
+    it("flattens a multi-line error message and one without a position", function()
+      local path = fixture("error('first\\nsecond', 0)\n")
+      assert.same({ nil, { path .. ": first second" } }, { services.load(path) })
+      path = fixture("error({ code = 1 })\n")
+      assert.same({ nil, { path .. ": raised an error that is not a message (a table)" } }, { services.load(path) })
+    end)
+
+    it("loads in a sandbox: no os, io, require or randomness", function()
+      for _, expr in ipairs({ "os.getenv('HOME')", "io.open('/etc/passwd')", "require('rr.dag')",
+                              "math.random()", "load('return 1')", "print('x')" }) do
+        local path = fixture("return { services = {}, x = " .. expr .. " }\n")
+        local platform, problems = services.load(path)
+        assert.is_nil(platform)
+        assert.equal(1, #problems)
+        assert.matches("^" .. path:gsub("%p", "%%%0") .. ":1: attempt to ", problems[1])
+      end
+    end)
+
+    it("lets a file build its services with loops and string functions", function()
+      local path = fixture([[
+        local list = {}
+        for i = 1, 3 do
+          list[#list + 1] = { name = ("worker.%d"):format(i), unit = ("worker@%d.service"):format(i),
+                              depends = i > 1 and { "worker." .. (i - 1) } or nil }
+        end
+        table.insert(list, { name = "api", unit = string.upper("api") .. ".service" })
+        return { services = list }
+      ]])
+      local platform = assert(services.load(path))
+      assert.equal("worker@3.service", platform.by_name["worker.3"].unit)
+      assert.equal("API.service", platform.by_name.api.unit)
+    end)
+
+    it("stops a file that loops forever", function()
+      local path = fixture("local n = 0\nwhile true do n = n + 1 end\n")
+      assert.same({ nil, { path .. ":2: runs more than 10000000 instructions (an endless loop?)" } },
+        { services.load(path) })
+    end)
+
+    it("reports a file that does not return a table", function()
+      local path = fixture("return 42\n")
+      assert.same({ nil, { path .. ": must return a table { services = { ... } }, got number 42" } },
+        { services.load(path) })
+    end)
+
+    it("rejects precompiled chunks", function()
+      local path = fixture(string.dump(function() return { services = {} } end))
+      local platform, problems = services.load(path)
+      assert.is_nil(platform)
+      assert.equal(path .. ": attempt to load a binary chunk (mode is 't')", problems[1])
+    end)
+
+    it("reports every problem of a file at once, in a fixed order", function()
+      local path = fixture([[
+        return {
+          defaults = { health = { timeout = 0 } },
+          services = {
+            { name = "a", unit = "a.service", helth = "systemd" },
+            { name = "b", unit = "b.servic", depends = { "zz" } },
+            { name = "a", unit = "c.service", working_dir = "srv/c" },
+          },
+        }
+      ]])
+      local platform, problems = services.load(path)
+      assert.is_nil(platform)
+      assert.same({
+        path .. ': defaults: field "health.timeout" must be a number > 0, got 0',
+        path .. ': service "a": field "helth" is unknown (did you mean "health"?)',
+        path .. ': service "b": field "unit" is not a valid systemd unit name: "b.servic" must end in '
+          .. '.service, .socket, .target, .timer, .mount, .path',
+        path .. ': service "b": field "depends" names unknown service "zz"',
+        path .. ': service "a" (services[3]): field "name" duplicates services[1]',
+        path .. ': service "a" (services[3]): field "working_dir" must be an absolute path, got "srv/c"',
+      }, problems)
+      -- Deterministic: the same file gives the same list.
+      assert.same(problems, select(2, services.load(path)))
+    end)
+  end)
+
+  describe("validate", function()
+    it("names the source, the service and the field of an unknown field", function()
+      assert.same({ 'services.lua: service "sso.api": field "helth" is unknown (did you mean "health"?)' },
+        problems_of(one({ helth = "systemd" })))
+      assert.same({ 'services.lua: service "sso.api": field "colour" is unknown' },
+        problems_of(one({ colour = "red" })))
+      assert.same({ 'services.lua: service "sso.api": field [1] is unknown' }, problems_of(one({ [1] = "x" })))
+    end)
+
+    it("rejects unknown top-level and defaults fields", function()
+      assert.same({
+        'services.lua: field "servics" is unknown (did you mean "services"?)',
+        'services.lua: field "services" is required (a list of { name = ..., unit = ... })',
+      }, problems_of({ servics = {} }))
+      assert.same({
+        'services.lua: defaults: field "stabilise" is unknown (did you mean "stabilize"?)',
+        'services.lua: defaults: field "health.retires" is unknown (did you mean "health.retries"?)',
+      }, problems_of({ defaults = { stabilise = 3, health = { retires = 2 } }, services = {} }))
+      assert.same({ 'services.lua: defaults: field "health.url" is unknown' },
+        problems_of({ defaults = { health = { url = "http://x/" } }, services = {} }))
+    end)
+
+    it("names expected and actual types", function()
+      assert.same({
+        'services.lua: service "sso.api": field "kind" must be a string, got number 3',
+        'services.lua: service "sso.api": field "reload" must be a boolean, got string "yes"',
+        'services.lua: service "sso.api": field "hooks" must be a string, got boolean true',
+      }, problems_of(one({ kind = 3, reload = "yes", hooks = true })))
+      assert.same({
+        'services.lua: services[1]: field "name" must be a string, got table',
+        'services.lua: services[1]: field "unit" must be a string, got table',
+      }, problems_of({ services = { { name = {}, unit = {} } } }))
+      assert.same({ 'services.lua: services[2] must be a table { name = ..., unit = ... }, got string "db"' },
+        problems_of({ services = { { name = "a", unit = "a.service" }, "db" } }))
+      assert.same({ 'services.lua: field "services" must be an array of services, got a table with key "a"' },
+        problems_of({ services = { a = { name = "a", unit = "a.service" } } }))
+      assert.same({ 'services.lua: field "defaults" must be a table, got number 1' },
+        problems_of({ defaults = 1, services = {} }))
+    end)
+
+    it("requires name and unit", function()
+      assert.same({
+        'services.lua: services[1]: field "name" is required',
+        'services.lua: services[1]: field "unit" is required',
+      }, problems_of({ services = { {} } }))
+    end)
+
+    it("rejects names that do not fit a command line", function()
+      assert.same({ 'services.lua: service "a,b": field "name" must be letters, digits and . _ : @ - '
+        .. '(starting with a letter or digit), got "a,b"' },
+        problems_of({ services = { { name = "a,b", unit = "a.service" } } }))
+    end)
+
+    it("rejects duplicate names and duplicate units", function()
+      assert.same({
+        'services.lua: service "a" (services[2]): field "name" duplicates services[1]',
+        'services.lua: service "b": field "unit" "a.service" is also the unit of service "a"',
+      }, problems_of({ services = {
+        { name = "a", unit = "a.service" },
+        { name = "a", unit = "a2.service" },
+        { name = "b", unit = "a.service" },
+      } }))
+    end)
+
+    describe("unit names", function()
+      local function unit_problem(unit)
+        local platform, problems = services.validate(one({ unit = unit }), "services.lua")
+        if platform then return nil end
+        return problems[1]
+      end
+      local prefix = 'services.lua: service "sso.api": field "unit" is not a valid systemd unit name: '
+
+      it("accepts the supported suffixes and instance units", function()
+        for _, unit in ipairs({ "a.service", "a.socket", "a.target", "a.timer", "a.mount", "a.path",
+                                "foo@bar.service", "foo@bar.baz.service", "x:y_z-1\\x2d.service",
+                                ("a"):rep(247) .. ".service" }) do
+          assert.is_nil(unit_problem(unit), unit)
+        end
+      end)
+
+      it("rejects invalid names with the reason", function()
+        assert.equal(prefix .. '"a.device" must end in .service, .socket, .target, .timer, .mount, .path',
+          unit_problem("a.device"))
+        assert.equal(prefix .. '"sso-api" must end in .service, .socket, .target, .timer, .mount, .path',
+          unit_problem("sso-api"))
+        assert.equal(prefix .. '".service" has nothing before the suffix', unit_problem(".service"))
+        assert.equal(prefix .. '"a b.service" may only contain letters, digits and : _ . \\ - (and one "@")',
+          unit_problem("a b.service"))
+        assert.equal(prefix .. '"a/b.service" may only contain letters, digits and : _ . \\ - (and one "@")',
+          unit_problem("a/b.service"))
+        assert.equal(prefix .. '"a@b@c.service" has more than one "@"', unit_problem("a@b@c.service"))
+        assert.equal(prefix .. '"@b.service" has nothing before "@"', unit_problem("@b.service"))
+        assert.equal(prefix .. '"foo@.service" is a template (nothing between "@" and the suffix)',
+          unit_problem("foo@.service"))
+        local long = ("a"):rep(248) .. ".service"
+        assert.equal(prefix .. '"' .. long .. '" is longer than 255 characters', unit_problem(long))
+      end)
+    end)
+
+    describe("health", function()
+      it("defaults to systemd with the built-in timings", function()
+        local platform = assert(services.validate(one(), "services.lua"))
+        assert.same({ kind = "systemd", timeout = 30, retries = 3, interval = 1 }, platform.services[1].health)
+        assert.equal(30, platform.services[1].stabilize)
+      end)
+
+      it("merges defaults deeply and lets a service override each field", function()
+        local platform = assert(services.validate({
+          defaults = { health = { timeout = 90, retries = 1 }, stabilize = 5, stop_timeout = 20 },
+          services = {
+            { name = "a", unit = "a.service", health = { url = "https://a.internal:8443/health", retries = 0 } },
+            { name = "b", unit = "b.service", stabilize = 1, stop_timeout = 3 },
+          },
+        }, "services.lua"))
+        assert.same({ kind = "http", url = "https://a.internal:8443/health", timeout = 90, retries = 0, interval = 1 },
+          platform.services[1].health)
+        assert.equal(5, platform.services[1].stabilize)
+        assert.equal(20, platform.services[1].stop_timeout)
+        assert.equal(1, platform.services[2].stabilize)
+        assert.equal(3, platform.services[2].stop_timeout)
+        assert.same({ timeout = 90, retries = 1, interval = 1 }, platform.defaults.health)
+      end)
+
+      it("normalizes an integral float count to an integer", function()
+        local platform = assert(services.validate(one({ health = { url = "http://h/", retries = 2.0 } })))
+        assert.equal("integer", math.type(platform.services[1].health.retries))
+      end)
+
+      it("rejects unknown kinds, unknown fields and a table without url", function()
+        assert.same({ 'services.lua: service "sso.api": field "health" must be "systemd", "none" or a table '
+          .. '{ url = ... }, got "sytemd" (did you mean "systemd"?)' }, problems_of(one({ health = "sytemd" })))
+        assert.same({ 'services.lua: service "sso.api": field "health" must be "systemd", "none" or a table '
+          .. '{ url = ... }, got boolean true' }, problems_of(one({ health = true })))
+        assert.same({
+          'services.lua: service "sso.api": field "health.method" is unknown',
+          'services.lua: service "sso.api": field "health.url" is required when "health" is a table '
+            .. '(use health = "systemd" for a unit-state check)',
+        }, problems_of(one({ health = { method = "POST" } })))
+      end)
+
+      it("accepts only http and https URLs with a host", function()
+        local function url_problem(url)
+          local platform, problems = services.validate(one({ health = { url = url } }), "services.lua")
+          return platform and "ok" or problems[1]:match('field "health.url" (.-): "')
+        end
+        assert.equal("ok", url_problem("http://localhost:3001/health"))
+        assert.equal("ok", url_problem("HTTPS://api.example.com/ready?deep=1"))
+        assert.equal("ok", url_problem("http://[::1]:8080/"))
+        assert.equal("ok", url_problem("http://user:pw@host/"))
+        assert.equal("is not an http:// or https:// URL", url_problem("ftp://host/"))
+        assert.equal("is not an http:// or https:// URL", url_problem("file:///etc/passwd"))
+        assert.equal("is not an http:// or https:// URL", url_problem("localhost:3001/health"))
+        assert.equal("has no host", url_problem("http:///health"))
+        assert.equal("has no host", url_problem("http://:80/"))
+        assert.equal("has an invalid port", url_problem("http://host:0/"))
+        assert.equal("has an invalid port", url_problem("http://host:99999/"))
+        assert.equal("has an invalid port", url_problem("http://host:x/"))
+        assert.equal("contains whitespace or control characters", url_problem("http://host/a b"))
+        assert.same({ 'services.lua: service "sso.api": field "health.url" is not an http:// or https:// URL: '
+          .. '"ftp://x" (expected http://HOST[:PORT]/PATH or https://...)' },
+          problems_of(one({ health = { url = "ftp://x" } })))
+      end)
+
+      it("checks the ranges of timeout, retries and interval", function()
+        assert.same({
+          'services.lua: service "sso.api": field "health.timeout" must be a number > 0, got 0',
+          'services.lua: service "sso.api": field "health.retries" must be an integer >= 0, got 1.5',
+          'services.lua: service "sso.api": field "health.interval" must be a number > 0, got -1',
+          'services.lua: service "sso.api": field "health.expect_body" must be a string, got number 200',
+        }, problems_of(one({ health = { url = "http://h/", timeout = 0, retries = 1.5, interval = -1,
+                                         expect_body = 200 } })))
+        assert.same({ 'services.lua: service "sso.api": field "health.timeout" must be a number > 0, got inf' },
+          problems_of(one({ health = { url = "http://h/", timeout = math.huge } })))
+        assert.same({ 'services.lua: service "sso.api": field "health.retries" must be an integer >= 0, got -1' },
+          problems_of(one({ health = { url = "http://h/", retries = -1 } })))
+        assert.same({ 'services.lua: service "sso.api": field "health.timeout" must be a number, got string "30s"' },
+          problems_of(one({ health = { url = "http://h/", timeout = "30s" } })))
+      end)
+    end)
+
+    it("checks stabilize and the job timeouts", function()
+      assert.same({
+        'services.lua: service "sso.api": field "stabilize" must be a number >= 0, got -2',
+        'services.lua: service "sso.api": field "start_timeout" must be a number > 0, got 0',
+        'services.lua: service "sso.api": field "stop_timeout" must be a number, got string "5"',
+      }, problems_of(one({ stabilize = -2, start_timeout = 0, stop_timeout = "5" })))
+      assert.is_truthy(services.validate(one({ stabilize = 0 })))
+    end)
+
+    it("requires absolute paths and resolves hooks against the file's directory", function()
+      assert.same({ 'services.lua: service "sso.api": field "working_dir" must be an absolute path, got "srv/api"' },
+        problems_of(one({ working_dir = "srv/api" })))
+      local platform = assert(services.validate(one({ hooks = "hooks/sso.lua" }), "/etc/rrengine/services.lua"))
+      assert.equal("/etc/rrengine/hooks/sso.lua", platform.services[1].hooks)
+      platform = assert(services.validate(one({ hooks = "/opt/hooks/sso.lua" }), "/etc/rrengine/services.lua"))
+      assert.equal("/opt/hooks/sso.lua", platform.services[1].hooks)
+      platform = assert(services.validate(one({ hooks = "hooks/sso.lua" }), "services.lua"))
+      assert.equal("hooks/sso.lua", platform.services[1].hooks)
+      platform = assert(services.validate(one({ hooks = "h.lua" }), "repl", "/srv/platform"))
+      assert.equal("/srv/platform/h.lua", platform.services[1].hooks)
+    end)
+
+    it("checks migrate and migrate_rollback as argv arrays run in working_dir", function()
+      assert.same({
+        'services.lua: service "sso.api": field "migrate" must not be empty (an argv array: { "program", "arg", ... })',
+        'services.lua: service "sso.api": field "migrate_rollback" must be an argv array of strings, got string "npm run down"',
+      }, problems_of(one({ working_dir = "/srv", migrate = {}, migrate_rollback = "npm run down" })))
+      assert.same({ 'services.lua: service "sso.api": field "migrate[2]" must be a string, got number 1' },
+        problems_of(one({ working_dir = "/srv", migrate = { "make", 1 } })))
+      assert.same({ 'services.lua: service "sso.api": field "migrate" needs "working_dir" (the command runs there)' },
+        problems_of(one({ migrate = { "make", "migrate" } })))
+    end)
+
+    it("reports unknown, self and repeated dependencies", function()
+      assert.same({
+        'services.lua: service "api": field "depends" names unknown service "sso.redsi" (did you mean "sso.redis"?)',
+        'services.lua: service "api": field "depends" names the service itself',
+        'services.lua: service "api": field "depends" lists "sso.redis" more than once',
+      }, problems_of({ services = {
+        { name = "sso.redis", unit = "redis.service" },
+        { name = "api", unit = "api.service", depends = { "sso.redsi", "api", "sso.redis", "sso.redis" } },
+      } }))
+      assert.same({ 'services.lua: service "api": field "depends" must be an array of service names, '
+        .. 'got string "db"' }, problems_of({ services = { { name = "api", unit = "api.service", depends = "db" } } }))
+    end)
+
+    it("accepts a dependency declared later", function()
+      assert.is_truthy(services.validate({ services = {
+        { name = "api", unit = "api.service", depends = { "db" } },
+        { name = "db", unit = "db.service" },
+      } }))
+    end)
+
+    it("prints every dependency cycle", function()
+      assert.same({
+        'services.lua: service "a": field "depends" forms a dependency cycle: a -> b -> c -> a',
+        'services.lua: service "x": field "depends" forms a dependency cycle: x -> y -> x',
+      }, problems_of({ services = {
+        { name = "a", unit = "a.service", depends = { "b" } },
+        { name = "b", unit = "b.service", depends = { "c" } },
+        { name = "c", unit = "c.service", depends = { "a" } },
+        { name = "x", unit = "x.service", depends = { "y" } },
+        { name = "y", unit = "y.service", depends = { "x" } },
+        { name = "z", unit = "z.service", depends = { "x" } },
+      } }))
+    end)
+
+    it("reports all problems of all services at once", function()
+      local problems = problems_of({
+        extra = true,
+        services = {
+          { name = "a", unit = "a.service", depends = { "b" }, helth = "systemd" },
+          { name = "b", unit = "b", depends = { "a" }, health = { url = "ftp://x" } },
+          { unit = 3, reload = "yes" },
+        },
+      })
+      assert.same({
+        'services.lua: field "extra" is unknown',
+        'services.lua: service "a": field "helth" is unknown (did you mean "health"?)',
+        'services.lua: service "b": field "unit" is not a valid systemd unit name: "b" must end in '
+          .. '.service, .socket, .target, .timer, .mount, .path',
+        'services.lua: service "b": field "health.url" is not an http:// or https:// URL: "ftp://x" '
+          .. '(expected http://HOST[:PORT]/PATH or https://...)',
+        'services.lua: services[3]: field "name" is required',
+        'services.lua: services[3]: field "unit" must be a string, got number 3',
+        'services.lua: services[3]: field "reload" must be a boolean, got string "yes"',
+        'services.lua: service "a": field "depends" forms a dependency cycle: a -> b -> a',
+      }, problems)
+    end)
+
+    it("accepts an empty platform and defaults the source name", function()
+      local platform = assert(services.validate({ services = {} }))
+      assert.equal("services", platform.source)
+      assert.same({}, platform.services)
+      assert.same({ 'services: field "services" is required (a list of { name = ..., unit = ... })' },
+        select(2, services.validate({})))
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() services.load(42) end, "rr.services.load: path must be a string, got number")
+      assert.has_error(function() services.validate({}, 1) end,
+        "rr.services.validate: source_name must be a string, got number")
+    end)
+  end)
+end)
