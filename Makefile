@@ -5,7 +5,7 @@ DESTDIR  ?=
 BINDIR   ?= $(PREFIX)/bin
 DATADIR  ?= $(PREFIX)/share/rrengine
 VERSION  ?= 0.1.0
-PKGS     := lua5.4 libsystemd libcurl readline
+PKGS     := lua5.4 libsystemd libcurl readline libcrypto
 CFLAGS   ?= -O2 -g
 WARNINGS := -Wall -Wextra -Werror -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
             -Wpointer-arith -Wformat=2 -Wundef -Wvla -Wwrite-strings
@@ -17,7 +17,7 @@ SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 
 # Debian packages the project needs (build, run, test).
 DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev \
-                libreadline-dev lua-cjson lua-busted rsync dbus-user-session systemd curl
+                libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl
 
 SRCS    := $(wildcard engine/*.c)
 HDRS    := $(wildcard engine/*.h)

@@ -58,6 +58,7 @@ struct JoinOp {
         int n;
         int remaining;
         bool as_list; /* rr.wait{...}: one table of results */
+        bool any;     /* rr.wait_any: done at the first task that finishes */
         JoinNode nodes[];
 };
 
@@ -192,7 +193,7 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
                 next = j->next;
                 j->next = NULL;
                 j->task = NULL; /* unlinked; the node still holds its ref for push() */
-                if (--j->join->remaining == 0)
+                if (--j->join->remaining == 0 || j->join->any)
                         rr_op_complete(&j->join->op);
         }
         if (t->joiners)
@@ -394,6 +395,25 @@ static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
 static int join_push(lua_State *L, RrOp *op) {
         JoinOp *j = (JoinOp *) op;
 
+        /* Room for one result per task plus the scratch slots below: callers may already have
+         * used the whole stack (rr.wait{...} pushed every task of the list). */
+        luaL_checkstack(L, j->n + 8, "too many tasks");
+
+        if (j->any) {
+                /* The first finished task in argument order, then its outcome. */
+                for (int i = 0; i < j->n; i++) {
+                        int top, n;
+                        lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
+                        top = lua_gettop(L);
+                        if (task_finished(check_task(L, top))) {
+                                n = push_outcome(L, check_task(L, top), top);
+                                return n + 1;
+                        }
+                        lua_pop(L, 1);
+                }
+                return 0; /* unreachable: completed only once a task finished */
+        }
+
         if (j->n == 1 && !j->as_list) {
                 lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[0].ref);
                 int n = push_outcome(L, check_task(L, -1), lua_gettop(L));
@@ -439,7 +459,7 @@ static void join_release(RrOp *op) {
 
 /* rr.wait(t1, ...) -> ok, results... (one task) | one table.pack(ok, ...) per task
  * rr.wait{t1, ...} -> a list of table.pack(ok, ...) */
-static int loop_wait(lua_State *L) {
+static int join_tasks(lua_State *L, bool any) {
         bool as_list = lua_istable(L, 1) && !luaL_testudata(L, 1, TASK_MT);
         int n, base;
         JoinOp *j;
@@ -468,7 +488,8 @@ static int loop_wait(lua_State *L) {
         j->op.push = join_push;
         j->op.release = join_release;
         j->n = n;
-        j->as_list = as_list;
+        j->as_list = as_list && !any;
+        j->any = any;
         for (int i = 0; i < n; i++) {
                 RrTask *t = check_task(L, base + i);
                 JoinNode *node = &j->nodes[i];
@@ -482,12 +503,21 @@ static int loop_wait(lua_State *L) {
                         j->remaining++;
                 }
         }
-        if (j->remaining == 0) {
+        if (j->remaining == 0 || (any && j->remaining < n)) {
                 int r = join_push(L, &j->op);
                 join_release(&j->op);
                 return r;
         }
         return rr_op_await(L, &j->op);
+}
+
+static int loop_wait(lua_State *L) {
+        return join_tasks(L, false);
+}
+
+/* rr.wait_any(t1, ...) or rr.wait_any{...} -> the first task to finish, ok, results... */
+static int loop_wait_any(lua_State *L) {
+        return join_tasks(L, true);
 }
 
 static int sleep_push(lua_State *L, RrOp *op) {
@@ -551,7 +581,19 @@ static int loop_on_signal(lua_State *L) {
         luaL_checktype(L, 1, LUA_TFUNCTION);
         lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
         lua_pushvalue(L, 1);
-        lua_rawseti(L, -2, (lua_Integer) lua_rawlen(L, -2) + 1);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3); /* handlers[fn] = true */
+        lua_pushvalue(L, 1);
+        return 1;
+}
+
+/* rr.off_signal(fn): fn no longer runs on signals (a plan that ends hands them back). */
+static int loop_off_signal(lua_State *L) {
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, -3);
         return 0;
 }
 
@@ -632,11 +674,14 @@ static int signal_fired(sd_event_source *src, const struct signalfd_siginfo *si,
         (void) userdata;
         S.interrupts++;
         lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
-        n = (int) lua_rawlen(L, -1);
-        for (int i = 1; i <= n; i++) {
-                lua_rawgeti(L, -1, i);
+        n = 0;
+        lua_pushnil(L);
+        while (lua_next(L, -2)) { /* handlers fn true */
+                lua_pop(L, 1);
+                lua_pushvalue(L, -1);
                 lua_pushstring(L, si->ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
-                rr_task_spawn(L, 1);
+                rr_task_spawn(L, 1); /* handlers fn */
+                n++;
         }
         lua_pop(L, 1);
         if (n == 0)
@@ -661,6 +706,8 @@ static const luaL_Reg task_meta[] = {
 static const luaL_Reg loop_functions[] = {
         { "spawn", loop_spawn },
         { "wait", loop_wait },
+        { "wait_any", loop_wait_any },
+        { "off_signal", loop_off_signal },
         { "sleep", loop_sleep },
         { "now", loop_now },
         { "current", loop_current },

@@ -341,7 +341,7 @@ cli.rolling_spec = {
       help = "restart up to N services at once, never one before its dependencies" },
     { name = "continue-on-error",
       help = "when a service fails, go on, skipping only the services that depend on it" },
-    { name = "json", help = "print one JSON object per line instead of the human output" },
+    { name = "json", help = "print one JSON summary on stdout at the end (progress goes to stderr)" },
     { name = "hooks", key = "hook_files", type = "string", value = "FILE", repeatable = true,
       help = "a hook script for the whole run" },
     { name = "accept-unknown-definition",

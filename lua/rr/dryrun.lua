@@ -1,0 +1,108 @@
+-- The dry run: the ordered plan with each service's steps and why, after read-only checks
+-- (unit loaded, definition readable, paths exist, current health). It starts no job and
+-- writes no file — not even the event log or the lock.
+local fs = require("rr.fs")
+local health = require("rr.health")
+local flow = require("rr.flow")
+local snapshot = require("rr.snapshot")
+
+local dryrun = {}
+
+local function list(t)
+  return table.concat(t, ", ")
+end
+
+-- dryrun.run{ order, manager, state_root, opts, out = fn(line) } -> problems (count), warnings
+function dryrun.run(p)
+  local out, opts = p.out, p.opts
+  local problems, warnings = 0, 0
+  local function problem(msg) problems = problems + 1; out("     ✘ " .. msg) end
+  local function warn(msg) warnings = warnings + 1; out("     ! " .. msg) end
+  local selected = {}
+  for _, svc in ipairs(p.order) do selected[svc.unit] = true end
+
+  out(("Dry run: %d service(s), in this order. Nothing will be changed.%s"):format(#p.order,
+    opts.force and " (--force: no health checks, no stabilization)" or ""))
+  for i, svc in ipairs(p.order) do
+    out("")
+    out(("%2d. %s (%s)%s"):format(i, svc.name, svc.unit,
+      #svc.depends > 0 and ("  after " .. list(svc.depends)) or ""))
+    local unit = p.manager:unit(svc.unit)
+    local props, err = unit:properties()
+    if not props then
+      problem("cannot read the unit: " .. tostring(err))
+    elseif props.LoadState ~= "loaded" then
+      problem(("unit is %s"):format(props.LoadState))
+    else
+      -- current health: one look, no waiting
+      local kind, detail = health.snapshot(unit, svc.health)
+      out(("     now: %s, %s (%s)"):format(props.ActiveState, kind, detail))
+      if kind ~= "healthy" and not opts.force then
+        problem("the pre-restart health check would fail: the service would not be touched")
+      end
+      local readable = props.FragmentPath ~= "" and fs.read(props.FragmentPath)
+      if not readable then
+        problem(("unit file %s is not readable"):format(props.FragmentPath))
+      end
+
+      local def = flow.definition_state({ state_root = p.state_root }, svc, props)
+      if def.known then
+        out(("     rollback restores: the known-good definition of run %s (%s)"):format(
+          tostring(def.known.run), tostring(def.known.created)))
+      elseif def.unknown then
+        warn("NeedDaemonReload=yes and no known-good snapshot: rollback could not restore the earlier "
+          .. "definition (which files changed is unknown); the run refuses without --accept-unknown-definition")
+      else
+        out("     rollback restores: the definition on disk now (it becomes known good once the pre-check passes)")
+      end
+      for _, c in ipairs(def.changes) do
+        out(("     definition %s: %s"):format(c.change, c.path))
+        if opts.diff and c.change == "modified" then
+          for line in (snapshot.unified_diff(def.known, c.path) or ""):gmatch("[^\n]+") do
+            out("       " .. line)
+          end
+        end
+      end
+
+      if opts.deploy and svc.working_dir then
+        out(("     deploy: rsync -a %s/ -> %s/%s (undone on rollback)"):format(opts.deploy_path, svc.working_dir,
+          svc.deploy_delete and " with --delete" or ""))
+        if not fs.stat(svc.working_dir, true) then
+          problem(("working_dir %s does not exist"):format(svc.working_dir))
+        end
+      end
+      if svc.migrate then
+        if opts.skip_migrations then
+          out("     migrate: skipped (--skip-migrations)")
+        else
+          out(("     migrate: %s (in %s; not undone on rollback%s)"):format(table.concat(svc.migrate, " "),
+            svc.working_dir, svc.migrate_rollback and (", migrate_rollback: " .. table.concat(svc.migrate_rollback, " ")) or ""))
+        end
+      end
+      if props.NeedDaemonReload then
+        out("     daemon-reload first (NeedDaemonReload=yes)")
+      end
+      local method, why = flow.choose_method(svc, props, def)
+      out(("     %s: %s"):format(method, why))
+      local implicit = {}
+      for _, field in ipairs({ "RequiredBy", "BoundBy" }) do
+        for _, u in ipairs(props[field] or {}) do
+          if not selected[u] then implicit[#implicit + 1] = ("%s (%s)"):format(u, field == "RequiredBy" and "Requires=" or "BindsTo=") end
+        end
+      end
+      if #implicit > 0 then
+        warn("systemd will also restart " .. list(implicit) .. ": they depend on this unit")
+      end
+      if not opts.force then
+        local hc = svc.health
+        out(("     then: health check (%s, timeout %gs, retries %d), stabilize %gs"):format(
+          hc.kind == "http" and hc.url or hc.kind, hc.timeout, hc.retries, svc.stabilize))
+      end
+    end
+  end
+  out("")
+  out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
+  return problems, warnings
+end
+
+return dryrun

@@ -1,0 +1,285 @@
+-- The rolling restart: services in dependency order (several at a time with --parallel, never
+-- more), each through rr.flow, with the run lock, the event log, hooks and interruption.
+-- plans/rolling.lua is its command line; require("rr").rolling_restart is its Lua API.
+local rr = require("rr")
+local fs = require("rr.fs")
+local systemd = require("rr.systemd")
+local services = require("rr.services")
+local dag = require("rr.dag")
+local hooks = require("rr.hooks")
+local events = require("rr.events")
+local flow = require("rr.flow")
+
+local rolling = {}
+
+rolling.EXIT_OK = 0
+rolling.EXIT_FAILED = 1
+rolling.EXIT_USAGE = 2
+rolling.EXIT_ROLLBACK_FAILED = 3
+rolling.EXIT_INTERRUPTED = 130
+
+-- Where snapshots, deploy backups and the run lock live.
+function rolling.state_root(user)
+  if user then
+    local base = os.getenv("XDG_STATE_HOME")
+    if not base or base == "" then
+      base = (os.getenv("HOME") or "/tmp") .. "/.local/state"
+    end
+    return base .. "/rrengine"
+  end
+  return "/var/lib/rrengine"
+end
+
+function rolling.default_events_file(user)
+  if user then
+    return rolling.state_root(true) .. "/events.jsonl"
+  end
+  return "/var/log/rrengine/events.jsonl"
+end
+
+local function summary_of(s)
+  return {
+    success = s.exit_code == 0,
+    exit_code = s.exit_code,
+    error = s.error,
+    interrupted = s.interrupted or false,
+    services_succeeded = s.succeeded or {},
+    services_failed = s.failed or {},
+    services_rolled_back = s.rolled_back or {},
+    services_rollback_failed = s.rollback_failed or {},
+    services_skipped = s.skipped or {},
+    duration_ms = s.duration_ms or 0,
+    run = s.run,
+    events_file = s.events_file,
+  }
+end
+
+local function usage_error(msg)
+  return summary_of({ exit_code = rolling.EXIT_USAGE, error = msg })
+end
+
+-- Loads the platform and everything the run needs before anything is touched; a problem here
+-- is a configuration error (exit 2).
+local function prepare(opts)
+  local platform, errs
+  if opts.platform then
+    platform = opts.platform
+  elseif opts.services_table then
+    platform, errs = services.validate(opts.services_table, opts.services_file or "services")
+  else
+    platform, errs = services.load(opts.services_file or "services.lua")
+  end
+  if not platform then
+    return nil, table.concat(errs, "\n")
+  end
+  local names = opts.services
+  if names and #names == 0 then names = nil end
+  local order, err = dag.order(platform.services, names)
+  if not order then
+    return nil, err
+  end
+  if opts.deploy then
+    if not opts.deploy_path then
+      return nil, "--deploy needs --deploy-path DIR"
+    end
+    local st = fs.stat(opts.deploy_path, true)
+    if not st then
+      return nil, ("deploy path %s does not exist"):format(opts.deploy_path)
+    elseif st.type ~= "dir" then
+      return nil, ("deploy path %s is not a directory"):format(opts.deploy_path)
+    end
+    local without = {}
+    for _, svc in ipairs(order) do
+      if not svc.working_dir then without[#without + 1] = svc.name end
+    end
+    if #without == #order then
+      return nil, "--deploy: none of the selected services has a working_dir to deploy into"
+    end
+  end
+  local global = hooks.set()
+  for _, path in ipairs(opts.hook_files or {}) do
+    local h, herr = hooks.load(path)
+    if not h then return nil, herr end
+    global:add(h)
+  end
+  local per_service = {}
+  for _, svc in ipairs(order) do
+    if svc.hooks then
+      local h, herr = hooks.load(svc.hooks)
+      if not h then return nil, ("service %q: %s"):format(svc.name, herr) end
+      local set = hooks.set({ table.unpack(global.list) })
+      set:add(h)
+      per_service[svc.name] = set
+    end
+  end
+  return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service }
+end
+
+-- Why a service that never started was skipped.
+local function skip_reason(svc, ctx, failed_names)
+  for _, f in ipairs(failed_names) do
+    for _, dependent in ipairs(dag.dependents(ctx.platform.services, f) or {}) do
+      if dependent == svc.name then
+        return ("depends on %s, which failed"):format(f)
+      end
+    end
+  end
+  if ctx.interrupted then
+    return "interrupted before it started"
+  end
+  if ctx.aborted_by then
+    return ("run stopped after %s failed (use --continue-on-error to go on)"):format(ctx.aborted_by)
+  end
+  return "depends on a service that did not succeed"
+end
+
+-- rolling.run(opts) -> summary (see summary_of). opts:
+--   services_file | services_table | platform, services = {names} (nil: all),
+--   force, deploy, deploy_path, skip_migrations, user, events_file (false: none),
+--   parallel, continue_on_error, hook_files, accept_unknown_definition, journal,
+--   ui (rr.ui or nil), state_root, manager (an rr.systemd manager to reuse)
+function rolling.run(opts)
+  local t0 = rr.now()
+  local prep, err = prepare(opts)
+  if not prep then
+    return usage_error(err)
+  end
+  local view = opts.ui
+  local parallel = math.max(1, math.floor(opts.parallel or 1))
+  local state_root = opts.state_root or rolling.state_root(opts.user)
+
+  local manager = opts.manager
+  if not manager then
+    manager, err = (opts.user and systemd.user or systemd.system)()
+    if not manager then
+      return summary_of({ exit_code = rolling.EXIT_FAILED, error = err })
+    end
+  end
+
+  local ok, merr = fs.mkdir_p(state_root, 448)
+  if not ok then
+    return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("cannot create %s: %s"):format(state_root, merr) })
+  end
+  local lock, lerr = fs.lock(state_root .. "/run.lock")
+  if not lock then
+    return summary_of({ exit_code = rolling.EXIT_FAILED,
+      error = ("another rrengine run holds the lock on this manager (%s): %s"):format(state_root .. "/run.lock", lerr) })
+  end
+
+  local events_file = opts.events_file
+  if events_file == nil then events_file = rolling.default_events_file(opts.user) end
+  local stream, eerr = events.open({
+    path = events_file or nil, journal = opts.journal, hooks = prep.global_hooks:has("on_event") and prep.global_hooks or nil,
+    view = view and function(ev) view:event(ev) end,
+  })
+  if not stream then
+    lock:unlock()
+    return summary_of({ exit_code = rolling.EXIT_FAILED, error = eerr })
+  end
+
+  local ctx = {
+    manager = manager, events = stream, state_root = state_root, user = opts.user,
+    platform = prep.platform,
+    opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
+      skip_migrations = opts.skip_migrations, accept_unknown_definition = opts.accept_unknown_definition },
+    hooks_for = function(svc) return prep.hooks[svc.name] or prep.global_hooks end,
+    on_step = view and function(svc, step) view:step(svc, step) end,
+  }
+
+  local order_names = {}
+  for i, svc in ipairs(prep.order) do order_names[i] = svc.name end
+  stream:emit("PLAN_START", { order = order_names, parallel = parallel, force = opts.force or nil,
+    deploy = opts.deploy and opts.deploy_path or nil, user = opts.user or nil, pid = fs.getpid and fs.getpid() or nil })
+
+  local inflight = {}
+  local on_signal = function(name)
+    if not ctx.interrupted then
+      ctx.interrupted = name
+      local names = {}
+      for _, e in ipairs(inflight) do names[#names + 1] = e.svc.name end
+      stream:emit("INTERRUPTED", { signal = name,
+        note = #names > 0 and ("finishing %s (or rolling it back)"):format(table.concat(names, ", "))
+          or "nothing in flight" })
+    end
+  end
+  rr.on_signal(on_signal)
+  local stop_ticker = view and view:start_ticker() or function() end
+
+  local sched = assert(dag.scheduler(prep.platform.services, prep.names))
+  local done, started = {}, {}
+  local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, run = stream.run,
+    events_file = events_file or nil }
+
+  while true do
+    if not ctx.interrupted and not ctx.aborted_by then
+      for _, svc in ipairs(sched:ready(done, started)) do
+        if #inflight >= parallel then break end
+        started[svc.name] = true
+        inflight[#inflight + 1] = { svc = svc, task = rr.spawn(flow.run, ctx, svc) }
+      end
+    end
+    if #inflight == 0 then break end
+    local tasks = {}
+    for i, e in ipairs(inflight) do tasks[i] = e.task end
+    local task, tok, outcome, ferr, info = rr.wait_any(tasks)
+    local entry
+    for i, e in ipairs(inflight) do
+      if e.task == task then entry = table.remove(inflight, i) break end
+    end
+    local name = entry.svc.name
+    if not tok then
+      -- flow.run catches its own errors; this is a bug in the runner's reach, still contained.
+      outcome, ferr = flow.FAILED, "internal error: " .. tostring(outcome)
+    end
+    if outcome == flow.SUCCESS then
+      done[name] = true
+      s.succeeded[#s.succeeded + 1] = name
+    elseif outcome == flow.ROLLBACK_FAILED then
+      s.failed[#s.failed + 1] = name
+      s.rollback_failed[#s.rollback_failed + 1] = name
+      ctx.aborted_by = ctx.aborted_by or name -- the platform needs a human now
+    else
+      s.failed[#s.failed + 1] = name
+      if info and info.rolled_back then s.rolled_back[#s.rolled_back + 1] = name end
+      if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or name end
+    end
+    s.errors = s.errors or {}
+    s.errors[name] = ferr
+  end
+  stop_ticker()
+
+  for _, svc in ipairs(prep.order) do
+    if not started[svc.name] then
+      local reason = skip_reason(svc, ctx, s.failed)
+      s.skipped[#s.skipped + 1] = svc.name
+      stream:emit("SERVICE_SKIPPED", { service = svc.name, unit = svc.unit, reason = reason })
+    end
+  end
+
+  s.interrupted = ctx.interrupted ~= nil
+  if #s.rollback_failed > 0 then
+    s.exit_code = rolling.EXIT_ROLLBACK_FAILED
+  elseif s.interrupted then
+    s.exit_code = rolling.EXIT_INTERRUPTED
+  elseif #s.failed > 0 or #s.skipped > 0 then
+    s.exit_code = rolling.EXIT_FAILED
+  else
+    s.exit_code = rolling.EXIT_OK
+  end
+  s.duration_ms = math.floor((rr.now() - t0) * 1000 + 0.5)
+  if s.exit_code ~= 0 then
+    local first = s.failed[1]
+    s.error = first and ("%s: %s"):format(first, s.errors[first]) or (s.interrupted and "interrupted" or nil)
+  end
+  stream:emit("PLAN_END", {
+    result = s.exit_code == 0 and "success" or (s.interrupted and "interrupted" or "failed"),
+    exit_code = s.exit_code, interrupted = s.interrupted, duration_ms = s.duration_ms,
+    succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back, skipped = #s.skipped,
+  })
+  rr.off_signal(on_signal)
+  stream:close()
+  lock:unlock()
+  return summary_of(s)
+end
+
+return rolling

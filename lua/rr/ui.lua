@@ -1,0 +1,153 @@
+-- What the operator sees while a plan runs. On a terminal: a live line with the service in
+-- flight, its step and the elapsed time, above it one line per finished step. Elsewhere (CI,
+-- a pipe, a log file): one plain, timestamped line per step. Events drive both.
+local rr = require("rr")
+local log = require("rr.log")
+
+local ui = {}
+ui.__index = ui
+
+local function isatty(file)
+  return require("rr.fs").isatty(file == io.stderr and 2 or 1)
+end
+
+-- ui.new{ out = io.stdout|io.stderr, live = bool|nil (auto), quiet = bool }
+function ui.new(opts)
+  opts = opts or {}
+  local out = opts.out or io.stdout
+  local self = setmetatable({ out = out, quiet = opts.quiet, inflight = {}, width = 0 }, ui)
+  if opts.live == nil then
+    self.live = isatty(out) and os.getenv("TERM") ~= "dumb"
+  else
+    self.live = opts.live
+  end
+  return self
+end
+
+local function fmt_ms(ms)
+  if not ms then return "" end
+  if ms < 1000 then return ("%d ms"):format(ms) end
+  return ("%.1f s"):format(ms / 1000)
+end
+
+local function clock()
+  return log.timestamp():sub(12, 23)
+end
+
+function ui:clear_live()
+  if self.live and self.width > 0 then
+    self.out:write("\r", (" "):rep(self.width), "\r")
+    self.width = 0
+  end
+end
+
+function ui:draw_live()
+  if not self.live then return end
+  local parts = {}
+  local now = rr.now()
+  for name, s in pairs(self.inflight) do
+    parts[#parts + 1] = ("%s: %s %.1fs"):format(name, s.step, now - s.since)
+  end
+  table.sort(parts)
+  local text = #parts > 0 and ("  ▸ " .. table.concat(parts, "  |  ")) or ""
+  self:clear_live()
+  self.out:write(text)
+  self.out:flush()
+  self.width = utf8.len(text) or #text
+end
+
+function ui:line(text)
+  if self.quiet then return end
+  self:clear_live()
+  if self.live then
+    self.out:write(text, "\n")
+  else
+    self.out:write(clock(), "  ", text, "\n")
+  end
+  self.out:flush()
+  self:draw_live()
+end
+
+-- on_step(svc, step): the flow moved on.
+function ui:step(svc, step)
+  local s = self.inflight[svc.name]
+  if not s then
+    s = { since = rr.now() }
+    self.inflight[svc.name] = s
+  end
+  s.step = step
+  if not self.live and not self.quiet then
+    self:line(("%-24s %s"):format(svc.name, step))
+  else
+    self:draw_live()
+  end
+end
+
+-- Starts a ticker that redraws the live line while the run goes on; returns a stop function.
+function ui:start_ticker()
+  if not self.live then return function() end end
+  local stop = false
+  local t = rr.spawn(function()
+    while not stop do
+      self:draw_live()
+      rr.sleep(0.25)
+    end
+  end)
+  return function() stop = true; t:cancel(); rr.wait(t); self:clear_live() end
+end
+
+local SHOW = {
+  PLAN_START = function(ev) return ("plan: %d service(s) in order: %s"):format(#ev.order, table.concat(ev.order, ", ")) end,
+  SERVICE_RESTART_SUCCESS = function(ev) return ("✔ %-22s %s ok (%s)"):format(ev.service, ev.method, fmt_ms(ev.duration_ms)) end,
+  SERVICE_RESTART_FAILED = function(ev)
+    local tail = ev.touched == false and "not touched" or (ev.rolled_back and "rolled back" or "ROLLBACK FAILED")
+    return ("✘ %-22s failed: %s [%s]"):format(ev.service, ev.error, tail)
+  end,
+  SERVICE_SKIPPED = function(ev) return ("- %-22s skipped: %s"):format(ev.service, ev.reason) end,
+  HEALTH_CHECK_FAILED = function(ev) return ("  %-22s %s-check failed: %s"):format(ev.service, ev.phase, ev.error) end,
+  ROLLBACK_START = function(ev)
+    local s = ("↺ %-22s rolling back: %s"):format(ev.service, ev.reason)
+    if ev.migrations_not_undone then s = s .. " (migrations are NOT undone)" end
+    return s
+  end,
+  ROLLBACK_SUCCESS = function(ev) return ("↺ %-22s rolled back, healthy again (%s)"):format(ev.service, fmt_ms(ev.duration_ms)) end,
+  ROLLBACK_FAILED = function(ev)
+    local lines = { ("!! %-21s ROLLBACK FAILED: %s"):format(ev.service, ev.error), "   manual steps:" }
+    for i, s in ipairs(ev.manual_steps or {}) do lines[#lines + 1] = ("     %d. %s"):format(i, s) end
+    return table.concat(lines, "\n")
+  end,
+  DEFINITION_RESTORED = function(ev)
+    return ("  %-22s definition restored from the last known good (%d file(s) put back, %d removed)")
+      :format(ev.service, #(ev.restored or {}), #(ev.removed or {}))
+  end,
+  DEPLOY_END = function(ev) return ("  %-22s deployed (%d new, %d replaced files)"):format(ev.service, ev.created or 0, ev.replaced or 0) end,
+  DEPLOY_FAILED = function(ev) return ("  %-22s deploy failed: %s"):format(ev.service, ev.error) end,
+  DEPLOY_UNDONE = function(ev) return ("  %-22s code deploy undone"):format(ev.service) end,
+  MIGRATION_END = function(ev)
+    return ("  %-22s migration %s (%s)"):format(ev.service, ev.error and ("failed: " .. ev.error) or "done", fmt_ms(ev.duration_ms))
+  end,
+  MIGRATION_OUTPUT = function(ev) return ("  %-22s | %s"):format(ev.service, ev.line) end,
+  MIGRATION_NOT_UNDONE = function(ev) return ("  %-22s note: %s"):format(ev.service, ev.note) end,
+  RELOAD_FALLBACK = function(ev) return ("  %-22s reload failed (%s), restarting instead"):format(ev.service, ev.error) end,
+  STABILIZE_FAILED = function(ev) return ("  %-22s unstable: %s"):format(ev.service, ev.error) end,
+  WARNING = function(ev) return ("! %-22s %s"):format(ev.service or "", ev.warning) end,
+  HOOK_FAILED = function(ev) return ("! %-22s hook %s failed: %s"):format(ev.service or "", ev.hook, ev.error) end,
+  INTERRUPTED = function(ev) return ("interrupted (%s): no new service starts; %s"):format(ev.signal, ev.note) end,
+  PLAN_END = function(ev)
+    return ("plan %s: %d ok, %d failed, %d rolled back, %d skipped (%s)"):format(ev.result, ev.succeeded,
+      ev.failed, ev.rolled_back, ev.skipped, fmt_ms(ev.duration_ms))
+  end,
+}
+
+-- view(ev): the events.open view callback.
+function ui:event(ev)
+  if ev.event == "SERVICE_RESTART_SUCCESS" or ev.event == "SERVICE_RESTART_FAILED" or ev.event == "SERVICE_SKIPPED" then
+    self.inflight[ev.service] = nil
+  end
+  local show = SHOW[ev.event]
+  if show then
+    self:line(show(ev))
+  end
+end
+
+return ui

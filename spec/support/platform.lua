@@ -1,0 +1,195 @@
+-- spec/support/platform.lua: a small real platform in the sandboxed user manager, for the
+-- rolling-restart specs: fixture services as units, their working dirs, a services table.
+--
+--   local platform = require("spec.support.platform")
+--   local p = platform.new({
+--     { name = "db",  health = "systemd" },
+--     { name = "api", depends = { "db" }, http = true, code = true, reload = true },
+--   })
+--   p:start()                          -- daemon-reload, start every unit, wait for active
+--   local summary = p:run({ services = { "api" } })   -- rr.rolling_restart in this process
+--   p:teardown()
+--
+-- Each service gets a unique unit name (prefix per platform), a port, a control file, and,
+-- with code = true, a working dir holding `version` (served in /health's body) and a
+-- service-written log (`service.log`, appended by the fixture at start).
+local rr = require("rr")
+local fs = require("rr.fs")
+local systemd = require("rr.systemd")
+local units = require("spec.support.units")
+
+local platform = {}
+platform.__index = platform
+
+local counter = 0
+
+local function write(path, text)
+  assert(fs.write_atomic(path, text, { mode = 420 }))
+end
+
+-- The manager of the sandbox (one connection per process is enough).
+local manager
+function platform.manager()
+  if not manager then
+    manager = assert(systemd.user())
+  end
+  return manager
+end
+
+-- defs: list of { name, depends, health = "systemd" | nil, http = bool, code = bool,
+--   reload = bool, migrate = argv, migrate_rollback = argv, stabilize = s, fixture = {opts},
+--   env_file = bool, type = "notify"|nil, health_opts = {timeout=, retries=, interval=} }
+function platform.new(defs, opts)
+  opts = opts or {}
+  counter = counter + 1
+  local self = setmetatable({ defs = defs, services = {}, by_name = {} }, platform)
+  self.dir = assert(fs.mkdtemp("/tmp/rr-platform-"))
+  self.prefix = ("rrt%d-%d-"):format(fs.getpid and fs.getpid() or 0, counter)
+  self.state_root = self.dir .. "/state"
+  self.events_file = self.dir .. "/events.jsonl"
+  for _, d in ipairs(defs) do
+    local s = { name = d.name, unit = self.prefix .. d.name:gsub("[^%w]", "-") .. ".service",
+      port = units.free_port(), control = self.dir .. "/" .. d.name .. ".control" }
+    s.url = ("http://127.0.0.1:%d/health"):format(s.port)
+    local fixture = { control_file = s.control }
+    for k, v in pairs(d.fixture or {}) do fixture[k] = v end
+    if d.code then
+      s.working_dir = self.dir .. "/code/" .. d.name
+      assert(fs.mkdir_p(s.working_dir, 493))
+      write(s.working_dir .. "/version", "v1\n")
+      write(s.working_dir .. "/app.lua", "return 'old code'\n")
+      assert(fs.mkdir_p(s.working_dir .. "/lib", 493))
+      write(s.working_dir .. "/lib/util.lua", "return 1\n")
+      fixture.version_file = s.working_dir .. "/version"
+      fixture.write_file = s.working_dir .. "/service.log"
+    end
+    if d.env_file then
+      s.env_file = self.dir .. "/" .. d.name .. ".env"
+      write(s.env_file, "MODE=good\n")
+    end
+    s.unit_path = units.fixture_unit(s.unit, s.port, {
+      type = d.type, reload = d.reload ~= false, env_file = s.env_file, log = false,
+      extra_unit = d.extra_unit, extra_service = d.extra_service,
+      status = fixture.status, warmup = fixture.warmup, hang = fixture.hang, exit_after = fixture.exit_after,
+      version_file = fixture.version_file, write_file = fixture.write_file, control_file = fixture.control_file,
+      listen_delay = fixture.listen_delay, delay_ms = fixture.delay_ms,
+    })
+    local entry = { name = d.name, unit = s.unit, depends = d.depends, reload = d.reload,
+      working_dir = s.working_dir, migrate = d.migrate, migrate_rollback = d.migrate_rollback,
+      stabilize = d.stabilize or 0, hooks = d.hooks, deploy_delete = d.deploy_delete }
+    if d.http then
+      entry.health = { url = s.url, timeout = 5, retries = 1, interval = 0.2 }
+      for k, v in pairs(d.health_opts or {}) do entry.health[k] = v end
+    else
+      entry.health = d.health or "systemd"
+    end
+    self.services[#self.services + 1] = entry
+    self.by_name[d.name] = s
+  end
+  self.services_table = { defaults = { health = { timeout = 5, retries = 1, interval = 0.2 }, stabilize = 0 },
+    services = self.services }
+  self.services_file = self.dir .. "/services.lua"
+  write(self.services_file, "return " .. platform.serialize(self.services_table) .. "\n")
+  return self
+end
+
+-- A Lua literal for a plain table of strings, numbers, booleans and tables.
+function platform.serialize(v, indent)
+  indent = indent or ""
+  local t = type(v)
+  if t == "string" then return ("%q"):format(v) end
+  if t ~= "table" then return tostring(v) end
+  local parts, inner = {}, indent .. "  "
+  local n = #v
+  for i = 1, n do parts[#parts + 1] = inner .. platform.serialize(v[i], inner) end
+  local keys = {}
+  for k in pairs(v) do
+    if not (math.type(k) == "integer" and k >= 1 and k <= n) then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  for _, k in ipairs(keys) do
+    parts[#parts + 1] = ("%s%s = %s"):format(inner, k, platform.serialize(v[k], inner))
+  end
+  return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
+end
+
+function platform:unit(name)
+  return platform.manager():unit(self.by_name[name].unit)
+end
+
+function platform:props(name)
+  return assert(self:unit(name):properties())
+end
+
+-- daemon-reload, start every unit (in parallel) and wait until each is active and healthy.
+function platform:start()
+  assert(platform.manager():daemon_reload())
+  local tasks = {}
+  for _, d in ipairs(self.defs) do
+    tasks[#tasks + 1] = rr.spawn(function()
+      local u = self:unit(d.name)
+      assert(u:start("replace"))
+      assert(u:wait_state({ "active" }, 10))
+      if d.http then
+        local http = require("rr.http")
+        local deadline = rr.now() + 10
+        while rr.now() < deadline do
+          local res = http.get(self.by_name[d.name].url, { timeout = 1 })
+          if res and res.status == 200 then return true end
+          rr.sleep(0.02)
+        end
+        error("fixture " .. d.name .. " never became healthy")
+      end
+      return true
+    end)
+  end
+  for _, r in ipairs(rr.wait(tasks)) do
+    assert(r[1], r[2])
+  end
+end
+
+-- rr.rolling_restart on this platform, quiet, with its own state root and event log.
+function platform:run(opts)
+  local o = { services_file = self.services_file, user = true, state_root = self.state_root,
+    events_file = self.events_file, manager = platform.manager() }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return rr.rolling_restart(o)
+end
+
+-- The events of the log, decoded.
+function platform:events()
+  local cjson = require("cjson")
+  local list = {}
+  local text = fs.read(self.events_file)
+  if not text then return list end
+  for line in text:gmatch("[^\n]+") do
+    list[#list + 1] = cjson.decode(line)
+  end
+  return list
+end
+
+-- Names of the events for a service, in order.
+function platform:event_names(service)
+  local names = {}
+  for _, ev in ipairs(self:events()) do
+    if not service or ev.service == service then names[#names + 1] = ev.event end
+  end
+  return names
+end
+
+function platform:control(name, settings)
+  units.control(self.by_name[name].control, settings)
+end
+
+function platform:teardown()
+  local m = platform.manager()
+  for _, s in pairs(self.by_name) do
+    local u = m:unit(s.unit)
+    u:stop("replace")
+    units.remove(s.unit)
+  end
+  m:daemon_reload()
+  fs.remove_tree(self.dir)
+end
+
+return platform
