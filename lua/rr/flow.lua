@@ -469,9 +469,8 @@ function Run:go()
   end
   if self.deploy_record then
     -- plans/rollback.lua undoes the last deploy of a service on request.
-    local dir = ("%s/deploys"):format(ctx.state_root)
-    fs.mkdir_p(dir, 448)
-    fs.write_atomic(("%s/%s.last"):format(dir, svc.name), self.deploy_record.state_dir or "")
+    fs.mkdir_p(ctx.state_root .. "/deploys", 448)
+    fs.write_atomic(flow.last_deploy_pointer(ctx.state_root, svc.name), self.deploy_record.state_dir or "")
   end
   self:emit("SERVICE_RESTART_SUCCESS", { method = method, duration_ms = ms(rr.now() - self.t0) })
   self:hook("on_success", svc, { method = method })
@@ -495,13 +494,22 @@ function flow.run(ctx, svc)
   return outcome, err, info
 end
 
-flow.rollback = function(ctx, svc, reason)
-  local self = setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = ctx.manager:unit(svc.unit) }, Run)
+-- flow.rollback(ctx, svc, reason, deploy_record|nil) -> true | nil, err, manual_steps
+-- A rollback on request (plans/rollback.lua, the REPL): the known-good definition, and the
+-- given deploy undone.
+function flow.rollback(ctx, svc, reason, deploy_record)
+  local self = setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = ctx.manager:unit(svc.unit),
+    deploy_record = deploy_record }, Run)
   local props = self.unit:properties()
   if props then
     self.def = flow.definition_state(ctx, svc, props)
   end
   return self:rollback(reason)
+end
+
+-- Where the last successful deploy of a service is recorded (for plans/rollback.lua).
+function flow.last_deploy_pointer(state_root, name)
+  return ("%s/deploys/%s.last"):format(state_root, name)
 end
 
 return flow

@@ -45,7 +45,9 @@ function platform.new(defs, opts)
   local self = setmetatable({ defs = defs, services = {}, by_name = {} }, platform)
   self.dir = assert(fs.mkdtemp("/tmp/rr-platform-"))
   self.prefix = ("rrt%d-%d-"):format(fs.getpid and fs.getpid() or 0, counter)
-  self.state_root = self.dir .. "/state"
+  -- what `--user` runs of the CLI use with XDG_STATE_HOME=self.xdg_state
+  self.xdg_state = self.dir .. "/xdg"
+  self.state_root = self.xdg_state .. "/rrengine"
   self.events_file = self.dir .. "/events.jsonl"
   for _, d in ipairs(defs) do
     local s = { name = d.name, unit = self.prefix .. d.name:gsub("[^%w]", "-") .. ".service",
@@ -61,6 +63,9 @@ function platform.new(defs, opts)
       assert(fs.mkdir_p(s.working_dir .. "/lib", 493))
       write(s.working_dir .. "/lib/util.lua", "return 1\n")
       fixture.version_file = s.working_dir .. "/version"
+      -- the control file lives in the code: a release can ship one and break itself
+      s.control = s.working_dir .. "/" .. d.name .. ".control"
+      fixture.control_file = s.control
       fixture.write_file = s.working_dir .. "/service.log"
     end
     if d.env_file then

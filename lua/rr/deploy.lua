@@ -1,0 +1,627 @@
+-- rr.deploy: a code deploy (rsync from a deploy path into a service's working dir) that can
+-- be undone exactly, later, by another process (DESIGN.md, "The restart flow of one
+-- service", step 3, and "Rollback").
+--
+-- How the undo is made exact:
+--   * rsync --backup --backup-dir=<state_dir>/backup moves every file the deploy REPLACES or
+--     DELETES into the backup dir, under its relative path. rsync writes a new file to a
+--     temp name and renames it over the old one, so the backup is the old inode itself: a
+--     later rewrite of the working dir cannot change it (a hard-link snapshot can).
+--   * --itemize-changes lists what the deploy CREATED (`>f+++++++++`, `cd+++++++++`, ...).
+--   * A dry run first lists every path the deploy will touch; the state of those that exist
+--     (type, mode, owner) is recorded before anything changes, because rsync changes some
+--     things without a backup: a mode or owner change alone (`.f...p.....`), a directory's
+--     mode, a directory deleted by --delete (only the files inside are backed up, an empty
+--     directory leaves no trace at all).
+--   * The record (deploy.json in state_dir) is written before rsync runs (what the dry run
+--     predicts, state "applying") and again after (what rsync reports, state "applied"), so
+--     that a process killed in the middle can still be undone from the disk.
+-- Undo removes what the deploy created, puts the backups back with rsync -a (bytes, mode,
+-- owner, times, symlinks), re-creates deleted directories and puts recorded modes and owners
+-- back. Every other file is left alone: what the service wrote at run time (logs, caches, a
+-- SQLite file) stays as it is.
+--
+-- Decisions (asserted in spec/deploy_spec.lua; docs/scripting/deploy-snapshot.md has them all):
+--   * An rsync failure (exit code != 0, e.g. 23 "partial transfer") undoes the partial
+--     deploy at once: apply returns nil, err, record and the working dir is as it was.
+--   * A file the deploy replaced and the service then rewrote in place comes back as it was
+--     before the deploy: undo restores what the deploy replaced. The record keeps each
+--     touched file's size and mtime after the deploy, so undo names such files
+--     (record.undo_report.changed_since_deploy) instead of discarding writes silently.
+--   * rsync's quick check skips a file whose size and mtime match, even when its bytes
+--     differ; pass checksum = true when the deploy path's mtimes are normalized (Nix,
+--     reproducible archives).
+local fs = require("rr.fs")
+local proc = require("rr.proc")
+local cjson = require("cjson")
+
+local deploy = {}
+
+local MANIFEST = "deploy.json"
+local VERSION = 1
+
+-- A private cjson instance: its options must not change other modules' encoding. (An empty
+-- list is written as {}; it reads back as an empty table all the same.)
+local json = cjson.new()
+
+-- rsync's item flags are 11 characters wide, then one space, then the name.
+local OUT_FORMAT = "--out-format=%i %n"
+
+-- The itemized list is kept in memory (rr.proc captures 1 MiB unless told): room for
+-- millions of paths.
+local MAX_LISTING = 512 * 1024 * 1024
+
+local function now_rfc3339()
+  return os.date("!%Y-%m-%dT%H:%M:%SZ")
+end
+
+-- "/a/b/" -> "/a/b", keeping "/" itself.
+local function strip_slash(path)
+  local s = path:gsub("/+$", "")
+  return s == "" and "/" or s
+end
+
+local function join(dir, rel)
+  if rel == "." then return dir end
+  return dir .. "/" .. rel
+end
+
+local function depth(rel)
+  local _, n = rel:gsub("/", "")
+  return n
+end
+
+-- Is `path` `dir` itself or inside it (both resolved, absolute)?
+local function inside(path, dir)
+  return path == dir or dir == "/" or path:sub(1, #dir + 1) == dir .. "/"
+end
+
+-- Permission bits of a stat mode (whatever type bits the C side includes).
+local function perm(mode)
+  return (mode or 0) & 4095
+end
+
+-- rsync escapes unprintable bytes in names as \#ooo (and a backslash before # as \#134).
+local function unescape(name)
+  return (name:gsub("\\#(%d%d%d)", function(octal) return string.char(tonumber(octal, 8)) end))
+end
+
+-- One line of --itemize-changes output -> item, or nil for anything else rsync prints.
+-- item = { action = "deleted"|"created"|"changed"|"attrs", dir = bool, path = relative }
+local function parse_item(line)
+  if #line < 13 or line:sub(12, 12) ~= " " then return nil end
+  local flags, name = line:sub(1, 11), line:sub(13)
+  local dir = name:sub(-1) == "/"
+  if dir then name = name:sub(1, -2) end
+  if name == "" or name == "." then name = "." end
+  if flags == "*deleting  " then
+    return { action = "deleted", dir = dir, path = unescape(name) }
+  end
+  local update, kind, rest = flags:sub(1, 1), flags:sub(2, 2), flags:sub(3)
+  if not update:match("[<>ch.]") or not kind:match("[fdLDS]") then return nil end
+  local item = { dir = kind == "d", path = unescape(name) }
+  if rest == "+++++++++" then
+    item.action = "created"
+  elseif update == "." or kind == "d" then
+    item.action = "attrs"
+  else
+    item.action = "changed" -- new content or a new symlink target: the old one is backed up
+  end
+  return item
+end
+
+local function parse_items(text)
+  local items = {}
+  for line in (text or ""):gmatch("[^\n]+") do
+    local item = parse_item(line)
+    if item then items[#items + 1] = item end
+  end
+  return items
+end
+
+-- Sorted, deduplicated list of relative paths.
+local function sorted_unique(list)
+  local seen, out = {}, {}
+  for _, p in ipairs(list) do
+    if not seen[p] then
+      seen[p] = true
+      out[#out + 1] = p
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+-- Deepest first (children before their parents), then by name for a stable order.
+local function deepest_first(list)
+  local out = { table.unpack(list) }
+  table.sort(out, function(a, b)
+    local da, db = depth(a), depth(b)
+    if da ~= db then return da > db end
+    return a > b
+  end)
+  return out
+end
+
+-- The record's lists from parsed items.
+local function classify(items)
+  local created, created_dirs, deleted, deleted_dirs, changed, attrs = {}, {}, {}, {}, {}, {}
+  for _, item in ipairs(items) do
+    local p = item.path
+    if item.action == "created" then
+      if item.dir then created_dirs[#created_dirs + 1] = p else created[#created + 1] = p end
+    elseif item.action == "deleted" then
+      if item.dir then deleted_dirs[#deleted_dirs + 1] = p else deleted[#deleted + 1] = p end
+    elseif item.action == "changed" then
+      changed[#changed + 1] = p
+    else
+      attrs[#attrs + 1] = p
+    end
+  end
+  local backed_up = {}
+  for _, p in ipairs(changed) do backed_up[#backed_up + 1] = p end
+  for _, p in ipairs(deleted) do backed_up[#backed_up + 1] = p end
+  return {
+    created = sorted_unique(created),
+    created_dirs = sorted_unique(created_dirs),
+    replaced = sorted_unique(changed),
+    deleted = sorted_unique(deleted),
+    deleted_dirs = sorted_unique(deleted_dirs),
+    attrs_changed = sorted_unique(attrs),
+    backed_up = sorted_unique(backed_up),
+  }
+end
+
+-- The state before the deploy of every listed path that exists: what undo puts back when
+-- rsync leaves no backup of it (a mode, an owner, a directory).
+local function record_prior(target, items)
+  local prior, seen = {}, {}
+  for _, item in ipairs(items) do
+    local p = item.path
+    if not seen[p] then
+      seen[p] = true
+      local st = fs.stat(join(target, p))
+      if st then
+        prior[#prior + 1] = { path = p, type = st.type, mode = perm(st.mode), uid = st.uid, gid = st.gid }
+      end
+    end
+  end
+  table.sort(prior, function(a, b) return a.path < b.path end)
+  return prior
+end
+
+-- A regular file's size and mtime as one string: JSON would round a float mtime.
+local function fingerprint(st)
+  return ("%d %.6f"):format(st.size or 0, st.mtime or 0)
+end
+
+-- The fingerprint after the deploy of every regular file it wrote: undo compares them to
+-- name the files the service changed since.
+local function fingerprints(target, paths)
+  local after = {}
+  for _, p in ipairs(paths) do
+    local st = fs.stat(join(target, p))
+    if st and st.type == "file" then
+      after[#after + 1] = { path = p, fingerprint = fingerprint(st) }
+    end
+  end
+  return after
+end
+
+local function save(record)
+  local data = json.encode(record)
+  local ok, err = fs.write_atomic(record.state_dir .. "/" .. MANIFEST, data .. "\n", { mode = 384 })
+  if not ok then
+    return nil, ("cannot write the deploy record in %s: %s"):format(record.state_dir, tostring(err))
+  end
+  return true
+end
+
+local function by_path(list)
+  local map = {}
+  for _, e in ipairs(list or {}) do map[e.path] = e end
+  return map
+end
+
+-- rsync's stderr, trimmed to its last lines, for an error message.
+local function stderr_tail(res)
+  local text = type(res) == "table" and res.stderr or nil
+  if not text or text == "" then return "" end
+  local lines = {}
+  for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
+  local first = math.max(1, #lines - 4)
+  return ": " .. table.concat(lines, " | ", first)
+end
+
+local function check_apply_opts(opts)
+  if type(opts) ~= "table" then
+    error("rr.deploy.apply: expects a table { source =, target =, state_dir = }", 3)
+  end
+  for _, key in ipairs({ "source", "target", "state_dir" }) do
+    if type(opts[key]) ~= "string" or opts[key] == "" then
+      error(("rr.deploy.apply: %s must be a path (string), got %s"):format(key, type(opts[key])), 3)
+    end
+  end
+  if opts.on_line ~= nil and type(opts.on_line) ~= "function" then
+    error("rr.deploy.apply: on_line must be a function", 3)
+  end
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
+    error("rr.deploy.apply: timeout must be a number of seconds", 3)
+  end
+end
+
+-- Resolves a directory argument: its real path, or nil, err when it is not a directory.
+local function existing_dir(path, what)
+  local st, err = fs.stat(path)
+  if not st then
+    return nil, ("%s %s does not exist: %s"):format(what, path, tostring(err))
+  end
+  local real, rerr = fs.realpath(path)
+  if not real then
+    return nil, ("%s %s: %s"):format(what, path, tostring(rerr))
+  end
+  st = fs.stat(real)
+  if not st or st.type ~= "dir" then
+    return nil, ("%s %s is not a directory"):format(what, path)
+  end
+  return real
+end
+
+local function rsync_argv(record, extra, with_backup)
+  local argv = { "rsync", "-a", "-8", "--itemize-changes", OUT_FORMAT }
+  for _, a in ipairs(extra) do argv[#argv + 1] = a end
+  if record.delete then argv[#argv + 1] = "--delete" end
+  if record.checksum then argv[#argv + 1] = "--checksum" end
+  if with_backup then
+    argv[#argv + 1] = "--backup"
+    argv[#argv + 1] = "--backup-dir=" .. record.backup_dir
+  end
+  argv[#argv + 1] = "--"
+  argv[#argv + 1] = record.source .. "/"
+  argv[#argv + 1] = record.target .. "/"
+  return argv
+end
+
+-- deploy.apply{ source = DIR, target = DIR, state_dir = DIR, delete = false, checksum = false,
+--               on_line = fn(stream, line), timeout = seconds }
+-- -> record | nil, err[, record]. On an rsync failure the partial deploy is undone before
+-- apply returns (the error says whether that worked; the record is the third value).
+function deploy.apply(opts)
+  check_apply_opts(opts)
+  local source, err = existing_dir(opts.source, "deploy source")
+  if not source then return nil, err end
+  local target
+  target, err = existing_dir(opts.target, "working dir")
+  if not target then return nil, err end
+  if inside(source, target) or inside(target, source) then
+    return nil, ("deploy source %s and working dir %s overlap"):format(source, target)
+  end
+
+  local state_dir = strip_slash(opts.state_dir)
+  local ok, merr = fs.mkdir_p(state_dir, 448)
+  if not ok then
+    return nil, ("cannot create the deploy state dir %s: %s"):format(state_dir, tostring(merr))
+  end
+  local real_state = fs.realpath(state_dir) or state_dir
+  if inside(real_state, target) or inside(real_state, source) then
+    return nil, ("the deploy state dir %s is inside %s: rsync would copy or delete it")
+      :format(state_dir, inside(real_state, target) and target or source)
+  end
+  if fs.exists(state_dir .. "/" .. MANIFEST) or fs.exists(state_dir .. "/backup") then
+    return nil, ("%s already holds a deploy record: one state dir per deploy"):format(state_dir)
+  end
+
+  local record = {
+    version = VERSION,
+    source = source,
+    target = target,
+    state_dir = state_dir,
+    backup_dir = state_dir .. "/backup",
+    delete = opts.delete == true,
+    checksum = opts.checksum == true,
+    created_at = now_rfc3339(),
+    state = "applying",
+  }
+
+  -- 1. What will change, and the state now of everything that will.
+  local plan, perr, pres = proc.run(rsync_argv(record, { "--dry-run" }, false),
+    { capture = true, max_capture = MAX_LISTING, timeout = opts.timeout })
+  if not plan then
+    return nil, ("rsync dry run failed: %s%s"):format(tostring(perr), stderr_tail(pres))
+  end
+  if plan.truncated and plan.truncated.stdout then
+    return nil, "rsync dry run listed more than the deploy can record"
+  end
+  local planned_items = parse_items(plan.stdout)
+  local planned = classify(planned_items)
+  record.prior = record_prior(target, planned_items)
+  record.created, record.created_dirs = planned.created, planned.created_dirs
+  record.replaced, record.deleted, record.deleted_dirs = planned.replaced, planned.deleted, planned.deleted_dirs
+  record.attrs_changed, record.backed_up = planned.attrs_changed, planned.backed_up
+  record.after = {}
+  ok, err = save(record)
+  if not ok then return nil, err end
+
+  -- 2. The deploy itself.
+  local res, rerr, rres = proc.run(rsync_argv(record, {}, true), {
+    capture = true,
+    max_capture = MAX_LISTING,
+    timeout = opts.timeout,
+    on_line = opts.on_line,
+  })
+  local out = res or (type(rres) == "table" and rres) or nil
+  if res then
+    -- What rsync reports it did replaces the prediction.
+    for key, list in pairs(classify(parse_items(res.stdout))) do record[key] = list end
+  elseif out then
+    -- A failed or killed rsync may not have printed every item it handled: keep the
+    -- prediction too. Undo copes with predicted items rsync never reached (it removes only
+    -- what is there and was not there before, and restores only what the backup dir holds).
+    local done = classify(parse_items(out.stdout))
+    for key, list in pairs(done) do
+      local merged = { table.unpack(record[key]) }
+      for _, p in ipairs(list) do merged[#merged + 1] = p end
+      record[key] = sorted_unique(merged)
+    end
+  end
+
+  if not res then
+    record.state = "failed"
+    record.error = ("rsync failed: %s%s"):format(tostring(rerr), stderr_tail(rres))
+    save(record)
+    if not out then
+      -- rsync did not run at all (not installed): nothing changed.
+      record.state = "undone"
+      save(record)
+      return nil, record.error, record
+    end
+    local undone, uerr = deploy.undo(record, { force = true })
+    if undone then
+      return nil, record.error .. " (the partial deploy was undone: working dir as it was)", record
+    end
+    return nil, record.error .. "; undoing the partial deploy failed too: " .. tostring(uerr), record
+  end
+
+  local written = { table.unpack(record.created) }
+  for _, p in ipairs(record.replaced) do written[#written + 1] = p end
+  record.after = fingerprints(target, written)
+  record.state = "applied"
+  record.applied_at = now_rfc3339()
+  ok, err = save(record)
+  if not ok then
+    -- Without a record on disk a crash could not be undone: refuse to go on with this deploy.
+    local undone, uerr = deploy.undo(record, { force = true })
+    return nil, err .. (undone and " (the deploy was undone)" or ("; undo failed too: " .. tostring(uerr))),
+      record
+  end
+  return record
+end
+
+-- deploy.load(state_dir) -> record | nil, err: the record apply wrote there.
+function deploy.load(state_dir)
+  if type(state_dir) ~= "string" then
+    error("rr.deploy.load: state_dir must be a path (string)", 2)
+  end
+  -- A path read from a pointer file may end in a newline.
+  local path = strip_slash(state_dir:match("^%s*(.-)%s*$")) .. "/" .. MANIFEST
+  local data, err = fs.read(path)
+  if not data then
+    return nil, ("no deploy record in %s: %s"):format(state_dir, tostring(err))
+  end
+  local ok, record = pcall(json.decode, data)
+  if not ok or type(record) ~= "table" then
+    return nil, ("the deploy record %s is not valid JSON"):format(path)
+  end
+  if record.version ~= VERSION or type(record.target) ~= "string" or type(record.backup_dir) ~= "string" then
+    return nil, ("the deploy record %s has an unknown shape (version %s)"):format(path, tostring(record.version))
+  end
+  for _, key in ipairs({ "created", "created_dirs", "replaced", "deleted", "deleted_dirs",
+                         "attrs_changed", "backed_up", "prior", "after" }) do
+    if type(record[key]) ~= "table" then record[key] = {} end
+  end
+  -- cjson reads every number as a float; modes and ids are integers.
+  for _, e in ipairs(record.prior) do
+    e.mode, e.uid, e.gid = math.tointeger(e.mode), math.tointeger(e.uid), math.tointeger(e.gid)
+  end
+  return record
+end
+
+-- Runs a small command (chmod, chown, rsync) for undo; nil, err when it fails.
+local function run(argv)
+  local res, err, r = proc.run(argv, { capture = true })
+  if not res then
+    return nil, tostring(err) .. stderr_tail(r)
+  end
+  return res
+end
+
+-- Mode and owner of `path` back to what `want` recorded.
+local function put_back_attrs(path, want, st)
+  if want.uid and want.gid and (st.uid ~= want.uid or st.gid ~= want.gid) then
+    local ok, err = run({ "chown", "-h", ("%d:%d"):format(want.uid, want.gid), "--", path })
+    if not ok then return nil, err end
+  end
+  if st.type ~= "link" and want.mode and perm(st.mode) ~= want.mode then
+    local ok, err = run({ "chmod", ("%04o"):format(want.mode), "--", path })
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+-- rsync's temp files (".<name>.XXXXXX") left beside the files it was writing when it was
+-- killed: only a crashed apply has them.
+local function remove_rsync_temps(target, paths)
+  local by_dir = {}
+  for _, rel in ipairs(paths) do
+    local dir, base = rel:match("^(.*)/([^/]+)$")
+    if not dir then dir, base = ".", rel end
+    by_dir[dir] = by_dir[dir] or {}
+    by_dir[dir][base] = true
+  end
+  for dir, bases in pairs(by_dir) do
+    for _, name in ipairs(fs.list(join(target, dir)) or {}) do
+      local base = name:match("^%.(.+)%.[%w_]+$")
+      if base and bases[base] and #name == #base + 8 then
+        fs.remove(join(join(target, dir), name))
+      end
+    end
+  end
+end
+
+-- deploy.undo(record[, { force = bool }]) -> true | nil, err. Idempotent: a record already
+-- undone is left alone unless force is set, and undoing twice changes nothing the second time.
+-- What it did is in record.undo_report { removed, restored, recreated, kept, changed_since_deploy }.
+function deploy.undo(record, opts)
+  if type(record) ~= "table" or type(record.target) ~= "string" or type(record.backup_dir) ~= "string" then
+    error("rr.deploy.undo: expects a record from deploy.apply or deploy.load", 2)
+  end
+  opts = opts or {}
+  if record.state == "undone" and not opts.force then
+    return true
+  end
+  local target = record.target
+  local st = fs.stat(target)
+  if not st or st.type ~= "dir" then
+    return nil, ("working dir %s is gone: nothing to undo into"):format(target)
+  end
+
+  local report = { removed = {}, restored = {}, recreated = {}, kept = {}, changed_since_deploy = {} }
+  local problems = {}
+  local function problem(msg) problems[#problems + 1] = msg end
+  local after = by_path(record.after)
+
+  -- Has the file at rel changed since the deploy wrote it? (size or mtime differ)
+  local function changed_since(rel, cur)
+    local a = after[rel]
+    return a and cur and cur.type == "file" and fingerprint(cur) ~= a.fingerprint
+  end
+
+  if record.state == "applying" or record.state == "failed" then
+    local writing = { table.unpack(record.created) }
+    for _, p in ipairs(record.replaced or {}) do writing[#writing + 1] = p end
+    remove_rsync_temps(target, writing)
+  end
+
+  -- 1. Files, symlinks, FIFOs the deploy created: removed, whatever happened to them since.
+  -- A path that held something else before (a symlink the deploy turned into a file) and
+  -- still holds the same type was not reached by a killed deploy: it is the original.
+  local prior_of = by_path(record.prior)
+  for _, rel in ipairs(deepest_first(record.created or {})) do
+    local path = join(target, rel)
+    local cur = fs.stat(path)
+    local before = prior_of[rel]
+    if cur and before and before.type == cur.type then
+      cur = nil -- the original, left alone
+    end
+    if cur and cur.type ~= "dir" then
+      if changed_since(rel, cur) then
+        report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
+      end
+      local ok, err = fs.remove(path)
+      if ok then
+        report.removed[#report.removed + 1] = rel
+      else
+        problem(("cannot remove %s: %s"):format(path, tostring(err)))
+      end
+    elseif cur then
+      problem(("%s was created as a file by the deploy and is a directory now: left alone"):format(path))
+    end
+  end
+
+  -- 2. Directories the deploy created: removed when empty (the service may have written into one).
+  for _, rel in ipairs(deepest_first(record.created_dirs or {})) do
+    if rel ~= "." then
+      local path = join(target, rel)
+      local cur = fs.stat(path)
+      if cur and cur.type == "dir" then
+        local names = fs.list(path)
+        if names and #names == 0 then
+          local ok, err = fs.remove(path)
+          if ok then
+            report.removed[#report.removed + 1] = rel .. "/"
+          else
+            problem(("cannot remove the directory %s: %s"):format(path, tostring(err)))
+          end
+        else
+          report.kept[#report.kept + 1] = rel .. "/"
+        end
+      end
+    end
+  end
+
+  -- 3. What the deploy replaced or deleted, from the backup dir: bytes, mode, owner, times.
+  local tops = fs.stat(record.backup_dir) and fs.list(record.backup_dir) or {}
+  if #tops > 0 then
+    for _, rel in ipairs(record.replaced or {}) do
+      if changed_since(rel, fs.stat(join(target, rel))) then
+        report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
+      end
+    end
+    -- Each top-level entry, not "backup/": rsync would give the working dir itself the
+    -- backup dir's mode and owner. --checksum: compare bytes, not size and mtime (a deploy
+    -- with checksum = true may have replaced a file of the same size and mtime), and leave a
+    -- file alone that already holds the old bytes (a second undo writes nothing; a file
+    -- rsync failed to replace is not rewritten).
+    local argv = { "rsync", "-a", "--checksum", "-8", "--itemize-changes", OUT_FORMAT, "--" }
+    for _, name in ipairs(tops) do argv[#argv + 1] = record.backup_dir .. "/" .. name end
+    argv[#argv + 1] = target .. "/"
+    local res, err, r = proc.run(argv, { capture = true, max_capture = MAX_LISTING })
+    local out = res or (type(r) == "table" and r) or nil
+    if out then
+      for _, item in ipairs(parse_items(out.stdout)) do
+        if not item.dir then report.restored[#report.restored + 1] = item.path end
+      end
+    end
+    if not res then
+      problem(("rsync could not put the backups from %s back: %s%s"):format(record.backup_dir,
+        tostring(err), stderr_tail(r)))
+    end
+  end
+
+  -- 4. Directories, modes and owners as the record saw them before the deploy: deleted
+  -- directories come back (empty ones have no backup), changed modes and owners go back.
+  local prior = { table.unpack(record.prior or {}) }
+  table.sort(prior, function(a, b)
+    local da, db = depth(a.path), depth(b.path)
+    if da ~= db then return da < db end
+    return a.path < b.path
+  end)
+  for _, want in ipairs(prior) do
+    local path = join(target, want.path)
+    local cur = fs.stat(path)
+    if want.type == "dir" and not cur then
+      local ok, err = fs.mkdir_p(path, want.mode or 493)
+      if ok then
+        report.recreated[#report.recreated + 1] = want.path .. "/"
+        cur = fs.stat(path)
+      else
+        problem(("cannot re-create the directory %s: %s"):format(path, tostring(err)))
+      end
+    end
+    if cur and cur.type == want.type then
+      local ok, err = put_back_attrs(path, want, cur)
+      if not ok then
+        problem(("cannot put back the mode or owner of %s: %s"):format(path, tostring(err)))
+      end
+    elseif cur then
+      problem(("%s was a %s before the deploy and is a %s now: left alone"):format(path, want.type, cur.type))
+    end
+  end
+
+  record.undo_report = report
+  if #problems > 0 then
+    return nil, ("undo of the deploy into %s is incomplete: %s"):format(target, table.concat(problems, "; "))
+  end
+  record.state = "undone"
+  record.undone_at = now_rfc3339()
+  if fs.stat(record.state_dir or "") then
+    -- The undo is complete either way; the record on disk only tells a later process so.
+    save(record)
+  end
+  return true
+end
+
+-- Exposed for the specs: the itemize parser is the part most tied to rsync's output.
+deploy._parse_item = parse_item
+
+return deploy

@@ -1,0 +1,606 @@
+-- rr.snapshot: known-good snapshots of a unit's definition (the unit file, its drop-ins, the
+-- files its EnvironmentFile= names), so that rollback restores the definition that last
+-- worked, not the operator's edit that broke it (DESIGN.md, "The restart flow of one
+-- service", step 2, and "Rollback"; issue 7).
+--
+-- On disk, per service, in <state_root>/snapshots/<service>/:
+--     000007-<run>/            one complete snapshot: the stored copies and manifest.json
+--     000008-<run>.tmp/        a snapshot being written (or left by a killed engine)
+--     000002-<run>.trash/      a pruned snapshot being removed
+--     current                  the name of the known-good snapshot, one line
+-- A snapshot is written into its .tmp dir (each copy written to a temp name, fsynced and
+-- renamed by rr.fs; the manifest last), the dir fsynced, then renamed into place and the
+-- parent fsynced. Only then may `current` be replaced (write_atomic: temp, fsync, rename).
+-- A SIGKILL between any two steps leaves `current` naming the old complete snapshot or the
+-- new complete one; .tmp and .trash dirs are never read and are removed by the next capture.
+--
+-- Decisions (docs/scripting/deploy-snapshot.md has them all):
+--   * capture stores a candidate; promote makes it the known-good one. The flow promotes
+--     once a definition is known good (DESIGN.md step 2).
+--   * A symlinked unit file or drop-in is stored as the bytes systemd reads through it;
+--     restore writes through the link, so the link stays a link.
+--   * restore removes a drop-in added since (its presence alone changes the unit), and an
+--     env file the snapshot recorded as absent. An env file the snapshot does not know at
+--     all, older than the snapshot, is one the edited unit started to name, not one created
+--     since: it may be shared, so it is kept (and reported), and the restored unit file no
+--     longer names it.
+--   * The last KEEP snapshots (and always the known-good one) are kept; older ones pruned.
+local fs = require("rr.fs")
+local cjson = require("cjson")
+
+local snapshot = {}
+
+snapshot.KEEP = 5
+
+local MANIFEST = "manifest.json"
+local CURRENT = "current"
+local VERSION = 1
+local ROLES = { unit = true, dropin = true, envfile = true }
+
+local json = cjson.new()
+
+local function perm(mode)
+  return (mode or 0) & 4095
+end
+
+local function check_service(state_root, service, fname)
+  if type(state_root) ~= "string" or state_root == "" then
+    error(("rr.snapshot.%s: state_root must be a directory path"):format(fname), 3)
+  end
+  if type(service) ~= "string" or not service:match("^[%w][%w%._:@%-]*$") then
+    error(("rr.snapshot.%s: invalid service name %s"):format(fname, tostring(service)), 3)
+  end
+end
+
+local function check_files(files, fname)
+  if type(files) ~= "table" then
+    error(("rr.snapshot.%s: files must be a list of { path =, role = }"):format(fname), 3)
+  end
+  for i, f in ipairs(files) do
+    if type(f) ~= "table" or type(f.path) ~= "string" or f.path:sub(1, 1) ~= "/" then
+      error(("rr.snapshot.%s: files[%d] needs an absolute path"):format(fname, i), 3)
+    end
+    if not ROLES[f.role] then
+      error(("rr.snapshot.%s: files[%d].role must be unit, dropin or envfile"):format(fname, i), 3)
+    end
+  end
+end
+
+local function service_dir(state_root, service)
+  return ("%s/snapshots/%s"):format(state_root:gsub("/+$", ""), service)
+end
+
+-- Snapshot directory names: "<6-digit sequence>-<run id>", sortable by sequence.
+local function parse_name(name)
+  local seq, rest = name:match("^(%d+)%-(.*)$")
+  if not seq then return nil end
+  local kind = "complete"
+  if rest:sub(-4) == ".tmp" then kind = "tmp" elseif rest:sub(-6) == ".trash" then kind = "trash" end
+  return tonumber(seq), kind
+end
+
+local function now_rfc3339()
+  return os.date("!%Y-%m-%dT%H:%M:%SZ")
+end
+
+-- The file a path stands for: itself, or what it links to (nil, err when that is missing).
+-- Returns path, stat.
+local function resolve(path)
+  local st, err, code = fs.stat(path)
+  if not st then return nil, err, code end
+  if st.type == "link" then
+    local real, rerr, rcode = fs.realpath(path)
+    if not real then return nil, rerr, rcode end
+    st, err, code = fs.stat(real)
+    if not st then return nil, err, code end
+    return real, st
+  end
+  return path, st
+end
+
+-- Reads and checks <dir>/manifest.json -> snap (the manifest with .dir) or nil, err.
+local function load_dir(dir)
+  local data, err = fs.read(dir .. "/" .. MANIFEST)
+  if not data then return nil, ("no manifest in %s: %s"):format(dir, tostring(err)) end
+  local ok, snap = pcall(json.decode, data)
+  if not ok or type(snap) ~= "table" or snap.version ~= VERSION or type(snap.files) ~= "table" then
+    return nil, ("the manifest in %s is not a snapshot manifest"):format(dir)
+  end
+  -- cjson reads every number as a float; sizes, modes and ids are integers.
+  for _, e in ipairs(snap.files) do
+    for _, key in ipairs({ "size", "mode", "uid", "gid" }) do
+      if e[key] ~= nil then e[key] = math.tointeger(e[key]) end
+    end
+  end
+  snap.created_epoch = math.tointeger(snap.created_epoch) or snap.created_epoch
+  snap.dir = dir
+  return snap
+end
+
+-- Complete snapshots of a service, oldest first: { {seq =, name =}, ... }.
+local function complete_entries(dir)
+  local entries = {}
+  for _, name in ipairs(fs.list(dir) or {}) do
+    local seq, kind = parse_name(name)
+    if seq and kind == "complete" then
+      entries[#entries + 1] = { seq = seq, name = name }
+    end
+  end
+  table.sort(entries, function(a, b) return a.seq < b.seq end)
+  return entries
+end
+
+local function read_current(dir)
+  local data = fs.read(dir .. "/" .. CURRENT)
+  if not data then return nil end
+  local name = data:match("^%s*(.-)%s*$")
+  if name == "" or name:find("/", 1, true) then return nil end
+  return name
+end
+
+-- Leftovers of a killed engine: half-written .tmp dirs, half-removed .trash dirs, and the
+-- temp file of an interrupted write_atomic of `current` (".current.XXXXXX"). The run lock
+-- keeps any other writer out while this runs.
+local function remove_leftovers(dir)
+  for _, name in ipairs(fs.list(dir) or {}) do
+    local seq, kind = parse_name(name)
+    if seq and kind ~= "complete" then
+      fs.remove_tree(dir .. "/" .. name)
+    elseif name:match("^%.current%.[%w]+$") then
+      fs.remove(dir .. "/" .. name)
+    end
+  end
+end
+
+local function next_seq(dir)
+  local max = 0
+  for _, name in ipairs(fs.list(dir) or {}) do
+    local seq = parse_name(name)
+    if seq and seq > max then max = seq end
+  end
+  return max + 1
+end
+
+-- snapshot.list(state_root, service) -> { snap, ... } oldest first: the complete snapshots
+-- (a dir whose manifest does not load is left out).
+function snapshot.list(state_root, service)
+  check_service(state_root, service, "list")
+  local dir = service_dir(state_root, service)
+  local out = {}
+  for _, e in ipairs(complete_entries(dir)) do
+    local snap = load_dir(dir .. "/" .. e.name)
+    if snap then out[#out + 1] = snap end
+  end
+  return out
+end
+
+-- snapshot.prune(state_root, service[, keep]) -> number removed: keeps the newest `keep`
+-- snapshots and the known-good one. A pruned dir is first renamed to .trash (one atomic
+-- step), so a crash in the middle of its removal never leaves a half snapshot under a
+-- complete name.
+function snapshot.prune(state_root, service, keep)
+  check_service(state_root, service, "prune")
+  keep = keep or snapshot.KEEP
+  local dir = service_dir(state_root, service)
+  local current = read_current(dir)
+  local entries = complete_entries(dir)
+  local removed = 0
+  for i = 1, #entries - keep do
+    local name = entries[i].name
+    if name ~= current then
+      local trash = dir .. "/" .. name .. ".trash"
+      if fs.rename(dir .. "/" .. name, trash) then
+        fs.fsync_dir(dir)
+        fs.remove_tree(trash)
+        removed = removed + 1
+      end
+    end
+  end
+  return removed
+end
+
+-- A run id as part of a directory name.
+local function name_part(run)
+  local s = tostring(run or "run"):gsub("[^%w%._-]", "_"):sub(1, 64)
+  return s == "" and "run" or s
+end
+
+-- Copies one definition file into the snapshot dir -> manifest entry | nil, err.
+local function store_file(tmp, index, f)
+  local entry = { path = f.path, role = f.role, optional = f.optional == true }
+  local source, st, code = resolve(f.path)
+  if not source then
+    if code == "ENOENT" and f.optional then
+      entry.absent = true
+      return entry
+    end
+    return nil, ("cannot snapshot %s: %s"):format(f.path, tostring(st))
+  end
+  if st.type ~= "file" then
+    return nil, ("cannot snapshot %s: not a regular file"):format(f.path)
+  end
+  if source ~= f.path then entry.link = source end
+  entry.stored = ("%02d.%s"):format(index, f.role)
+  local stored_path = tmp .. "/" .. entry.stored
+  local ok, err = fs.copy_atomic(source, stored_path)
+  if not ok then
+    return nil, ("cannot copy %s into the snapshot: %s"):format(f.path, tostring(err))
+  end
+  -- The hash and size of the copy: the bytes restore will write.
+  local sum, serr = fs.sha256(stored_path)
+  local copy = fs.stat(stored_path)
+  if not sum or not copy then
+    return nil, ("cannot read back the copy of %s: %s"):format(f.path, tostring(serr))
+  end
+  entry.sha256, entry.size = sum, copy.size
+  entry.mode, entry.uid, entry.gid = perm(st.mode), st.uid, st.gid
+  return entry
+end
+
+-- snapshot.capture(state_root, service, files, meta) -> snap | nil, err. Stores a candidate
+-- snapshot of `files` ({ path =, role = "unit"|"dropin"|"envfile", optional = bool }); meta.run
+-- names the run. Does not change the known-good one: see snapshot.promote.
+function snapshot.capture(state_root, service, files, meta)
+  check_service(state_root, service, "capture")
+  check_files(files, "capture")
+  if meta ~= nil and type(meta) ~= "table" then
+    error("rr.snapshot.capture: meta must be a table", 2)
+  end
+  meta = meta or {}
+  local dir = service_dir(state_root, service)
+  local ok, err = fs.mkdir_p(dir, 448)
+  if not ok then
+    return nil, ("cannot create %s: %s"):format(dir, tostring(err))
+  end
+  remove_leftovers(dir)
+
+  local name = ("%06d-%s"):format(next_seq(dir), name_part(meta.run))
+  local tmp = dir .. "/" .. name .. ".tmp"
+  ok, err = fs.mkdir_p(tmp, 448)
+  if not ok then
+    return nil, ("cannot create %s: %s"):format(tmp, tostring(err))
+  end
+  local function fail(msg)
+    fs.remove_tree(tmp)
+    return nil, msg
+  end
+
+  local entries, seen = {}, {}
+  for _, f in ipairs(files) do
+    if not seen[f.path] then
+      seen[f.path] = true
+      local entry, serr = store_file(tmp, #entries + 1, f)
+      if not entry then return fail(serr) end
+      entries[#entries + 1] = entry
+    end
+  end
+
+  local snap = {
+    version = VERSION,
+    service = service,
+    name = name,
+    run = meta.run,
+    created = now_rfc3339(),
+    created_epoch = os.time(),
+    meta = meta,
+    files = entries,
+  }
+  local eok, data = pcall(json.encode, snap)
+  if not eok then
+    return fail("cannot encode the snapshot manifest (meta must be plain data): " .. tostring(data))
+  end
+  ok, err = fs.write_atomic(tmp .. "/" .. MANIFEST, data .. "\n", { mode = 384 })
+  if not ok then return fail("cannot write the snapshot manifest: " .. tostring(err)) end
+  ok, err = fs.fsync_dir(tmp)
+  if not ok then return fail("cannot sync " .. tmp .. ": " .. tostring(err)) end
+  local final = dir .. "/" .. name
+  ok, err = fs.rename(tmp, final)
+  if not ok then return fail(("cannot rename %s into place: %s"):format(tmp, tostring(err))) end
+  ok, err = fs.fsync_dir(dir)
+  if not ok then return nil, "cannot sync " .. dir .. ": " .. tostring(err) end
+  snap.dir = final
+  snapshot.prune(state_root, service)
+  return snap
+end
+
+-- Checks that every stored copy is there with the bytes its manifest names.
+local function verify(snap)
+  for _, e in ipairs(snap.files) do
+    if not e.absent then
+      local sum = fs.sha256(snap.dir .. "/" .. e.stored)
+      if sum ~= e.sha256 then
+        return nil, ("the snapshot %s is damaged: %s does not match its hash"):format(snap.dir, e.stored)
+      end
+    end
+  end
+  return true
+end
+
+-- snapshot.promote(state_root, service, snap) -> snap | nil, err: makes a captured snapshot
+-- the known-good one.
+function snapshot.promote(state_root, service, snap)
+  check_service(state_root, service, "promote")
+  if type(snap) ~= "table" or type(snap.name) ~= "string" then
+    error("rr.snapshot.promote: snap must be a snapshot from snapshot.capture", 2)
+  end
+  local dir = service_dir(state_root, service)
+  local on_disk, err = load_dir(dir .. "/" .. snap.name)
+  if not on_disk then return nil, err end
+  local ok, verr = verify(on_disk)
+  if not ok then return nil, verr end
+  ok, err = fs.write_atomic(dir .. "/" .. CURRENT, snap.name .. "\n", { mode = 384 })
+  if not ok then return nil, "cannot write " .. dir .. "/" .. CURRENT .. ": " .. tostring(err) end
+  ok, err = fs.fsync_dir(dir)
+  if not ok then return nil, "cannot sync " .. dir .. ": " .. tostring(err) end
+  snapshot.prune(state_root, service)
+  return on_disk
+end
+
+-- snapshot.known_good(state_root, service) -> snap | nil, reason.
+function snapshot.known_good(state_root, service)
+  check_service(state_root, service, "known_good")
+  local dir = service_dir(state_root, service)
+  local name = read_current(dir)
+  if not name then
+    return nil, ("no known-good snapshot of %s"):format(service)
+  end
+  return load_dir(dir .. "/" .. name)
+end
+
+-- Does the file on disk differ from the stored entry? -> nil (same) | "content"|"mode"|"owner"
+local function difference(entry, st, path)
+  if st.size ~= entry.size or fs.sha256(path) ~= entry.sha256 then return "content" end
+  if perm(st.mode) ~= entry.mode then return "mode" end
+  if st.uid ~= entry.uid or st.gid ~= entry.gid then return "owner" end
+  return nil
+end
+
+-- snapshot.diff(snap, current_files) -> { {path =, role =, change = "modified"|"added"|
+-- "removed", detail =}, ... }: the snapshot against the files on disk now. current_files is
+-- what systemd names now; files the snapshot has are checked whether systemd names them or not.
+function snapshot.diff(snap, current_files)
+  if type(snap) ~= "table" or type(snap.files) ~= "table" then
+    error("rr.snapshot.diff: snap must be a snapshot", 2)
+  end
+  current_files = current_files or {}
+  check_files(current_files, "diff")
+  local changes, known = {}, {}
+  for _, e in ipairs(snap.files) do
+    known[e.path] = true
+    local path, st = resolve(e.path)
+    if e.absent then
+      if path then
+        changes[#changes + 1] = { path = e.path, role = e.role, change = "added", detail = "absent in the snapshot" }
+      end
+    elseif not path then
+      changes[#changes + 1] = { path = e.path, role = e.role, change = "removed" }
+    elseif st.type ~= "file" then
+      changes[#changes + 1] = { path = e.path, role = e.role, change = "modified", detail = "not a regular file" }
+    else
+      local what = difference(e, st, path)
+      if what then
+        changes[#changes + 1] = { path = e.path, role = e.role, change = "modified", detail = what }
+      end
+    end
+  end
+  for _, f in ipairs(current_files) do
+    if not known[f.path] then
+      known[f.path] = true
+      if fs.stat(f.path) then
+        changes[#changes + 1] = { path = f.path, role = f.role, change = "added" }
+      end
+    end
+  end
+  return changes
+end
+
+local function entry_of(snap, path)
+  for _, e in ipairs(snap.files) do
+    if e.path == path then return e end
+  end
+  return nil
+end
+
+local function parent(path)
+  return path:match("^(.*)/[^/]*$") or "/"
+end
+
+-- Puts the stored copy of `entry` back at its path (through a symlink if it is one now).
+local function put_back(snap, entry)
+  local dest = entry.path
+  local st = fs.stat(dest)
+  if st and st.type == "link" then
+    dest = fs.realpath(dest) or dest
+  end
+  local dir = parent(dest)
+  if not fs.stat(dir) then
+    local ok, err = fs.mkdir_p(dir, 493)
+    if not ok then return nil, ("cannot create %s: %s"):format(dir, tostring(err)) end
+  end
+  local ok, err = fs.copy_atomic(snap.dir .. "/" .. entry.stored, dest)
+  if not ok then return nil, ("cannot restore %s: %s"):format(entry.path, tostring(err)) end
+  if fs.sha256(dest) ~= entry.sha256 then
+    return nil, ("restored %s does not match the snapshot's hash"):format(entry.path)
+  end
+  return true
+end
+
+-- snapshot.restore(snap, current_files) -> { restored = {paths}, removed = {paths},
+-- kept = {paths} } | nil, err, partial. Only what differs is touched. Run daemon-reload after.
+function snapshot.restore(snap, current_files)
+  if type(snap) ~= "table" or type(snap.files) ~= "table" or type(snap.dir) ~= "string" then
+    error("rr.snapshot.restore: snap must be a snapshot", 2)
+  end
+  local changes = snapshot.diff(snap, current_files)
+  local result = { restored = {}, removed = {}, kept = {} }
+  local problems = {}
+  for _, c in ipairs(changes) do
+    local entry = entry_of(snap, c.path)
+    if c.change == "added" then
+      local st = fs.stat(c.path)
+      local newer = not st or not snap.created_epoch or (st.mtime or 0) >= snap.created_epoch
+      if c.role == "envfile" and not entry and not newer then
+        result.kept[#result.kept + 1] = c.path
+      else
+        local ok, err = fs.remove(c.path)
+        if ok then
+          result.removed[#result.removed + 1] = c.path
+        else
+          problems[#problems + 1] = ("cannot remove %s: %s"):format(c.path, tostring(err))
+        end
+      end
+    else
+      local ok, err = put_back(snap, entry)
+      if ok then
+        result.restored[#result.restored + 1] = c.path
+      else
+        problems[#problems + 1] = err
+      end
+    end
+  end
+  if #problems > 0 then
+    return nil, table.concat(problems, "; "), result
+  end
+  return result
+end
+
+---------------------------------------------------------------------------------------------
+-- Unified diff (for --diff and the dry run): a small line diff, LCS on the lines that differ.
+
+-- Lines of a text, each with its "\n" when it has one (so a missing final newline differs).
+local function split_lines(text)
+  local lines = {}
+  for line in text:gmatch("[^\n]*\n") do lines[#lines + 1] = line end
+  local tail = text:match("[^\n]+$")
+  if tail then lines[#lines + 1] = tail end
+  return lines
+end
+
+-- Beyond this many cells the middle is shown as all removed then all added.
+local LCS_CELLS = 1000000
+
+-- Edit script from a to b: { {op = " "|"-"|"+", line =}, ... }.
+local function edit_script(a, b)
+  local n, m = #a, #b
+  local pre = 0
+  while pre < n and pre < m and a[pre + 1] == b[pre + 1] do pre = pre + 1 end
+  local suf = 0
+  while suf < n - pre and suf < m - pre and a[n - suf] == b[m - suf] do suf = suf + 1 end
+  local ops = {}
+  for i = 1, pre do ops[#ops + 1] = { op = " ", line = a[i] } end
+  local a0, b0 = pre, pre
+  local an, bn = n - pre - suf, m - pre - suf
+  if an * bn > LCS_CELLS then
+    for i = 1, an do ops[#ops + 1] = { op = "-", line = a[a0 + i] } end
+    for j = 1, bn do ops[#ops + 1] = { op = "+", line = b[b0 + j] } end
+  else
+    -- len[i][j]: LCS length of a[a0+i..] and b[b0+j..], walked forwards afterwards.
+    local len = {}
+    for i = an + 1, 1, -1 do
+      local row, below = {}, len[i + 1]
+      for j = bn + 1, 1, -1 do
+        if i > an or j > bn then
+          row[j] = 0
+        elseif a[a0 + i] == b[b0 + j] then
+          row[j] = below[j + 1] + 1
+        else
+          local down, right = below[j], row[j + 1]
+          row[j] = down >= right and down or right
+        end
+      end
+      len[i] = row
+    end
+    local i, j = 1, 1
+    while i <= an or j <= bn do
+      if i <= an and j <= bn and a[a0 + i] == b[b0 + j] then
+        ops[#ops + 1] = { op = " ", line = a[a0 + i] }
+        i, j = i + 1, j + 1
+      elseif j > bn or (i <= an and len[i + 1][j] >= len[i][j + 1]) then
+        ops[#ops + 1] = { op = "-", line = a[a0 + i] }
+        i = i + 1
+      else
+        ops[#ops + 1] = { op = "+", line = b[b0 + j] }
+        j = j + 1
+      end
+    end
+  end
+  for i = n - suf + 1, n do ops[#ops + 1] = { op = " ", line = a[i] } end
+  return ops
+end
+
+local CONTEXT = 3
+
+-- The hunks of an edit script, as unified diff text.
+local function format_hunks(ops)
+  -- Old and new line numbers consumed before each op.
+  local ai, bi = 0, 0
+  for _, o in ipairs(ops) do
+    o.a, o.b = ai, bi
+    if o.op ~= "+" then ai = ai + 1 end
+    if o.op ~= "-" then bi = bi + 1 end
+  end
+  local out = {}
+  local k = 1
+  while true do
+    local first
+    for x = k, #ops do
+      if ops[x].op ~= " " then first = x break end
+    end
+    if not first then break end
+    local last = first
+    local x = first + 1
+    while x <= #ops and x - last <= 2 * CONTEXT + 1 do
+      if ops[x].op ~= " " then last = x end
+      x = x + 1
+    end
+    local s, e = math.max(k, first - CONTEXT), math.min(#ops, last + CONTEXT)
+    local acount, bcount = 0, 0
+    for y = s, e do
+      if ops[y].op ~= "+" then acount = acount + 1 end
+      if ops[y].op ~= "-" then bcount = bcount + 1 end
+    end
+    local astart = acount > 0 and ops[s].a + 1 or ops[s].a
+    local bstart = bcount > 0 and ops[s].b + 1 or ops[s].b
+    out[#out + 1] = ("@@ -%d,%d +%d,%d @@\n"):format(astart, acount, bstart, bcount)
+    for y = s, e do
+      local line = ops[y].line
+      if line:sub(-1) == "\n" then
+        out[#out + 1] = ops[y].op .. line
+      else
+        out[#out + 1] = ops[y].op .. line .. "\n\\ No newline at end of file\n"
+      end
+    end
+    k = e + 1
+  end
+  return table.concat(out)
+end
+
+-- snapshot.unified_diff(snap, path) -> text ("" when the same): from the known-good copy of
+-- `path` to the file on disk now. A side that does not exist is /dev/null.
+function snapshot.unified_diff(snap, path)
+  if type(snap) ~= "table" or type(snap.files) ~= "table" then
+    error("rr.snapshot.unified_diff: snap must be a snapshot", 2)
+  end
+  if type(path) ~= "string" then
+    error("rr.snapshot.unified_diff: path must be a string", 2)
+  end
+  local entry = entry_of(snap, path)
+  local old, new = nil, nil
+  if entry and not entry.absent then
+    local err
+    old, err = fs.read(snap.dir .. "/" .. entry.stored)
+    if not old then return nil, ("cannot read the snapshot's copy of %s: %s"):format(path, tostring(err)) end
+  end
+  local real = resolve(path)
+  if real then
+    new = fs.read(real)
+  end
+  if (old or "") == (new or "") and (old == nil) == (new == nil) then return "" end
+  local header = ("--- %s\t(known good%s)\n+++ %s\t(now)\n"):format(
+    old and path or "/dev/null", snap.run and (", run " .. tostring(snap.run)) or "",
+    new and path or "/dev/null")
+  local body = format_hunks(edit_script(split_lines(old or ""), split_lines(new or "")))
+  return header .. body
+end
+
+return snapshot

@@ -1,0 +1,34 @@
+-- rrengine plans/status.lua [--services FILE] [--user] [--json]: every service's unit state and
+-- health, checked concurrently. Exit 0 when all are healthy, 1 otherwise.
+local cli = require("rr.cli")
+local services = require("rr.services")
+local systemd = require("rr.systemd")
+local status = require("rr.status")
+
+local spec = {
+  usage = "rrengine plans/status.lua [options]",
+  summary = "Unit state and health of every service, one look each, all at once.",
+  examples = { { "rrengine plans/status.lua --user", "status of the platform on your user manager" } },
+  options = {
+    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
+    { name = "user", help = "talk to your user service manager" },
+    { name = "json", help = "one JSON array on stdout" },
+    { name = "help", short = "h", help = "show this help" },
+  },
+}
+local opts, err = cli.parse({ ... }, spec)
+if not opts then io.stderr:write("rrengine: ", err, "\n"); os.exit(2) end
+if opts.help then io.write(cli.usage(spec)); os.exit(0) end
+local platform, errs = services.load(opts.services_file)
+if not platform then io.stderr:write("rrengine: ", table.concat(errs, "\nrrengine: "), "\n"); os.exit(2) end
+local manager, merr = (opts.user and systemd.user or systemd.system)()
+if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
+local rows = status.collect(manager, platform.services)
+if opts.json then
+  io.write(require("cjson").encode(rows), "\n")
+else
+  io.write(status.format(rows), "\n")
+end
+for _, r in ipairs(rows) do
+  if r.health ~= "healthy" then os.exit(1) end
+end

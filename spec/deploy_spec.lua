@@ -1,0 +1,480 @@
+-- rr.deploy: a code deploy that can be undone exactly. Real rsync, real files under a temp dir.
+local rr = require("rr")
+local deploy = require("rr.deploy")
+local fs = require("rr.fs")
+local proc = require("rr.proc")
+
+-- The engine binary running this spec, for child engines (RR_ENGINE: set by run-specs; under
+-- valgrind /proc/self/exe would be valgrind).
+local engine = os.getenv("RR_ENGINE")
+if not engine or not fs.exists(engine) then engine = fs.realpath("/proc/self/exe") end
+
+-- Runs a setup command from an argv; fails the spec when it fails.
+local function run(argv)
+  local res, err, r = proc.run(argv, { capture = true })
+  assert(res, ("%s: %s %s"):format(table.concat(argv, " "), tostring(err), r and r.stderr or ""))
+  return res
+end
+
+local function parent(path)
+  return path:match("^(.*)/[^/]*$")
+end
+
+-- Writes a file (parents created), optionally with a mode.
+local function write(path, data, mode)
+  assert(fs.mkdir_p(parent(path), 493))
+  assert(fs.write_atomic(path, data, { mode = mode or 420 }))
+end
+
+-- Rewrites the start of a file in place, as SQLite or a log writer does (same inode).
+local function rewrite_in_place(path, data)
+  local f = assert(io.open(path, "r+b"))
+  f:write(data)
+  f:close()
+end
+
+-- Everything under dir: rel -> "type mode uid:gid sha256|link target" (mtimes left out:
+-- rsync -a keeps them, but a directory's changes with every entry added or removed).
+local function tree(dir)
+  local out = {}
+  local function walk(rel)
+    local path = rel == "" and dir or dir .. "/" .. rel
+    for _, name in ipairs(assert(fs.list(path))) do
+      local r = rel == "" and name or rel .. "/" .. name
+      local p = dir .. "/" .. r
+      local st = assert(fs.stat(p))
+      local what
+      if st.type == "file" then
+        what = assert(fs.sha256(p))
+      elseif st.type == "link" then
+        what = "-> " .. run({ "readlink", p }).stdout:gsub("\n$", "")
+      else
+        what = ""
+      end
+      out[r] = ("%s %04o %d:%d %s"):format(st.type, st.mode, st.uid, st.gid, what)
+      if st.type == "dir" then walk(r) end
+    end
+  end
+  walk("")
+  return out
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+local function contains(list, value)
+  for _, v in ipairs(list or {}) do
+    if v == value then return true end
+  end
+  return false
+end
+
+describe("rr.deploy", function()
+  local root, src, dst, state
+
+  before_each(function()
+    root = assert(fs.mkdtemp("/tmp/rr-deploy-spec."))
+    src, dst, state = root .. "/deploy", root .. "/work", root .. "/state/run1/svc"
+    assert(fs.mkdir_p(src, 493))
+    assert(fs.mkdir_p(dst, 493))
+  end)
+
+  after_each(function()
+    fs.remove_tree(root)
+  end)
+
+  -- A working dir with a bit of everything, and a deploy that changes each kind of thing.
+  local function platform_fixture()
+    -- the working dir as it runs now
+    write(dst .. "/app.js", "console.log('v1')\n")
+    write(dst .. "/lib/util.js", "module.exports = 1\n")
+    write(dst .. "/lib/keep.js", "unchanged\n")
+    write(dst .. "/bin/run", "#!/bin/sh\necho v1\n", 493)
+    write(dst .. "/config/old.json", "{\"v\":1}\n", 384)
+    write(dst .. "/data/app.db", "SQLITE-v1-rows-0000\n", 384)   -- the service's own file
+    write(dst .. "/logs/old.log", "boot 1\n")
+    write(dst .. "/mode-only.sh", "same bytes\n", 420)
+    run({ "ln", "-s", "app.js", dst .. "/current" })
+    write(dst .. "/link-becomes-file", "x") ; fs.remove(dst .. "/link-becomes-file")
+    run({ "ln", "-s", "lib/util.js", dst .. "/link-becomes-file" })
+    write(dst .. "/file-becomes-dir", "a plain file\n")
+    assert(fs.mkdir_p(dst .. "/empty-dir-becomes-file", 448))
+    run({ "chmod", "0700", dst .. "/lib" })
+    run({ "touch", "-d", "2020-01-01", dst .. "/app.js", dst .. "/lib/util.js", dst .. "/bin/run" })
+
+    -- the deploy path
+    write(src .. "/app.js", "console.log('v2')\n")
+    write(src .. "/lib/util.js", "module.exports = 2 // longer\n")
+    write(src .. "/lib/keep.js", "unchanged\n")
+    run({ "touch", "-r", dst .. "/lib/keep.js", src .. "/lib/keep.js" })
+    write(src .. "/lib/new.js", "new file\n")
+    write(src .. "/bin/run", "#!/bin/sh\necho v2\n", 493)
+    write(src .. "/assets/img/logo.svg", "<svg/>\n")           -- new nested directories
+    write(src .. "/mode-only.sh", "same bytes\n", 493)         -- mode change only
+    run({ "touch", "-r", dst .. "/mode-only.sh", src .. "/mode-only.sh" })
+    run({ "ln", "-s", "lib/new.js", src .. "/current" })       -- symlink retargeted
+    write(src .. "/link-becomes-file", "now a file\n")
+    write(src .. "/file-becomes-dir/inner.txt", "inside\n")
+    write(src .. "/empty-dir-becomes-file", "file now\n")
+    run({ "chmod", "0755", src .. "/lib" })
+  end
+
+  describe("apply then undo", function()
+    it("gives back the working dir byte for byte and keeps what the service wrote since", function()
+      platform_fixture()
+      local before = tree(dst)
+
+      local record, err = deploy.apply{ source = src, target = dst, state_dir = state }
+      assert.is_nil(err)
+      assert.equal("applied", record.state)
+      -- the deploy did what rsync -a does
+      local now = tree(dst)
+      for rel, what in pairs(tree(src)) do
+        assert.equal(what, now[rel], rel)
+      end
+      assert.is_true(contains(record.created, "lib/new.js"))
+      assert.is_true(contains(record.created, "assets/img/logo.svg"))
+      assert.is_true(contains(record.created_dirs, "assets/img"))
+      assert.is_true(contains(record.replaced, "app.js"))
+      assert.is_true(contains(record.replaced, "current"))
+      assert.is_true(contains(record.attrs_changed, "mode-only.sh"))
+      assert.is_false(contains(record.replaced, "lib/keep.js"))
+
+      -- the service runs the new code: a new log, a new cache dir inside a dir the deploy
+      -- created, its database rewritten in place
+      write(dst .. "/logs/new.log", "boot 2\n")
+      write(dst .. "/assets/img/cache/thumb", "generated\n")
+      rewrite_in_place(dst .. "/data/app.db", "SQLITE-v1-rows-0042")
+
+      assert.is_true(deploy.undo(record))
+      local expected = {}
+      for rel, what in pairs(before) do expected[rel] = what end
+      expected["logs/new.log"] = tree(dst)["logs/new.log"]
+      expected["data/app.db"] = tree(dst)["data/app.db"]
+      for _, rel in ipairs({ "assets", "assets/img", "assets/img/cache", "assets/img/cache/thumb" }) do
+        expected[rel] = tree(dst)[rel]
+      end
+      assert.is_not_nil(expected["assets/img/cache/thumb"], "the service's file inside a deploy-created dir")
+      assert.same(expected, tree(dst))
+      assert.equal("SQLITE-v1-rows-0042\n", fs.read(dst .. "/data/app.db"))
+      assert.same({ "assets/img/", "assets/" }, record.undo_report.kept) -- deepest first
+      assert.equal("undone", record.state)
+    end)
+
+    it("puts back a replaced file the service rewrote in place, and names it", function()
+      write(dst .. "/settings.json", "{\"v\":1}\n")
+      run({ "touch", "-d", "2020-01-01", dst .. "/settings.json" })
+      write(src .. "/settings.json", "{\"v\":2}\n")
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      -- the new code rewrites a file the deploy shipped (same inode, same size)
+      rewrite_in_place(dst .. "/settings.json", "{\"v\":3}\n")
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.same({ "settings.json" }, record.undo_report.changed_since_deploy)
+    end)
+
+    it("removes a created file the service changed since, and names it", function()
+      write(src .. "/cache.json", "{}\n")
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      write(dst .. "/cache.json", "{\"warm\":true}\n")
+      assert.is_true(deploy.undo(record))
+      assert.is_false(fs.exists(dst .. "/cache.json"))
+      assert.same({ "cache.json" }, record.undo_report.changed_since_deploy)
+    end)
+
+    it("says what it could not put back, and still undoes the rest", function()
+      platform_fixture()
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      -- the service writes into the directory that replaced a file
+      write(dst .. "/file-becomes-dir/service.log", "mine\n")
+      local ok, err = deploy.undo(record)
+      assert.is_nil(ok)
+      assert.matches("incomplete", err)
+      assert.matches("file%-becomes%-dir", err)
+      local now = tree(dst)
+      assert.equal(before["app.js"], now["app.js"])
+      assert.is_nil(now["lib/new.js"])
+      assert.equal("applied", record.state) -- not marked undone: a later undo may finish it
+      fs.remove_tree(dst .. "/file-becomes-dir")
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+    end)
+
+    it("is idempotent: a second undo changes nothing", function()
+      platform_fixture()
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      -- even when forced to run every step again
+      assert.is_true(deploy.undo(record, { force = true }))
+      assert.same(before, tree(dst))
+      assert.equal("undone", assert(deploy.load(state)).state)
+    end)
+
+    it("undoes from the record on disk, in another process", function()
+      platform_fixture()
+      local before = tree(dst)
+      assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      local record = assert(deploy.load(state))
+      assert.equal("applied", record.state)
+      assert.equal(dst, record.target)
+      assert.equal(state .. "/backup", record.backup_dir)
+      local code = ("local d = require('rr.deploy'); assert(d.undo(assert(d.load(%q))))"):format(state .. "\n")
+      run({ engine, "-e", code })
+      assert.same(before, tree(dst))
+      assert.equal("undone", assert(deploy.load(state)).state)
+    end)
+
+    it("restores modes and owners that rsync changed without a backup", function()
+      write(dst .. "/script.sh", "echo\n", 420)
+      write(dst .. "/owned.txt", "same\n", 420)
+      run({ "chown", "1234:1234", dst .. "/owned.txt" })
+      write(src .. "/script.sh", "echo\n", 493)
+      write(src .. "/owned.txt", "same\n", 420)
+      run({ "touch", "-r", dst .. "/script.sh", src .. "/script.sh" })
+      run({ "touch", "-r", dst .. "/owned.txt", src .. "/owned.txt" })
+      run({ "chmod", "0750", dst })
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      assert.same({}, record.backed_up)
+      assert.same({ ".", "owned.txt", "script.sh" }, record.attrs_changed)
+      assert.equal("file 0755 0:0", tree(dst)["script.sh"]:sub(1, 13))
+      assert.equal("file 0644 0:0", tree(dst)["owned.txt"]:sub(1, 13))
+      assert.equal(493, fs.stat(dst).mode) -- rsync gave the working dir the deploy dir's mode
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.equal(488, fs.stat(dst).mode) -- the working dir's own mode (0750) is kept
+    end)
+  end)
+
+  describe("with delete = true", function()
+    it("brings back deleted files and directories, empty ones and their modes too", function()
+      write(dst .. "/app.js", "v1\n")
+      write(dst .. "/gone.txt", "bye\n", 384)
+      write(dst .. "/old/deep/x.js", "old\n")
+      run({ "chmod", "0700", dst .. "/old/deep" })
+      assert(fs.mkdir_p(dst .. "/empty-old", 448))
+      run({ "ln", "-s", "app.js", dst .. "/gone-link" })
+      write(dst .. "/dir-becomes-file/inner", "in\n")
+      write(src .. "/app.js", "v2\n")
+      write(src .. "/dir-becomes-file", "a file now\n")
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, delete = true })
+      assert.same({ "app.js", "dir-becomes-file" }, sorted_keys(tree(dst)))
+      assert.is_true(contains(record.deleted, "gone.txt"))
+      assert.is_true(contains(record.deleted_dirs, "empty-old"))
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+    end)
+  end)
+
+  describe("when rsync fails", function()
+    it("refuses what its dry run already rejects, before anything changes", function()
+      platform_fixture()
+      -- A file in the deploy where the working dir has a non-empty directory: without
+      -- --delete rsync cannot make way for it (exit 23), and its dry run says so.
+      write(dst .. "/migrations/001.sql", "create table\n")
+      write(src .. "/migrations", "not a directory any more\n")
+      local before = tree(dst)
+      local record, err = deploy.apply{ source = src, target = dst, state_dir = state }
+      assert.is_nil(record)
+      assert.matches("rsync dry run failed: rsync exited with code 23", err)
+      assert.matches("could not make way", err)
+      assert.same(before, tree(dst))
+      assert.is_false(fs.exists(state .. "/deploy.json"))
+    end)
+
+    describe("half way", function()
+      local immutable
+
+      after_each(function()
+        if immutable then proc.run({ "chattr", "-i", immutable }) end
+        immutable = nil
+      end)
+
+      it("undoes the partial deploy before returning: the working dir is as it was", function()
+        platform_fixture()
+        -- An immutable file (chattr +i) stops even root: rsync copies everything else, fails
+        -- to rename over this one and exits 23. The dry run cannot see it coming.
+        write(dst .. "/lib/locked.js", "old\n")
+        run({ "touch", "-d", "2020-01-01", dst .. "/lib/locked.js" })
+        write(src .. "/lib/locked.js", "new\n")
+        if not proc.run({ "chattr", "+i", dst .. "/lib/locked.js" }, { capture = true }) then
+          pending("chattr +i is not supported on this file system")
+          return
+        end
+        immutable = dst .. "/lib/locked.js"
+        local before = tree(dst)
+        local record, err, partial = deploy.apply{ source = src, target = dst, state_dir = state }
+        assert.is_nil(record)
+        assert.matches("rsync failed: rsync exited with code 23", err)
+        assert.matches("Operation not permitted", err)
+        assert.matches("partial deploy was undone", err)
+        -- rsync really had changed files before it failed
+        assert.is_true(contains(partial.created, "lib/new.js"))
+        assert.is_true(contains(partial.replaced, "app.js"))
+        assert.equal("undone", partial.state)
+        assert.same(before, tree(dst))
+        assert.equal("undone", assert(deploy.load(state)).state)
+      end)
+    end)
+  end)
+
+  describe("after a crash in the middle of rsync", function()
+    it("undoes from the predicted record and removes rsync's temp files", function()
+      platform_fixture()
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      -- What a killed engine leaves: the record still says "applying", a temp file beside a
+      -- file being written.
+      record.state = "applying"
+      write(dst .. "/lib/.new.js.Ab12Cd", "half written")
+      write(dst .. "/lib/.keepme.txt", "not rsync's")
+      assert.is_true(deploy.undo(record))
+      local expected = {}
+      for rel, what in pairs(before) do expected[rel] = what end
+      expected["lib/.keepme.txt"] = tree(dst)["lib/.keepme.txt"]
+      assert.same(expected, tree(dst))
+    end)
+  end)
+
+  describe("after the engine is SIGKILLed during apply", function()
+    -- rsync runs in a process group of its own: a killed engine leaves it to finish (or to
+    -- die on its closed output pipe). Waits until no process names `text` on its command line.
+    local function wait_for_processes_naming(text)
+      for _ = 1, 200 do
+        local busy = false
+        for _, pid in ipairs(fs.list("/proc") or {}) do
+          if pid:match("^%d+$") then
+            local cmdline = fs.read("/proc/" .. pid .. "/cmdline")
+            if cmdline and cmdline:find(text, 1, true) then busy = true break end
+          end
+        end
+        if not busy then return end
+        rr.sleep(0.05)
+      end
+      error("a process still runs with " .. text)
+    end
+
+    it("undoes from the record on disk, whatever step the kill landed on", function()
+      math.randomseed(os.time())
+      for round = 1, 3 do
+        local r_src, r_dst = ("%s/src%d"):format(root, round), ("%s/dst%d"):format(root, round)
+        local r_state = ("%s/state%d"):format(root, round)
+        for i = 1, 30 do
+          for j = 1, 20 do
+            write(("%s/d%02d/f%02d.js"):format(r_src, i, j), ("new %d %d\n"):format(i, j))
+          end
+        end
+        local old = {}
+        for i = 1, 30, 2 do
+          for j = 1, 20, 3 do
+            local p = ("%s/d%02d/f%02d.js"):format(r_dst, i, j)
+            write(p, ("old %d %d\n"):format(i, j))
+            old[#old + 1] = p
+          end
+        end
+        for i = 1, 30 do write(("%s/gone/g%02d"):format(r_dst, i), "bye\n") end
+        run({ "touch", "-d", "2020-01-01", "--", table.unpack(old) })
+        local before = tree(r_dst)
+        local code = ("assert(require('rr.deploy').apply{ source = %q, target = %q, state_dir = %q, delete = true })")
+          :format(r_src, r_dst, r_state)
+        local delay = ("%.3f"):format(0.02 + math.random() * 0.3)
+        proc.run({ "timeout", "-s", "KILL", delay, engine, "-e", code }, { capture = true })
+        wait_for_processes_naming(r_dst)
+        local record, err = deploy.load(r_state)
+        if record then
+          assert.is_true(deploy.undo(record))
+        else
+          assert.matches("no deploy record", err) -- killed before rsync started
+        end
+        assert.same(before, tree(r_dst), "killed after " .. delay .. " s")
+      end
+    end)
+  end)
+
+  describe("checks before rsync runs", function()
+    it("refuses a working dir that does not exist", function()
+      local record, err = deploy.apply{ source = src, target = root .. "/nope", state_dir = state }
+      assert.is_nil(record)
+      assert.matches("working dir .*/nope does not exist", err)
+      assert.is_false(fs.exists(state .. "/deploy.json"))
+    end)
+
+    it("refuses a source that is not a directory", function()
+      write(root .. "/file", "x")
+      local record, err = deploy.apply{ source = root .. "/file", target = dst, state_dir = state }
+      assert.is_nil(record)
+      assert.matches("deploy source .*/file is not a directory", err)
+      record, err = deploy.apply{ source = root .. "/missing", target = dst, state_dir = state }
+      assert.is_nil(record)
+      assert.matches("deploy source .*/missing does not exist", err)
+    end)
+
+    it("refuses a state dir inside the working dir, and a used state dir", function()
+      write(src .. "/a", "a")
+      local record, err = deploy.apply{ source = src, target = dst, state_dir = dst .. "/.rr" }
+      assert.is_nil(record)
+      assert.matches("inside", err)
+      assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      record, err = deploy.apply{ source = src, target = dst, state_dir = state }
+      assert.is_nil(record)
+      assert.matches("already holds a deploy record", err)
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() deploy.apply("src") end)
+      assert.has_error(function() deploy.apply{ source = src, target = dst } end)
+      assert.has_error(function() deploy.undo({}) end)
+      assert.has_error(function() deploy.load(nil) end)
+    end)
+
+    it("says when there is no record", function()
+      local record, err = deploy.load(root .. "/none")
+      assert.is_nil(record)
+      assert.matches("no deploy record", err)
+    end)
+  end)
+
+  describe("rsync's quick check", function()
+    it("skips a changed file with the same size and mtime unless checksum = true", function()
+      write(dst .. "/same-size.txt", "AAAA\n")
+      write(src .. "/same-size.txt", "BBBB\n")
+      run({ "touch", "-d", "2020-01-01", dst .. "/same-size.txt", src .. "/same-size.txt" })
+      local before = tree(dst)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state })
+      assert.equal("AAAA\n", fs.read(dst .. "/same-size.txt"))
+      assert.is_true(deploy.undo(record))
+      record = assert(deploy.apply{ source = src, target = dst, state_dir = state .. "-2", checksum = true })
+      assert.equal("BBBB\n", fs.read(dst .. "/same-size.txt"))
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+    end)
+  end)
+
+  describe("itemized output", function()
+    it("parses rsync's escapes and item kinds", function()
+      local p = deploy._parse_item
+      assert.same({ action = "created", dir = false, path = "new\nline" }, p(">f+++++++++ new\\#012line"))
+      assert.same({ action = "created", dir = false, path = "bs\\#041" }, p(">f+++++++++ bs\\#134#041"))
+      assert.same({ action = "created", dir = true, path = "a b" }, p("cd+++++++++ a b/"))
+      assert.same({ action = "deleted", dir = true, path = "old" }, p("*deleting   old/"))
+      assert.same({ action = "deleted", dir = false, path = "x -> y" }, p("*deleting   x -> y"))
+      assert.same({ action = "changed", dir = false, path = "f" }, p(">f..t...... f"))
+      assert.same({ action = "changed", dir = false, path = "l" }, p("cLc.t...... l"))
+      assert.same({ action = "attrs", dir = false, path = "m" }, p(".f...p..... m"))
+      assert.same({ action = "attrs", dir = true, path = "." }, p(".d..t...... ./"))
+      assert.is_nil(p("created directory /x"))
+      assert.is_nil(p(""))
+    end)
+  end)
+end)

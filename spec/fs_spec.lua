@@ -1,0 +1,533 @@
+-- Specs for rr.fs (engine/fs.c): real files in a fresh temporary directory, removed afterwards.
+-- Run with the engine as the interpreter: rrengine /usr/bin/busted spec/fs_spec.lua
+local fs = require("rr.fs")
+local rr = require("rr")
+
+-- Octal mode literals (Lua has none): mode("640") == 416.
+local function mode(s) return tonumber(s, 8) end
+
+-- The engine binary running these specs: $RR_ENGINE (run-specs sets it), else /proc/self/exe,
+-- else arg[-1] (the interpreter that runs busted); the first that is a file.
+local ENGINE do
+  for _, p in ipairs({ os.getenv("RR_ENGINE") or false, fs.realpath("/proc/self/exe") or false,
+                       arg and arg[-1] or false }) do
+    if p and fs.stat(p, true) and fs.stat(p, true).type == "file" then ENGINE = p break end
+  end
+end
+
+-- rr.proc, when this engine has it (a colleague's module; stubbed in early builds).
+local proc do
+  local ok, m = pcall(require, "rr.proc")
+  proc = ok and type(m) == "table" and type(m.run) == "function" and m or nil
+end
+local NO_PROC = "rr.proc.run is not in this engine yet: the cross-process part needs it"
+
+-- Run Lua code in a second engine process: res (stdout, exit_code) | nil, err, res.
+local function engine_run(code, timeout)
+  return proc.run({ ENGINE, "-e", code }, { timeout = timeout or 60 })
+end
+
+-- Our PID, from /proc/self (a symlink to /proc/<pid>).
+local function mypid()
+  return tonumber(assert(fs.realpath("/proc/self")):match("(%d+)$"))
+end
+
+local function is_root()
+  return assert(fs.stat("/proc/self", true)).uid == 0
+end
+
+describe("rr.fs", function()
+  local dir
+
+  before_each(function()
+    dir = assert(fs.mkdtemp("/tmp/rr-fs-spec-"))
+  end)
+
+  after_each(function()
+    if dir then assert(fs.remove_tree(dir)) end
+    dir = nil
+  end)
+
+  describe("mkdtemp", function()
+    it("creates a fresh mode-0700 directory from the prefix", function()
+      local other = assert(fs.mkdtemp(dir .. "/t-"))
+      assert.matches("^" .. dir:gsub("%p", "%%%0") .. "/t%-%w%w%w%w%w%w$", other)
+      local st = assert(fs.stat(other))
+      assert.equal("dir", st.type)
+      assert.equal(mode("700"), st.mode)
+    end)
+  end)
+
+  describe("write_atomic", function()
+    it("creates a file with the given mode and content", function()
+      local p = dir .. "/unit.service"
+      assert.is_true(fs.write_atomic(p, "[Service]\n", { mode = mode("600") }))
+      assert.equal("[Service]\n", fs.read(p))
+      local st = assert(fs.stat(p))
+      assert.equal("file", st.type)
+      assert.equal(mode("600"), st.mode)
+      assert.equal(10, st.size)
+    end)
+
+    it("takes the mode as an octal string too", function()
+      local p = dir .. "/f"
+      assert(fs.write_atomic(p, "x", { mode = "0640" }))
+      assert.equal(mode("640"), fs.stat(p).mode)
+    end)
+
+    it("raises on a bad mode (misuse)", function()
+      assert.has_error(function() fs.write_atomic(dir .. "/f", "x", { mode = "rw-r--r--" }) end)
+      assert.has_error(function() fs.write_atomic(dir .. "/f", "x", { mode = 8 ^ 5 }) end)
+      assert.has_error(function() fs.write_atomic(dir .. "/f", {}) end)
+    end)
+
+    it("replaces a file: new inode, mode kept, no temporary file left", function()
+      local p = dir .. "/env"
+      assert(fs.write_atomic(p, "A=1\n", { mode = mode("640") }))
+      local before = assert(fs.stat(p))
+      assert(fs.write_atomic(p, "A=2\n"))
+      local after = assert(fs.stat(p))
+      assert.equal("A=2\n", fs.read(p))
+      assert.are_not.equal(before.ino, after.ino)
+      assert.equal(mode("640"), after.mode) -- a replaced file keeps its mode
+      assert.same({ "env" }, fs.list(dir))
+    end)
+
+    it("lets a reader that opened the old file read all of the old file", function()
+      local p = dir .. "/big"
+      local old, new = string.rep("a", 1024 * 1024), string.rep("b", 1024 * 1024)
+      assert(fs.write_atomic(p, old))
+      local reader = assert(io.open(p, "rb"))
+      assert(fs.write_atomic(p, new))
+      local seen = reader:read("a")
+      reader:close()
+      assert.is_true(seen == old, "the open reader saw a mix of old and new bytes")
+      assert.is_true(fs.read(p) == new)
+      assert.same({ "big" }, fs.list(dir))
+    end)
+
+    it("never shows a concurrent reader a partial 1 MiB file", function()
+      if not proc then return pending(NO_PROC) end
+      local p = dir .. "/big"
+      local A, B = string.rep("a", 1024 * 1024), string.rep("b", 1024 * 1024)
+      assert(fs.write_atomic(p, A))
+      -- Another process replaces the file 150 times while this one keeps reading it.
+      local writer = rr.spawn(engine_run, string.format([[
+        local fs = require("rr.fs")
+        local A, B = string.rep("a", 1024 * 1024), string.rep("b", 1024 * 1024)
+        for i = 1, 150 do assert(fs.write_atomic(%q, i %% 2 == 1 and B or A)) end
+        io.write("done")
+      ]], p))
+      local reads, olds, news = 0, 0, 0
+      while writer:status() ~= "done" and writer:status() ~= "failed" do
+        local data = assert(fs.read(p))
+        reads = reads + 1
+        if data == A then olds = olds + 1
+        elseif data == B then news = news + 1
+        else error(string.format("read %d bytes that are neither the old nor the new file", #data)) end
+        rr.sleep(0)
+      end
+      local ok, res, err = rr.wait(writer)
+      assert.is_true(ok)
+      assert(res, err)
+      assert.equal("done", res.stdout)
+      assert.is_true(reads > 0)
+      assert.equal(reads, olds + news)
+      assert.same({ "big" }, fs.list(dir)) -- every temporary file is gone
+    end)
+
+    it("sets the owner when asked (root only)", function()
+      if not is_root() then return pending("needs root to chown") end
+      local p = dir .. "/owned"
+      assert(fs.write_atomic(p, "x", { uid = 1234, gid = 4321, mode = mode("4750") }))
+      local st = fs.stat(p)
+      assert.equal(1234, st.uid)
+      assert.equal(4321, st.gid)
+      assert.equal(mode("4750"), st.mode) -- chown before chmod: the setuid bit survives
+      assert(fs.write_atomic(p, "y"))     -- and a replacement keeps owner and mode
+      st = fs.stat(p)
+      assert.equal(1234, st.uid)
+      assert.equal(mode("4750"), st.mode)
+    end)
+
+    it("fails with a code when the directory does not exist", function()
+      local ok, err, code = fs.write_atomic(dir .. "/missing/f", "x")
+      assert.is_nil(ok)
+      assert.matches("missing/f", err)
+      assert.equal("ENOENT", code)
+    end)
+  end)
+
+  describe("copy_atomic", function()
+    it("copies content, mode and mtime", function()
+      local src, dst = dir .. "/a.service", dir .. "/b.service"
+      local data = string.rep("0123456789abcdef", 20000) -- several copy chunks
+      assert(fs.write_atomic(src, data, { mode = mode("751") }))
+      assert.is_true(fs.copy_atomic(src, dst))
+      assert.equal(data, fs.read(dst))
+      local s, d = fs.stat(src), fs.stat(dst)
+      assert.equal(mode("751"), d.mode)
+      assert.equal(s.mtime, d.mtime)
+      assert.is_true(fs.same(src, dst))
+    end)
+
+    it("replaces the destination atomically", function()
+      local src, dst = dir .. "/new", dir .. "/cur"
+      assert(fs.write_atomic(src, "new", { mode = mode("644") }))
+      assert(fs.write_atomic(dst, "old", { mode = mode("600") }))
+      local ino = fs.stat(dst).ino
+      assert(fs.copy_atomic(src, dst))
+      assert.equal("new", fs.read(dst))
+      assert.equal(mode("644"), fs.stat(dst).mode) -- src's mode, not the replaced file's
+      assert.are_not.equal(ino, fs.stat(dst).ino)
+      assert.same({ "cur", "new" }, fs.list(dir))
+    end)
+
+    it("takes mode overrides and times = false", function()
+      local src, dst = dir .. "/a", dir .. "/b"
+      assert(fs.write_atomic(src, "x", { mode = mode("600") }))
+      assert(fs.copy_atomic(src, dst, { mode = "0444", times = false }))
+      assert.equal(mode("444"), fs.stat(dst).mode)
+    end)
+
+    it("keeps the owner (root only)", function()
+      if not is_root() then return pending("needs root to chown") end
+      local src, dst = dir .. "/a", dir .. "/b"
+      assert(fs.write_atomic(src, "x", { uid = 1234, gid = 4321 }))
+      assert(fs.copy_atomic(src, dst))
+      local st = fs.stat(dst)
+      assert.equal(1234, st.uid)
+      assert.equal(4321, st.gid)
+    end)
+
+    it("refuses a source that is not a regular file", function()
+      local ok, err, code = fs.copy_atomic(dir, dir .. "/x")
+      assert.is_nil(ok)
+      assert.matches("not a regular file", err)
+      assert.equal("EISDIR", code)
+
+      assert(fs.write_atomic(dir .. "/target", "t"))
+      local link = dir .. "/link"
+      assert(fs.symlink(dir .. "/target", link))
+      ok, err, code = fs.copy_atomic(link, dir .. "/x")
+      assert.is_nil(ok)
+      assert.matches("symbolic link", err)
+      assert.equal("ELOOP", code)
+
+      ok, err, code = fs.copy_atomic(dir .. "/nope", dir .. "/x")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+      assert.is_false(fs.exists(dir .. "/x"))
+    end)
+  end)
+
+  describe("stat", function()
+    it("describes a file, a directory and a symlink (lstat unless asked to follow)", function()
+      assert(fs.write_atomic(dir .. "/f", "12345", { mode = mode("644") }))
+      assert(fs.symlink(dir .. "/f", dir .. "/l"))
+      local st = assert(fs.stat(dir .. "/f"))
+      assert.equal("file", st.type)
+      assert.equal(5, st.size)
+      assert.equal("integer", math.type(st.mode))
+      assert.equal("number", type(st.mtime))
+      assert.is_true(math.abs(st.mtime - os.time()) < 60)
+      assert.equal("dir", fs.stat(dir).type)
+      assert.equal("link", fs.stat(dir .. "/l").type)
+      assert.equal("file", fs.stat(dir .. "/l", true).type)
+      assert.equal(st.ino, fs.stat(dir .. "/l", true).ino)
+      assert.equal("other", fs.stat("/dev/null").type)
+    end)
+
+    it("says ENOENT for a missing path", function()
+      local st, err, code = fs.stat(dir .. "/missing")
+      assert.is_nil(st)
+      assert.matches("missing", err)
+      assert.equal("ENOENT", code)
+    end)
+  end)
+
+  describe("exists, mkdir_p, remove, rename, list, realpath, fsync_dir", function()
+    it("exists: true, false, and a dangling symlink exists unless followed", function()
+      assert.is_true(fs.exists(dir))
+      assert.is_false(fs.exists(dir .. "/nope"))
+      assert.is_false(fs.exists(dir .. "/nope/deeper"))
+      assert(fs.symlink(dir .. "/nope", dir .. "/dangling"))
+      assert.is_true(fs.exists(dir .. "/dangling"))
+      assert.is_false(fs.exists(dir .. "/dangling", true))
+    end)
+
+    it("mkdir_p creates parents, accepts an existing directory, refuses a file in the way", function()
+      local p = dir .. "/a/b//c/"
+      assert.is_true(fs.mkdir_p(p, mode("750")))
+      assert.equal("dir", fs.stat(dir .. "/a/b/c").type)
+      assert.is_true(fs.mkdir_p(p))
+      assert(fs.write_atomic(dir .. "/file", "x"))
+      local ok, err, code = fs.mkdir_p(dir .. "/file/sub")
+      assert.is_nil(ok)
+      assert.matches("file/sub", err)
+      assert.equal("ENOTDIR", code)
+    end)
+
+    it("remove: a file, an empty directory; ENOENT and ENOTEMPTY as codes", function()
+      assert(fs.write_atomic(dir .. "/f", "x"))
+      assert.is_true(fs.remove(dir .. "/f"))
+      assert.is_false(fs.exists(dir .. "/f"))
+      assert(fs.mkdir_p(dir .. "/d/e"))
+      local ok, _, code = fs.remove(dir .. "/d")
+      assert.is_nil(ok)
+      assert.equal("ENOTEMPTY", code)
+      assert.is_true(fs.remove(dir .. "/d/e"))
+      assert.is_true(fs.remove(dir .. "/d"))
+      ok, _, code = fs.remove(dir .. "/d")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("remove: a symlink, not its target", function()
+      assert(fs.write_atomic(dir .. "/t", "x"))
+      assert(fs.symlink(dir .. "/t", dir .. "/l"))
+      assert(fs.remove(dir .. "/l"))
+      assert.equal("x", fs.read(dir .. "/t"))
+    end)
+
+    it("rename moves over an existing file", function()
+      assert(fs.write_atomic(dir .. "/a", "A"))
+      assert(fs.write_atomic(dir .. "/b", "B"))
+      assert.is_true(fs.rename(dir .. "/a", dir .. "/b"))
+      assert.equal("A", fs.read(dir .. "/b"))
+      assert.same({ "b" }, fs.list(dir))
+      local ok, _, code = fs.rename(dir .. "/a", dir .. "/c")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("list returns names sorted bytewise, without . and ..", function()
+      for _, n in ipairs({ "b", "a", "C", ".hidden", "a.service.d" }) do
+        assert(fs.write_atomic(dir .. "/" .. n, n))
+      end
+      assert.same({ ".hidden", "C", "a", "a.service.d", "b" }, fs.list(dir))
+      assert.same({}, fs.list(assert(fs.mkdtemp(dir .. "/empty-"))))
+      local names, _, code = fs.list(dir .. "/nope")
+      assert.is_nil(names)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("symlink and readlink", function()
+      assert.is_true(fs.symlink("../some/where", dir .. "/l"))
+      assert.equal("../some/where", fs.readlink(dir .. "/l"))
+      local ok, _, code = fs.symlink("x", dir .. "/l")
+      assert.is_nil(ok)
+      assert.equal("EEXIST", code)
+      assert(fs.write_atomic(dir .. "/f", "x"))
+      ok, _, code = fs.readlink(dir .. "/f")
+      assert.is_nil(ok)
+      assert.equal("EINVAL", code)
+    end)
+
+    it("realpath resolves symlinks and dots", function()
+      assert(fs.mkdir_p(dir .. "/x/y"))
+      assert(fs.symlink(dir .. "/x", dir .. "/lx"))
+      local real = assert(fs.realpath(dir))
+      assert.equal(real .. "/x/y", fs.realpath(dir .. "/lx/./y/../y"))
+      local r, _, code = fs.realpath(dir .. "/nope")
+      assert.is_nil(r)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("fsync_dir", function()
+      assert.is_true(fs.fsync_dir(dir))
+      local ok, _, code = fs.fsync_dir(dir .. "/nope")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("read: a missing file is ENOENT, a directory EISDIR; binary content is kept", function()
+      local data = "\0\1\2\255" .. string.rep("z", 70000)
+      assert(fs.write_atomic(dir .. "/bin", data))
+      assert.equal(data, fs.read(dir .. "/bin"))
+      assert.equal("", fs.read("/dev/null"))
+      local s, _, code = fs.read(dir .. "/nope")
+      assert.is_nil(s)
+      assert.equal("ENOENT", code)
+      s, _, code = fs.read(dir)
+      assert.is_nil(s)
+      assert.equal("EISDIR", code)
+    end)
+
+    it("raises on a path with a NUL byte or of the wrong type (misuse)", function()
+      assert.has_error(function() fs.stat(dir .. "/a\0b") end)
+      assert.has_error(function() fs.read(nil) end)
+      assert.has_error(function() fs.remove({}) end)
+    end)
+  end)
+
+  describe("remove_tree", function()
+    it("removes a tree, but never what a symlink inside points to", function()
+      local outside = assert(fs.mkdtemp(dir .. "/outside-"))
+      assert(fs.write_atomic(outside .. "/keep", "keep"))
+      local tree = dir .. "/tree"
+      assert(fs.mkdir_p(tree .. "/a/b/c"))
+      assert(fs.write_atomic(tree .. "/a/b/c/f", "x"))
+      assert(fs.write_atomic(tree .. "/top", "x"))
+      assert(fs.symlink(outside, tree .. "/a/link-to-dir"))
+      assert(fs.symlink(outside .. "/keep", tree .. "/link-to-file"))
+      assert.is_true(fs.remove_tree(tree))
+      assert.is_false(fs.exists(tree))
+      assert.equal("keep", fs.read(outside .. "/keep"))
+    end)
+
+    it("removes a single file or a symlink (not its target)", function()
+      assert(fs.write_atomic(dir .. "/f", "x"))
+      assert.is_true(fs.remove_tree(dir .. "/f"))
+      assert(fs.mkdir_p(dir .. "/target"))
+      assert(fs.write_atomic(dir .. "/target/k", "k"))
+      assert(fs.symlink(dir .. "/target", dir .. "/l"))
+      assert.is_true(fs.remove_tree(dir .. "/l"))
+      assert.equal("k", fs.read(dir .. "/target/k"))
+    end)
+
+    it("says ENOENT for a missing path", function()
+      local ok, _, code = fs.remove_tree(dir .. "/nope")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+    end)
+
+    it("refuses / and paths with fewer than 2 components", function()
+      for _, p in ipairs({ "/", "//", "/tmp", "/tmp/", "/tmp/..", "/tmp/../etc", "/usr/./", ".", ".." }) do
+        local ok, err, code = fs.remove_tree(p)
+        assert.is_nil(ok, p)
+        assert.matches("refusing", err)
+        assert.equal("EPERM", code)
+      end
+      assert.is_true(fs.exists("/tmp"))
+      assert.is_true(fs.exists("/etc/passwd"))
+    end)
+  end)
+
+  describe("same", function()
+    it("is true for identical bytes and mode, false otherwise", function()
+      local a, b = dir .. "/a", dir .. "/b"
+      local data = string.rep("x", 300000)
+      assert(fs.write_atomic(a, data, { mode = mode("644") }))
+      assert(fs.write_atomic(b, data, { mode = mode("644") }))
+      assert.is_true(fs.same(a, b))
+      assert.is_true(fs.same(a, a))
+      assert(fs.write_atomic(b, data:sub(1, -2) .. "y")) -- last byte differs, same size
+      assert.is_false(fs.same(a, b))
+      assert(fs.write_atomic(b, data, { mode = mode("600") })) -- same bytes, other mode
+      assert.is_false(fs.same(a, b))
+      assert.is_false(fs.same(a, dir .. "/missing"))
+      assert.is_false(fs.same(dir .. "/missing", a))
+      assert.is_false(fs.same(dir, dir))
+    end)
+  end)
+
+  describe("sha256", function()
+    it("matches the known digests", function()
+      assert(fs.write_atomic(dir .. "/abc", "abc"))
+      assert.equal("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", fs.sha256(dir .. "/abc"))
+      assert(fs.write_atomic(dir .. "/empty", ""))
+      assert.equal("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", fs.sha256(dir .. "/empty"))
+      -- FIPS 180-2's million "a": several read chunks
+      assert(fs.write_atomic(dir .. "/million", string.rep("a", 1000000)))
+      assert.equal("cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0", fs.sha256(dir .. "/million"))
+      local h, _, code = fs.sha256(dir .. "/nope")
+      assert.is_nil(h)
+      assert.equal("ENOENT", code)
+    end)
+  end)
+
+  describe("lock", function()
+    it("getpid is our PID", function()
+      assert.equal(mypid(), fs.getpid())
+    end)
+
+    it("writes our PID and refuses a second lock in this process, naming us", function()
+      local p = dir .. "/run.lock"
+      local l = assert(fs.lock(p))
+      assert.equal(mypid() .. "\n", fs.read(p))
+      assert.is_true(l:held())
+      assert.equal(p, l:path())
+      -- flock on a second descriptor conflicts even in the same process
+      local l2, err, code, pid = fs.lock(p)
+      assert.is_nil(l2)
+      assert.equal("locked by pid " .. mypid(), err)
+      assert.equal("EWOULDBLOCK", code)
+      assert.equal(mypid(), pid)
+      l:unlock()
+      assert.is_false(l:held())
+      l:unlock() -- idempotent
+      l2 = assert(fs.lock(p))
+      l2:unlock()
+    end)
+
+    it("is released by <close> and by the collector", function()
+      local p = dir .. "/run.lock"
+      do
+        local l <close> = assert(fs.lock(p))
+        assert.is_nil((fs.lock(p)))
+      end
+      local l = assert(fs.lock(p))
+      l = nil -- luacheck: ignore
+      collectgarbage()
+      collectgarbage()
+      local again = assert(fs.lock(p))
+      again:unlock()
+    end)
+
+    it("refuses a symlink as the lock file", function()
+      assert(fs.symlink(dir .. "/elsewhere", dir .. "/run.lock"))
+      local l, _, code = fs.lock(dir .. "/run.lock")
+      assert.is_nil(l)
+      assert.equal("ELOOP", code)
+      assert.is_false(fs.exists(dir .. "/elsewhere"))
+    end)
+
+    it("keeps the descriptor close-on-exec", function()
+      local p = dir .. "/run.lock"
+      local l = assert(fs.lock(p))
+      local real, found = assert(fs.realpath(p)), false
+      for _, fd in ipairs(assert(fs.list("/proc/self/fd"))) do
+        if fs.realpath("/proc/self/fd/" .. fd) == real then
+          found = true
+          local flags = assert(fs.read("/proc/self/fdinfo/" .. fd)):match("flags:%s*(%d+)")
+          assert.is_true(tonumber(flags, 8) & tonumber("2000000", 8) ~= 0, "O_CLOEXEC is not set")
+        end
+      end
+      assert.is_true(found)
+      l:unlock()
+    end)
+
+    it("makes a second lock in another process fail, naming our PID", function()
+      if not proc then return pending(NO_PROC) end
+      local p = dir .. "/run.lock"
+      local l = assert(fs.lock(p))
+      local code = string.format([[
+        local l, err, code, pid = require("rr.fs").lock(%q)
+        io.write(tostring(l), "|", tostring(err), "|", tostring(code), "|", tostring(pid))
+      ]], p)
+      local res = assert(engine_run(code))
+      assert.equal(string.format("nil|locked by pid %d|EWOULDBLOCK|%d", mypid(), mypid()), res.stdout)
+      l:unlock()
+      res = assert(engine_run(string.format([[
+        local l = assert(require("rr.fs").lock(%q))
+        io.write(require("rr.fs").read(%q))
+      ]], p, p)))
+      assert.equal(res.pid .. "\n", res.stdout) -- the other process got it and wrote its PID
+    end)
+
+    it("is not kept by a child process after we release it", function()
+      if not proc or type(proc.spawn) ~= "function" then return pending(NO_PROC) end
+      local p = dir .. "/run.lock"
+      local l = assert(fs.lock(p))
+      local child = assert(proc.spawn({ "sleep", "30" }))
+      l:unlock()
+      local again, err = fs.lock(p) -- a child holding the descriptor would keep the flock
+      assert(again, err)
+      again:unlock()
+      child:kill("KILL")
+      child:wait()
+      child:close()
+    end)
+  end)
+end)
