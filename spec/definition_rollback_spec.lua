@@ -8,10 +8,13 @@ local platform = require("spec.support.platform")
 
 local engine = os.getenv("RR_ENGINE") or arg[-1]
 
+-- The latest such event in the log (earlier runs of the same platform come first).
 local function find_event(p, name, service)
+  local found
   for _, ev in ipairs(p:events()) do
-    if ev.event == name and (not service or ev.service == service) then return ev end
+    if ev.event == name and (not service or ev.service == service) then found = ev end
   end
+  return found
 end
 
 local function edit(path, from, to)

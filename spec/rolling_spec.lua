@@ -18,10 +18,13 @@ local function index_of(list, name)
   for i, v in ipairs(list) do if v == name then return i end end
 end
 
+-- The latest such event in the log (earlier runs of the same platform come first).
 local function find_event(p, name, service)
+  local found
   for _, ev in ipairs(p:events()) do
-    if ev.event == name and (not service or ev.service == service) then return ev end
+    if ev.event == name and (not service or ev.service == service) then found = ev end
   end
+  return found
 end
 
 -- The bytes and modes of every file under dir, as a map (relative path -> "mode:content").

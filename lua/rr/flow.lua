@@ -375,6 +375,9 @@ function Run:go()
     self:emit("DEPLOY_START", { source = opts.deploy_path, target = svc.working_dir })
     local record, err = deploy.apply{
       source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
+      -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
+      -- the same second: a release must land whole, so compare contents.
+      checksum = true,
       state_dir = ("%s/runs/%s/%s"):format(ctx.state_root, ctx.events.run, svc.name),
     }
     if not record then

@@ -18,7 +18,8 @@
 --   * capture stores a candidate; promote makes it the known-good one. The flow promotes
 --     once a definition is known good (DESIGN.md step 2).
 --   * A symlinked unit file or drop-in is stored as the bytes systemd reads through it;
---     restore writes through the link, so the link stays a link.
+--     restore writes through the link (which stays a link) while it leads to the same
+--     regular file as at capture, and otherwise replaces the link with the file.
 --   * restore removes a drop-in added since (its presence alone changes the unit), and an
 --     env file the snapshot recorded as absent. An env file the snapshot does not know at
 --     all, older than the snapshot, is one the edited unit started to name, not one created
@@ -405,12 +406,19 @@ local function parent(path)
   return path:match("^(.*)/[^/]*$") or "/"
 end
 
--- Puts the stored copy of `entry` back at its path (through a symlink if it is one now).
+-- Puts the stored copy of `entry` back at its path. Through a symlink only when it still
+-- leads to the regular file it led to at capture; any other link (repointed, dangling, to
+-- /dev/null as a mask) is replaced by the file itself: systemd then reads the same bytes,
+-- and nothing outside the definition is written.
 local function put_back(snap, entry)
   local dest = entry.path
   local st = fs.stat(dest)
-  if st and st.type == "link" then
-    dest = fs.realpath(dest) or dest
+  if st and st.type == "link" and entry.link then
+    local real = fs.realpath(dest)
+    local target = real and fs.stat(real)
+    if real == entry.link and target and target.type == "file" then
+      dest = real
+    end
   end
   local dir = parent(dest)
   if not fs.stat(dir) then
