@@ -551,8 +551,10 @@ static int loop_sleep(lua_State *L) {
                 return luaL_error(L, "out of memory");
         s->op.push = sleep_push;
         s->op.release = sleep_release;
-        r = sd_event_add_time_relative(S.event, &s->source, CLOCK_MONOTONIC, (uint64_t) (secs * 1e6), 1000,
-                                       sleep_fired, s);
+        /* Absolute from now: sd_event_add_time_relative() counts from the loop's last wake-up,
+         * which is stale after Lua ran for a while, and the sleep would end early. */
+        r = sd_event_add_time(S.event, &s->source, CLOCK_MONOTONIC,
+                              (uint64_t) (rr_now() * 1e6) + (uint64_t) (secs * 1e6), 1000, sleep_fired, s);
         if (r < 0) {
                 free(s);
                 return luaL_error(L, "cannot add timer: %s", strerror(-r));

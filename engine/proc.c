@@ -431,6 +431,11 @@ static int child_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
                 p->exit_code = -1;
                 p->signal = si->si_status;
         }
+        /* Drop the source now, not when the handle goes: sd-event keeps one source per PID and
+         * refuses a second (EBUSY), so a lingering handle would make spawn fail once the kernel
+         * reuses the PID. Unref'ing inside the callback is allowed (the source is only detached;
+         * sd-event still reaps the zombie and frees it after we return). */
+        p->child_source = sd_event_source_disable_unref(p->child_source);
         p->timer_source = sd_event_source_disable_unref(p->timer_source);
         stdin_close(p);
         /* What the process wrote is in the pipes now (a dying process closes its files before it
@@ -907,8 +912,11 @@ static int spawn(lua_State *L) {
         }
 
         if ((r = make_pipe(&p->out.fd, &out_child, true)) < 0 || (r = make_pipe(&p->err.fd, &err_child, true)) < 0 ||
-            (a.stdin_data && (r = make_pipe(&p->stdin_fd, &in_child, false)) < 0))
+            (a.stdin_data && (r = make_pipe(&p->stdin_fd, &in_child, false)) < 0)) {
+                b->proc = NULL;
+                proc_free(p);
                 return rr_push_fail(L, -r, "cannot run %s: cannot make a pipe: %s", a.argv[0], strerror(-r));
+        }
 
         p->start = rr_now();
         r = do_spawn(&a, in_child, out_child, err_child, &p->pid);

@@ -8,7 +8,7 @@ local ok_rr, rr = pcall(require, "rr")
 local ok_sd, systemd = pcall(require, "rr.systemd")
 
 local UNIT_DIR = os.getenv("RR_SANDBOX_UNIT_DIR")
-local ENGINE = arg and arg[-1]
+local ENGINE = os.getenv("RR_ENGINE") or (arg and arg[-1])
 
 if not (ok_rr and ok_sd and UNIT_DIR and UNIT_DIR ~= "" and systemd.user) then
   describe("rr.systemd", function()
@@ -62,7 +62,7 @@ local function reloadable(base)
   })
 end
 
--- Read the processes' view of a unit file change, as an operator would edit it.
+-- Append a line to a unit file, as an operator editing it would.
 local function append_line(path, line)
   local f = assert(io.open(path, "a"))
   assert(f:write(line .. "\n"))
@@ -408,7 +408,9 @@ describe("rr.systemd", function()
     it("drops a job wait whose task is canceled; the job goes on", function()
       local u = load(sleeper("cancel", { "ExecStartPre=/bin/sleep 0.5" }))
       local t = rr.spawn(function() return u:start() end)
-      rr.sleep(0.1)
+      -- The job runs (ExecStartPre= sleeps): the task waits for its JobRemoved now.
+      assert.same({ true, "activating" }, { u:wait_state("activating", 5) })
+      assert.equal("waiting", t:status())
       t:cancel()
       local ok, err = rr.wait(t)
       assert.is_false(ok)

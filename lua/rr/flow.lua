@@ -140,25 +140,21 @@ function Run:stabilize()
   local failure
   local watcher, prober
   watcher = rr.spawn(function()
-    while true do
-      local left = deadline - rr.now()
-      if left <= 0 then return end
-      local p = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" }, left)
-      if not p then return end -- timeout: it stayed put
-      local why
-      if p.ActiveState ~= "active" then
-        why = "unit left active (" .. tostring(p.ActiveState) .. ")"
-      elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
-        why = ("unit restarted by systemd (NRestarts %d -> %d)"):format(base.NRestarts or 0, p.NRestarts)
-      elseif p.MainPID ~= base.MainPID then
-        why = ("main process changed (MainPID %d -> %d)"):format(base.MainPID, p.MainPID)
-      end
-      if why then
-        failure = failure or why
-        if prober then prober:cancel() end
-        return
-      end
+    -- compared with base, not with the moment the wait starts: nothing slips in between
+    local p, err = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" }, secs, base)
+    if not p then
+      if err ~= "timeout" then failure = failure or ("cannot watch the unit: " .. tostring(err)) end
+      if prober and failure then prober:cancel() end
+      return -- timeout: it stayed put
     end
+    if p.ActiveState ~= "active" then
+      failure = failure or ("unit left active (" .. tostring(p.ActiveState) .. ")")
+    elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
+      failure = failure or ("unit restarted by systemd (NRestarts %d -> %d)"):format(base.NRestarts or 0, p.NRestarts)
+    else
+      failure = failure or ("main process changed (MainPID %s -> %s)"):format(tostring(base.MainPID), tostring(p.MainPID))
+    end
+    if prober then prober:cancel() end
   end)
   local hc = self.svc.health
   if hc.kind == "http" then

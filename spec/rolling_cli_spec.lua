@@ -1,0 +1,267 @@
+-- plans/rolling.lua as an operator runs it: exit codes, messages, the lock, interruption,
+-- hooks, stabilization failures, --json. Real binary, real sandboxed manager.
+local rr = require("rr")
+local fs = require("rr.fs")
+local proc = require("rr.proc")
+local units = require("spec.support.units")
+local platform = require("spec.support.platform")
+
+local engine = os.getenv("RR_ENGINE") or arg[-1]
+
+local function last_event(p, name, service)
+  local found
+  for _, ev in ipairs(p:events()) do
+    if ev.event == name and (not service or ev.service == service) then found = ev end
+  end
+  return found
+end
+
+local function cli(p, args, opts)
+  opts = opts or {}
+  local argv = { engine, "plans/rolling.lua", "--user", "--services", opts.services_file or p.services_file,
+    "--events", p.events_file }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local handle = proc.spawn(argv, { env = { XDG_STATE_HOME = p.xdg_state }, on_line = opts.on_line })
+  if opts.spawned then opts.spawned(handle) end
+  local res, _, r = handle:wait()
+  return res or r
+end
+
+local function write(path, text)
+  assert(fs.write_atomic(path, text))
+  return path
+end
+
+describe("plans/rolling.lua", function()
+  local p
+  setup(function()
+    p = platform.new({
+      { name = "a", http = true, stabilize = 1 },
+      { name = "b", depends = { "a" }, http = true, stabilize = 1 },
+      { name = "c", depends = { "b" }, http = true, stabilize = 1 },
+    })
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  describe("refuses bad input with exit 2, a one-line message, and touches nothing", function()
+    local pids
+    before_each(function()
+      pids = {}
+      for _, n in ipairs({ "a", "b", "c" }) do pids[n] = p:props(n).MainPID end
+      os.remove(p.events_file)
+    end)
+    after_each(function()
+      for _, n in ipairs({ "a", "b", "c" }) do assert.equal(pids[n], p:props(n).MainPID, n .. " was touched") end
+      assert.is_nil(fs.stat(p.events_file), "an event log was written")
+    end)
+
+    local cases = {
+      { "an unknown option", { "--frobnicate" }, "unknown option %-%-frobnicate" },
+      { "a missing value", { "--service" }, "needs a value" },
+      { "--deploy without --deploy-path", { "--deploy", "--service", "a" }, "%-%-deploy%-path" },
+      { "a deploy path that does not exist", { "--deploy", "--deploy-path", "/nonexistent/release", "--service", "a" },
+        "/nonexistent/release" },
+      { "an unknown service", { "--service", "nosuch" }, 'unknown service "nosuch"' },
+      { "a bad --parallel", { "--parallel", "zero" }, "%-%-parallel" },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], function()
+        local res = cli(p, case[2])
+        assert.equal(2, res.exit_code, res.stderr)
+        assert.matches(case[3], res.stderr)
+        assert.matches("^rrengine: [^\n]+\n$", res.stderr)
+        assert.not_matches("traceback", res.stderr)
+      end)
+    end
+
+    it("a services file with problems: every problem, each naming service and field", function()
+      local bad = write(p.dir .. "/bad-services.lua", [[
+        return { services = {
+          { name = "x", unit = "x.service", helth = "systemd" },
+          { name = "y", unit = "not a unit", depends = { "nope" } },
+        } }]])
+      local res = cli(p, {}, { services_file = bad })
+      assert.equal(2, res.exit_code)
+      assert.matches('service "x": field "helth" is unknown', res.stderr)
+      assert.matches('service "y"', res.stderr)
+      assert.matches("nope", res.stderr)
+      assert.not_matches("traceback", res.stderr)
+    end)
+
+    it("a services file that is not valid Lua", function()
+      local bad = write(p.dir .. "/broken-services.lua", "return { services = { ")
+      local res = cli(p, {}, { services_file = bad })
+      assert.equal(2, res.exit_code)
+      assert.matches("broken%-services%.lua:1:", res.stderr)
+    end)
+  end)
+
+  it("--help shows examples first, then options and exit codes", function()
+    local res = cli(p, { "--help" })
+    assert.equal(0, res.exit_code)
+    local ex, opt, codes = res.stdout:find("Examples"), res.stdout:find("%-%-dry%-run"), res.stdout:find("130")
+    assert.is_truthy(ex and opt and codes)
+    assert.is_true(ex < opt)
+  end)
+
+  it("refuses a second run at once, naming the holder's PID", function()
+    assert(fs.mkdir_p(p.state_root, 448))
+    local lock = assert(fs.lock(p.state_root .. "/run.lock"))
+    local pid = p:props("a").MainPID
+    local t0 = rr.now()
+    local res = cli(p, { "--service", "a" })
+    lock:unlock()
+    assert.equal(1, res.exit_code)
+    assert.matches("locked by pid " .. fs.getpid(), res.stderr)
+    assert.is_true(rr.now() - t0 < 10)
+    assert.equal(pid, p:props("a").MainPID)
+  end)
+
+  it("prints one JSON summary with --json", function()
+    local res = cli(p, { "--service", "a", "--json" })
+    assert.equal(0, res.exit_code, res.stderr)
+    local summary = require("cjson").decode(res.stdout)
+    assert.is_true(summary.success)
+    assert.same({ "a" }, summary.services_succeeded)
+    assert.equal(0, #summary.services_failed)
+    assert.is_number(summary.duration_ms)
+  end)
+
+  it("on SIGINT finishes the service in flight, starts no other, exits 130", function()
+    local sent = false
+    local res = cli(p, {}, {
+      spawned = function(h) p.handle = h end,
+      on_line = function(_, line)
+        -- plain (non-terminal) output: one timestamped line per step
+        if not sent and line:match("^%S+%s+b%s+pre%-check") then
+          sent = true
+          p.handle:kill("INT")
+        end
+      end,
+    })
+    assert.is_true(sent, "never saw b's pre-check")
+    assert.equal(130, res.exit_code, res.stdout .. res.stderr)
+    assert.is_truthy(last_event(p, "SERVICE_RESTART_SUCCESS", "b"), "b did not finish its flow")
+    local skipped = last_event(p, "SERVICE_SKIPPED", "c")
+    assert.matches("interrupted", skipped.reason)
+    local plan_end = last_event(p, "PLAN_END")
+    assert.equal("interrupted", plan_end.result)
+    assert.equal(130, plan_end.exit_code)
+  end)
+end)
+
+describe("hooks", function()
+  local p
+  setup(function()
+    p = platform.new({ { name = "a", http = true }, { name = "b", http = true } })
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  it("before_restart can veto a service: it is not touched", function()
+    local hook = write(p.dir .. "/veto.lua", [[
+      return { before_restart = function(svc)
+        if svc.name == "a" then return false, "change freeze" end
+        return true
+      end }]])
+    local pid = p:props("a").MainPID
+    local summary = p:run({ hook_files = { hook }, continue_on_error = true })
+    assert.equal(1, summary.exit_code)
+    assert.same({ "a" }, summary.services_failed)
+    assert.same({ "b" }, summary.services_succeeded)
+    assert.equal(pid, p:props("a").MainPID)
+    assert.matches("change freeze", last_event(p, "SERVICE_SKIPPED", "a").reason)
+  end)
+
+  it("a hook that raises fails its service with the error, never the engine", function()
+    local hook = write(p.dir .. "/raise.lua", [[
+      return { before_restart = function(svc) error("hook exploded for " .. svc.name) end }]])
+    local pid = p:props("a").MainPID
+    local summary = p:run({ hook_files = { hook }, services = { "a" } })
+    assert.equal(1, summary.exit_code)
+    assert.equal(pid, p:props("a").MainPID)
+    assert.matches("hook exploded for a", last_event(p, "SERVICE_RESTART_FAILED", "a").error)
+  end)
+
+  it("on_event sees every event, and can use the primitives (a task)", function()
+    local seen = p.dir .. "/seen.txt"
+    local hook = write(p.dir .. "/observe.lua", ([[
+      local rr = require("rr")
+      return { on_event = function(ev)
+        rr.sleep(0.001)
+        local f = io.open(%q, "a"); f:write(ev.event, "\n"); f:close()
+      end }]]):format(seen))
+    assert.is_true(p:run({ hook_files = { hook }, services = { "b" } }).success)
+    local names = {}
+    for line in fs.read(seen):gmatch("[^\n]+") do names[#names + 1] = line end
+    assert.equal("PLAN_START", names[1])
+    assert.equal("PLAN_END", names[#names])
+    assert.is_truthy(fs.read(seen):find("SERVICE_RESTART_SUCCESS", 1, true))
+  end)
+
+  it("refuses a hook file that does not load, with exit 2 and nothing touched", function()
+    local hook = write(p.dir .. "/broken-hook.lua", "return { before_restart = ")
+    local summary = p:run({ hook_files = { hook } })
+    assert.equal(2, summary.exit_code)
+    assert.matches("broken%-hook%.lua", summary.error)
+  end)
+end)
+
+describe("stabilization", function()
+  local p
+  before_each(function()
+    p = platform.new({
+      { name = "crashy", http = true, stabilize = 3 },
+      { name = "flappy", http = true, stabilize = 3, extra_service = { "Restart=always", "RestartSec=100ms" } },
+    })
+    p:start()
+    assert.is_true(p:run().success) -- known good
+  end)
+  after_each(function() p:teardown() end)
+
+  local function break_after_start(name)
+    local path = p.by_name[name].unit_path
+    local text = fs.read(path)
+    local good = text
+    text = text:gsub("(ExecStart=[^\n]+)", "%1 --exit-after 0.5", 1)
+    assert(fs.write_atomic(path, text))
+    return good
+  end
+
+  it("rolls back at once when the unit exits during stabilization", function()
+    local good = break_after_start("crashy")
+    local t0 = rr.now()
+    local summary = p:run({ services = { "crashy" } })
+    assert.equal(1, summary.exit_code)
+    assert.same({ "crashy" }, summary.services_rolled_back)
+    assert.is_true(rr.now() - t0 < 10)
+    assert.matches("left active", last_event(p, "STABILIZE_FAILED", "crashy").error)
+    assert.equal(good, fs.read(p.by_name.crashy.unit_path))
+    assert.equal("active", p:props("crashy").ActiveState)
+  end)
+
+  it("rolls back when systemd restarts the unit during stabilization (flapping)", function()
+    local good = break_after_start("flappy")
+    local summary = p:run({ services = { "flappy" } })
+    assert.equal(1, summary.exit_code)
+    assert.same({ "flappy" }, summary.services_rolled_back)
+    local err = last_event(p, "STABILIZE_FAILED", "flappy").error
+    assert.is_truthy(err:match("NRestarts") or err:match("MainPID") or err:match("left active"), err)
+    assert.equal(good, fs.read(p.by_name.flappy.unit_path))
+  end)
+
+  it("rolls back when the health endpoint fails during stabilization", function()
+    -- A run-wide hook turns the service unhealthy once stabilization starts, and the old
+    -- version healthy again when the rollback starts: driven by the events themselves.
+    local hook = write(p.dir .. "/breaker.lua", ([[
+      local units = dofile(%q)
+      return { on_event = function(ev)
+        if ev.event == "STABILIZE_START" then units.control(%q, { status = 500 }) end
+        if ev.event == "ROLLBACK_START" then units.control(%q, nil) end
+      end }]]):format(units.root .. "/spec/support/units.lua", p.by_name.crashy.control, p.by_name.crashy.control))
+    local summary = p:run({ services = { "crashy" }, hook_files = { hook } })
+    assert.equal(1, summary.exit_code)
+    assert.matches("probe failed during stabilization", last_event(p, "STABILIZE_FAILED", "crashy").error)
+  end)
+end)
