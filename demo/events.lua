@@ -28,32 +28,42 @@ if not want then
   end
 end
 
--- The one field worth reading for an event, in order of interest.
-local function detail(ev)
-  local function s(v)
-    if type(v) == "table" then
-      local parts = {}
-      for i, x in ipairs(v) do parts[i] = tostring(x) end
-      return table.concat(parts, ", ")
+-- A value as text: 3 (not 3.0: cjson decodes every number as a float), a list joined.
+local function s(v)
+  if type(v) == "number" and v == math.floor(v) then return ("%d"):format(v) end
+  if type(v) == "table" then
+    local parts = {}
+    for i, x in ipairs(v) do
+      x = tostring(x)
+      parts[i] = x:find("[%s\"]") and ("'" .. x .. "'") or x
     end
-    return tostring(v)
+    return table.concat(parts, " ")
   end
-  if ev.event == "PLAN_START" then return "order: " .. s(ev.order) end
-  if ev.event == "PLAN_END" then return ("%s, exit code %s"):format(s(ev.result), s(ev.exit_code)) end
-  if ev.event == "DEFINITION_CHANGED" then return s(ev.changes) end
-  if ev.event == "DEFINITION_RESTORED" then
+  return tostring(v)
+end
+
+local function present(v) return v ~= nil and v ~= cjson.null end
+
+-- The one thing worth reading in an event, in order of interest.
+local function detail(ev)
+  local e = ev.event
+  if e == "PLAN_START" then return "order: " .. table.concat(ev.order, ", ") end
+  if e == "PLAN_END" then return ("%s, exit code %s"):format(s(ev.result), s(ev.exit_code)) end
+  if e == "DEFINITION_CHANGED" then return table.concat(ev.changes, "; ") end
+  if e == "DEFINITION_RESTORED" then
     local what = {}
     for _, p in ipairs(ev.restored or {}) do what[#what + 1] = "put back " .. p end
     for _, p in ipairs(ev.removed or {}) do what[#what + 1] = "removed " .. p end
     return #what > 0 and table.concat(what, "; ") or "nothing differed"
   end
-  if ev.event == "DEPLOY_END" then
-    return ("%s new, %s replaced file(s)"):format(s(ev.created or 0), s(ev.replaced or 0))
-  end
-  if ev.event == "HEALTH_CHECK_PASSED" then return ev.phase .. ": " .. s(ev.detail) end
-  if ev.event == "HEALTH_CHECK_FAILED" then return ev.phase .. ": " .. s(ev.error) end
+  if e == "DEPLOY_START" then return s(ev.source) .. " -> " .. s(ev.target) end
+  if e == "DEPLOY_END" then return ("%s new, %s replaced file(s)"):format(s(ev.created or 0), s(ev.replaced or 0)) end
+  if e == "MIGRATION_END" then return "exit code " .. s(ev.exit_code) end
+  if e == "HEALTH_CHECK_PASSED" then return ev.phase .. ": " .. s(ev.detail) end
+  if e == "HEALTH_CHECK_FAILED" then return ev.phase .. ": " .. s(ev.error) end
+  if e == "STABILIZE_START" or e == "STABILIZE_END" then return s(ev.seconds) .. " s" end
   for _, k in ipairs({ "error", "reason", "note", "warning", "line", "method", "command" }) do
-    if ev[k] ~= nil and ev[k] ~= cjson.null then return s(ev[k]) end
+    if present(ev[k]) then return s(ev[k]) end
   end
   return ""
 end
@@ -64,6 +74,7 @@ for _, ev in ipairs(all) do
     n = n + 1
     local time = tostring(ev.ts or ""):sub(12, 23)
     local text = ("  %s  %-22s %-14s %s"):format(time, ev.event, ev.service or "", detail(ev))
+    if present(ev.duration_ms) and ev.event ~= "PLAN_END" then text = text .. (" (%s ms)"):format(s(ev.duration_ms)) end
     io.write(text:gsub("%s+$", ""), "\n")
   end
 end

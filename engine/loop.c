@@ -90,6 +90,12 @@ double rr_now(void) {
         return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
 }
 
+uint64_t rr_deadline_usec(double secs) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u + (uint64_t) (secs * 1e6);
+}
+
 unsigned rr_interrupts(void) {
         return S.interrupts;
 }
@@ -551,10 +557,7 @@ static int loop_sleep(lua_State *L) {
                 return luaL_error(L, "out of memory");
         s->op.push = sleep_push;
         s->op.release = sleep_release;
-        /* Absolute from now: sd_event_add_time_relative() counts from the loop's last wake-up,
-         * which is stale after Lua ran for a while, and the sleep would end early. */
-        r = sd_event_add_time(S.event, &s->source, CLOCK_MONOTONIC,
-                              (uint64_t) (rr_now() * 1e6) + (uint64_t) (secs * 1e6), 1000, sleep_fired, s);
+        r = sd_event_add_time(S.event, &s->source, CLOCK_MONOTONIC, rr_deadline_usec(secs), 1000, sleep_fired, s);
         if (r < 0) {
                 free(s);
                 return luaL_error(L, "cannot add timer: %s", strerror(-r));

@@ -310,6 +310,8 @@ static void stream_eof(Stream *st) {
                 deliver_line(st, st->line, st->line_len);
                 st->line_len = 0;
         }
+        free(st->line);
+        st->line = NULL;
 }
 
 /* Read up to max_reads chunks; true when the pipe has nothing more right now (or is done). */
@@ -954,8 +956,8 @@ static int spawn(lua_State *L) {
         if (r < 0)
                 goto fail;
         if (a.timeout > 0) {
-                r = sd_event_add_time_relative(e, &p->timer_source, CLOCK_MONOTONIC, (uint64_t) (a.timeout * 1e6), 1000,
-                                               timer_fired, p);
+                r = sd_event_add_time(e, &p->timer_source, CLOCK_MONOTONIC, rr_deadline_usec(a.timeout), 1000,
+                                      timer_fired, p);
                 if (r < 0)
                         goto fail;
         }

@@ -63,6 +63,10 @@ int rr_task_spawn(lua_State *L, int nargs);
 /* Seconds on CLOCK_MONOTONIC, as a double. */
 double rr_now(void);
 
+/* The CLOCK_MONOTONIC time in µs `secs` from now, for sd_event_add_time(). Not
+ * sd_event_add_time_relative(): that counts from the loop's last wake-up, stale after Lua ran. */
+uint64_t rr_deadline_usec(double secs);
+
 /* Number of SIGINT/SIGTERM received so far. */
 unsigned rr_interrupts(void);
 
