@@ -56,7 +56,6 @@ check: all
 
 check-asan: rrengine-asan build/fixture
 	$(Q)ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=99 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp \
 	  spec/support/run-specs ./rrengine-asan $(SPEC)
 
 check-valgrind: all

@@ -96,7 +96,10 @@ end
 -- Runs a unit job and reports it as an event; true | nil, err.
 function Run:job(method)
   local t0 = rr.now()
-  local ok, err, job_result, unit_result = self.unit[method](self.unit, "replace")
+  -- start_timeout / stop_timeout bound how long we wait for the job (systemd's own timeouts
+  -- still apply inside it); nil waits as long as systemd takes.
+  local timeout = method == "stop" and self.svc.stop_timeout or self.svc.start_timeout
+  local ok, err, job_result, unit_result = self.unit[method](self.unit, "replace", timeout and { timeout = timeout } or nil)
   local fields = { method = method, duration_ms = ms(rr.now() - t0) }
   if ok then
     fields.result = err

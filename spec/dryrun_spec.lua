@@ -1,0 +1,74 @@
+-- The dry run as the operator reads it: order, steps and why, warnings about what systemd
+-- will do on its own, definition changes, and what would fail — with nothing changed.
+local fs = require("rr.fs")
+local proc = require("rr.proc")
+local platform = require("spec.support.platform")
+
+local engine = os.getenv("RR_ENGINE") or arg[-1]
+
+local function dry(p, args)
+  local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--dry-run" }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local res, _, r = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+  return res or r
+end
+
+describe("dry run", function()
+  local p
+  setup(function()
+    p = platform.new({
+      { name = "db", reload = true },
+      { name = "api", depends = { "db" }, http = true, reload = true, code = true,
+        migrate = { "/bin/true" } },
+    })
+    -- a unit outside the plan that Requires= db: restarting db restarts it too
+    p.extra = p.prefix .. "sidecar.service"
+    require("spec.support.units").write(p.extra, { exec = { "/bin/sleep", "1000" },
+      extra_unit = { "Requires=" .. p.by_name.db.unit, "After=" .. p.by_name.db.unit } })
+    p:start()
+    assert(platform.manager():unit(p.extra):start())
+    assert.is_true(p:run().success) -- known-good snapshots
+  end)
+  teardown(function()
+    platform.manager():unit(p.extra):stop()
+    require("spec.support.units").remove(p.extra)
+    p:teardown()
+  end)
+
+  it("warns that systemd will restart a unit that Requires= the restarted one", function()
+    local res = dry(p)
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("systemd will also restart " .. p.extra:gsub("%-", "%%-") .. " %(Requires=%)", res.stdout)
+  end)
+
+  it("says reload and why, the deploy source and target, the migration", function()
+    local release = p.dir .. "/release"
+    assert(fs.mkdir_p(release, 493))
+    local res = dry(p, { "--service", "api", "--deploy", "--deploy-path", release })
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("reload: reload configured and the definition is unchanged", res.stdout)
+    assert.matches("deploy: rsync %-a " .. release:gsub("%-", "%%-") .. "/ %-> ", res.stdout)
+    assert.matches("migrate: /bin/true", res.stdout)
+    assert.not_matches("1%. db", res.stdout)
+  end)
+
+  it("lists definition changes since the known good, with a unified diff on --diff", function()
+    local path = p.by_name.api.unit_path
+    local good = fs.read(path)
+    assert(fs.write_atomic(path, (good:gsub("%[Service%]", "[Service]\nEnvironment=DRY=1", 1))))
+    local res = dry(p, { "--service", "api", "--diff" })
+    assert(fs.write_atomic(path, good))
+    assert.matches("definition modified: " .. path:gsub("%-", "%%-"), res.stdout)
+    assert.matches("\n%s+%+Environment=DRY=1", res.stdout)
+    assert.matches("restart: the unit's definition changed", res.stdout)
+    assert.matches("daemon%-reload first", res.stdout)
+  end)
+
+  it("exits 1 when a service would fail its pre-check", function()
+    p:control("api", { status = 500 })
+    local res = dry(p, { "--service", "api" })
+    p:control("api", nil)
+    assert.equal(1, res.exit_code)
+    assert.matches("pre%-restart health check would fail", res.stdout)
+  end)
+end)
