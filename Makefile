@@ -25,15 +25,20 @@ SPEC    ?= spec
 V       ?= 0
 Q       := $(if $(filter 1,$(V)),,@)
 
-.PHONY: all deps check check-asan check-valgrind bench demo install uninstall clean help
+.PHONY: FORCE all deps check check-asan check-valgrind bench demo install uninstall clean help
 
 all: rrengine build/fixture
 
-rrengine: $(SRCS) $(HDRS) Makefile
+# The installed engine finds its Lua library under DATADIR: rebuild when PREFIX changes.
+build/datadir.stamp: FORCE
+	@mkdir -p build
+	@echo '$(DATADIR) $(VERSION)' | cmp -s - $@ || echo '$(DATADIR) $(VERSION)' > $@
+
+rrengine: $(SRCS) $(HDRS) Makefile build/datadir.stamp
 	@echo "  CC      $@"
 	$(Q)$(CC) $(ALL_CFLAGS) -o $@ $(SRCS) $(LDFLAGS) $(PKG_LIBS)
 
-rrengine-asan: $(SRCS) $(HDRS) Makefile
+rrengine-asan: $(SRCS) $(HDRS) Makefile build/datadir.stamp
 	@echo "  CC      $@ (ASan+UBSan)"
 	$(Q)$(CC) $(ALL_CFLAGS) -O1 $(SAN_FLAGS) -o $@ $(SRCS) $(LDFLAGS) $(PKG_LIBS)
 
@@ -68,10 +73,12 @@ demo: deps all
 	$(Q)./demo/run
 
 install: rrengine
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/lua/rr $(DESTDIR)$(DATADIR)/plans
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/lua/rr $(DESTDIR)$(DATADIR)/plans $(DESTDIR)$(DATADIR)/hooks
 	install -m 0755 rrengine $(DESTDIR)$(BINDIR)/rrengine
 	install -m 0644 lua/rr/*.lua $(DESTDIR)$(DATADIR)/lua/rr/
 	install -m 0644 plans/*.lua $(DESTDIR)$(DATADIR)/plans/
+	install -m 0644 hooks/*.lua $(DESTDIR)$(DATADIR)/hooks/
+	install -m 0644 services.lua $(DESTDIR)$(DATADIR)/services.example.lua
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/rrengine

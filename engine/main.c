@@ -178,9 +178,31 @@ static int run_chunk(lua_State *L, int status, int nargs) {
         return status;
 }
 
+/* A relative script that is not here is looked up beside the library, so that an installed
+ * `rrengine plans/rolling.lua` finds $PREFIX/share/rrengine/plans/rolling.lua. */
+static int load_script(lua_State *L, const char *path) {
+        const char *root;
+        if (path[0] == '/' || access(path, F_OK) == 0)
+                return luaL_loadfile(L, path);
+        lua_getfield(L, LUA_REGISTRYINDEX, "rr.root");
+        root = lua_tostring(L, -1);
+        if (root) {
+                const char *full = lua_pushfstring(L, "%s/%s", root, path);
+                if (access(full, F_OK) == 0) {
+                        int r = luaL_loadfile(L, full);
+                        lua_remove(L, -2); /* the path */
+                        lua_remove(L, -2); /* root */
+                        return r;
+                }
+                lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+        return luaL_loadfile(L, path);
+}
+
 static int run_script(lua_State *L, const char *path) {
         int nargs, status;
-        status = luaL_loadfile(L, path);
+        status = load_script(L, path);
         /* the script's arguments as varargs too, as lua.c does */
         lua_getglobal(L, "arg");
         nargs = (int) luaL_len(L, -1);

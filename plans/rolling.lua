@@ -54,8 +54,26 @@ if summary.exit_code == rolling.EXIT_USAGE then
   die(rolling.EXIT_USAGE, summary.error)
 end
 if opts.json then
+  -- lua-cjson 2.1 writes an empty table as {}: the lists are written by hand so that an empty
+  -- list is [] for jq and friends.
   local cjson = require("cjson")
-  io.stdout:write(cjson.encode(summary), "\n")
+  local parts = {}
+  local keys = {}
+  for k in pairs(summary) do keys[#keys + 1] = k end
+  table.sort(keys)
+  for _, k in ipairs(keys) do
+    local v = summary[k]
+    local text
+    if type(v) == "table" then
+      local items = {}
+      for i, item in ipairs(v) do items[i] = cjson.encode(item) end
+      text = "[" .. table.concat(items, ",") .. "]"
+    else
+      text = cjson.encode(v)
+    end
+    parts[#parts + 1] = cjson.encode(k) .. ":" .. text
+  end
+  io.stdout:write("{", table.concat(parts, ","), "}\n")
 elseif summary.error and #summary.services_succeeded + #summary.services_failed == 0 and not summary.interrupted then
   io.stderr:write("rrengine: ", summary.error, "\n")
 end
