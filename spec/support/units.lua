@@ -17,13 +17,13 @@ local units = {}
 local lfs = require("lfs")
 
 -- Repository root, from this file's own path (spec/support/units.lua). A relative
--- path (busted's "./spec/support/units.lua") is taken from $PWD: the unit files
--- need an absolute path that another process (the manager) can use.
+-- path (busted's "./spec/support/units.lua") is taken from the current directory:
+-- the unit files need an absolute path that another process (the manager) can use.
 local function repo_root()
   local src = debug.getinfo(1, "S").source
   local path = src:sub(1, 1) == "@" and src:sub(2) or "spec/support/units.lua"
   if path:sub(1, 1) ~= "/" then
-    path = (os.getenv("PWD") or lfs.currentdir()) .. "/" .. path
+    path = (lfs.currentdir() or os.getenv("PWD") or ".") .. "/" .. path
   end
   -- Normalize "." and ".."; then strip units.lua, support and spec.
   local parts = {}
