@@ -93,8 +93,9 @@ end
 function lib.section(name, fn)
   local ok, err = xpcall(fn, debug.traceback)
   if not ok then
-    print(("  !! %s failed: %s"):format(name, tostring(err)))
+    print(("  !! %s failed: %s"):format(name, (tostring(err):match("^[^\n]*"))))
     lib.flush()
+    io.stderr:write(tostring(err), "\n")
   end
   return ok, err
 end

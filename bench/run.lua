@@ -64,6 +64,17 @@ local created = {} -- unit names written into the sandbox, for the cleanup
 local restart_units = {} -- { name, port, url }
 local latency_units = {} -- { name, port, url, warmup }
 local failed_sections = 0
+local failed_operations = 0 -- restarts or probes that did not succeed (the figures are suspect)
+
+-- Stop after ^C / SIGTERM: the section in flight raised "interrupted"; skip to the cleanup.
+local function interrupted()
+  return rr.interrupts() > 0
+end
+
+-- The first line of an error (a task's error may carry a traceback).
+local function short(err)
+  return (tostring(err):match("^[^\n]*"))
+end
 
 local W_LABEL, W_COL = 46, 13
 
@@ -146,6 +157,28 @@ end
 -- ---------------------------------------------------------------------------------------
 -- 1. Unit restarts
 
+-- CPU seconds (user + system) the sandbox's manager has used so far, from
+-- /proc/$RR_SANDBOX_PID/stat (clock ticks: 10 ms resolution at 100 Hz); nil if unknown.
+local CLK_TCK
+local function manager_cpu()
+  local pid = os.getenv("RR_SANDBOX_PID")
+  if not pid or not pid:match("^%d+$") then return nil end
+  local stat = fs.read("/proc/" .. pid .. "/stat")
+  if not stat then return nil end
+  -- fields after the ")" that closes the command name: state is field 3, utime 14, stime 15
+  local rest = stat:match("^.*%)%s+(.*)$")
+  if not rest then return nil end
+  local f = {}
+  for w in rest:gmatch("%S+") do f[#f + 1] = w end
+  local utime, stime = tonumber(f[12]), tonumber(f[13])
+  if not utime or not stime then return nil end
+  if not CLK_TCK then
+    local res = proc.run({ "getconf", "CLK_TCK" }, { timeout = 10 })
+    CLK_TCK = res and tonumber(first_line(res.stdout)) or 100
+  end
+  return (utime + stime) / CLK_TCK
+end
+
 -- Each method restarts every unit once and returns seconds, failures, first error.
 local restart_methods = {
   systemctl = function()
@@ -198,25 +231,29 @@ local restart_methods = {
 }
 
 local function bench_restarts()
-  print(("unit restarts (%d build/fixture units, Type=%s, StartLimitIntervalSec=0, %d rounds)")
-    :format(N_UNITS, UNIT_TYPE, ROUNDS))
-  lib.row("", W_LABEL, { "median", "min", "ratio(med)", "ratio(min)" }, { W_COL, W_COL, 11, 11 })
-  lib.flush()
   local order = { "systemctl", "sequential", "concurrent" }
   local times = { systemctl = {}, sequential = {}, concurrent = {} }
   local failures = { systemctl = 0, sequential = 0, concurrent = 0 }
+  local cpu = { systemctl = {}, sequential = {}, concurrent = {} }
   local errors = {}
   for round = 1, ROUNDS do
     -- rotate the order each round: no method always runs first (or right after another)
     for k = 0, #order - 1 do
       local name = order[(k + round - 1) % #order + 1]
       lib.progress("restarts round %d: %s", round, name)
+      local cpu0 = manager_cpu()
       local dt, fails, first = restart_methods[name]()
+      local cpu1 = manager_cpu()
+      if cpu0 and cpu1 then cpu[name][#cpu[name] + 1] = (cpu1 - cpu0) * 1000 / N_UNITS end
       times[name][#times[name] + 1] = dt * 1000 / N_UNITS
       failures[name] = failures[name] + fails
       if first and not errors[name] then errors[name] = first end
     end
   end
+  print(("unit restarts (%d build/fixture units, Type=%s, StartLimitIntervalSec=0, %d rounds)")
+    :format(N_UNITS, UNIT_TYPE, ROUNDS))
+  lib.row("", W_LABEL, { "median", "min", "ratio(med)", "ratio(min)", "manager CPU" },
+    { W_COL + 8, W_COL + 8, 11, 11, 19 })
   local base_med, base_min = lib.median(times.systemctl), lib.min(times.systemctl)
   local rows = {
     { "systemctl", "systemctl --user restart, sequential (baseline)" },
@@ -225,19 +262,21 @@ local function bench_restarts()
   }
   for _, r in ipairs(rows) do
     local med, min = lib.median(times[r[1]]), lib.min(times[r[1]])
-    local cols = { lib.ms(med) .. " ms/unit", lib.ms(min) .. " ms/unit" }
+    local cols = { lib.ms(med) .. " ms/unit", lib.ms(min) .. " ms/unit", "", "",
+      #cpu[r[1]] > 0 and (lib.ms(lib.median(cpu[r[1]])) .. " ms/unit") or "-" }
     if r[1] ~= "systemctl" then
       cols[3] = lib.ratio(base_med, med)
       cols[4] = lib.ratio(base_min, min)
     end
-    lib.row(r[2], W_LABEL, cols, { W_COL + 8, W_COL + 8, 11, 11 })
+    lib.row(r[2], W_LABEL, cols, { W_COL + 8, W_COL + 8, 11, 11, 19 })
   end
   print(("  (per round, all %d units: baseline %s ms, sequential %s ms, concurrent %s ms — medians)")
     :format(N_UNITS, lib.ms(lib.median(times.systemctl) * N_UNITS), lib.ms(lib.median(times.sequential) * N_UNITS),
       lib.ms(lib.median(times.concurrent) * N_UNITS)))
   for _, r in ipairs(rows) do
     if failures[r[1]] > 0 then
-      print(("  !! %s: %d failed restarts (first: %s)"):format(r[2], failures[r[1]], tostring(errors[r[1]])))
+      failed_operations = failed_operations + failures[r[1]]
+      print(("  !! %s: %d failed restarts (first: %s)"):format(r[2], failures[r[1]], short(errors[r[1]])))
     end
   end
   print()
@@ -304,10 +343,6 @@ local probe_methods = {
 }
 
 local function bench_probes(path, title, rows)
-  print(("%s (%d probes over %d fixture servers, %d rounds)"):format(title, N_PROBES, N_SERVERS, ROUNDS))
-  lib.row("", W_LABEL, { "median", "min", "per probe", "ratio(med)", "ratio(min)" },
-    { W_COL, W_COL, W_COL, 11, 11 })
-  lib.flush()
   local urls = probe_urls(path)
   local times, failures, errors = {}, {}, {}
   for _, r in ipairs(rows) do
@@ -323,6 +358,9 @@ local function bench_probes(path, title, rows)
       if first and not errors[name] then errors[name] = first end
     end
   end
+  print(("%s (%d probes over %d fixture servers, %d rounds)"):format(title, N_PROBES, N_SERVERS, ROUNDS))
+  lib.row("", W_LABEL, { "median", "min", "per probe", "ratio(med)", "ratio(min)" },
+    { W_COL, W_COL, W_COL, 11, 11 })
   local base_med, base_min = lib.median(times.curl), lib.min(times.curl)
   for _, r in ipairs(rows) do
     local med, min = lib.median(times[r[1]]), lib.min(times[r[1]])
@@ -335,7 +373,8 @@ local function bench_probes(path, title, rows)
   end
   for _, r in ipairs(rows) do
     if failures[r[1]] > 0 then
-      print(("  !! %s: %d probes without a 200 (first: %s)"):format(r[2], failures[r[1]], tostring(errors[r[1]])))
+      failed_operations = failed_operations + failures[r[1]]
+      print(("  !! %s: %d probes without a 200 (first: %s)"):format(r[2], failures[r[1]], short(errors[r[1]])))
     end
   end
   print()
@@ -381,17 +420,22 @@ local function latency_trial(lu)
     rec.error = "cannot read properties: " .. tostring(perr)
     return rec
   end
-  -- ActiveEnterTimestampMonotonic: when the manager processed READY=1 (CLOCK_MONOTONIC, µs;
-  -- the same clock as rr.now()). The fixture computed its deadline (now + warmup, in whole
-  -- ms) just before sending READY=1, so it turned healthy at most ~1 ms before
-  -- active + warmup, never after it.
-  local active = (props.ActiveEnterTimestampMonotonic or 0) / 1e6
-  if active <= 0 or active > t_job + 0.001 then
+  -- The healthy moment. The fixture, right after listen(), sets its deadline
+  -- ready_at = now_ms() + (int64) (warmup * 1000) (CLOCK_MONOTONIC, truncated to whole ms),
+  -- sends READY=1, and answers 200 from the instant now_ms() >= ready_at: the ms boundary
+  -- ready_at itself. The manager records ActiveEnterTimestampMonotonic (µs, the same clock
+  -- as rr.now()) when it processes that READY=1, microseconds after listen(). So
+  -- healthy_at = floor_ms(ActiveEnter) + warmup_ms exactly, unless a ms boundary fell
+  -- between listen() and the manager's timestamp: then it was 1 ms earlier.
+  local active_us = props.ActiveEnterTimestampMonotonic or 0
+  local active = active_us / 1e6
+  if active_us <= 0 or active > t_job + 0.001 then
     rec.note = "ActiveEnterTimestamp unusable; used the start job's return"
+    active_us = math.floor(t_job * 1e6)
     active = t_job
   end
   rec.exec_to_ready_ms = (active - (props.ExecMainStartTimestampMonotonic or 0) / 1e6) * 1000
-  local healthy_at = active + lu.warmup
+  local healthy_at = (active_us // 1000 + math.floor(lu.warmup * 1000)) / 1000
   local c, p = results[1], results[2]
   if not c[1] then
     rec.error = "rr.health task failed: " .. tostring(c[2])
@@ -413,22 +457,25 @@ local function latency_trial(lu)
 end
 
 local function bench_latency()
-  print(("detection latency (Type=notify fixture, --warmup W; healthy at ActiveEnter+W; %d trials)")
+  print(("detection latency (Type=notify fixture, --warmup W; %d trials)")
     :format(#WARMUPS))
   print(("  rr.health.check with interval=%gs, timeout=%gs vs a fixed %gs polling loop, both started"
     .. " on the same fixture as its start job returns"):format(HC.interval, HC.timeout, HC.interval))
   lib.row("W (s)", 8, { "rr.health lag", "probes", "1 s poll lag", "probes" }, { 16, 8, 16, 8 })
   lib.flush()
   local recs = {}
-  for i, lu in ipairs(latency_units) do
-    lib.progress("latency trial %d: warmup %gs", i, lu.warmup)
+  for _, lu in ipairs(latency_units) do
+    if interrupted() then break end
     local rec = latency_trial(lu)
     recs[#recs + 1] = rec
     lib.row(("%.2f"):format(rec.warmup), 8, {
       rec.rr_ms and (lib.ms(rec.rr_ms) .. " ms") or "-", rec.rr_probes or "-",
       rec.naive_ms and (lib.ms(rec.naive_ms) .. " ms") or "-", rec.naive_probes or "-",
     }, { 16, 8, 16, 8 })
-    if rec.error then print("    !! " .. rec.error) end
+    if rec.error then
+      failed_operations = failed_operations + 1
+      print("    !! " .. short(rec.error))
+    end
     if rec.note then print("    (" .. rec.note .. ")") end
     lib.flush()
   end
@@ -464,8 +511,9 @@ local function bench_latency()
   for _, r in ipairs(recs) do
     if r.exec_to_ready_ms then exec_ready[#exec_ready + 1] = r.exec_to_ready_ms end
   end
-  print(("  (the true lag is at most ~1 ms more: the fixture's deadline is in whole ms; exec to READY=1"
-    .. " took %s ms median)"):format(lib.ms(lib.median(exec_ready))))
+  print(("  (healthy moment = the fixture's own deadline, floor_ms(ActiveEnterTimestamp) + W, exact to"
+    .. " the ms boundary it flips on, or 1 ms earlier; exec to READY=1 took %s ms median)")
+    :format(lib.ms(lib.median(exec_ready))))
   print()
   lib.flush()
 end
@@ -488,6 +536,11 @@ local function header()
   lib.flush()
 end
 
+local function run_section(name, fn)
+  if interrupted() then return end
+  if not lib.section(name, fn) then failed_sections = failed_sections + 1 end
+end
+
 local function main()
   local t_start = rr.now()
   header()
@@ -497,23 +550,26 @@ local function main()
   assert(m:daemon_reload())
   start_units()
 
-  if not lib.section("unit restarts", bench_restarts) then failed_sections = failed_sections + 1 end
-
-  -- the probe servers are the first N_SERVERS restart units: make sure they are up again
-  for i = 1, N_SERVERS do assert(wait_http_ok(restart_units[i].url, 10)) end
-  if not lib.section("health probes", function()
+  run_section("unit restarts", bench_restarts)
+  run_section("health probes", function()
+    -- the probe servers are the first N_SERVERS restart units: make sure they are up again
+    for i = 1, N_SERVERS do assert(wait_http_ok(restart_units[i].url, 10)) end
     bench_probes("/health", "health probes, GET /health", {
       { "curl", "curl, sequential processes (baseline)" },
       { "concurrent", ("rr.http, concurrent (%d tasks)"):format(N_PROBES) },
       { "sequential", "rr.http, sequential (one task)" },
     })
+    if interrupted() then return end
     bench_probes(("/slow?ms=%d"):format(SLOW_MS), ("slow probes, GET /slow?ms=%d"):format(SLOW_MS), {
       { "curl", "curl, sequential processes (baseline)" },
       { "concurrent", ("rr.http, concurrent (%d tasks)"):format(N_PROBES) },
     })
-  end) then failed_sections = failed_sections + 1 end
-
-  if not lib.section("detection latency", bench_latency) then failed_sections = failed_sections + 1 end
+  end)
+  run_section("detection latency", bench_latency)
+  if interrupted() then
+    print("interrupted: remaining figures skipped")
+    failed_sections = failed_sections + 1
+  end
   print(("total bench time %.1f s"):format(rr.now() - t_start))
 end
 
@@ -528,5 +584,9 @@ if not cok then
   print("cleanup failed: " .. tostring(cerr))
   failed_sections = failed_sections + 1
 end
+if failed_sections > 0 or failed_operations > 0 then
+  print(("bench finished with errors: %d section(s) failed, %d operation(s) failed — figures above are"
+    .. " not reliable"):format(failed_sections, failed_operations))
+end
 io.stdout:flush()
-os.exit(failed_sections == 0 and 0 or 1)
+os.exit((failed_sections == 0 and failed_operations == 0) and 0 or 1)
