@@ -55,37 +55,13 @@ static const char *check_path(lua_State *L, int idx) {
         return p;
 }
 
-/* A permission mode at idx: an integer (420, tonumber("644", 8)) or an octal string ("0644",
- * "644"), since Lua has no octal literals and 0644 in Lua is decimal 644. -1 when not a mode. */
-static long long to_mode(lua_State *L, int idx) {
-        if (lua_type(L, idx) == LUA_TSTRING) {
-                const char *s = lua_tostring(L, idx);
-                long long v = 0;
-                if (!*s)
-                        return -1;
-                for (; *s; s++) {
-                        if (*s < '0' || *s > '7')
-                                return -1;
-                        v = v * 8 + (*s - '0');
-                        if (v > 07777)
-                                return -1;
-                }
-                return v;
-        }
-        if (lua_isinteger(L, idx)) {
-                lua_Integer v = lua_tointeger(L, idx);
-                return v >= 0 && v <= 07777 ? (long long) v : -1;
-        }
-        return -1;
-}
-
 /* An optional permission mode argument, or def. */
 static mode_t opt_mode(lua_State *L, int idx, mode_t def) {
         long long m;
 
         if (lua_isnoneornil(L, idx))
                 return def;
-        m = to_mode(L, idx);
+        m = rr_to_mode(L, idx);
         luaL_argcheck(L, m >= 0, idx,
                       "mode must be an integer such as tonumber(\"644\", 8), or an octal string such as \"0644\"");
         return (mode_t) m;
@@ -98,7 +74,7 @@ static long long opt_field_mode(lua_State *L, int opts) {
         if (lua_isnoneornil(L, opts))
                 return -1;
         if (lua_getfield(L, opts, "mode") != LUA_TNIL) {
-                m = to_mode(L, -1);
+                m = rr_to_mode(L, -1);
                 if (m < 0)
                         luaL_error(L, "bad option 'mode' (an integer such as tonumber(\"644\", 8), "
                                       "or an octal string such as \"0644\")");
@@ -192,37 +168,6 @@ static int split_path(const char *path, char **ret_dir, char **ret_base) {
         *ret_dir = dir;
         *ret_base = base;
         dir = base = NULL;
-        return 0;
-}
-
-/* mkdir -p: create path and its missing parents with mode (minus the umask). An existing
- * directory (or a symlink to one) is fine; anything else in the way is -ENOTDIR/-EEXIST. */
-static int mkdir_p(const char *path, mode_t mode) {
-        _cleanup_(freep) char *p = strdup(path);
-        struct stat st;
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = p + 1;; s++) {
-                bool last = *s == '\0';
-                if (*s != '/' && !last)
-                        continue;
-                *s = '\0';
-                if (mkdir(p, mode) < 0) {
-                        int e = errno;
-                        if (e != EEXIST)
-                                return -e;
-                        if (stat(p, &st) < 0)
-                                return -errno;
-                        if (!S_ISDIR(st.st_mode))
-                                return -ENOTDIR;
-                }
-                if (last)
-                        break;
-                *s = '/';
-                while (s[1] == '/')
-                        s++;
-        }
         return 0;
 }
 
@@ -605,7 +550,7 @@ static int fs_exists(lua_State *L) {
 static int fs_mkdir_p(lua_State *L) {
         const char *path = check_path(L, 1);
         mode_t mode = opt_mode(L, 2, DEFAULT_DIR_MODE);
-        int r = mkdir_p(path, mode);
+        int r = rr_mkdir_p(path, mode);
 
         if (r < 0)
                 return fail(L, r, "cannot create directory %s", path);
@@ -648,23 +593,12 @@ static int fs_fsync_dir(lua_State *L) {
         return 1;
 }
 
-typedef struct Name {
-        const char *s;
-        size_t len;
-} Name;
-
-static int name_cmp(const void *a, const void *b) {
-        const Name *x = a, *y = b;
-        int c = memcmp(x->s, y->s, x->len < y->len ? x->len : y->len);
-        return c ? c : (x->len > y->len) - (x->len < y->len);
-}
-
 /* fs.list(dir) -> { names sorted bytewise, without "." and ".." } | nil, err, code */
 static int fs_list(lua_State *L) {
         const char *path = check_path(L, 1);
         Scratch *s = scratch_new(L); /* scratch */
         lua_Integer n = 0;
-        Name *names;
+        RrName *names;
         int unsorted;
 
         s->dir = opendir(path);
@@ -692,13 +626,13 @@ static int fs_list(lua_State *L) {
         scratch_release(s);
 
         /* Sort pointers to the strings, which the unsorted table keeps alive. */
-        names = lua_newuserdatauv(L, (size_t) n * sizeof(Name) + 1, 0); /* scratch unsorted names */
+        names = lua_newuserdatauv(L, (size_t) n * sizeof(RrName) + 1, 0); /* scratch unsorted names */
         for (lua_Integer i = 1; i <= n; i++) {
                 lua_rawgeti(L, unsorted, i);
                 names[i - 1].s = lua_tolstring(L, -1, &names[i - 1].len);
                 lua_pop(L, 1); /* still referenced by the table */
         }
-        qsort(names, (size_t) n, sizeof(Name), name_cmp);
+        qsort(names, (size_t) n, sizeof(RrName), rr_name_cmp);
         lua_createtable(L, (int) n, 0); /* scratch unsorted names result */
         for (lua_Integer i = 0; i < n; i++) {
                 lua_pushlstring(L, names[i].s, names[i].len);

@@ -50,36 +50,6 @@ static void format_timestamp(char buf[static 32]) {
         snprintf(buf + 19, 13, ".%03dZ", (int) (ts.tv_nsec / 1000000));
 }
 
-/* mkdir -p with mode (minus the umask) for the log's parent directories. */
-static int mkdir_p(const char *path, mode_t mode) {
-        _cleanup_(freep) char *p = strdup(path);
-        struct stat st;
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = p + 1;; s++) {
-                bool last = *s == '\0';
-                if (*s != '/' && !last)
-                        continue;
-                *s = '\0';
-                if (mkdir(p, mode) < 0) {
-                        int e = errno;
-                        if (e != EEXIST)
-                                return -e;
-                        if (stat(p, &st) < 0)
-                                return -errno;
-                        if (!S_ISDIR(st.st_mode))
-                                return -ENOTDIR;
-                }
-                if (last)
-                        break;
-                *s = '/';
-                while (s[1] == '/')
-                        s++;
-        }
-        return 0;
-}
-
 /* Create the parent directories of path, if it has any. */
 static int make_parents(const char *path) {
         _cleanup_(freep) char *dir = strdup(path);
@@ -91,7 +61,7 @@ static int make_parents(const char *path) {
         if (!slash || slash == dir)
                 return 0;
         *slash = '\0';
-        return mkdir_p(dir, PARENT_DIR_MODE);
+        return rr_mkdir_p(dir, PARENT_DIR_MODE);
 }
 
 /* Open the log file: append-only, never through a symlink, only a regular file. O_NONBLOCK
@@ -114,29 +84,6 @@ static int open_log(const char *path, mode_t mode) {
         r = fd;
         fd = -1;
         return r;
-}
-
-/* A permission mode option: an integer or an octal string ("0640"); -1 when invalid. */
-static long long to_mode(lua_State *L, int idx) {
-        if (lua_type(L, idx) == LUA_TSTRING) {
-                const char *s = lua_tostring(L, idx);
-                long long v = 0;
-                if (!*s)
-                        return -1;
-                for (; *s; s++) {
-                        if (*s < '0' || *s > '7')
-                                return -1;
-                        v = v * 8 + (*s - '0');
-                        if (v > 07777)
-                                return -1;
-                }
-                return v;
-        }
-        if (lua_isinteger(L, idx)) {
-                lua_Integer v = lua_tointeger(L, idx);
-                return v >= 0 && v <= 07777 ? (long long) v : -1;
-        }
-        return -1;
 }
 
 static LogFile *check_file(lua_State *L, int idx) {
@@ -163,7 +110,7 @@ static int log_open(lua_State *L) {
         if (!lua_isnoneornil(L, 2)) {
                 luaL_checktype(L, 2, LUA_TTABLE);
                 if (lua_getfield(L, 2, "mode") != LUA_TNIL) {
-                        long long m = to_mode(L, -1);
+                        long long m = rr_to_mode(L, -1);
                         if (m < 0)
                                 return luaL_error(L, "bad option 'mode' (an integer such as tonumber(\"640\", 8), "
                                                      "or an octal string such as \"0640\")");
@@ -229,17 +176,6 @@ static void push_json(lua_State *L, int idx, int encode_idx, const char *key) {
                 luaL_error(L, "field '%s': %s", key, lua_tostring(L, -1));
 }
 
-typedef struct Name {
-        const char *s;
-        size_t len;
-} Name;
-
-static int name_cmp(const void *a, const void *b) {
-        const Name *x = a, *y = b;
-        int c = memcmp(x->s, y->s, x->len < y->len ? x->len : y->len);
-        return c ? c : (x->len > y->len) - (x->len < y->len);
-}
-
 static bool is_leading_key(const char *k) {
         for (size_t i = 0; i < ELEMENTSOF(leading_keys); i++)
                 if (strcmp(k, leading_keys[i]) == 0)
@@ -255,7 +191,7 @@ static int event_line(lua_State *L) {
         const int event = 1, copy = 2, names_idx = 3, keys = 4, parts = 5;
         lua_Integer n = 0, k = 0;
         char ts[32];
-        Name *names;
+        RrName *names;
 
         luaL_checktype(L, event, LUA_TTABLE);
         lua_settop(L, event);
@@ -291,7 +227,7 @@ static int event_line(lua_State *L) {
                 lua_pop(L, 1);
                 n++;
         }
-        names = lua_newuserdatauv(L, (size_t) n * sizeof(Name) + 1, 0); /* event copy names */
+        names = lua_newuserdatauv(L, (size_t) n * sizeof(RrName) + 1, 0); /* event copy names */
         n = 0;
         lua_pushnil(L);
         while (lua_next(L, copy)) {
@@ -301,7 +237,7 @@ static int event_line(lua_State *L) {
                         n++;
                 }
         }
-        qsort(names, (size_t) n, sizeof(Name), name_cmp);
+        qsort(names, (size_t) n, sizeof(RrName), rr_name_cmp);
 
         lua_createtable(L, (int) n + (int) ELEMENTSOF(leading_keys), 0); /* event copy names keys */
         for (size_t i = 0; i < ELEMENTSOF(leading_keys); i++) {

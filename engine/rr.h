@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -73,6 +74,27 @@ unsigned rr_interrupts(void);
 /* Push `nil, message` (and the errno name when errnum > 0) and return the count: the shape of
  * every expected failure. */
 int rr_push_fail(lua_State *L, int errnum, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Helpers shared by modules (util.c). */
+
+/* mkdir -p: create path and its missing parents with mode (minus the umask). An existing
+ * directory (or a symlink to one) is fine; anything else in the way is -ENOTDIR. Returns 0 or a
+ * negative errno. */
+int rr_mkdir_p(const char *path, mode_t mode);
+
+/* A permission mode at idx: an integer (420, tonumber("644", 8)) or an octal string ("0644",
+ * "644"), since Lua has no octal literals and 0644 in Lua is decimal 644. -1 when not a mode
+ * (never raises). */
+long long rr_to_mode(lua_State *L, int idx);
+
+/* A name that need not be NUL-terminated (a Lua string borrowed from the stack). */
+typedef struct RrName {
+        const char *s;
+        size_t len;
+} RrName;
+
+/* qsort() comparator for RrName: bytewise, a prefix first. */
+int rr_name_cmp(const void *a, const void *b);
 
 /* Module openers (each file is one Lua module). */
 int luaopen_rr_loop(lua_State *L);

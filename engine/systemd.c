@@ -292,11 +292,26 @@ static int sdop_abandon(lua_State *L, SdOp *o, int r, const char *what) {
         return rr_push_fail(L, -r, "%s: %s", what, strerror(-r));
 }
 
-/* Call a manager method asynchronously into o->calls[idx]; the reply goes to cb with o. */
-static int sdop_call(SdOp *o, unsigned idx, sd_bus_message_handler_t cb, uint64_t timeout_usec, const char *path,
-                     const char *iface, const char *member, const char *types, ...) {
+/* sdop_new() for a Lua primitive: raises "out of memory" instead of returning NULL. */
+static void *sdop_new_or_raise(lua_State *L, size_t size, const SdOpType *type, Manager *m) {
+        void *o = sdop_new(size, type, m);
+
+        if (!o)
+                luaL_error(L, "out of memory");
+        return o;
+}
+
+/* A primitive ran out of memory filling in its op: free it and raise "out of memory". */
+static int sdop_raise_oom(lua_State *L, SdOp *o) {
+        sdop_release(&o->op);
+        return luaL_error(L, "out of memory");
+}
+
+/* Call a manager method asynchronously into o->calls[idx]; the reply goes to cb with o. The
+ * arguments (of D-Bus signature `types`, NULL for none) are in ap. */
+static int sdop_callv(SdOp *o, unsigned idx, sd_bus_message_handler_t cb, uint64_t timeout_usec, const char *path,
+                      const char *iface, const char *member, const char *types, va_list ap) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *msg = NULL;
-        va_list ap;
         int r;
 
         assert(idx < ELEMENTSOF(o->calls));
@@ -307,13 +322,42 @@ static int sdop_call(SdOp *o, unsigned idx, sd_bus_message_handler_t cb, uint64_
         if (r < 0)
                 return r;
         if (types) {
-                va_start(ap, types);
                 r = sd_bus_message_appendv(msg, types, ap);
-                va_end(ap);
                 if (r < 0)
                         return r;
         }
         return sd_bus_call_async(o->m->bus, &o->calls[idx], msg, cb, o, timeout_usec);
+}
+
+/* sdop_callv() with the arguments given here. */
+static int sdop_call(SdOp *o, unsigned idx, sd_bus_message_handler_t cb, uint64_t timeout_usec, const char *path,
+                     const char *iface, const char *member, const char *types, ...) {
+        va_list ap;
+        int r;
+
+        va_start(ap, types);
+        r = sdop_callv(o, idx, cb, timeout_usec, path, iface, member, types, ap);
+        va_end(ap);
+        return r;
+}
+
+/* GetAll() of the Unit interface into o->calls[0] and, when type_iface is not NULL, of the unit
+ * type's into o->calls[1]; both replies go to cb. *pending: how many replies to wait for. */
+static int sdop_get_all(SdOp *o, sd_bus_message_handler_t cb, const char *path, const char *type_iface,
+                        unsigned *pending) {
+        int r;
+
+        r = sdop_call(o, 0, cb, 0, path, DBUS_PROPERTIES, "GetAll", "s", SD_UNIT);
+        if (r < 0)
+                return r;
+        *pending = 1;
+        if (type_iface) {
+                r = sdop_call(o, 1, cb, 0, path, DBUS_PROPERTIES, "GetAll", "s", type_iface);
+                if (r < 0)
+                        return r;
+                *pending = 2;
+        }
+        return 0;
 }
 
 /* In a reply callback: which of o's calls this reply answers (its slot is dropped), or -1. */
@@ -338,20 +382,14 @@ static int sdop_timer_fired(sd_event_source *src, uint64_t usec, void *userdata)
         return 0;
 }
 
-/* Arm o's deadline, `seconds` from now (negative: none). From the clock, not from
- * sd_event_add_time_relative(): that counts from the loop's cached time of its last wake-up, which
- * is stale after Lua code ran for a while, and the deadline would come early. */
+/* Arm o's deadline, `seconds` from now (negative: none). From the clock (rr_deadline_usec()), not
+ * from sd_event_add_time_relative(): that counts from the loop's cached time of its last wake-up,
+ * which is stale after Lua code ran for a while, and the deadline would come early. */
 static int sdop_set_timeout(SdOp *o, double seconds) {
-        struct timespec ts;
-        uint64_t now_usec;
-
         if (seconds < 0)
                 return 0;
-        if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0)
-                return -errno;
-        now_usec = (uint64_t) ts.tv_sec * 1000000ULL + (uint64_t) ts.tv_nsec / 1000ULL;
-        return sd_event_add_time(rr_loop_event(), &o->timer, CLOCK_MONOTONIC, now_usec + (uint64_t) (seconds * 1e6),
-                                 1000, sdop_timer_fired, o);
+        return sd_event_add_time(rr_loop_event(), &o->timer, CLOCK_MONOTONIC, rr_deadline_usec(seconds), 1000,
+                                 sdop_timer_fired, o);
 }
 
 /* The error a reply carries, or NULL for a method return. */
@@ -567,21 +605,48 @@ static int push_property(lua_State *L, sd_bus_message *msg, const char *name) {
         return r == 0 ? -EBADMSG : r;
 }
 
-/* Add the properties of a GetAll reply (a{sv}) to the table at absolute index t. */
-static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
+/* Drop what was pushed above top, then push nil, "cannot parse the properties of <name>: <errno
+ * text>", "bad-reply" for the negative errno r: 3. */
+static int push_props_error(lua_State *L, int top, const char *name, int r) {
+        lua_settop(L, top);
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot parse the properties of %s: %s", name, strerror(-r));
+        lua_pushliteral(L, ERR_PARSE);
+        return 3;
+}
+
+/* Rewind a GetAll reply and enter its property array (a{sv}), for props_next(). */
+static int props_begin(sd_bus_message *reply) {
         int r;
 
         r = sd_bus_message_rewind(reply, true);
         if (r < 0)
                 return r;
-        r = sd_bus_message_enter_container(reply, SD_BUS_TYPE_ARRAY, "{sv}");
+        return sd_bus_message_enter_container(reply, SD_BUS_TYPE_ARRAY, "{sv}");
+}
+
+/* Enter the next entry of a property array (a{sv}) and read its name: 1 with the value (a
+ * variant) next, for the caller to read or skip before it exits the entry; 0 at the end of the
+ * array; or a negative errno. */
+static int props_next(sd_bus_message *msg, const char **name) {
+        int r;
+
+        r = sd_bus_message_enter_container(msg, SD_BUS_TYPE_DICT_ENTRY, "sv");
+        if (r <= 0)
+                return r;
+        r = sd_bus_message_read_basic(msg, SD_BUS_TYPE_STRING, name);
+        return r < 0 ? r : 1;
+}
+
+/* Add the properties of a GetAll reply (a{sv}) to the table at absolute index t. */
+static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
+        const char *name;
+        int r;
+
+        r = props_begin(reply);
         if (r < 0)
                 return r;
-        while ((r = sd_bus_message_enter_container(reply, SD_BUS_TYPE_DICT_ENTRY, "sv")) > 0) {
-                const char *name;
-                r = sd_bus_message_read_basic(reply, SD_BUS_TYPE_STRING, &name);
-                if (r < 0)
-                        return r;
+        while ((r = props_next(reply, &name)) > 0) {
                 r = push_property(L, reply, name);
                 if (r < 0)
                         return r;
@@ -593,6 +658,22 @@ static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
         if (r < 0)
                 return r;
         return sd_bus_message_exit_container(reply);
+}
+
+/* Push one table with the properties of every GetAll reply in replies (NULL entries skipped): 1.
+ * When a reply cannot be parsed: nil, "cannot parse the properties of <name>: ...", "bad-reply"
+ * (3), and nothing else is left on the stack. */
+static int push_props(lua_State *L, sd_bus_message *const *replies, size_t n, const char *name) {
+        int top = lua_gettop(L), r = 0;
+
+        lua_newtable(L);
+        for (size_t i = 0; i < n && r >= 0; i++)
+                if (replies[i])
+                        r = props_to_table(L, replies[i], top + 1);
+        if (r < 0)
+                return push_props_error(L, top, name, r);
+        lua_settop(L, top + 1);
+        return 1;
 }
 
 /* ---- canonical text of values, to tell whether a property changed ---- */
@@ -735,20 +816,14 @@ static char *canon_lua(lua_State *L, int idx, bool *bad) {
 
 /* Find property `name` in a GetAll reply; its canonical text in *ret, or NULL when absent. */
 static int reply_find_canon(sd_bus_message *reply, const char *name, char **ret) {
+        const char *key;
         int r;
 
         *ret = NULL;
-        r = sd_bus_message_rewind(reply, true);
+        r = props_begin(reply);
         if (r < 0)
                 return r;
-        r = sd_bus_message_enter_container(reply, SD_BUS_TYPE_ARRAY, "{sv}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(reply, SD_BUS_TYPE_DICT_ENTRY, "sv")) > 0) {
-                const char *key;
-                r = sd_bus_message_read_basic(reply, SD_BUS_TYPE_STRING, &key);
-                if (r < 0)
-                        return r;
+        while ((r = props_next(reply, &key)) > 0) {
                 if (streq(key, name))
                         return canon_value(reply, ret);
                 r = sd_bus_message_skip(reply, "v");
@@ -1057,25 +1132,15 @@ typedef struct PropsOp {
 /* The properties table, or get()'s one value. */
 static int props_push(lua_State *L, SdOp *o) {
         PropsOp *p = (PropsOp *) o;
-        int top = lua_gettop(L), r = 0;
+        int top = lua_gettop(L), r;
 
-        if (p->prop) {
-                r = sd_bus_message_rewind(p->replies[0], true);
-                if (r >= 0)
-                        r = push_property(L, p->replies[0], p->prop);
-        } else {
-                lua_newtable(L);
-                for (size_t i = 0; i < ELEMENTSOF(p->replies) && r >= 0; i++)
-                        if (p->replies[i])
-                                r = props_to_table(L, p->replies[i], top + 1);
-        }
-        if (r < 0) {
-                lua_settop(L, top);
-                lua_pushnil(L);
-                lua_pushfstring(L, "cannot parse the properties of %s: %s", p->name, strerror(-r));
-                lua_pushliteral(L, ERR_PARSE);
-                return 3;
-        }
+        if (!p->prop)
+                return push_props(L, p->replies, ELEMENTSOF(p->replies), p->name);
+        r = sd_bus_message_rewind(p->replies[0], true);
+        if (r >= 0)
+                r = push_property(L, p->replies[0], p->prop);
+        if (r < 0)
+                return push_props_error(L, top, p->name, r);
         lua_settop(L, top + 1);
         return 1;
 }
@@ -1148,17 +1213,21 @@ static int get_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_er
 /* ---- ops: unit jobs (start, stop, restart, reload, ...) ---- */
 
 typedef struct JobVerb {
+        const char *lua;    /* the unit method, u:<lua>([mode][, opts]) */
         const char *verb;   /* for messages, as systemctl names it */
         const char *method; /* the Manager method */
 } JobVerb;
 
-static const JobVerb verb_start = { "start", "StartUnit" };
-static const JobVerb verb_stop = { "stop", "StopUnit" };
-static const JobVerb verb_restart = { "restart", "RestartUnit" };
-static const JobVerb verb_reload = { "reload", "ReloadUnit" };
-static const JobVerb verb_reload_or_restart = { "reload-or-restart", "ReloadOrRestartUnit" };
-static const JobVerb verb_try_restart = { "try-restart", "TryRestartUnit" };
-static const JobVerb verb_try_reload_or_restart = { "try-reload-or-restart", "ReloadOrTryRestartUnit" };
+/* Every job a unit handle can queue; each is a method of rr.systemd.unit (see add_job_methods). */
+static const JobVerb job_verbs[] = {
+        { "start", "start", "StartUnit" },
+        { "stop", "stop", "StopUnit" },
+        { "restart", "restart", "RestartUnit" },
+        { "reload", "reload", "ReloadUnit" },
+        { "reload_or_restart", "reload-or-restart", "ReloadOrRestartUnit" },
+        { "try_restart", "try-restart", "TryRestartUnit" },
+        { "try_reload_or_restart", "try-reload-or-restart", "ReloadOrTryRestartUnit" },
+};
 
 static const char *const job_modes[] = {
         "replace", "fail", "isolate", "ignore-dependencies", "ignore-requirements", "flush",
@@ -1176,6 +1245,14 @@ typedef struct JobOp {
         char *unit_result; /* the unit's Result, read after the job ended */
 } JobOp;
 
+/* The explanation of `key` in a table of { key, explanation } pairs, or NULL. */
+static const char *explained(const char *const (*table)[2], size_t n, const char *key) {
+        for (size_t i = 0; i < n; i++)
+                if (streq(key, table[i][0]))
+                        return table[i][1];
+        return NULL;
+}
+
 /* Why a job ended so, for the message (as systemctl explains it), or NULL. */
 static const char *job_result_explained(const char *result) {
         static const char *const table[][2] = {
@@ -1189,10 +1266,7 @@ static const char *job_result_explained(const char *result) {
                 { "collected", "the queued job was garbage-collected" },
                 { "once", "the unit can be started only once" },
         };
-        for (size_t i = 0; i < ELEMENTSOF(table); i++)
-                if (streq(result, table[i][0]))
-                        return table[i][1];
-        return NULL;
+        return explained(table, ELEMENTSOF(table), result);
 }
 
 /* What a unit's Result means, for the message, or NULL. */
@@ -1210,10 +1284,7 @@ static const char *unit_result_explained(const char *result) {
                 { "oom-kill", "the OOM killer killed a process" },
                 { "exec-condition", "ExecCondition= failed" },
         };
-        for (size_t i = 0; i < ELEMENTSOF(table); i++)
-                if (streq(result, table[i][0]))
-                        return table[i][1];
-        return NULL;
+        return explained(table, ELEMENTSOF(table), result);
 }
 
 /* true, "done", unit_result | nil, message, job_result, unit_result. */
@@ -1225,10 +1296,7 @@ static int job_push(lua_State *L, SdOp *o) {
         if (streq(j->job_result, "done")) {
                 lua_pushboolean(L, 1);
                 lua_pushstring(L, j->job_result);
-                if (j->unit_result)
-                        lua_pushstring(L, j->unit_result);
-                else
-                        lua_pushnil(L);
+                lua_pushstring(L, j->unit_result); /* nil when unknown */
                 return 3;
         }
         lua_pushnil(L);
@@ -1252,10 +1320,7 @@ static int job_push(lua_State *L, SdOp *o) {
         }
         luaL_pushresult(&b);
         lua_pushstring(L, j->job_result);
-        if (j->unit_result)
-                lua_pushstring(L, j->unit_result);
-        else
-                lua_pushnil(L);
+        lua_pushstring(L, j->unit_result); /* nil when unknown */
         return 4;
 }
 
@@ -1481,17 +1546,14 @@ static int watch_read(WatchOp *w);
 /* wait_state: true, state | nil, "timeout", state; wait_change: props, changed | nil, "timeout". */
 static int watch_push(lua_State *L, SdOp *o) {
         WatchOp *w = (WatchOp *) o;
-        int top = lua_gettop(L), r = 0;
         lua_Integer k = 0;
+        int n;
 
         if (!w->change) {
                 if (w->timed_out) {
                         lua_pushnil(L);
                         lua_pushliteral(L, "timeout");
-                        if (w->state)
-                                lua_pushstring(L, w->state);
-                        else
-                                lua_pushnil(L);
+                        lua_pushstring(L, w->state); /* nil when none was seen */
                         return 3;
                 }
                 lua_pushboolean(L, 1);
@@ -1503,18 +1565,9 @@ static int watch_push(lua_State *L, SdOp *o) {
                 lua_pushliteral(L, "timeout");
                 return 2;
         }
-        lua_newtable(L);
-        for (size_t i = 0; i < ELEMENTSOF(w->replies) && r >= 0; i++)
-                if (w->replies[i])
-                        r = props_to_table(L, w->replies[i], top + 1);
-        if (r < 0) {
-                lua_settop(L, top);
-                lua_pushnil(L);
-                lua_pushfstring(L, "cannot parse the properties of %s: %s", w->name, strerror(-r));
-                lua_pushliteral(L, ERR_PARSE);
-                return 3;
-        }
-        lua_settop(L, top + 1);
+        n = push_props(L, w->replies, ELEMENTSOF(w->replies), w->name);
+        if (n != 1)
+                return n; /* nil, err, code */
         lua_newtable(L);
         for (size_t i = 0; i < w->n_want; i++)
                 if (w->changed[i]) {
@@ -1652,17 +1705,7 @@ static int watch_read(WatchOp *w) {
                 w->pending = 1;
                 return 0;
         }
-        r = sdop_call(&w->base, 0, watch_reply, 0, w->path, DBUS_PROPERTIES, "GetAll", "s", SD_UNIT);
-        if (r < 0)
-                return r;
-        w->pending = 1;
-        if (w->type) {
-                r = sdop_call(&w->base, 1, watch_reply, 0, w->path, DBUS_PROPERTIES, "GetAll", "s", w->type->iface);
-                if (r < 0)
-                        return r;
-                w->pending = 2;
-        }
-        return 0;
+        return sdop_get_all(&w->base, watch_reply, w->path, w->type ? w->type->iface : NULL, &w->pending);
 }
 
 /* A PropertiesChanged signal of some unit: the new ActiveState when it is there, else a read when
@@ -1681,9 +1724,7 @@ static void watch_props_changed(SdOp *o, sd_bus_message *msg) {
                 return;
         if (sd_bus_message_enter_container(msg, SD_BUS_TYPE_ARRAY, "{sv}") < 0)
                 return;
-        while ((r = sd_bus_message_enter_container(msg, SD_BUS_TYPE_DICT_ENTRY, "sv")) > 0) {
-                if (sd_bus_message_read_basic(msg, SD_BUS_TYPE_STRING, &key) < 0)
-                        return;
+        while ((r = props_next(msg, &key)) > 0) {
                 if (!w->change && streq(key, "ActiveState")) {
                         const char *state;
                         /* Signals and replies arrive in the order the manager sent them: the last one
@@ -1893,14 +1934,10 @@ static int manager_l_unit(lua_State *L) {
                 return luaL_argerror(L, 2, lua_pushfstring(L, "invalid unit name '%s'", name));
         if (m->lost)
                 return push_lost(L, m);
-        l = sdop_new(sizeof *l, &load_type, m);
-        if (!l)
-                return luaL_error(L, "out of memory");
+        l = sdop_new_or_raise(L, sizeof *l, &load_type, m);
         l->name = strdup(name);
-        if (!l->name) {
-                sdop_release(&l->base.op);
-                return luaL_error(L, "out of memory");
-        }
+        if (!l->name)
+                return sdop_raise_oom(L, &l->base);
         r = sdop_call(&l->base, 0, load_reply, 0, SD_OBJECT, SD_MANAGER, "LoadUnit", "s", name);
         if (r < 0)
                 return sdop_abandon(L, &l->base, r, "cannot load the unit");
@@ -1910,29 +1947,19 @@ static int manager_l_unit(lua_State *L) {
 /* Start a CallOp: a manager method that answers with nothing we need. */
 static int start_call(lua_State *L, Manager *m, const char *what, uint64_t timeout_usec, const char *path,
                       const char *iface, const char *method, const char *types, ...) {
-        _cleanup_(sd_bus_message_unrefp) sd_bus_message *msg = NULL;
         CallOp *c;
         va_list ap;
         int r;
 
         if (m->lost)
                 return push_lost(L, m);
-        c = sdop_new(sizeof *c, &call_type, m);
-        if (!c)
-                return luaL_error(L, "out of memory");
+        c = sdop_new_or_raise(L, sizeof *c, &call_type, m);
         c->what = strdup(what);
-        if (!c->what) {
-                sdop_release(&c->base.op);
-                return luaL_error(L, "out of memory");
-        }
-        r = sd_bus_message_new_method_call(m->bus, &msg, SD_SERVICE, path, iface, method);
-        if (r >= 0 && types) {
-                va_start(ap, types);
-                r = sd_bus_message_appendv(msg, types, ap);
-                va_end(ap);
-        }
-        if (r >= 0)
-                r = sd_bus_call_async(m->bus, &c->base.calls[0], msg, call_reply, c, timeout_usec);
+        if (!c->what)
+                return sdop_raise_oom(L, &c->base);
+        va_start(ap, types);
+        r = sdop_callv(&c->base, 0, call_reply, timeout_usec, path, iface, method, types, ap);
+        va_end(ap);
         if (r < 0)
                 return sdop_abandon(L, &c->base, r, what);
         return rr_op_await(L, &c->base.op);
@@ -1959,9 +1986,7 @@ static int manager_l_list_units(lua_State *L) {
                 n = check_string_list(L, 2, NULL, 0);
         if (m->lost)
                 return push_lost(L, m);
-        l = sdop_new(sizeof *l, &list_type, m);
-        if (!l)
-                return luaL_error(L, "out of memory");
+        l = sdop_new_or_raise(L, sizeof *l, &list_type, m);
         r = sd_bus_message_new_method_call(m->bus, &msg, SD_SERVICE, SD_OBJECT, SD_MANAGER, "ListUnitsByPatterns");
         if (r >= 0)
                 r = sd_bus_message_append_strv(msg, NULL); /* any state */
@@ -2058,18 +2083,13 @@ static int unit_l_path(lua_State *L) {
 
 /* A PropsOp for u (raises on OOM). */
 static PropsOp *props_new(lua_State *L, Unit *u) {
-        PropsOp *p = sdop_new(sizeof *p, &props_type, u->m);
+        PropsOp *p = sdop_new_or_raise(L, sizeof *p, &props_type, u->m);
 
-        if (!p) {
-                luaL_error(L, "out of memory");
-                return NULL;
-        }
         p->name = strdup(u->name);
         p->path = strdup(u->path);
         p->iface = u->type ? u->type->iface : NULL;
         if (!p->name || !p->path) {
-                sdop_release(&p->base.op);
-                luaL_error(L, "out of memory");
+                sdop_raise_oom(L, &p->base);
                 return NULL;
         }
         return p;
@@ -2084,14 +2104,7 @@ static int unit_l_properties(lua_State *L) {
         if (u->m->lost)
                 return push_lost(L, u->m);
         p = props_new(L, u);
-        r = sdop_call(&p->base, 0, props_reply, 0, u->path, DBUS_PROPERTIES, "GetAll", "s", SD_UNIT);
-        if (r >= 0) {
-                p->pending = 1;
-                if (p->iface) {
-                        r = sdop_call(&p->base, 1, props_reply, 0, u->path, DBUS_PROPERTIES, "GetAll", "s", p->iface);
-                        p->pending = 2;
-                }
-        }
+        r = sdop_get_all(&p->base, props_reply, u->path, p->iface, &p->pending);
         if (r < 0)
                 return sdop_abandon(L, &p->base, r, "cannot read the properties");
         return rr_op_await(L, &p->base.op);
@@ -2108,10 +2121,8 @@ static int unit_l_get(lua_State *L) {
                 return push_lost(L, u->m);
         p = props_new(L, u);
         p->prop = strdup(prop);
-        if (!p->prop) {
-                sdop_release(&p->base.op);
-                return luaL_error(L, "out of memory");
-        }
+        if (!p->prop)
+                return sdop_raise_oom(L, &p->base);
         r = sdop_call(&p->base, 0, get_reply, 0, u->path, DBUS_PROPERTIES, "Get", "ss", SD_UNIT, prop);
         if (r < 0)
                 return sdop_abandon(L, &p->base, r, "cannot read the property");
@@ -2120,8 +2131,10 @@ static int unit_l_get(lua_State *L) {
 
 /* u:<verb>([mode][, opts]) -> true, "done", unit_result
  *                           | nil, err, job_result, unit_result   (the job ended otherwise)
- *                           | nil, err, dbus_error_name           (the manager refused the job) */
-static int unit_job(lua_State *L, const JobVerb *verb) {
+ *                           | nil, err, dbus_error_name           (the manager refused the job)
+ * One closure per entry of job_verbs, its JobVerb as upvalue 1. */
+static int unit_l_job(lua_State *L) {
+        const JobVerb *verb = lua_touserdata(L, lua_upvalueindex(1));
         Unit *u = check_unit(L, 1);
         const char *mode = "replace";
         double timeout;
@@ -2142,18 +2155,14 @@ static int unit_job(lua_State *L, const JobVerb *verb) {
         if (u->m->lost)
                 return push_lost(L, u->m);
 
-        j = sdop_new(sizeof *j, &job_type, u->m);
-        if (!j)
-                return luaL_error(L, "out of memory");
+        j = sdop_new_or_raise(L, sizeof *j, &job_type, u->m);
         j->verb = verb;
         j->type = u->type;
         j->timeout = timeout;
         j->name = strdup(u->name);
         j->path = strdup(u->path);
-        if (!j->name || !j->path) {
-                sdop_release(&j->base.op);
-                return luaL_error(L, "out of memory");
-        }
+        if (!j->name || !j->path)
+                return sdop_raise_oom(L, &j->base);
         /* The JobRemoved match is in place since the connection opened: no job end can be missed. */
         r = sdop_call(&j->base, 0, job_method_reply, 0, SD_OBJECT, SD_MANAGER, verb->method, "ss", u->id, mode);
         if (r >= 0)
@@ -2165,49 +2174,10 @@ static int unit_job(lua_State *L, const JobVerb *verb) {
         return rr_op_await(L, &j->base.op);
 }
 
-/* u:start([mode][, opts]) */
-static int unit_l_start(lua_State *L) {
-        return unit_job(L, &verb_start);
-}
-
-/* u:stop([mode][, opts]) */
-static int unit_l_stop(lua_State *L) {
-        return unit_job(L, &verb_stop);
-}
-
-/* u:restart([mode][, opts]) */
-static int unit_l_restart(lua_State *L) {
-        return unit_job(L, &verb_restart);
-}
-
-/* u:reload([mode][, opts]) */
-static int unit_l_reload(lua_State *L) {
-        return unit_job(L, &verb_reload);
-}
-
-/* u:reload_or_restart([mode][, opts]) */
-static int unit_l_reload_or_restart(lua_State *L) {
-        return unit_job(L, &verb_reload_or_restart);
-}
-
-/* u:try_restart([mode][, opts]) */
-static int unit_l_try_restart(lua_State *L) {
-        return unit_job(L, &verb_try_restart);
-}
-
-/* u:try_reload_or_restart([mode][, opts]) */
-static int unit_l_try_reload_or_restart(lua_State *L) {
-        return unit_job(L, &verb_try_reload_or_restart);
-}
-
 /* A WatchOp for u with the n strings at list_idx (raises on OOM). */
 static WatchOp *watch_new(lua_State *L, Unit *u, bool change, int list_idx, size_t n) {
-        WatchOp *w = sdop_new(sizeof *w, &watch_type, u->m);
+        WatchOp *w = sdop_new_or_raise(L, sizeof *w, &watch_type, u->m);
 
-        if (!w) {
-                luaL_error(L, "out of memory");
-                return NULL;
-        }
         w->change = change;
         w->type = u->type;
         w->name = strdup(u->name);
@@ -2215,8 +2185,7 @@ static WatchOp *watch_new(lua_State *L, Unit *u, bool change, int list_idx, size
         w->n_want = n;
         if (!w->name || !w->path || copy_string_list(L, list_idx, n, &w->want) < 0) {
                 w->n_want = 0;
-                sdop_release(&w->base.op);
-                luaL_error(L, "out of memory");
+                sdop_raise_oom(L, &w->base);
                 return NULL;
         }
         return w;
@@ -2263,10 +2232,8 @@ static int unit_l_wait_change(lua_State *L) {
         w = watch_new(L, u, true, 2, n);
         w->baseline = calloc(n, sizeof(char *));
         w->changed = calloc(n, sizeof(bool));
-        if (!w->baseline || !w->changed) {
-                sdop_release(&w->base.op);
-                return luaL_error(L, "out of memory");
-        }
+        if (!w->baseline || !w->changed)
+                return sdop_raise_oom(L, &w->base);
         if (lua_istable(L, 4))
                 for (size_t i = 0; i < n; i++) {
                         bool bad;
@@ -2357,13 +2324,7 @@ static const luaL_Reg unit_methods[] = {
         { "path", unit_l_path },
         { "properties", unit_l_properties },
         { "get", unit_l_get },
-        { "start", unit_l_start },
-        { "stop", unit_l_stop },
-        { "restart", unit_l_restart },
-        { "reload", unit_l_reload },
-        { "reload_or_restart", unit_l_reload_or_restart },
-        { "try_restart", unit_l_try_restart },
-        { "try_reload_or_restart", unit_l_try_reload_or_restart },
+        /* and the job methods of job_verbs (add_job_methods) */
         { "wait_state", unit_l_wait_state },
         { "wait_change", unit_l_wait_change },
         { "reset_failed", unit_l_reset_failed },
@@ -2383,12 +2344,25 @@ static const luaL_Reg systemd_functions[] = {
         { NULL, NULL },
 };
 
-/* Creates the metatable `name` with meta-methods `meta` and methods `methods` as __index. */
-static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods) {
+/* Adds u:start(), u:stop(), ...: one unit_l_job closure per job verb, to the methods table on top. */
+static void add_job_methods(lua_State *L) {
+        for (size_t i = 0; i < ELEMENTSOF(job_verbs); i++) {
+                lua_pushlightuserdata(L, (void *) &job_verbs[i]); /* methods verb */
+                lua_pushcclosure(L, unit_l_job, 1);               /* methods closure */
+                lua_setfield(L, -2, job_verbs[i].lua);            /* methods */
+        }
+}
+
+/* Creates the metatable `name` with meta-methods `meta` and methods `methods` (then, when not
+ * NULL, those add_methods puts in the table on top) as __index. */
+static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods,
+                      void (*add_methods)(lua_State *L)) {
         if (luaL_newmetatable(L, name)) {
                 luaL_setfuncs(L, meta, 0);
                 lua_newtable(L); /* meta methods */
                 luaL_setfuncs(L, methods, 0);
+                if (add_methods)
+                        add_methods(L);
                 lua_setfield(L, -2, "__index"); /* meta */
         }
         lua_pop(L, 1);
@@ -2396,8 +2370,8 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, cons
 
 /* require("rr.systemd"): user(), system(); the two classes. */
 int luaopen_rr_systemd(lua_State *L) {
-        new_class(L, MANAGER_MT, manager_meta, manager_methods);
-        new_class(L, UNIT_MT, unit_meta, unit_methods);
+        new_class(L, MANAGER_MT, manager_meta, manager_methods, NULL);
+        new_class(L, UNIT_MT, unit_meta, unit_methods, add_job_methods);
         luaL_newlib(L, systemd_functions);
         return 1;
 }

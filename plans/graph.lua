@@ -1,7 +1,6 @@
 -- rrengine plans/graph.lua [--services FILE] [--dot]: the restart order and the dependency
 -- waves (what --parallel can run together); --dot prints Graphviz.
 local cli = require("rr.cli")
-local services = require("rr.services")
 local dag = require("rr.dag")
 
 local spec = {
@@ -14,11 +13,7 @@ local spec = {
     { name = "help", short = "h", help = "show this help" },
   },
 }
-local opts, err = cli.parse({ ... }, spec)
-if not opts then io.stderr:write("rrengine: ", err, "\n"); os.exit(2) end
-if opts.help then io.write(cli.usage(spec)); os.exit(0) end
-local platform, errs = services.load(opts.services_file)
-if not platform then io.stderr:write("rrengine: ", table.concat(errs, "\nrrengine: "), "\n"); os.exit(2) end
+local opts, platform = cli.plan_start({ ... }, spec)
 if opts.dot then
   print("digraph services {")
   for _, s in ipairs(platform.services) do

@@ -3,7 +3,6 @@
 -- that deploy undone — then daemon-reload, start, health check. What the seed runbook did
 -- with cp and systemctl, through the same steps as an automatic rollback.
 local cli = require("rr.cli")
-local services = require("rr.services")
 local systemd = require("rr.systemd")
 local fs = require("rr.fs")
 local events = require("rr.events")
@@ -38,13 +37,10 @@ local function die(code, msg)
   os.exit(code)
 end
 
-local opts, err = cli.parse({ ... }, spec)
-if not opts then die(2, err .. " (try --help)") end
-if opts.help then io.write(cli.usage(spec)); os.exit(0) end
-if not opts.service then die(2, "--service NAME is required") end
-
-local platform, errs = services.load(opts.services_file)
-if not platform then die(2, table.concat(errs, "\nrrengine: ")) end
+local opts, platform = cli.plan_start({ ... }, spec, {
+  try_help = true,
+  check = function(o) return o.service ~= nil, "--service NAME is required" end,
+})
 local svc = platform.by_name[opts.service]
 if not svc then die(2, ("unknown service %q in %s"):format(opts.service, opts.services_file)) end
 
@@ -59,8 +55,9 @@ local record
 local pointer = flow.last_deploy_pointer(state_root, svc.name)
 if not opts.no_code and fs.stat(pointer) then
   local dir = fs.read(pointer)
-  record, err = deploy.load(dir)
-  if not record then die(1, ("cannot read the last deploy record %s: %s"):format(dir, err)) end
+  local derr
+  record, derr = deploy.load(dir)
+  if not record then die(1, ("cannot read the last deploy record %s: %s"):format(dir, derr)) end
 end
 
 local view = ui.new({})

@@ -1,7 +1,6 @@
 -- rrengine plans/status.lua [--services FILE] [--user] [--json]: every service's unit state and
 -- health, checked concurrently. Exit 0 when all are healthy, 1 otherwise.
 local cli = require("rr.cli")
-local services = require("rr.services")
 local systemd = require("rr.systemd")
 local status = require("rr.status")
 
@@ -16,11 +15,7 @@ local spec = {
     { name = "help", short = "h", help = "show this help" },
   },
 }
-local opts, err = cli.parse({ ... }, spec)
-if not opts then io.stderr:write("rrengine: ", err, "\n"); os.exit(2) end
-if opts.help then io.write(cli.usage(spec)); os.exit(0) end
-local platform, errs = services.load(opts.services_file)
-if not platform then io.stderr:write("rrengine: ", table.concat(errs, "\nrrengine: "), "\n"); os.exit(2) end
+local opts, platform = cli.plan_start({ ... }, spec)
 local manager, merr = (opts.user and systemd.user or systemd.system)()
 if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
 local rows = status.collect(manager, platform.services)

@@ -2,20 +2,8 @@
 -- drop-in, or its EnvironmentFile) before the run; the new definition fails; rollback brings
 -- back the files that last worked, byte-identical, and the service is healthy again.
 local fs = require("rr.fs")
-local proc = require("rr.proc")
 local units = require("spec.support.units")
 local platform = require("spec.support.platform")
-
-local engine = os.getenv("RR_ENGINE") or arg[-1]
-
--- The latest such event in the log (earlier runs of the same platform come first).
-local function find_event(p, name, service)
-  local found
-  for _, ev in ipairs(p:events()) do
-    if ev.event == name and (not service or ev.service == service) then found = ev end
-  end
-  return found
-end
 
 local function edit(path, from, to)
   local text = assert(fs.read(path))
@@ -32,7 +20,7 @@ describe("rollback to the last known good definition", function()
     -- a first successful run makes the current definition known good
     local summary = p:run()
     assert.is_true(summary.success, summary.error)
-    assert.is_truthy(find_event(p, "SNAPSHOT_KNOWN_GOOD", "api"))
+    assert.is_truthy(p:last_event("SNAPSHOT_KNOWN_GOOD", "api"))
   end)
   after_each(function() p:teardown() end)
 
@@ -49,7 +37,7 @@ describe("rollback to the last known good definition", function()
     assert.equal("active", props.ActiveState)
     assert.is_false(props.NeedDaemonReload)
     assert.equal(200, require("rr.http").get(p.by_name.api.url).status)
-    local restored = find_event(p, "DEFINITION_RESTORED", "api")
+    local restored = p:last_event("DEFINITION_RESTORED", "api")
     assert.same({ path }, restored.restored)
   end)
 
@@ -85,17 +73,15 @@ describe("rollback to the last known good definition", function()
     local summary = p:run()
     assert.is_true(summary.success, summary.error)
     assert.are_not.equal(pid, p:props("api").MainPID)
-    assert.equal("restart", find_event(p, "SERVICE_RESTART_SUCCESS", "api").method)
+    assert.equal("restart", p:last_event("SERVICE_RESTART_SUCCESS", "api").method)
   end)
 
   it("plans/rollback.lua restores the known-good definition by hand", function()
     local path = p.by_name.api.unit_path
     local good = fs.read(path)
     edit(path, "%[Service%]", "[Service]\nEnvironment=HAND_EDIT=1")
-    local res, err, r = proc.run({ engine, "plans/rollback.lua", "--user", "--services", p.services_file,
-      "--service", "api", "--events", p.events_file }, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
-    res = res or r
-    assert.equal(0, res.exit_code, (res.stdout or "") .. (res.stderr or err or ""))
+    local res = p:cli({ "--service", "api" }, { plan = "plans/rollback.lua", timeout = 60 })
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
     assert.equal(good, fs.read(path))
     assert.equal("active", p:props("api").ActiveState)
   end)

@@ -3,28 +3,10 @@ local rr = require("rr")
 local deploy = require("rr.deploy")
 local fs = require("rr.fs")
 local proc = require("rr.proc")
+local helpers = require("spec.support.helpers")
 
--- The engine binary running this spec, for child engines (RR_ENGINE: set by run-specs; under
--- valgrind /proc/self/exe would be valgrind).
-local engine = os.getenv("RR_ENGINE")
-if not engine or not fs.exists(engine) then engine = fs.realpath("/proc/self/exe") end
-
--- Runs a setup command from an argv; fails the spec when it fails.
-local function run(argv)
-  local res, err, r = proc.run(argv, { capture = true })
-  assert(res, ("%s: %s %s"):format(table.concat(argv, " "), tostring(err), r and r.stderr or ""))
-  return res
-end
-
-local function parent(path)
-  return path:match("^(.*)/[^/]*$")
-end
-
--- Writes a file (parents created), optionally with a mode.
-local function write(path, data, mode)
-  assert(fs.mkdir_p(parent(path), 493))
-  assert(fs.write_atomic(path, data, { mode = mode or 420 }))
-end
+-- The engine binary (for child engines), setup commands, files with their parents.
+local engine, run, write = helpers.engine, helpers.run, helpers.write
 
 -- Rewrites the start of a file in place, as SQLite or a log writer does (same inode).
 local function rewrite_in_place(path, data)

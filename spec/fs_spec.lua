@@ -2,25 +2,10 @@
 -- Run with the engine as the interpreter: rrengine /usr/bin/busted spec/fs_spec.lua
 local fs = require("rr.fs")
 local rr = require("rr")
+local helpers = require("spec.support.helpers")
 
--- Octal mode literals (Lua has none): mode("640") == 416.
-local function mode(s) return tonumber(s, 8) end
-
--- The engine binary running these specs: $RR_ENGINE (run-specs sets it), else /proc/self/exe,
--- else arg[-1] (the interpreter that runs busted); the first that is a file.
-local ENGINE do
-  for _, p in ipairs({ os.getenv("RR_ENGINE") or false, fs.realpath("/proc/self/exe") or false,
-                       arg and arg[-1] or false }) do
-    if p and fs.stat(p, true) and fs.stat(p, true).type == "file" then ENGINE = p break end
-  end
-end
-
--- rr.proc, when this engine has it (a colleague's module; stubbed in early builds).
-local proc do
-  local ok, m = pcall(require, "rr.proc")
-  proc = ok and type(m) == "table" and type(m.run) == "function" and m or nil
-end
-local NO_PROC = "rr.proc.run is not in this engine yet: the cross-process part needs it"
+local mode, ENGINE = helpers.mode, helpers.engine
+local proc, NO_PROC = helpers.proc, helpers.NO_PROC
 
 -- Run Lua code in a second engine process: res (stdout, exit_code) | nil, err, res.
 local function engine_run(code, timeout)

@@ -4,25 +4,12 @@ local log = require("rr.log")
 local fs = require("rr.fs")
 local rr = require("rr")
 local cjson = require("cjson")
+local helpers = require("spec.support.helpers")
 
 local TS_PATTERN = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$"
 
-local function mode(s) return tonumber(s, 8) end
-
--- The engine binary running these specs: $RR_ENGINE (run-specs sets it), else /proc/self/exe,
--- else arg[-1] (the interpreter that runs busted); the first that is a file.
-local ENGINE do
-  for _, p in ipairs({ os.getenv("RR_ENGINE") or false, fs.realpath("/proc/self/exe") or false,
-                       arg and arg[-1] or false }) do
-    if p and fs.stat(p, true) and fs.stat(p, true).type == "file" then ENGINE = p break end
-  end
-end
-
-local proc do
-  local ok, m = pcall(require, "rr.proc")
-  proc = ok and type(m) == "table" and type(m.run) == "function" and m or nil
-end
-local NO_PROC = "rr.proc.run is not in this engine yet: the cross-process part needs it"
+local mode, ENGINE = helpers.mode, helpers.engine
+local proc, NO_PROC = helpers.proc, helpers.NO_PROC
 
 -- The lines of a file, without their newlines; the last line must be complete.
 local function lines(path)

@@ -2,35 +2,9 @@
 -- hooks, stabilization failures, --json. Real binary, real sandboxed manager.
 local rr = require("rr")
 local fs = require("rr.fs")
-local proc = require("rr.proc")
+local helpers = require("spec.support.helpers")
 local units = require("spec.support.units")
 local platform = require("spec.support.platform")
-
-local engine = os.getenv("RR_ENGINE") or arg[-1]
-
-local function last_event(p, name, service)
-  local found
-  for _, ev in ipairs(p:events()) do
-    if ev.event == name and (not service or ev.service == service) then found = ev end
-  end
-  return found
-end
-
-local function cli(p, args, opts)
-  opts = opts or {}
-  local argv = { engine, "plans/rolling.lua", "--user", "--services", opts.services_file or p.services_file,
-    "--events", p.events_file }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local handle = proc.spawn(argv, { env = { XDG_STATE_HOME = p.xdg_state }, on_line = opts.on_line })
-  if opts.spawned then opts.spawned(handle) end
-  local res, _, r = handle:wait()
-  return res or r
-end
-
-local function write(path, text)
-  assert(fs.write_atomic(path, text))
-  return path
-end
 
 describe("plans/rolling.lua", function()
   local p
@@ -67,7 +41,7 @@ describe("plans/rolling.lua", function()
     }
     for _, case in ipairs(cases) do
       it(case[1], function()
-        local res = cli(p, case[2])
+        local res = p:cli(case[2])
         assert.equal(2, res.exit_code, res.stderr)
         assert.matches(case[3], res.stderr)
         assert.matches("^rrengine: [^\n]+\n$", res.stderr)
@@ -76,12 +50,12 @@ describe("plans/rolling.lua", function()
     end
 
     it("a services file with problems: every problem, each naming service and field", function()
-      local bad = write(p.dir .. "/bad-services.lua", [[
+      local bad = helpers.write(p.dir .. "/bad-services.lua", [[
         return { services = {
           { name = "x", unit = "x.service", helth = "systemd" },
           { name = "y", unit = "not a unit", depends = { "nope" } },
         } }]])
-      local res = cli(p, {}, { services_file = bad })
+      local res = p:cli({}, { services_file = bad })
       assert.equal(2, res.exit_code)
       assert.matches('service "x": field "helth" is unknown', res.stderr)
       assert.matches('service "y"', res.stderr)
@@ -90,15 +64,15 @@ describe("plans/rolling.lua", function()
     end)
 
     it("a services file that is not valid Lua", function()
-      local bad = write(p.dir .. "/broken-services.lua", "return { services = { ")
-      local res = cli(p, {}, { services_file = bad })
+      local bad = helpers.write(p.dir .. "/broken-services.lua", "return { services = { ")
+      local res = p:cli({}, { services_file = bad })
       assert.equal(2, res.exit_code)
       assert.matches("broken%-services%.lua:1:", res.stderr)
     end)
   end)
 
   it("--help shows examples first, then options and exit codes", function()
-    local res = cli(p, { "--help" })
+    local res = p:cli({ "--help" })
     assert.equal(0, res.exit_code)
     local ex, opt, codes = res.stdout:find("Examples"), res.stdout:find("%-%-dry%-run"), res.stdout:find("130")
     assert.is_truthy(ex and opt and codes)
@@ -110,7 +84,7 @@ describe("plans/rolling.lua", function()
     local lock = assert(fs.lock(p.state_root .. "/run.lock"))
     local pid = p:props("a").MainPID
     local t0 = rr.now()
-    local res = cli(p, { "--service", "a" })
+    local res = p:cli({ "--service", "a" })
     lock:unlock()
     assert.equal(1, res.exit_code)
     assert.matches("locked by pid " .. fs.getpid(), res.stderr)
@@ -119,7 +93,7 @@ describe("plans/rolling.lua", function()
   end)
 
   it("prints one JSON summary with --json", function()
-    local res = cli(p, { "--service", "a", "--json" })
+    local res = p:cli({ "--service", "a", "--json" })
     assert.equal(0, res.exit_code, res.stderr)
     local summary = require("cjson").decode(res.stdout)
     assert.is_true(summary.success)
@@ -130,7 +104,7 @@ describe("plans/rolling.lua", function()
 
   it("on SIGINT finishes the service in flight, starts no other, exits 130", function()
     local sent = false
-    local res = cli(p, {}, {
+    local res = p:cli({}, {
       spawned = function(h) p.handle = h end,
       on_line = function(_, line)
         -- plain (non-terminal) output: one timestamped line per step
@@ -142,10 +116,10 @@ describe("plans/rolling.lua", function()
     })
     assert.is_true(sent, "never saw b's pre-check")
     assert.equal(130, res.exit_code, res.stdout .. res.stderr)
-    assert.is_truthy(last_event(p, "SERVICE_RESTART_SUCCESS", "b"), "b did not finish its flow")
-    local skipped = last_event(p, "SERVICE_SKIPPED", "c")
+    assert.is_truthy(p:last_event("SERVICE_RESTART_SUCCESS", "b"), "b did not finish its flow")
+    local skipped = p:last_event("SERVICE_SKIPPED", "c")
     assert.matches("interrupted", skipped.reason)
-    local plan_end = last_event(p, "PLAN_END")
+    local plan_end = p:last_event("PLAN_END")
     assert.equal("interrupted", plan_end.result)
     assert.equal(130, plan_end.exit_code)
   end)
@@ -160,7 +134,7 @@ describe("hooks", function()
   teardown(function() p:teardown() end)
 
   it("before_restart can veto a service: it is not touched", function()
-    local hook = write(p.dir .. "/veto.lua", [[
+    local hook = helpers.write(p.dir .. "/veto.lua", [[
       return { before_restart = function(svc)
         if svc.name == "a" then return false, "change freeze" end
         return true
@@ -171,22 +145,22 @@ describe("hooks", function()
     assert.same({ "a" }, summary.services_failed)
     assert.same({ "b" }, summary.services_succeeded)
     assert.equal(pid, p:props("a").MainPID)
-    assert.matches("change freeze", last_event(p, "SERVICE_SKIPPED", "a").reason)
+    assert.matches("change freeze", p:last_event("SERVICE_SKIPPED", "a").reason)
   end)
 
   it("a hook that raises fails its service with the error, never the engine", function()
-    local hook = write(p.dir .. "/raise.lua", [[
+    local hook = helpers.write(p.dir .. "/raise.lua", [[
       return { before_restart = function(svc) error("hook exploded for " .. svc.name) end }]])
     local pid = p:props("a").MainPID
     local summary = p:run({ hook_files = { hook }, services = { "a" } })
     assert.equal(1, summary.exit_code)
     assert.equal(pid, p:props("a").MainPID)
-    assert.matches("hook exploded for a", last_event(p, "SERVICE_RESTART_FAILED", "a").error)
+    assert.matches("hook exploded for a", p:last_event("SERVICE_RESTART_FAILED", "a").error)
   end)
 
   it("on_event sees every event, and can use the primitives (a task)", function()
     local seen = p.dir .. "/seen.txt"
-    local hook = write(p.dir .. "/observe.lua", ([[
+    local hook = helpers.write(p.dir .. "/observe.lua", ([[
       local rr = require("rr")
       return { on_event = function(ev)
         rr.sleep(0.001)
@@ -201,7 +175,7 @@ describe("hooks", function()
   end)
 
   it("refuses a hook file that does not load, with exit 2 and nothing touched", function()
-    local hook = write(p.dir .. "/broken-hook.lua", "return { before_restart = ")
+    local hook = helpers.write(p.dir .. "/broken-hook.lua", "return { before_restart = ")
     local summary = p:run({ hook_files = { hook } })
     assert.equal(2, summary.exit_code)
     assert.matches("broken%-hook%.lua", summary.error)
@@ -236,7 +210,7 @@ describe("stabilization", function()
     assert.equal(1, summary.exit_code)
     assert.same({ "crashy" }, summary.services_rolled_back)
     assert.is_true(rr.now() - t0 < 10)
-    assert.matches("left active", last_event(p, "STABILIZE_FAILED", "crashy").error)
+    assert.matches("left active", p:last_event("STABILIZE_FAILED", "crashy").error)
     assert.equal(good, fs.read(p.by_name.crashy.unit_path))
     assert.equal("active", p:props("crashy").ActiveState)
   end)
@@ -246,7 +220,7 @@ describe("stabilization", function()
     local summary = p:run({ services = { "flappy" } })
     assert.equal(1, summary.exit_code)
     assert.same({ "flappy" }, summary.services_rolled_back)
-    local err = last_event(p, "STABILIZE_FAILED", "flappy").error
+    local err = p:last_event("STABILIZE_FAILED", "flappy").error
     assert.is_truthy(err:match("NRestarts") or err:match("MainPID") or err:match("left active"), err)
     assert.equal(good, fs.read(p.by_name.flappy.unit_path))
   end)
@@ -254,7 +228,7 @@ describe("stabilization", function()
   it("rolls back when the health endpoint fails during stabilization", function()
     -- A run-wide hook turns the service unhealthy once stabilization starts, and the old
     -- version healthy again when the rollback starts: driven by the events themselves.
-    local hook = write(p.dir .. "/breaker.lua", ([[
+    local hook = helpers.write(p.dir .. "/breaker.lua", ([[
       local units = dofile(%q)
       return { on_event = function(ev)
         if ev.event == "STABILIZE_START" then units.control(%q, { status = 500 }) end
@@ -262,6 +236,6 @@ describe("stabilization", function()
       end }]]):format(units.root .. "/spec/support/units.lua", p.by_name.crashy.control, p.by_name.crashy.control))
     local summary = p:run({ services = { "crashy" }, hook_files = { hook } })
     assert.equal(1, summary.exit_code)
-    assert.matches("probe failed during stabilization", last_event(p, "STABILIZE_FAILED", "crashy").error)
+    assert.matches("probe failed during stabilization", p:last_event("STABILIZE_FAILED", "crashy").error)
   end)
 end)

@@ -2,11 +2,8 @@
 -- services, real rsync, real files. Each `describe` builds its own small platform.
 local rr = require("rr")
 local fs = require("rr.fs")
-local proc = require("rr.proc")
 local units = require("spec.support.units")
 local platform = require("spec.support.platform")
-
-local engine = os.getenv("RR_ENGINE") or arg[-1]
 
 local function count(list, name)
   local n = 0
@@ -16,15 +13,6 @@ end
 
 local function index_of(list, name)
   for i, v in ipairs(list) do if v == name then return i end end
-end
-
--- The latest such event in the log (earlier runs of the same platform come first).
-local function find_event(p, name, service)
-  local found
-  for _, ev in ipairs(p:events()) do
-    if ev.event == name and (not service or ev.service == service) then found = ev end
-  end
-  return found
 end
 
 -- The bytes and modes of every file under dir, as a map (relative path -> "mode:content").
@@ -41,16 +29,6 @@ local function tree(dir, prefix, acc)
     end
   end
   return acc
-end
-
--- Runs the plan through the real command line; returns res (exit_code, stdout, stderr).
-local function cli(p, args, opts)
-  local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--events", p.events_file }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  opts = opts or {}
-  local env = { XDG_STATE_HOME = p.xdg_state }
-  local res, _, r = proc.run(argv, { timeout = opts.timeout or 120, env = env, on_line = opts.on_line })
-  return res or r
 end
 
 describe("rolling restart", function()
@@ -120,7 +98,7 @@ describe("rolling restart", function()
       local unit_before = fs.read(p.by_name.api.unit_path)
       local state_before = tree(p.xdg_state)
       os.remove(p.events_file)
-      local res = cli(p, { "--dry-run" })
+      local res = p:cli({ "--dry-run" })
       assert.equal(0, res.exit_code, res.stderr)
       assert.matches("1%. db", res.stdout)
       assert.matches("4%. worker", res.stdout)
@@ -142,7 +120,7 @@ describe("rolling restart", function()
       assert.same({ "worker" }, summary.services_skipped)
       assert.equal(before.api, p:props("api").MainPID)
       assert.equal(before.worker, p:props("worker").MainPID)
-      local ev = find_event(p, "HEALTH_CHECK_FAILED", "api")
+      local ev = p:last_event("HEALTH_CHECK_FAILED", "api")
       assert.equal("pre", ev.phase)
       assert.matches("HTTP 500", ev.error)
     end)
@@ -201,7 +179,7 @@ describe("rolling restart", function()
       assert.same({ "b" }, summary.services_skipped)
       assert.same({ "c" }, summary.services_succeeded)
       assert.are_not.equal(c_before, p:props("c").MainPID)
-      assert.matches("depends on a", find_event(p, "SERVICE_SKIPPED", "b").reason)
+      assert.matches("depends on a", p:last_event("SERVICE_SKIPPED", "b").reason)
     end)
 
     it("without it, stops the run after the failure", function()
@@ -231,7 +209,7 @@ describe("rolling restart", function()
       local summary = p:run({ services = { "reloadable" } })
       assert.is_true(summary.success, summary.error)
       assert.equal(pid, p:props("reloadable").MainPID)
-      assert.equal("reload", find_event(p, "SERVICE_RESTART_SUCCESS", "reloadable").method)
+      assert.equal("reload", p:last_event("SERVICE_RESTART_SUCCESS", "reloadable").method)
     end)
 
     it("restarts when reload is not configured", function()
@@ -245,7 +223,7 @@ describe("rolling restart", function()
       local summary = p:run({ services = { "badreload" } })
       assert.is_true(summary.success, summary.error)
       assert.are_not.equal(pid, p:props("badreload").MainPID)
-      assert.is_truthy(find_event(p, "RELOAD_FALLBACK", "badreload"))
+      assert.is_truthy(p:last_event("RELOAD_FALLBACK", "badreload"))
     end)
   end)
 
@@ -281,7 +259,7 @@ describe("rolling restart", function()
       local summary = p:run({ deploy = true, deploy_path = deploy_dir, skip_migrations = true })
       assert.is_true(summary.success, summary.error)
       assert.is_nil(fs.stat(wd .. "/migrations.txt"))
-      assert.is_truthy(find_event(p, "MIGRATION_SKIPPED", "api"))
+      assert.is_truthy(p:last_event("MIGRATION_SKIPPED", "api"))
     end)
 
     it("rolls back code byte-identical when the new version is unhealthy, keeping the service's own writes", function()
@@ -320,9 +298,9 @@ describe("rolling restart", function()
       assert.equal(1, summary.exit_code)
       assert.same(before, tree(wd))
       assert.equal(pid, p:props("api").MainPID)
-      local ev = find_event(p, "MIGRATION_END", "api")
+      local ev = p:last_event("MIGRATION_END", "api")
       assert.equal(3, ev.exit_code)
-      local out = find_event(p, "MIGRATION_OUTPUT", "api")
+      local out = p:last_event("MIGRATION_OUTPUT", "api")
       assert.equal("migration boom", out.line)
       assert.equal("stderr", out.stream)
     end)
@@ -344,7 +322,7 @@ describe("rolling restart", function()
       assert.equal(1, summary.exit_code)
       assert.same(before, tree(wd))
       assert.equal(pid, p:props("api").MainPID)
-      assert.is_truthy(find_event(p, "DEPLOY_FAILED", "api"))
+      assert.is_truthy(p:last_event("DEPLOY_FAILED", "api"))
     end)
   end)
 end)

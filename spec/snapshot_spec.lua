@@ -2,22 +2,10 @@
 local snapshot = require("rr.snapshot")
 local fs = require("rr.fs")
 local proc = require("rr.proc")
+local helpers = require("spec.support.helpers")
 
--- The engine binary running this spec, for child engines (RR_ENGINE: set by run-specs; under
--- valgrind /proc/self/exe would be valgrind).
-local engine = os.getenv("RR_ENGINE")
-if not engine or not fs.exists(engine) then engine = fs.realpath("/proc/self/exe") end
-
-local function run(argv)
-  local res, err, r = proc.run(argv, { capture = true })
-  assert(res, ("%s: %s %s"):format(table.concat(argv, " "), tostring(err), r and r.stderr or ""))
-  return res
-end
-
-local function write(path, data, mode)
-  assert(fs.mkdir_p(path:match("^(.*)/[^/]*$"), 493))
-  assert(fs.write_atomic(path, data, { mode = mode or 420 }))
-end
+-- The engine binary (for child engines), setup commands, files with their parents.
+local engine, run, write = helpers.engine, helpers.run, helpers.write
 
 -- path -> "mode sha256" of each file that exists, for byte-and-mode comparisons.
 local function state_of(paths)

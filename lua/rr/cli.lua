@@ -30,6 +30,8 @@
 -- a boolean given twice is harmless and accepted; a repeatable option absent
 -- from the command line is nil, not {} (for --service, nil means "all").
 
+local suggest = require("rr.suggest")
+
 local cli = {}
 
 local TYPES = { boolean = true, string = true, number = true }
@@ -67,24 +69,6 @@ local function metavar(option)
   return option.value or (option.type == "number" and "N" or "VALUE")
 end
 
--- Edits (insert, delete, substitute, swap two neighbours) from a to b: the
--- optimal string alignment distance, where a swapped pair is one typo.
-local function distance(a, b)
-  local d = {}
-  for i = 0, #a do d[i] = { [0] = i } end
-  for j = 0, #b do d[0][j] = j end
-  for i = 1, #a do
-    for j = 1, #b do
-      local cost = a:byte(i) == b:byte(j) and 0 or 1
-      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
-        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
-      end
-    end
-  end
-  return d[#a][#b]
-end
-
 -- The closest option to a mistyped name, or nil. A candidate qualifies when it
 -- starts with what was typed (--dry for --dry-run), when it is within a third
 -- of the word of edits, or when it shares the first two letters and is within
@@ -94,9 +78,9 @@ local function closest_option(typed, spec)
   local best, best_rank
   for index, option in ipairs(spec.options) do
     local name = option.name
-    local d = distance(typed, name)
+    local d = suggest.distance(typed, name)
     local qualifies = name:sub(1, #typed) == typed
-      or d <= math.max(1, #typed // 3)
+      or d <= suggest.max_distance(typed)
       or (#typed >= 2 and name:sub(1, 2) == typed:sub(1, 2) and d <= #typed)
     if qualifies and #typed > 0 then
       local rank = { name:sub(1, #typed) == typed and 0 or 1, d, index }
@@ -397,6 +381,34 @@ end
 -- The usage text of plans/rolling.lua.
 function cli.rolling_usage()
   return cli.usage(cli.rolling_spec)
+end
+
+-- Prints "rrengine: <msg>" on stderr and exits 2 (usage or configuration error).
+local function usage_error(msg)
+  io.stderr:write("rrengine: ", msg, "\n")
+  os.exit(2)
+end
+
+-- The start every plan but rolling.lua shares: parses argv against spec (which
+-- must have the services option, key services_file), prints the usage and exits
+-- 0 on --help, then loads the services file. A bad command line or services
+-- file prints "rrengine: <error>" (one line per problem) and exits 2.
+-- `extra`, optional: try_help = true ends a command-line error with
+-- " (try --help)"; check = function(opts) -> true | nil, err, the plan's own
+-- rules, checked after --help and before the services file is loaded.
+-- Returns opts, platform (see rr.services.load).
+function cli.plan_start(argv, spec, extra)
+  extra = extra or {}
+  local opts, err = cli.parse(argv, spec)
+  if not opts then usage_error(extra.try_help and err .. " (try --help)" or err) end
+  if opts.help then io.write(cli.usage(spec)); os.exit(0) end
+  if extra.check then
+    local ok, check_err = extra.check(opts)
+    if not ok then usage_error(check_err) end
+  end
+  local platform, errs = require("rr.services").load(opts.services_file)
+  if not platform then usage_error(table.concat(errs, "\nrrengine: ")) end
+  return opts, platform
 end
 
 return cli

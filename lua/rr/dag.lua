@@ -9,6 +9,8 @@
 -- before a. A printed cycle follows that direction: "a -> b -> a" reads
 -- "a depends on b, which depends on a".
 
+local suggest = require("rr.suggest")
+
 local dag = {}
 
 -- Checks the argument shape; misuse raises at the caller.
@@ -172,34 +174,11 @@ function dag.format_cycle(cycle)
   return table.concat(cycle, " -> ")
 end
 
--- Edits (insert, delete, substitute, swap two neighbours) from a to b: the
--- optimal string alignment distance, where a swapped pair is one typo.
-local function edit_distance(a, b)
-  local d = {}
-  for i = 0, #a do d[i] = { [0] = i } end
-  for j = 0, #b do d[0][j] = j end
-  for i = 1, #a do
-    for j = 1, #b do
-      local cost = a:byte(i) == b:byte(j) and 0 or 1
-      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
-        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
-      end
-    end
-  end
-  return d[#a][#b]
-end
-
 -- Close matches for a mistyped name, for "did you mean" hints.
 local function suggestion(services, name)
-  local best, best_distance
-  for _, svc in ipairs(services) do
-    local a, b = name:lower(), svc.name:lower()
-    local distance = edit_distance(a, b)
-    if distance <= math.max(1, #name // 3) and (best_distance == nil or distance < best_distance) then
-      best, best_distance = svc.name, distance
-    end
-  end
+  local names = {}
+  for i, svc in ipairs(services) do names[i] = svc.name end
+  local best = suggest.closest(name, names)
   return best and (" (did you mean %q?)"):format(best) or ""
 end
 

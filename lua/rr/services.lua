@@ -21,6 +21,7 @@
 --     the file exists is checked at run time, not by validation.
 
 local dag = require("rr.dag")
+local suggest = require("rr.suggest")
 
 local services = {}
 
@@ -74,35 +75,11 @@ local function key_label(key)
   return "[" .. type(key) .. "]"
 end
 
--- Edits (insert, delete, substitute, swap two neighbours) from a to b: the
--- optimal string alignment distance, where a swapped pair is one typo.
-local function distance(a, b)
-  local d = {}
-  for i = 0, #a do d[i] = { [0] = i } end
-  for j = 0, #b do d[0][j] = j end
-  for i = 1, #a do
-    for j = 1, #b do
-      local cost = a:byte(i) == b:byte(j) and 0 or 1
-      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
-        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
-      end
-    end
-  end
-  return d[#a][#b]
-end
-
 -- " (did you mean "x"?)" for the closest candidate, or "".
 -- A typo is at most a third of the word (and one edit in a short word).
 local function hint(word, candidates, prefix)
   if type(word) ~= "string" then return "" end
-  local best, best_distance
-  for _, candidate in ipairs(candidates) do
-    local d = distance(word:lower(), candidate:lower())
-    if d <= math.max(1, #word // 3) and (best_distance == nil or d < best_distance) then
-      best, best_distance = candidate, d
-    end
-  end
+  local best = suggest.closest(word, candidates)
   return best and (" (did you mean %s?)"):format(quote((prefix or "") .. best)) or ""
 end
 

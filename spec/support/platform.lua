@@ -8,6 +8,8 @@
 --   })
 --   p:start()                          -- daemon-reload, start every unit, wait for active
 --   local summary = p:run({ services = { "api" } })   -- rr.rolling_restart in this process
+--   local res = p:cli({ "--service", "api" })          -- or plans/rolling.lua, as an operator runs it
+--   local ev = p:last_event("SERVICE_SKIPPED", "api")
 --   p:teardown()
 --
 -- Each service gets a unique unit name (prefix per platform), a port, a control file, and,
@@ -15,17 +17,17 @@
 -- service-written log (`service.log`, appended by the fixture at start).
 local rr = require("rr")
 local fs = require("rr.fs")
+local proc = require("rr.proc")
 local systemd = require("rr.systemd")
 local units = require("spec.support.units")
+local helpers = require("spec.support.helpers")
 
 local platform = {}
 platform.__index = platform
 
 local counter = 0
 
-local function write(path, text)
-  assert(fs.write_atomic(path, text, { mode = 420 }))
-end
+local write = helpers.write
 
 -- The manager of the sandbox (one connection per process is enough).
 local manager
@@ -171,6 +173,33 @@ function platform:events()
     list[#list + 1] = cjson.decode(line)
   end
   return list
+end
+
+-- The latest event of the log with this name (and service, when given), or nil: earlier runs
+-- of the same platform come first.
+function platform:last_event(name, service)
+  local found
+  for _, ev in ipairs(self:events()) do
+    if ev.event == name and (not service or ev.service == service) then found = ev end
+  end
+  return found
+end
+
+-- Runs a plan (opts.plan, default plans/rolling.lua) through the real command line, as an
+-- operator does: the engine binary, --user, this platform's services file (or
+-- opts.services_file) and event log, its XDG_STATE_HOME, then args. Returns the result
+-- (exit_code, stdout, stderr) whatever the exit code. opts: on_line(stream, line);
+-- spawned(handle), called once the process runs (to signal it); timeout (default 120 s).
+function platform:cli(args, opts)
+  opts = opts or {}
+  local argv = { helpers.engine, opts.plan or "plans/rolling.lua", "--user",
+    "--services", opts.services_file or self.services_file, "--events", self.events_file }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local handle = assert(proc.spawn(argv, { env = { XDG_STATE_HOME = self.xdg_state }, on_line = opts.on_line,
+    timeout = opts.timeout or 120 }))
+  if opts.spawned then opts.spawned(handle) end
+  local res, _, r = handle:wait()
+  return res or r
 end
 
 -- Names of the events for a service, in order.

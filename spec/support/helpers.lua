@@ -1,0 +1,52 @@
+-- spec/support/helpers.lua: small things many specs need.
+--
+--   local helpers = require("spec.support.helpers")
+--   helpers.engine                 -- the engine binary, for child engines
+--   helpers.write(path, data)      -- a file (parents created), mode 0644 unless given
+--   helpers.run({ "rsync", ... })  -- a setup command that must succeed
+--   helpers.mode("640")            -- 416: Lua has no octal literals
+local fs = require("rr.fs")
+
+local helpers = {}
+
+-- The engine binary running these specs: $RR_ENGINE (run-specs sets it; under valgrind
+-- /proc/self/exe would be valgrind), else /proc/self/exe, else arg[-1] (the interpreter that
+-- runs busted); the first that is a file. nil when none is.
+for _, p in ipairs({ os.getenv("RR_ENGINE") or false, fs.realpath("/proc/self/exe") or false,
+                     arg and arg[-1] or false }) do
+  if p and fs.stat(p, true) and fs.stat(p, true).type == "file" then
+    helpers.engine = p
+    break
+  end
+end
+
+-- rr.proc when this engine has it (stubbed in early builds), else nil; NO_PROC says why a
+-- spec that needs it is pending.
+do
+  local ok, m = pcall(require, "rr.proc")
+  helpers.proc = ok and type(m) == "table" and type(m.run) == "function" and m or nil
+end
+helpers.NO_PROC = "rr.proc.run is not in this engine yet: the cross-process part needs it"
+
+-- Octal mode literals (Lua has none): mode("640") == 416.
+function helpers.mode(s)
+  return tonumber(s, 8)
+end
+
+-- Writes a file atomically, its parent directories created (0755), with mode (default
+-- 0644). Returns the path.
+function helpers.write(path, data, mode)
+  local parent = path:match("^(.*)/[^/]*$")
+  if parent and parent ~= "" then assert(fs.mkdir_p(parent, 493)) end
+  assert(fs.write_atomic(path, data, { mode = mode or 420 }))
+  return path
+end
+
+-- Runs a setup command from an argv; fails the spec when it fails. Returns its result.
+function helpers.run(argv)
+  local res, err, r = require("rr.proc").run(argv, { capture = true })
+  assert(res, ("%s: %s %s"):format(table.concat(argv, " "), tostring(err), r and r.stderr or ""))
+  return res
+end
+
+return helpers
