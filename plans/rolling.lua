@@ -26,7 +26,7 @@ local run_opts = {
   deploy = opts.deploy, deploy_path = opts.deploy_path, skip_migrations = opts.skip_migrations,
   user = opts.user, events_file = opts.events_file, parallel = opts.parallel,
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
-  accept_unknown_definition = opts.accept_unknown_definition, ui = view,
+  accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
 }
 
 if opts.dry_run then

@@ -99,6 +99,7 @@ describe("plans/rolling.lua", function()
     assert.is_true(summary.success)
     assert.same({ "a" }, summary.services_succeeded)
     assert.equal(0, #summary.services_failed)
+    assert.matches('"services_failed":%[%]', res.stdout) -- a list, also when empty
     assert.is_number(summary.duration_ms)
   end)
 

@@ -331,6 +331,7 @@ cli.rolling_spec = {
     { name = "accept-unknown-definition",
       help = "go on when a unit's definition changed on disk (NeedDaemonReload) and no known good "
         .. "snapshot exists, although rollback cannot restore the earlier definition" },
+    { name = "journal", help = "also send every event to the systemd journal (SYSLOG_IDENTIFIER=rrengine)" },
     { name = "help", short = "h", help = "show this help" },
   },
   exit_codes = {

@@ -106,13 +106,14 @@ describe("rr.cli", function()
         "--services", "/etc/rr/services.lua", "--service", "sso.api", "--deploy", "--deploy-path", "/tmp/d",
         "--skip-migrations", "--user", "--events", "/tmp/e.jsonl", "--parallel", "4", "--continue-on-error",
         "--json", "--hooks", "a.lua", "--hooks", "b.lua", "--dry-run", "--diff", "--force",
-        "--accept-unknown-definition",
+        "--accept-unknown-definition", "--journal",
       }))
       assert.same({
         args = {}, services_file = "/etc/rr/services.lua", service_names = { "sso.api" }, deploy = true,
         deploy_path = "/tmp/d", skip_migrations = true, user = true, events_file = "/tmp/e.jsonl",
         parallel = 4, continue_on_error = true, json = true, hook_files = { "a.lua", "b.lua" },
-        dry_run = true, diff = true, force = true, accept_unknown_definition = true, help = false,
+        dry_run = true, diff = true, force = true, accept_unknown_definition = true, journal = true,
+        help = false,
       }, opts)
     end)
 
