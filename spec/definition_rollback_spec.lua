@@ -52,6 +52,28 @@ describe("rollback to the last known good definition", function()
     assert.same({}, p:props("api").DropInPaths)
   end)
 
+  it("applies a drop-in written into a new .d directory without daemon-reload (systemd does not flag it)", function()
+    local pid = p:props("api").MainPID
+    units.dropin(p.by_name.api.unit, "flag", { Service = { "Environment=NEW_DROPIN=1" } })
+    assert.is_false(p:props("api").NeedDaemonReload) -- what makes this case easy to miss
+    local summary = p:run()
+    assert.is_true(summary.success, summary.error)
+    assert.equal("restart", p:last_event("SERVICE_RESTART_SUCCESS", "api").method)
+    assert.are_not.equal(pid, p:props("api").MainPID)
+    local env = table.concat(p:props("api").Environment or {}, " ")
+    assert.matches("NEW_DROPIN=1", env)
+  end)
+
+  it("rolls back a broken drop-in in a new .d directory that was never daemon-reloaded", function()
+    local dropin = units.dropin(p.by_name.api.unit, "broken", {
+      Service = { "ExecStart=", "ExecStart=/nonexistent/bin/api-server" } })
+    local summary = p:run()
+    assert.equal(1, summary.exit_code)
+    assert.same({ "api" }, summary.services_rolled_back)
+    assert.is_nil(fs.stat(dropin))
+    assert.equal("active", p:props("api").ActiveState)
+  end)
+
   it("brings back a changed EnvironmentFile", function()
     local env = p.by_name.api.env_file
     local good = fs.read(env)

@@ -312,7 +312,7 @@ cli.rolling_spec = {
       help = "restart only this service; repeat it or give a comma list (default: all, in dependency order)" },
     { name = "dry-run", help = "print the plan and why, after read-only checks; change nothing" },
     { name = "diff",
-      help = "show how each unit's definition differs from its last known good snapshot" },
+      help = "with --dry-run: show how each unit's definition differs from its last known good snapshot (unified diff)" },
     { name = "force", help = "skip health checks and stabilization (emergency only)" },
     { name = "deploy", help = "rsync --deploy-path into the service's working_dir before the restart" },
     { name = "deploy-path", type = "string", value = "DIR", help = "the new code to deploy (with --deploy)" },

@@ -50,7 +50,7 @@ function dryrun.run(p)
         out(("     rollback restores: the known-good definition of run %s (%s)"):format(
           tostring(def.known.run), tostring(def.known.created)))
       elseif def.unknown then
-        warn("NeedDaemonReload=yes and no known-good snapshot: rollback could not restore the earlier "
+        warn("the definition changed on disk and there is no known-good snapshot: rollback could not restore the earlier "
           .. "definition (which files changed is unknown); the run refuses without --accept-unknown-definition")
       else
         out("     rollback restores: the definition on disk now (it becomes known good once the pre-check passes)")
@@ -79,8 +79,9 @@ function dryrun.run(p)
             svc.working_dir, svc.migrate_rollback and (", migrate_rollback: " .. table.concat(svc.migrate_rollback, " ")) or ""))
         end
       end
-      if props.NeedDaemonReload then
-        out("     daemon-reload first (NeedDaemonReload=yes)")
+      if def.stale then
+        out(("     daemon-reload first (%s)"):format(props.NeedDaemonReload and "NeedDaemonReload=yes"
+          or "a drop-in systemd has not loaded yet"))
       end
       local method, why = flow.choose_method(svc, props, def)
       out(("     %s: %s"):format(method, why))

@@ -34,19 +34,44 @@ function flow.definition_files(props)
   return files
 end
 
+-- Drop-ins on disk that systemd does not list yet. systemd 252 notices neither a drop-in in a
+-- brand-new <unit>.d/ directory (NeedDaemonReload stays "no") nor lists it in DropInPaths, so
+-- without this look a new drop-in would be "reloaded" without ever being applied.
+function flow.unlisted_dropins(svc, props)
+  local listed, found = {}, {}
+  for _, p in ipairs(props.DropInPaths or {}) do listed[p] = true end
+  local fragment = props.FragmentPath
+  if not fragment or fragment == "" then return found end
+  local dir = fragment:match("^(.*)/[^/]+$") .. "/" .. svc.unit .. ".d"
+  for _, name in ipairs(fs.list(dir) or {}) do
+    local path = dir .. "/" .. name
+    if name:match("%.conf$") and not listed[path] then
+      found[#found + 1] = path
+    end
+  end
+  return found
+end
+
 -- What rollback would restore: the known-good snapshot, the files on disk now, and how they
 -- differ. Used by the flow, the dry run and plans/rollback.lua.
 function flow.definition_state(ctx, svc, props)
   local current = flow.definition_files(props)
+  local unlisted = flow.unlisted_dropins(svc, props)
+  for _, path in ipairs(unlisted) do
+    current[#current + 1] = { path = path, role = "dropin" }
+  end
   local known = snapshot.known_good(ctx.state_root, svc.name)
   local changes = known and snapshot.diff(known, current) or {}
+  local stale = props.NeedDaemonReload == true or #unlisted > 0
   return {
     current = current,
     known = known,
     changes = changes,
+    -- systemd's copy is older than the files on disk: daemon-reload before applying
+    stale = stale,
     -- systemd runs something other than what is on disk, or disk differs from what last worked
-    changed = props.NeedDaemonReload == true or #changes > 0,
-    unknown = known == nil and props.NeedDaemonReload == true,
+    changed = stale or #changes > 0,
+    unknown = known == nil and stale,
   }
 end
 
@@ -342,7 +367,7 @@ function Run:go()
   self:step("snapshot")
   local def = flow.definition_state(ctx, svc, props)
   self.def = def
-  if not def.known and prechecked and props.NeedDaemonReload == false then
+  if not def.known and prechecked and not def.stale then
     -- First run: the files on disk are the ones systemd runs, and they are healthy.
     local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run })
     if snap then
@@ -354,7 +379,9 @@ function Run:go()
     def.known = snap
     self:emit("SNAPSHOT_KNOWN_GOOD", { snapshot = snap.dir, files = #def.current })
   elseif def.unknown then
-    local msg = "the unit file changed on disk (NeedDaemonReload=yes) and there is no known-good snapshot:"
+    local msg = "the unit's definition changed on disk and systemd has not loaded it yet"
+      .. (props.NeedDaemonReload and " (NeedDaemonReload=yes)" or " (a new drop-in)")
+      .. ", and there is no known-good snapshot:"
       .. " rollback could not bring back the earlier definition"
     if not (opts.accept_unknown_definition or opts.force) then
       return self:fail(msg .. " (run with --accept-unknown-definition to go on anyway)")
@@ -415,7 +442,7 @@ function Run:go()
 
   -- 5. Apply: daemon-reload when systemd's copy is stale, then reload or restart.
   self.touched_definition = def.changed
-  if props.NeedDaemonReload then
+  if def.stale then
     self:step("daemon-reload")
     local ok, err = self:daemon_reload()
     if not ok then

@@ -78,7 +78,7 @@ local function http_check(hc, deadline, on_probe)
     elseif kind == "unhealthy" then
       unhealthy_in_row = unhealthy_in_row + 1
       if unhealthy_in_row > hc.retries then
-        return nil, ("unhealthy: %s (%d answers in a row)"):format(detail, unhealthy_in_row)
+        return nil, ("%s (%d answers in a row)"):format(detail, unhealthy_in_row)
       end
     else
       unhealthy_in_row = 0

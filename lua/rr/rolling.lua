@@ -256,7 +256,9 @@ function rolling.run(opts)
     end
   end
 
-  s.interrupted = ctx.interrupted ~= nil
+  -- An interrupt that came after the last service had started stopped nothing: the run is
+  -- what it is (a CI script must not read a complete, healthy run as a failure).
+  s.interrupted = ctx.interrupted ~= nil and #s.skipped > 0
   if #s.rollback_failed > 0 then
     s.exit_code = rolling.EXIT_ROLLBACK_FAILED
   elseif s.interrupted then
