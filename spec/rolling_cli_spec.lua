@@ -124,6 +124,32 @@ describe("plans/rolling.lua", function()
     assert.equal("interrupted", plan_end.result)
     assert.equal(130, plan_end.exit_code)
   end)
+
+  it("killed with SIGKILL mid-run loses nothing: no stale lock, definitions intact, the next run works", function()
+    local unit_files = {}
+    for _, n in ipairs({ "a", "b", "c" }) do unit_files[n] = require("rr.fs").read(p.by_name[n].unit_path) end
+    local killed = false
+    local res = p:cli({}, {
+      spawned = function(h) p.handle = h end,
+      on_line = function(_, line)
+        if not killed and line:match("^%S+%s+b%s+stabilize") then
+          killed = true
+          p.handle:kill("KILL")
+        end
+      end,
+    })
+    assert.is_true(killed, "never saw b's stabilization")
+    assert.equal("SIGKILL", res.signal)
+    for _, n in ipairs({ "a", "b", "c" }) do
+      assert.equal(unit_files[n], require("rr.fs").read(p.by_name[n].unit_path), n .. "'s unit file changed")
+      assert.equal("active", p:props(n).ActiveState)
+    end
+    -- every line of the event log is whole, even the last one written before the kill
+    local text = require("rr.fs").read(p.events_file)
+    assert.equal("\n", text:sub(-1))
+    local again = p:cli({})
+    assert.equal(0, again.exit_code, again.stdout .. again.stderr)
+  end)
 end)
 
 describe("hooks", function()
