@@ -279,10 +279,29 @@ static int loop_turn(const bool *stop) {
         return 0;
 }
 
+static int push_trampoline(lua_State *L) {
+        RrOp *op = lua_touserdata(L, 1);
+        lua_pop(L, 1);
+        return op->push(L, op);
+}
+
+/* Pushes the op's results and releases it, also when push() raises (out of memory, a stack
+ * check): the error is re-raised after the release, so the op never leaks. */
+static int push_and_release(lua_State *L, RrOp *op) {
+        int base = lua_gettop(L), r;
+
+        lua_pushcfunction(L, push_trampoline);
+        lua_pushlightuserdata(L, op);
+        r = lua_pcall(L, 1, LUA_MULTRET, 0);
+        op->release(op);
+        if (r != LUA_OK)
+                return lua_error(L);
+        return lua_gettop(L) - base;
+}
+
 static int await_continue(lua_State *L, int status, lua_KContext ctx) {
         RrTask *t = S.current;
         RrOp *op;
-        int n;
 
         (void) status;
         (void) ctx;
@@ -290,14 +309,11 @@ static int await_continue(lua_State *L, int status, lua_KContext ctx) {
         t->op = NULL;
         if (!op)
                 return luaL_error(L, "canceled"); /* the op was released by task_cancel() */
-        n = op->push(L, op);
-        op->release(op);
-        return n;
+        return push_and_release(L, op);
 }
 
 int rr_op_await(lua_State *L, RrOp *op) {
         RrTask *t = S.current;
-        int n;
 
         op->done = false;
         op->task = NULL;
@@ -323,9 +339,7 @@ int rr_op_await(lua_State *L, RrOp *op) {
                         return luaL_error(L, "event loop failed");
                 }
         }
-        n = op->push(L, op);
-        op->release(op);
-        return n;
+        return push_and_release(L, op);
 }
 
 static RrTask *task_new(lua_State *L) {

@@ -49,7 +49,10 @@ struct RrOp {
 sd_event *rr_loop_event(void);
 
 /* Suspend the caller until rr_op_complete(op); see the top of this file. On a start-up failure
- * a primitive must not call this: it frees its op and returns nil, err itself. */
+ * a primitive must not call this: it frees its op and returns nil, err itself.
+ * In a task this leaves the calling C function without returning (lua_yieldk): no _cleanup_
+ * variable or other resource owned by that function may be live across it, and its Lua
+ * arguments must be read (and checked) before the op is created. */
 int rr_op_await(lua_State *L, RrOp *op);
 
 /* The operation finished (successfully or not: push() reports which). Safe to call from any

@@ -13,7 +13,14 @@
  *   - the local Disconnected signal: every pending op fails.
  * Every pending op is on its manager's list, so that signals reach it and a close (or a lost
  * connection) fails it. Cancellation (release() on a pending op) drops the op's call slots
- * (sd-bus forgets the reply) and its timer; a job it waited for goes on in systemd. */
+ * (sd-bus forgets the reply) and its timer; a job it waited for goes on in systemd.
+ *
+ * A Lua primitive may leave its C function without returning: a raise is a longjmp, and so is
+ * the yield in rr_op_await() when a task calls it (lua_yieldk() never returns to a C caller). So
+ * a primitive reads and checks all of its arguments first (strings stay on the stack, where
+ * reading them cannot raise), then creates its op, and holds nothing else across the await: no
+ * _cleanup_ variable of its frame survives the yield (a method call message built there would
+ * keep its bus alive forever). Messages are built in helpers that return first (sdop_callv()). */
 #define _GNU_SOURCE
 #include <assert.h>
 #include <math.h>
@@ -779,13 +786,19 @@ static int canon_value(sd_bus_message *msg, char **ret) {
         return 0;
 }
 
+/* Can a Lua value be compared with a property (canon_lua())? Strings, numbers, booleans. */
+static bool lua_comparable(lua_State *L, int idx) {
+        int t = lua_type(L, idx);
+
+        return t == LUA_TSTRING || t == LUA_TNUMBER || t == LUA_TBOOLEAN;
+}
+
 /* The canonical text of a Lua value as the caller gave it for a property (a value read from a
- * properties table compares equal to the same property read again). NULL when the value cannot
- * be compared (tables, functions) or on OOM; *bad tells which. */
-static char *canon_lua(lua_State *L, int idx, bool *bad) {
+ * properties table compares equal to the same property read again); the value is
+ * lua_comparable(). NULL on OOM. Never raises. */
+static char *canon_lua(lua_State *L, int idx) {
         char *s = NULL;
 
-        *bad = false;
         switch (lua_type(L, idx)) {
         case LUA_TSTRING:
                 return strdup(lua_tostring(L, idx));
@@ -809,7 +822,7 @@ static char *canon_lua(lua_State *L, int idx, bool *bad) {
                 }
                 return s;
         default:
-                *bad = true;
+                assert(false); /* not lua_comparable() */
                 return NULL;
         }
 }
@@ -1519,6 +1532,35 @@ static int list_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_e
         return 0;
 }
 
+/* ListUnitsByPatterns(any state, the n patterns at stack indices first..) into l's calls[0]. Its
+ * own function so that the message is dropped before the caller waits (see the top). */
+static int list_call(ListOp *l, lua_State *L, int first, size_t n) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *msg = NULL;
+        sd_bus *bus = l->base.m->bus;
+        int r;
+
+        if (!bus)
+                return -ENOTCONN;
+        r = sd_bus_message_new_method_call(bus, &msg, SD_SERVICE, SD_OBJECT, SD_MANAGER, "ListUnitsByPatterns");
+        if (r < 0)
+                return r;
+        r = sd_bus_message_append_strv(msg, NULL); /* any state */
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(msg, SD_BUS_TYPE_ARRAY, "s");
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < n; i++) {
+                r = sd_bus_message_append_basic(msg, SD_BUS_TYPE_STRING, lua_tostring(L, first + (int) i));
+                if (r < 0)
+                        return r;
+        }
+        r = sd_bus_message_close_container(msg);
+        if (r < 0)
+                return r;
+        return sd_bus_call_async(bus, &l->base.calls[0], msg, list_reply, l, 0);
+}
+
 /* ---- ops: wait for a unit's state or for a property change, through PropertiesChanged ---- */
 
 static const char *const active_states[] = {
@@ -1834,17 +1876,23 @@ static double check_job_opts(lua_State *L, int idx) {
         return timeout;
 }
 
-/* A string or a non-empty list of strings at idx: the count; with `allowed`, each must be one of them. */
+/* A string or a non-empty list of strings at idx: the count n; with `allowed`, each must be one
+ * of them. The n strings are left on top of the stack, in order, for the caller to read once it
+ * holds resources (lua_tostring() of a string neither raises nor allocates); a list's items are
+ * read only here, so an __index or __len metamethod that raises (or answers differently twice)
+ * cannot leave an op behind. */
 static size_t check_string_list(lua_State *L, int idx, const char *const *allowed, size_t n_allowed) {
+        lua_Integer len = 1;
         size_t n;
 
-        if (lua_type(L, idx) == LUA_TSTRING)
-                n = 1;
-        else {
+        if (lua_type(L, idx) != LUA_TSTRING) {
                 luaL_checktype(L, idx, LUA_TTABLE);
-                n = (size_t) luaL_len(L, idx);
-                luaL_argcheck(L, n > 0, idx, "empty list");
+                len = luaL_len(L, idx);
+                luaL_argcheck(L, len > 0, idx, "empty list");
+                luaL_argcheck(L, len <= 100000, idx, "list too long");
         }
+        n = (size_t) len;
+        luaL_checkstack(L, (int) n, "list too long");
         for (size_t i = 1; i <= n; i++) {
                 const char *s;
                 if (lua_type(L, idx) == LUA_TSTRING)
@@ -1861,24 +1909,19 @@ static size_t check_string_list(lua_State *L, int idx, const char *const *allowe
                         if (!ok)
                                 luaL_argerror(L, idx, lua_pushfstring(L, "unknown state '%s'", s));
                 }
-                lua_pop(L, 1);
         }
         return n;
 }
 
-/* Copy the (checked) string list at idx into *ret; -ENOMEM on failure. */
-static int copy_string_list(lua_State *L, int idx, size_t n, char ***ret) {
+/* Copy the n strings at stack indices first.. (check_string_list() left them) into *ret;
+ * -ENOMEM on failure. Never raises. */
+static int copy_string_list(lua_State *L, int first, size_t n, char ***ret) {
         char **v = calloc(n, sizeof(char *));
 
         if (!v)
                 return -ENOMEM;
         for (size_t i = 0; i < n; i++) {
-                if (lua_type(L, idx) == LUA_TSTRING)
-                        lua_pushvalue(L, idx);
-                else
-                        lua_geti(L, idx, (lua_Integer) i + 1);
-                v[i] = strdup(lua_tostring(L, -1));
-                lua_pop(L, 1);
+                v[i] = strdup(lua_tostring(L, first + (int) i));
                 if (!v[i]) {
                         strv_free(v, n);
                         return -ENOMEM;
@@ -1976,34 +2019,18 @@ static int manager_l_daemon_reload(lua_State *L) {
 
 /* m:list_units([patterns]) -> { {name=, description=, load_state=, active_state=, sub_state=, ...}, ... } */
 static int manager_l_list_units(lua_State *L) {
-        _cleanup_(sd_bus_message_unrefp) sd_bus_message *msg = NULL;
         Manager *m = check_manager(L, 1);
         size_t n = 0;
         ListOp *l;
         int r;
 
-        if (!lua_isnoneornil(L, 2))
-                n = check_string_list(L, 2, NULL, 0);
+        lua_settop(L, 2); /* m patterns: check_string_list() pushes above the arguments */
+        if (!lua_isnil(L, 2))
+                n = check_string_list(L, 2, NULL, 0); /* m patterns... */
         if (m->lost)
                 return push_lost(L, m);
         l = sdop_new_or_raise(L, sizeof *l, &list_type, m);
-        r = sd_bus_message_new_method_call(m->bus, &msg, SD_SERVICE, SD_OBJECT, SD_MANAGER, "ListUnitsByPatterns");
-        if (r >= 0)
-                r = sd_bus_message_append_strv(msg, NULL); /* any state */
-        if (r >= 0)
-                r = sd_bus_message_open_container(msg, SD_BUS_TYPE_ARRAY, "s");
-        for (size_t i = 1; i <= n && r >= 0; i++) {
-                if (lua_type(L, 2) == LUA_TSTRING)
-                        lua_pushvalue(L, 2);
-                else
-                        lua_geti(L, 2, (lua_Integer) i);
-                r = sd_bus_message_append_basic(msg, SD_BUS_TYPE_STRING, lua_tostring(L, -1));
-                lua_pop(L, 1);
-        }
-        if (r >= 0)
-                r = sd_bus_message_close_container(msg);
-        if (r >= 0)
-                r = sd_bus_call_async(m->bus, &l->base.calls[0], msg, list_reply, l, 0);
+        r = list_call(l, L, lua_gettop(L) - (int) n + 1, n);
         if (r < 0)
                 return sdop_abandon(L, &l->base, r, "cannot list units");
         return rr_op_await(L, &l->base.op);
@@ -2174,8 +2201,8 @@ static int unit_l_job(lua_State *L) {
         return rr_op_await(L, &j->base.op);
 }
 
-/* A WatchOp for u with the n strings at list_idx (raises on OOM). */
-static WatchOp *watch_new(lua_State *L, Unit *u, bool change, int list_idx, size_t n) {
+/* A WatchOp for u with the n strings at stack indices first.. (raises on OOM). */
+static WatchOp *watch_new(lua_State *L, Unit *u, bool change, int first, size_t n) {
         WatchOp *w = sdop_new_or_raise(L, sizeof *w, &watch_type, u->m);
 
         w->change = change;
@@ -2183,7 +2210,7 @@ static WatchOp *watch_new(lua_State *L, Unit *u, bool change, int list_idx, size
         w->name = strdup(u->name);
         w->path = strdup(u->path);
         w->n_want = n;
-        if (!w->name || !w->path || copy_string_list(L, list_idx, n, &w->want) < 0) {
+        if (!w->name || !w->path || copy_string_list(L, first, n, &w->want) < 0) {
                 w->n_want = 0;
                 sdop_raise_oom(L, &w->base);
                 return NULL;
@@ -2206,13 +2233,15 @@ static int watch_start(lua_State *L, WatchOp *w, double timeout) {
 /* u:wait_state(states[, timeout]) -> true, state | nil, "timeout", state | nil, err, code */
 static int unit_l_wait_state(lua_State *L) {
         Unit *u = check_unit(L, 1);
-        size_t n = check_string_list(L, 2, active_states, ELEMENTSOF(active_states));
         double timeout = opt_timeout(L, 3);
+        size_t n;
         WatchOp *w;
 
+        lua_settop(L, 3); /* u states timeout: check_string_list() pushes above the arguments */
+        n = check_string_list(L, 2, active_states, ELEMENTSOF(active_states)); /* u states timeout states... */
         if (u->m->lost)
                 return push_lost(L, u->m);
-        w = watch_new(L, u, false, 2, n);
+        w = watch_new(L, u, false, lua_gettop(L) - (int) n + 1, n);
         return watch_start(L, w, timeout);
 }
 
@@ -2221,33 +2250,38 @@ static int unit_l_wait_state(lua_State *L) {
  * value when the wait began). */
 static int unit_l_wait_change(lua_State *L) {
         Unit *u = check_unit(L, 1);
-        size_t n = check_string_list(L, 2, NULL, 0);
         double timeout = opt_timeout(L, 3);
+        int names, since = 0;
+        size_t n;
         WatchOp *w;
 
-        if (!lua_isnoneornil(L, 4))
+        lua_settop(L, 4); /* u names timeout since: check_string_list() pushes above the arguments */
+        n = check_string_list(L, 2, NULL, 0); /* u names timeout since names... */
+        names = lua_gettop(L) - (int) n + 1;
+        if (!lua_isnil(L, 4)) {
                 luaL_checktype(L, 4, LUA_TTABLE);
+                /* since[name] for each name, next on the stack (read now: an __index may raise). */
+                luaL_checkstack(L, (int) n, "list too long");
+                since = lua_gettop(L) + 1;
+                for (size_t i = 0; i < n; i++) {
+                        const char *name = lua_tostring(L, names + (int) i);
+                        if (lua_getfield(L, 4, name) != LUA_TNIL && !lua_comparable(L, -1))
+                                luaL_argerror(L, 4, lua_pushfstring(L, "since.%s must be a string, number or boolean",
+                                                                    name));
+                } /* u names timeout since names... values... */
+        }
         if (u->m->lost)
                 return push_lost(L, u->m);
-        w = watch_new(L, u, true, 2, n);
+        w = watch_new(L, u, true, names, n);
         w->baseline = calloc(n, sizeof(char *));
         w->changed = calloc(n, sizeof(bool));
         if (!w->baseline || !w->changed)
                 return sdop_raise_oom(L, &w->base);
-        if (lua_istable(L, 4))
-                for (size_t i = 0; i < n; i++) {
-                        bool bad;
-                        if (lua_getfield(L, 4, w->want[i]) != LUA_TNIL) {
-                                w->baseline[i] = canon_lua(L, -1, &bad);
-                                if (!w->baseline[i]) {
-                                        lua_pushfstring(L, "since.%s must be a string, number or boolean",
-                                                        w->want[i]);
-                                        sdop_release(&w->base.op);
-                                        return bad ? luaL_argerror(L, 4, lua_tostring(L, -1))
-                                                   : luaL_error(L, "out of memory");
-                                }
-                        }
-                        lua_pop(L, 1);
+        for (size_t i = 0; since > 0 && i < n; i++)
+                if (!lua_isnil(L, since + (int) i)) {
+                        w->baseline[i] = canon_lua(L, since + (int) i);
+                        if (!w->baseline[i])
+                                return sdop_raise_oom(L, &w->base);
                 }
         return watch_start(L, w, timeout);
 }
