@@ -42,6 +42,18 @@ if opts.dry_run then
     local st = fs.stat(opts.deploy_path, true)
     if not st or st.type ~= "dir" then die(rolling.EXIT_USAGE, ("deploy path %s is not a directory"):format(opts.deploy_path)) end
   end
+  -- the hook scripts the run would load: a broken one is the same exit 2 as in the run
+  local hooks = require("rr.hooks")
+  for _, path in ipairs(opts.hook_files or {}) do
+    local ok, herr = hooks.load(path)
+    if not ok then die(rolling.EXIT_USAGE, herr) end
+  end
+  for _, svc in ipairs(order) do
+    if svc.hooks then
+      local ok, herr = hooks.load(svc.hooks)
+      if not ok then die(rolling.EXIT_USAGE, ("service %q: %s"):format(svc.name, herr)) end
+    end
+  end
   local manager, merr = (opts.user and systemd.user or systemd.system)()
   if not manager then die(rolling.EXIT_FAILED, merr) end
   local problems = dryrun.run({ order = order, manager = manager, state_root = rolling.state_root(opts.user),

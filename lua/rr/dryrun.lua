@@ -86,9 +86,11 @@ function dryrun.run(p)
       local method, why = flow.choose_method(svc, props, def)
       out(("     %s: %s"):format(method, why))
       local implicit = {}
-      for _, field in ipairs({ "RequiredBy", "BoundBy" }) do
+      -- units whose own dependency makes systemd restart them with this one
+      local via = { RequiredBy = "Requires=", BoundBy = "BindsTo=", ConsistsOf = "PartOf=" }
+      for _, field in ipairs({ "RequiredBy", "BoundBy", "ConsistsOf" }) do
         for _, u in ipairs(props[field] or {}) do
-          if not selected[u] then implicit[#implicit + 1] = ("%s (%s)"):format(u, field == "RequiredBy" and "Requires=" or "BindsTo=") end
+          if not selected[u] then implicit[#implicit + 1] = ("%s (%s)"):format(u, via[field]) end
         end
       end
       if #implicit > 0 then

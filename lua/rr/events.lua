@@ -18,13 +18,15 @@ local function new_run_id()
   return id or ("%x-%x"):format(os.time(), math.random(0, 0xffffff))
 end
 
--- events.open{ path = FILE|nil, journal = bool, run = id|nil, view = fn(ev)|nil, hooks = set|nil }
+-- events.open{ path = FILE|nil, journal = bool, run = id|nil, view = fn(ev)|nil, hooks = set|nil,
+--   service_hooks = fn(service_name) -> set|nil }
 -- -> stream | nil, err. Without a path nothing is written (dry run, Lua API without a log).
 function events.open(opts)
   local self = setmetatable({
     run = opts.run or new_run_id(),
     view = opts.view,
     hooks = opts.hooks,
+    service_hooks = opts.service_hooks,
     list = {},
     keep = opts.keep ~= false,
   }, events)
@@ -62,10 +64,17 @@ function events:emit(name, fields)
   if self.view then
     self.view(ev)
   end
-  if self.hooks and name ~= "HOOK_FAILED" then
-    local ok, err = self.hooks:call("on_event", ev)
-    if ok == nil then
-      self:emit("HOOK_FAILED", { service = ev.service, hook = "on_event", error = err })
+  if name ~= "HOOK_FAILED" then
+    -- the run's hooks see every event; a service's own hooks see that service's events
+    local sets = { self.hooks, ev.service and self.service_hooks and self.service_hooks(ev.service) or nil }
+    for i = 1, 2 do
+      local set = sets[i]
+      if set and set:has("on_event") then
+        local ok, err = set:call("on_event", ev)
+        if ok == nil then
+          self:emit("HOOK_FAILED", { service = ev.service, hook = "on_event", error = err })
+        end
+      end
     end
   end
   return ev

@@ -62,7 +62,10 @@ function flow.definition_state(ctx, svc, props)
   end
   local known = snapshot.known_good(ctx.state_root, svc.name)
   local changes = known and snapshot.diff(known, current) or {}
+  -- ctx.initially_stale: what the run saw before any service's daemon-reload, which also
+  -- clears NeedDaemonReload on the units that come later in the run.
   local stale = props.NeedDaemonReload == true or #unlisted > 0
+    or (ctx.initially_stale ~= nil and ctx.initially_stale[svc.name] == true)
   return {
     current = current,
     known = known,
@@ -214,6 +217,10 @@ function Run:manual_steps()
   local sc = self.ctx.user and "systemctl --user" or "systemctl"
   local unit = self.svc.unit
   local steps = { ("%s stop %s"):format(sc, unit) }
+  if self.deploy_record then
+    steps[#steps + 1] = ("undo the code deploy: rrengine plans/rollback.lua%s --service %s --deploy-record %s")
+      :format(self.ctx.user and " --user" or "", self.svc.name, self.deploy_record.state_dir or "?")
+  end
   local known = self.def and self.def.known
   if known then
     for _, f in ipairs(known.files or {}) do
@@ -223,16 +230,21 @@ function Run:manual_steps()
         steps[#steps + 1] = ("cp -p %s/%s %s"):format(known.dir, f.stored, f.path)
       end
     end
+    for _, c in ipairs(self.def.changes or {}) do
+      if c.change == "added" and not c.shared then
+        steps[#steps + 1] = ("rm %s   # added since the last known good"):format(c.path)
+      end
+    end
   end
-  if self.deploy_record then
-    steps[#steps + 1] = ("undo the code deploy: rrengine plans/rollback.lua --service %s%s (backups in %s)")
-      :format(self.svc.name, self.ctx.user and " --user" or "", self.deploy_record.backup_dir or "?")
-  end
-  steps[#steps + 1] = ("%s daemon-reload && %s start %s"):format(sc, sc, unit)
+  steps[#steps + 1] = ("%s daemon-reload && %s reset-failed %s && %s start %s"):format(sc, sc, unit, sc, unit)
   steps[#steps + 1] = ("journalctl %s-u %s -n 50"):format(self.ctx.user and "--user " or "", unit)
   return steps
 end
 
+-- Rollback, in the order that keeps each step meaningful: stop; the down-migration while the
+-- new code (which ships it) is still in place; the known-good definition; the code deploy
+-- undone; daemon-reload; reset-failed (a unit that hit its start limit while flapping must be
+-- startable again); start; health check.
 function Run:rollback(reason)
   self:step("rollback")
   local t0 = rr.now()
@@ -244,18 +256,36 @@ function Run:rollback(reason)
   local ok, err = self:job("stop")
   if not ok then problem("stop: " .. err) end
 
-  local restored
+  if self.migrated then
+    if self.svc.migrate_rollback then
+      self:emit("MIGRATION_ROLLBACK_START", { command = self.svc.migrate_rollback })
+      local res, merr, r = self:run_command(self.svc.migrate_rollback, "MIGRATION_ROLLBACK_OUTPUT")
+      self:emit("MIGRATION_ROLLBACK_END", { exit_code = (res or r or {}).exit_code, error = not res and merr or nil })
+      if not res then problem("migrate_rollback: " .. tostring(merr)) end
+    else
+      self:emit("MIGRATION_NOT_UNDONE", {
+        note = "migrations are not undone; the old code runs against the migrated database" })
+    end
+  end
+
   if self.def and self.def.known then
     local props = self.unit:properties() or {}
     local current = flow.definition_files(props)
-    -- Files the known-good had that systemd no longer lists (a drop-in removed since) must
-    -- come back too: restore against the union of both lists.
-    restored, err = snapshot.restore(self.def.known, current)
+    for _, path in ipairs(flow.unlisted_dropins(self.svc, props)) do
+      current[#current + 1] = { path = path, role = "dropin" }
+    end
+    -- Files the known-good had that systemd no longer lists (a drop-in removed since) come
+    -- back too: restore works on the union of both lists.
+    local restored, rerr = snapshot.restore(self.def.known, current)
     if restored then
       self:emit("DEFINITION_RESTORED", { restored = restored.restored, removed = restored.removed,
-        snapshot = self.def.known.dir })
+        manual = restored.manual, snapshot = self.def.known.dir })
+      if restored.manual and #restored.manual > 0 then
+        self:emit("WARNING", { warning = "shared drop-ins changed since the last known good and were left as they are: "
+          .. table.concat(restored.manual, ", ") })
+      end
     else
-      problem("restore definition: " .. tostring(err))
+      problem("restore definition: " .. tostring(rerr))
     end
   elseif self.touched_definition then
     problem("no known-good definition to restore")
@@ -265,25 +295,15 @@ function Run:rollback(reason)
     ok, err = deploy.undo(self.deploy_record)
     if ok then
       self:emit("DEPLOY_UNDONE", { target = self.deploy_record.target })
+      self:clear_inflight()
     else
       problem("undo deploy: " .. tostring(err))
     end
   end
 
-  if self.migrated then
-    if self.svc.migrate_rollback then
-      self:emit("MIGRATION_ROLLBACK_START", { command = self.svc.migrate_rollback })
-      local res, merr, r = self:run_command(self.svc.migrate_rollback, "MIGRATION_ROLLBACK_OUTPUT")
-      self:emit("MIGRATION_ROLLBACK_END", { exit_code = (res or r or {}).exit_code, error = merr })
-      if not res then problem("migrate_rollback: " .. tostring(merr)) end
-    else
-      self:emit("MIGRATION_NOT_UNDONE", {
-        note = "migrations are not undone; the old code runs against the migrated database" })
-    end
-  end
-
   ok, err = self:daemon_reload()
   if not ok then problem("daemon-reload: " .. tostring(err)) end
+  self.unit:reset_failed()
   ok, err = self:job("start")
   if not ok then
     problem("start: " .. err)
@@ -303,14 +323,36 @@ function Run:rollback(reason)
   return nil, table.concat(problems, "; "), steps
 end
 
+-- The deploy pointers plans/rollback.lua reads: <svc>.inflight names a deploy whose flow has
+-- not finished (written before rsync runs; a killed engine leaves it), <svc>.last the last
+-- deploy of a successful flow.
+function Run:pointer(kind)
+  return flow.deploy_pointer(self.ctx.state_root, self.svc.name, kind)
+end
+
+function Run:clear_inflight()
+  fs.remove(self:pointer("inflight"))
+end
+
 function Run:run_command(argv, output_event)
   return proc.run(argv, {
     cwd = self.svc.working_dir,
-    timeout = self.svc.migrate_timeout or 600,
+    -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
+    timeout = self.svc.migrate_timeout or 1800,
     on_line = function(stream, line)
       self:emit(output_event, { stream = stream, line = line })
     end,
   })
+end
+
+-- The service is left in a state only a human can fix: say so everywhere, with the steps.
+function Run:rollback_failed(reason, problem)
+  local steps = self:manual_steps()
+  self:emit("ROLLBACK_FAILED", { reason = reason, error = problem, manual_steps = steps })
+  self:emit("SERVICE_RESTART_FAILED", { error = reason, rolled_back = false, rollback_error = problem,
+    duration_ms = ms(rr.now() - self.t0) })
+  self:hook("on_failure", self.svc, reason)
+  return flow.ROLLBACK_FAILED, reason .. "; rollback failed: " .. problem, { manual_steps = steps }
 end
 
 -- Ends the flow with a failure. After the unit was touched, rollback decides the outcome.
@@ -369,7 +411,7 @@ function Run:go()
   self.def = def
   if not def.known and prechecked and not def.stale then
     -- First run: the files on disk are the ones systemd runs, and they are healthy.
-    local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run })
+    local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
     if snap then
       snap, err = snapshot.promote(ctx.state_root, svc.name, snap)
     end
@@ -399,14 +441,24 @@ function Run:go()
     self:step("deploy")
     local t0 = rr.now()
     self:emit("DEPLOY_START", { source = opts.deploy_path, target = svc.working_dir })
+    local state_dir = ("%s/runs/%s/%s"):format(ctx.state_root, ctx.events.run, svc.name)
+    -- Written before rsync runs: an engine killed from here on leaves a pointer to the record
+    -- that undoes it (plans/rollback.lua prefers it over the last finished deploy).
+    fs.mkdir_p(ctx.state_root .. "/deploys", 448)
+    local pok, perr = fs.write_atomic(self:pointer("inflight"), state_dir)
+    if not pok then
+      return self:fail("cannot record the deploy before running it: " .. tostring(perr))
+    end
     local record, err = deploy.apply{
       source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
       -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
       -- the same second: a release must land whole, so compare contents.
       checksum = true,
-      state_dir = ("%s/runs/%s/%s"):format(ctx.state_root, ctx.events.run, svc.name),
+      state_dir = state_dir, timeout = svc.deploy_timeout or 1800,
     }
     if not record then
+      -- apply undoes a partial deploy itself before it returns
+      self:clear_inflight()
       self:emit("DEPLOY_FAILED", { error = err, duration_ms = ms(rr.now() - t0) })
       return self:fail("deploy failed (working dir left as it was): " .. tostring(err))
     end
@@ -427,10 +479,11 @@ function Run:go()
     if not res then
       if self.deploy_record then
         local ok, uerr = deploy.undo(self.deploy_record)
-        self:emit(ok and "DEPLOY_UNDONE" or "DEPLOY_UNDO_FAILED", { error = uerr })
-        if not ok then
-          return flow.ROLLBACK_FAILED, "migration failed and the deploy could not be undone: " .. uerr,
-            { manual_steps = self:manual_steps() }
+        if ok then
+          self:clear_inflight()
+          self:emit("DEPLOY_UNDONE", { target = self.deploy_record.target })
+        else
+          return self:rollback_failed("migration failed: " .. tostring(err), "undo deploy: " .. tostring(uerr))
         end
       end
       return self:fail("migration failed: " .. tostring(err))
@@ -463,7 +516,10 @@ function Run:go()
   if not ok then
     return self:fail(method .. " failed: " .. err, true)
   end
-  self:hook("after_restart", svc, { method = method })
+  local hok, herr = self:hook("after_restart", svc, { method = method })
+  if hok == nil then
+    return self:fail(herr, true)
+  end
 
   if not opts.force then
     -- 6. Post-restart health check.
@@ -486,20 +542,27 @@ function Run:go()
     end
   end
 
-  -- 8. Success: this definition is now the known-good one.
-  local cur = self.unit:properties() or props
-  local files = flow.definition_files(cur)
-  local snap, serr = snapshot.capture(ctx.state_root, svc.name, files, { run = ctx.events.run })
-  if snap then
-    snap, serr = snapshot.promote(ctx.state_root, svc.name, snap)
-  end
-  if not snap then
-    self:emit("WARNING", { warning = "cannot record the known-good snapshot: " .. tostring(serr) })
+  -- 8. Success: this definition is now the known-good one — unless --force skipped the checks
+  -- that would have shown it works.
+  if opts.force then
+    self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
+  else
+    local cur = self.unit:properties() or props
+    local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
+      { run = ctx.events.run, unit = svc.unit })
+    if snap then
+      snap, serr = snapshot.promote(ctx.state_root, svc.name, snap)
+    end
+    if not snap then
+      self:emit("WARNING", { warning = "cannot record the known-good snapshot: " .. tostring(serr) })
+    end
   end
   if self.deploy_record then
-    -- plans/rollback.lua undoes the last deploy of a service on request.
-    fs.mkdir_p(ctx.state_root .. "/deploys", 448)
-    fs.write_atomic(flow.last_deploy_pointer(ctx.state_root, svc.name), self.deploy_record.state_dir or "")
+    -- the finished deploy becomes the one plans/rollback.lua undoes on request
+    fs.rename(self:pointer("inflight"), self:pointer("last"))
+    if deploy.prune then
+      deploy.prune(ctx.state_root, svc.name, { keep = 5, protect = { self.deploy_record.state_dir } })
+    end
   end
   self:emit("SERVICE_RESTART_SUCCESS", { method = method, duration_ms = ms(rr.now() - self.t0) })
   self:hook("on_success", svc, { method = method })
@@ -536,9 +599,14 @@ function flow.rollback(ctx, svc, reason, deploy_record)
   return self:rollback(reason)
 end
 
--- Where the last successful deploy of a service is recorded (for plans/rollback.lua).
+-- Where the deploys of a service are pointed at (for plans/rollback.lua): kind "last" (the
+-- deploy of the last successful flow) or "inflight" (a deploy whose flow did not finish).
+function flow.deploy_pointer(state_root, name, kind)
+  return ("%s/deploys/%s.%s"):format(state_root, name, kind or "last")
+end
+
 function flow.last_deploy_pointer(state_root, name)
-  return ("%s/deploys/%s.last"):format(state_root, name)
+  return flow.deploy_pointer(state_root, name, "last")
 end
 
 return flow

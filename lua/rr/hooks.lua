@@ -35,8 +35,9 @@ function hooks.load(path)
   return setmetatable({ path = path, fns = t }, hooks)
 end
 
--- A set of hook scripts called in order. set:call(name, ...) -> true | false, reason | nil, err
--- (false: a veto from before_restart; nil: a hook raised an error).
+-- A set of hook scripts called in order. set:call(name, ...) -> true | false, reason |
+-- nil, err, traceback (false: a veto from before_restart or before_plan; nil: a hook raised
+-- an error or timed out).
 local set = {}
 set.__index = set
 
@@ -55,13 +56,30 @@ function set:has(name)
   return false
 end
 
+-- A hook that takes longer than this is cancelled and counts as failed: a hung chat webhook
+-- must not hold a rollback.
+hooks.TIMEOUT = 30
+
 function set:call(name, ...)
   for _, h in ipairs(self.list) do
     local fn = h.fns[name]
     if fn then
-      local ok, r1, r2 = rr.wait(rr.spawn(fn, ...))
+      local task = rr.spawn(fn, ...)
+      local timed_out = false
+      local timeout = self.timeout or hooks.TIMEOUT
+      local timer = rr.spawn(function()
+        rr.sleep(timeout)
+        timed_out = true
+        task:cancel()
+      end)
+      local ok, r1, r2 = rr.wait(task)
+      timer:cancel()
+      rr.wait(timer)
       if not ok then
-        return nil, ("hook %s in %s failed: %s"):format(name, h.path, tostring(r1))
+        -- one line for the operator; the traceback stays available to whoever wants it
+        local full = tostring(r1)
+        local first = timed_out and ("timed out after %gs"):format(timeout) or full:match("^[^\n]*")
+        return nil, ("hook %s in %s failed: %s"):format(name, h.path, first), full
       end
       if r1 == false then
         return false, r2 and tostring(r2) or ("vetoed by %s"):format(h.path)

@@ -102,7 +102,7 @@ local function prepare(opts)
     if not h then return nil, herr end
     global:add(h)
   end
-  local per_service = {}
+  local per_service, own = {}, {}
   for _, svc in ipairs(order) do
     if svc.hooks then
       local h, herr = hooks.load(svc.hooks)
@@ -110,9 +110,11 @@ local function prepare(opts)
       local set = hooks.set({ table.unpack(global.list) })
       set:add(h)
       per_service[svc.name] = set
+      own[svc.name] = hooks.set({ h })
     end
   end
-  return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service }
+  return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service,
+    own_hooks = own }
 end
 
 -- Why a service that never started was skipped.
@@ -169,7 +171,8 @@ function rolling.run(opts)
   local events_file = opts.events_file
   if events_file == nil then events_file = rolling.default_events_file(opts.user) end
   local stream, eerr = events.open({
-    path = events_file or nil, journal = opts.journal, hooks = prep.global_hooks:has("on_event") and prep.global_hooks or nil,
+    path = events_file or nil, journal = opts.journal, hooks = prep.global_hooks,
+    service_hooks = function(name) return prep.own_hooks[name] end,
     view = view and function(ev) view:event(ev) end,
   })
   if not stream then
@@ -186,10 +189,32 @@ function rolling.run(opts)
     on_step = view and function(svc, step) view:step(svc, step) end,
   }
 
+  -- Which definitions systemd has not loaded yet, seen before any flow's daemon-reload hides
+  -- it: a later service's unknown edit must not become its known-good definition.
+  ctx.initially_stale = {}
+  for _, svc in ipairs(prep.order) do
+    local props = manager:unit(svc.unit):properties()
+    if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props) > 0) then
+      ctx.initially_stale[svc.name] = true
+    end
+  end
+
   local order_names = {}
   for i, svc in ipairs(prep.order) do order_names[i] = svc.name end
   stream:emit("PLAN_START", { order = order_names, parallel = parallel, force = opts.force or nil,
     deploy = opts.deploy and opts.deploy_path or nil, user = opts.user or nil, pid = fs.getpid and fs.getpid() or nil })
+
+  -- before_plan may stop the whole run before anything is touched (a change freeze).
+  local go, why = prep.global_hooks:call("before_plan", { order = order_names, run = stream.run })
+  if go ~= true then
+    local reason = go == false and ("vetoed by before_plan: " .. why) or why
+    stream:emit("PLAN_END", { result = "failed", exit_code = rolling.EXIT_FAILED, error = reason,
+      succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
+    stream:close()
+    lock:unlock()
+    return summary_of({ exit_code = rolling.EXIT_FAILED, error = reason, skipped = order_names, run = stream.run,
+      events_file = events_file or nil })
+  end
 
   local inflight = {}
   local on_signal = function(name)
@@ -279,9 +304,14 @@ function rolling.run(opts)
     succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back, skipped = #s.skipped,
   })
   rr.off_signal(on_signal)
+  local summary = summary_of(s)
+  local hok, herr = prep.global_hooks:call("after_plan", summary)
+  if hok == nil then
+    stream:emit("HOOK_FAILED", { hook = "after_plan", error = herr })
+  end
   stream:close()
   lock:unlock()
-  return summary_of(s)
+  return summary
 end
 
 return rolling

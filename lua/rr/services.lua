@@ -13,6 +13,9 @@
 --     JSON full of pattern magic characters ("-", ".", "%") and a plain match
 --     cannot surprise anyone.
 --   * `migrate` / `migrate_rollback` need `working_dir` (they run there).
+--   * `migrate_timeout` and `deploy_timeout` are accepted without `migrate` or
+--     `working_dir` (a defaults value applies to every service; a lone one is
+--     harmless): they only bound commands that run.
 --   * A name is letters, digits and . _ : @ - (starting with a letter or
 --     digit): names are given on the command line, in comma lists.
 --   * Two services naming the same unit is an error (two snapshots and two
@@ -35,10 +38,16 @@ local BUILTIN_DEFAULTS = {
 local SERVICE_FIELDS = {
   "name", "unit", "kind", "depends", "health", "stabilize", "working_dir",
   "migrate", "migrate_rollback", "reload", "hooks", "deploy_delete",
-  "start_timeout", "stop_timeout",
+  "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout",
 }
 local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
-local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout" }
+local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
+
+-- Optional timeouts in seconds (> 0), per service or in `defaults`. Absent means the flow's
+-- own default: start/stop wait as long as systemd takes, migrate_timeout bounds migrate and
+-- migrate_rollback (the flow uses 600 s when absent), deploy_timeout bounds the rsync of a
+-- deploy (unbounded when absent).
+local TIMEOUT_FIELDS = { "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
 local TOP_FIELDS = { "defaults", "services" }
 
@@ -328,7 +337,7 @@ local function check_defaults(report, value)
   if value.stabilize ~= nil then
     defaults.stabilize = check_positive(report, where, "stabilize", value.stabilize, true) or defaults.stabilize
   end
-  for _, field in ipairs({ "start_timeout", "stop_timeout" }) do
+  for _, field in ipairs(TIMEOUT_FIELDS) do
     if value[field] ~= nil then defaults[field] = check_positive(report, where, field, value[field]) end
   end
   return defaults
@@ -508,7 +517,7 @@ local function check_service(report, i, entry, ctx)
     end
   end
 
-  for _, field in ipairs({ "start_timeout", "stop_timeout" }) do
+  for _, field in ipairs(TIMEOUT_FIELDS) do
     svc[field] = ctx.defaults[field]
     if entry[field] ~= nil then svc[field] = check_positive(report, where, field, entry[field]) end
   end

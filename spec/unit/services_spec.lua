@@ -374,6 +374,44 @@ describe("rr.services", function()
       assert.is_truthy(services.validate(one({ stabilize = 0 })))
     end)
 
+    it("takes migrate_timeout and deploy_timeout per service and from defaults", function()
+      local platform = assert(services.validate({
+        defaults = { migrate_timeout = 900, deploy_timeout = 120 },
+        services = {
+          { name = "a", unit = "a.service", working_dir = "/srv/a", migrate = { "make", "migrate" } },
+          { name = "b", unit = "b.service", working_dir = "/srv/b", migrate = { "make", "migrate" },
+            migrate_timeout = 30, deploy_timeout = 2.5 },
+        },
+      }, "services.lua"))
+      assert.equal(900, platform.services[1].migrate_timeout)
+      assert.equal(120, platform.services[1].deploy_timeout)
+      assert.equal(30, platform.services[2].migrate_timeout)
+      assert.equal(2.5, platform.services[2].deploy_timeout)
+      -- absent everywhere: nil, the flow's own default applies
+      local plain = assert(services.validate(one({ working_dir = "/srv/api", migrate = { "x" } })))
+      assert.is_nil(plain.services[1].migrate_timeout)
+      assert.is_nil(plain.services[1].deploy_timeout)
+      -- a lone timeout (no migrate, no working_dir) is accepted: it bounds nothing that runs
+      assert.is_truthy(services.validate(one({ migrate_timeout = 5, deploy_timeout = 5 })))
+    end)
+
+    it("checks the ranges of migrate_timeout and deploy_timeout", function()
+      assert.same({
+        'services.lua: service "sso.api": field "migrate_timeout" must be a number > 0, got 0',
+        'services.lua: service "sso.api": field "deploy_timeout" must be a number, got string "60"',
+      }, problems_of(one({ migrate_timeout = 0, deploy_timeout = "60" })))
+      assert.same({
+        'services.lua: service "sso.api": field "migrate_timeout" must be a number > 0, got -1',
+        'services.lua: service "sso.api": field "deploy_timeout" must be a number > 0, got inf',
+      }, problems_of(one({ migrate_timeout = -1, deploy_timeout = math.huge })))
+      assert.same({
+        'services.lua: defaults: field "migrate_timeout" must be a number > 0, got -5',
+        'services.lua: defaults: field "deploy_timeout" must be a number, got boolean true',
+      }, problems_of({ defaults = { migrate_timeout = -5, deploy_timeout = true }, services = {} }))
+      assert.same({ 'services.lua: service "sso.api": field "migrate_timout" is unknown (did you mean "migrate_timeout"?)' },
+        problems_of(one({ migrate_timout = 10 })))
+    end)
+
     it("requires absolute paths and resolves hooks against the file's directory", function()
       assert.same({ 'services.lua: service "sso.api": field "working_dir" must be an absolute path, got "srv/api"' },
         problems_of(one({ working_dir = "srv/api" })))
