@@ -138,14 +138,10 @@ function platform:start()
       assert(u:start("replace"))
       assert(u:wait_state({ "active" }, 10))
       if d.http then
-        local http = require("rr.http")
-        local deadline = rr.now() + 10
-        while rr.now() < deadline do
-          local res = http.get(self.by_name[d.name].url, { timeout = 1 })
-          if res and res.status == 200 then return true end
-          rr.sleep(0.02)
-        end
-        error("fixture " .. d.name .. " never became healthy")
+        -- the engine's own health check: fast probes while it starts, fails if the unit exits
+        local ok, why = require("rr.health").check(u, { kind = "http", url = self.by_name[d.name].url,
+          timeout = 10, retries = 3, interval = 0.2 })
+        assert(ok, ("fixture %s never became healthy: %s"):format(d.name, tostring(why)))
       end
       return true
     end)
