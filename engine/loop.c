@@ -75,9 +75,13 @@ static struct {
         unsigned live;
         unsigned next_id;
         unsigned interrupts;
-        bool interrupt_unhandled; /* a signal no Lua handler took: cancel the top-level wait */
-        int handlers_ref;         /* table of Lua signal handlers */
-        sd_event_source *sigint, *sigterm;
+        int interrupt_unhandled; /* a signal no Lua handler took (its number): cancel the top-level wait */
+        int quit_signal;         /* the last SIGTERM/SIGHUP, handled or not (the REPL quits on it) */
+        int handlers_ref;        /* table of Lua signal handlers */
+        bool exit_requested;     /* os.exit() from a task: unwind to the top, then exit */
+        bool shutting_down;      /* rr_loop_shutdown() runs: canceled tasks may unwind */
+        int exit_code;
+        sd_event_source *sigint, *sigterm, *sighup;
 } S = { .handlers_ref = LUA_NOREF };
 
 sd_event *rr_loop_event(void) {
@@ -244,7 +248,15 @@ static void task_resume(RrTask *t) {
         } else if (r == LUA_OK)
                 task_finish(t, TASK_DONE, nres);
         else
-                task_finish(t, t->cancel ? TASK_CANCELED : TASK_FAILED, 0);
+                /* After an exit request every error is the unwinding it asked for, not a failure
+                 * to report. */
+                task_finish(t, t->cancel || S.exit_requested ? TASK_CANCELED : TASK_FAILED, 0);
+}
+
+/* Nothing runs between an exit request and the shutdown that cancels every task: the caller of
+ * os.exit() unwinds, then control goes back up to main(). */
+static bool exit_pending(void) {
+        return S.exit_requested && !S.shutting_down;
 }
 
 /* Resume the tasks that are ready now; those made ready meanwhile wait for the next turn, so a
@@ -252,7 +264,7 @@ static void task_resume(RrTask *t) {
 static void run_ready(void) {
         RrTask *last = S.ready_tail;
 
-        while (S.ready_head) {
+        while (S.ready_head && !exit_pending()) {
                 RrTask *t = ready_pop();
                 bool was_last = t == last;
 
@@ -269,7 +281,7 @@ static int loop_turn(const bool *stop) {
         int r;
 
         run_ready();
-        if ((stop ? *stop : S.live == 0) || S.ready_head)
+        if ((stop ? *stop : S.live == 0) || S.ready_head || exit_pending())
                 return 0;
         r = sd_event_run(S.event, UINT64_MAX);
         if (r < 0) {
@@ -328,9 +340,17 @@ int rr_op_await(lua_State *L, RrOp *op) {
         }
 
         /* Not a task (top level, REPL, spec, or a non-yieldable spot): run the loop here. */
-        while (!op->done) {
+        for (;;) {
+                if (exit_pending()) {
+                        /* A task called os.exit() (maybe the one waited for): unwind this caller
+                         * too, up to main(). */
+                        op->release(op);
+                        return luaL_error(L, "exiting (os.exit(%d) in a task)", S.exit_code);
+                }
+                if (op->done)
+                        break;
                 if (S.interrupt_unhandled) {
-                        S.interrupt_unhandled = false;
+                        S.interrupt_unhandled = 0;
                         op->release(op);
                         return luaL_error(L, "interrupted");
                 }
@@ -340,6 +360,15 @@ int rr_op_await(lua_State *L, RrOp *op) {
                 }
         }
         return push_and_release(L, op);
+}
+
+bool rr_canceled(lua_State *L, bool raise) {
+        RrTask *t = S.current;
+        bool canceled = exit_pending() || (t && t->co == L && t->cancel);
+
+        if (canceled && raise)
+                luaL_error(L, exit_pending() ? "exiting (os.exit(%d) in a task)" : "canceled", S.exit_code);
+        return canceled;
 }
 
 static RrTask *task_new(lua_State *L) {
@@ -373,11 +402,25 @@ static RrTask *task_spawn(lua_State *L, int nargs) {
         return t;
 }
 
+/* rr_task_spawn's work in protected mode: the function and its arguments are the whole stack. */
+static int task_spawn_protected(lua_State *L) {
+        task_spawn(L, lua_gettop(L) - 1);
+        return 0;
+}
+
 int rr_task_spawn(lua_State *L, int nargs) {
-        if (!lua_checkstack(L, 4))
+        /* Callers run inside sd-event callbacks: a memory error must not unwind through
+         * sd_event_run(), so the allocation happens under lua_pcall. */
+        if (!lua_checkstack(L, 2)) {
+                lua_pop(L, nargs + 1);
                 return -ENOMEM;
-        task_spawn(L, nargs);
-        lua_pop(L, 1);
+        }
+        lua_pushcfunction(L, task_spawn_protected); /* fn args cf */
+        lua_insert(L, -2 - nargs);                  /* cf fn args */
+        if (lua_pcall(L, nargs + 1, 0, 0) != LUA_OK) {
+                lua_pop(L, 1); /* the error (out of memory) */
+                return -ENOMEM;
+        }
         return 0;
 }
 
@@ -594,8 +637,8 @@ static int loop_current(lua_State *L) {
         return 1;
 }
 
-/* rr.on_signal(fn): fn(signame) runs as a task on every SIGINT/SIGTERM. With at least one
- * handler the engine itself does nothing on a signal: the plan decides. */
+/* rr.on_signal(fn): fn(signame) runs as a task on every SIGINT/SIGTERM/SIGHUP. With at least
+ * one handler the engine itself does nothing on a signal: the plan decides. */
 static int loop_on_signal(lua_State *L) {
         luaL_checktype(L, 1, LUA_TFUNCTION);
         lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
@@ -616,7 +659,7 @@ static int loop_off_signal(lua_State *L) {
         return 0;
 }
 
-/* rr.interrupts() -> how many SIGINT/SIGTERM arrived */
+/* rr.interrupts() -> how many SIGINT/SIGTERM/SIGHUP arrived */
 static int loop_interrupts(lua_State *L) {
         lua_pushinteger(L, S.interrupts);
         return 1;
@@ -685,26 +728,51 @@ static int task_l_close(lua_State *L) {
         return 0;
 }
 
+static const char *stop_signal_name(int signo) {
+        switch (signo) {
+        case SIGINT:
+                return "SIGINT";
+        case SIGTERM:
+                return "SIGTERM";
+        case SIGHUP:
+                return "SIGHUP";
+        default:
+                return "SIGUNKNOWN";
+        }
+}
+
+/* A stop signal: one task per Lua handler, handed the signal's name. With no handler, or when no
+ * handler task could be started (out of memory), the signal interrupts the top level: it is
+ * never lost. */
 static int signal_fired(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
         lua_State *L = S.L;
-        int n;
+        int signo = (int) si->ssi_signo, n = 0, failed = 0;
 
         (void) src;
         (void) userdata;
         S.interrupts++;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref);
-        n = 0;
-        lua_pushnil(L);
-        while (lua_next(L, -2)) { /* handlers fn true */
-                lua_pop(L, 1);
-                lua_pushvalue(L, -1);
-                lua_pushstring(L, si->ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
-                rr_task_spawn(L, 1); /* handlers fn */
-                n++;
+        if (signo != SIGINT)
+                S.quit_signal = signo;
+        if (lua_checkstack(L, 6)) {
+                lua_rawgeti(L, LUA_REGISTRYINDEX, S.handlers_ref); /* handlers */
+                lua_pushnil(L);                                    /* handlers nil */
+                while (lua_next(L, -2)) {                          /* handlers fn true */
+                        lua_pop(L, 1);                             /* handlers fn */
+                        lua_pushvalue(L, -1);                      /* handlers fn fn */
+                        lua_pushstring(L, stop_signal_name(signo)); /* handlers fn fn name */
+                        /* Pops fn and name whatever happens, leaving the key for lua_next(). */
+                        if (rr_task_spawn(L, 1) < 0)
+                                failed++;
+                        else
+                                n++;
+                }
+                lua_pop(L, 1); /* handlers */
         }
-        lua_pop(L, 1);
+        if (failed > 0)
+                fprintf(stderr, "rrengine: %s: cannot start %d signal handler task(s): out of memory\n",
+                        stop_signal_name(signo), failed);
         if (n == 0)
-                S.interrupt_unhandled = true;
+                S.interrupt_unhandled = signo;
         return 0;
 }
 
@@ -750,12 +818,21 @@ int rr_loop_init(lua_State *L) {
         sigset_t mask;
         int r;
 
-        /* Child exits and the two stop signals arrive through sd-event, so they must be blocked
-         * for the whole process; rr.proc restores the mask in children before exec. */
+        /* A reader that went away (`rrengine ... | head`, a closed SSH session) must not kill the
+         * engine half-way through a restart or a rollback: writes fail with EPIPE instead, which
+         * print() ignores and io.write() returns as nil, err. rr.proc resets every disposition to
+         * the default in children (POSIX_SPAWN_SETSIGDEF), so they still die of SIGPIPE. */
+        if (sigaction(SIGPIPE, &(struct sigaction) { .sa_handler = SIG_IGN }, NULL) < 0)
+                return -errno;
+
+        /* Child exits and the three stop signals (SIGHUP: the terminal or the SSH session went
+         * away) arrive through sd-event, so they must be blocked for the whole process; rr.proc
+         * restores the mask in children before exec. */
         sigemptyset(&mask);
         sigaddset(&mask, SIGCHLD);
         sigaddset(&mask, SIGINT);
         sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGHUP);
         if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
                 return -errno;
 
@@ -768,6 +845,9 @@ int rr_loop_init(lua_State *L) {
         r = sd_event_add_signal(S.event, &S.sigterm, SIGTERM, signal_fired, NULL);
         if (r < 0)
                 return r;
+        r = sd_event_add_signal(S.event, &S.sighup, SIGHUP, signal_fired, NULL);
+        if (r < 0)
+                return r;
         S.L = L;
         lua_newtable(L);
         S.handlers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -775,11 +855,11 @@ int rr_loop_init(lua_State *L) {
 }
 
 void rr_loop_drain(lua_State *L) {
-        (void) L;
-        while (S.live > 0) {
+        while (S.live > 0 && !exit_pending()) {
                 if (S.interrupt_unhandled) {
+                        int signo = S.interrupt_unhandled;
                         rr_loop_shutdown(L);
-                        S.interrupt_unhandled = true; /* main.c reads it for the exit code */
+                        S.interrupt_unhandled = signo; /* main.c reads it for the exit code */
                         break;
                 }
                 if (loop_turn(NULL) < 0)
@@ -787,14 +867,36 @@ void rr_loop_drain(lua_State *L) {
         }
 }
 
-bool rr_loop_take_interrupt(void) {
-        bool r = S.interrupt_unhandled;
-        S.interrupt_unhandled = false;
+int rr_loop_take_interrupt(void) {
+        int r = S.interrupt_unhandled;
+        S.interrupt_unhandled = 0;
         return r;
 }
 
+int rr_loop_take_quit_signal(void) {
+        int r = S.quit_signal;
+        S.quit_signal = 0;
+        return r;
+}
+
+void rr_loop_request_exit(int code) {
+        if (!S.exit_requested) {
+                S.exit_requested = true;
+                S.exit_code = code;
+        }
+        /* Its next wait raises, should it catch the error that unwinds it. */
+        if (S.current)
+                S.current->cancel = true;
+}
+
+bool rr_loop_exit_requested(int *code) {
+        if (S.exit_requested && code)
+                *code = S.exit_code;
+        return S.exit_requested;
+}
+
 int rr_loop_run_until(const bool *stop) {
-        while (!*stop && !S.interrupt_unhandled) {
+        while (!*stop && !S.interrupt_unhandled && !exit_pending()) {
                 int r = loop_turn(stop);
                 if (r < 0)
                         return r;
@@ -804,6 +906,7 @@ int rr_loop_run_until(const bool *stop) {
 
 void rr_loop_shutdown(lua_State *L) {
         (void) L;
+        S.shutting_down = true;
         /* Cancel everything, then let the canceled tasks unwind (their <close> handlers run). A
          * bounded number of turns: a task that swallows "canceled" in a loop must not hang us. */
         for (int round = 0; round < 100 && S.live > 0; round++) {
@@ -834,5 +937,6 @@ void rr_loop_shutdown(lua_State *L) {
 void rr_loop_free(void) {
         S.sigint = sd_event_source_disable_unref(S.sigint);
         S.sigterm = sd_event_source_disable_unref(S.sigterm);
+        S.sighup = sd_event_source_disable_unref(S.sighup);
         S.event = sd_event_unref(S.event);
 }

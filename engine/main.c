@@ -30,21 +30,28 @@ static const char usage_text[] =
         "  rrengine plans/rolling.lua --dry-run               show the plan, change nothing\n"
         "  rrengine plans/status.lua                          state and health of every service\n"
         "  rrengine -i                                        emergency REPL, services preloaded\n"
+        "  rrengine -i --user --services /etc/rr/services.lua the REPL on your user manager\n"
         "  rrengine -e 'print(require(\"rr\").now())'          run a line of Lua\n"
         "\n"
         "Options:\n"
         "  -e CODE      run CODE (may repeat), then the script if one is given\n"
-        "  -i           interactive REPL after the script (or alone)\n"
+        "  -i [REPL options]\n"
+        "               interactive REPL after the -e code and the script (or alone)\n"
         "  --debug      print full tracebacks on errors\n"
         "  --version    print the version\n"
         "  -h, --help   this text\n"
         "\n"
+        "REPL options (after -i):\n"
+        "  --user            talk to your user service manager (default: $RRENGINE_USER=1)\n"
+        "  --services FILE   the services file (default: $RRENGINE_SERVICES, else ./services.lua)\n"
+        "In the REPL, Ctrl-C cancels the running line; during restart() it stops the run as in the\n"
+        "plan (the service in flight finishes or rolls back); rollback() always finishes.\n"
+        "\n"
         "A plan's own options come after its name: rrengine plans/rolling.lua --help\n"
         "Exit codes: 0 ok, 1 error (plans: a service failed), 2 usage/configuration error,\n"
-        "3 a rollback failed (manual action needed), 130 interrupted.\n";
+        "3 a rollback failed (manual action needed), 130 interrupted (SIGINT, SIGTERM, SIGHUP).\n";
 
 static bool debug;
-static int exit_requested = -1;
 
 /* Message handler: a traceback only with --debug, else the bare message (operators at 3 a.m.
  * want the one line that says what is wrong). Error objects that are tables pass through. */
@@ -72,8 +79,12 @@ static int docall(lua_State *L, int narg, int nres) {
         return r;
 }
 
+/* Prints an error at the top of L; not the one that unwinds the caller of an os.exit() made in
+ * a task (the exit is what was asked for). */
 static void report(lua_State *L, int status) {
-        if (status != LUA_OK) {
+        if (status != LUA_OK && rr_loop_exit_requested(NULL))
+                lua_pop(L, 1);
+        else if (status != LUA_OK) {
                 const char *msg = lua_tostring(L, -1);
                 fprintf(stderr, "rrengine: %s\n", msg ? msg : "(error object is not a string)");
                 lua_pop(L, 1);
@@ -135,13 +146,23 @@ static void preload(lua_State *L) {
 }
 
 /* os.exit(code): finish like the end of a script (tasks canceled, everything released) so that
- * valgrind and ASan see a clean exit, then leave with the code. */
+ * valgrind and ASan see a clean exit, then leave with the code. Inside a task (or any coroutine)
+ * the Lua state cannot be closed under the running coroutine: the exit is recorded and an error
+ * unwinds the coroutine (its <close> handlers run); main() then exits with the code once control
+ * is back at the top. */
 static int os_exit(lua_State *L) {
+        bool main_thread;
         int code;
         if (lua_isboolean(L, 1))
                 code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
         else
                 code = (int) luaL_optinteger(L, 1, EXIT_SUCCESS);
+        main_thread = lua_pushthread(L) == 1;
+        lua_pop(L, 1);
+        if (!main_thread) {
+                rr_loop_request_exit(code);
+                return luaL_error(L, "os.exit(%d): exiting", code);
+        }
         fflush(stdout);
         rr_loop_shutdown(L);
         lua_close(L);
@@ -166,7 +187,6 @@ static void install_globals(lua_State *L, char **argv, int script) {
         lua_pushcfunction(L, os_exit);
         lua_setfield(L, -2, "exit");
         lua_pop(L, 1);
-        (void) exit_requested;
 }
 
 static int run_chunk(lua_State *L, int status, int nargs) {
@@ -266,21 +286,53 @@ static void repl_eval(lua_State *L, const char *line) {
         report(L, status);
 }
 
-static int repl_run(lua_State *L) {
+/* The REPL's helpers (status, restart, ...) when the library provides them:
+ * require("rr.repl").start(args), args the REPL's own options (those after -i). Returns false
+ * when the REPL must not start. */
+static bool repl_helpers(lua_State *L, char **args, int nargs) {
+        int status;
+
+        lua_getglobal(L, "require");
+        lua_pushliteral(L, "rr.repl");
+        status = docall(L, 1, 1); /* M | err */
+        if (status != LUA_OK) {
+                const char *msg = lua_tostring(L, -1);
+                bool missing = msg && strstr(msg, "module 'rr.repl' not found");
+                if (!missing)
+                        fprintf(stderr, "rrengine: REPL helpers not loaded: %s\n", msg ? msg : "?");
+                else if (nargs > 0)
+                        fprintf(stderr, "rrengine: REPL options given, but the rr.repl library is not installed\n");
+                lua_pop(L, 1);
+                return nargs == 0;
+        }
+        if (!lua_istable(L, -1)) {
+                lua_pop(L, 1);
+                return true; /* a library that installs its helpers when loaded */
+        }
+        lua_getfield(L, -1, "start"); /* M start */
+        lua_remove(L, -2);            /* start */
+        if (!lua_isfunction(L, -1)) {
+                lua_pop(L, 1);
+                return true;
+        }
+        lua_createtable(L, nargs, 0); /* start args */
+        for (int i = 0; i < nargs; i++) {
+                lua_pushstring(L, args[i]);
+                lua_rawseti(L, -2, i + 1);
+        }
+        status = docall(L, 1, 0);
+        report(L, status);
+        return status == LUA_OK;
+}
+
+static int repl_run(lua_State *L, char **args, int nargs) {
         _cleanup_(freep) char *history = NULL;
         sd_event_source *src = NULL;
         const char *home = getenv("HOME");
-        int r;
+        int r, code = EXIT_SUCCESS;
 
-        /* The REPL's helpers (status, restart, ...) when the library provides them. */
-        lua_getglobal(L, "require");
-        lua_pushliteral(L, "rr.repl");
-        if (docall(L, 1, 0) != LUA_OK) {
-                const char *msg = lua_tostring(L, -1);
-                if (msg && !strstr(msg, "module 'rr.repl' not found"))
-                        fprintf(stderr, "rrengine: REPL helpers not loaded: %s\n", msg);
-                lua_pop(L, 1);
-        }
+        if (!repl_helpers(L, args, nargs))
+                return rr_loop_exit_requested(NULL) ? EXIT_SUCCESS : 2;
 
         if (home && asprintf(&history, "%s/.rrengine_history", home) >= 0)
                 read_history(history);
@@ -292,9 +344,19 @@ static int repl_run(lua_State *L) {
         }
         rl_callback_handler_install("rr> ", repl_line);
         for (;;) {
+                int sig;
+
                 repl.have_line = false;
                 rr_loop_run_until(&repl.have_line);
-                if (rr_loop_take_interrupt()) {
+                if (rr_loop_exit_requested(NULL))
+                        break; /* a task called os.exit() */
+                sig = rr_loop_take_interrupt();
+                if (sig != 0 && sig != SIGINT) {
+                        /* SIGTERM, or SIGHUP: the terminal or the SSH session is gone. */
+                        code = EXIT_INTERRUPTED;
+                        break;
+                }
+                if (sig != 0) {
                         /* Ctrl-C at the prompt drops the line, as a shell does. */
                         rl_free_line_state();
                         rl_crlf();
@@ -311,11 +373,21 @@ static int repl_run(lua_State *L) {
                 sd_event_source_set_enabled(src, SD_EVENT_OFF);
                 if (*repl.line) {
                         add_history(repl.line);
+                        (void) rr_loop_take_quit_signal(); /* one a handler took at the prompt is old */
                         repl_eval(L, repl.line);
-                        rr_loop_take_interrupt(); /* a Ctrl-C that canceled the line is spent */
+                        (void) rr_loop_take_interrupt(); /* a Ctrl-C that canceled the line is spent */
                 }
                 free(repl.line);
                 repl.line = NULL;
+                if (rr_loop_exit_requested(NULL))
+                        break;
+                if (rr_loop_take_quit_signal() != 0) {
+                        /* SIGTERM/SIGHUP during the line: the line ended as its signal handlers
+                         * (a restart's: the service in flight finished) or the cancel made it end;
+                         * now the REPL goes too. */
+                        code = EXIT_INTERRUPTED;
+                        break;
+                }
                 sd_event_source_set_enabled(src, SD_EVENT_ON);
                 rl_callback_handler_install("rr> ", repl_line);
         }
@@ -325,12 +397,12 @@ static int repl_run(lua_State *L) {
         if (history)
                 write_history(history);
         sd_event_source_disable_unref(src);
-        return EXIT_SUCCESS;
+        return code;
 }
 
 int main(int argc, char **argv) {
         lua_State *L;
-        int script = 0, status = LUA_OK, code = EXIT_SUCCESS, r;
+        int script = 0, repl_args = 0, status = LUA_OK, code = EXIT_SUCCESS, r;
         bool interactive = false, have_exec = false;
 
         for (int i = 1; i < argc; i++) {
@@ -355,8 +427,13 @@ int main(int argc, char **argv) {
                         if (i + 1 < argc)
                                 script = i + 1;
                         break;
+                } else if (a[0] == '-' && a[1] != '\0' && interactive) {
+                        /* After -i, the first option the engine does not know starts the REPL's
+                         * own options (rr.repl parses them): rrengine -i --user --services F */
+                        repl_args = i;
+                        break;
                 } else if (a[0] == '-' && a[1] != '\0') {
-                        fprintf(stderr, "rrengine: unknown option '%s' (try --help)\n", a);
+                        fprintf(stderr, "rrengine: unknown option '%s' (REPL options go after -i; try --help)\n", a);
                         return 2;
                 } else {
                         script = i;
@@ -381,24 +458,28 @@ int main(int argc, char **argv) {
         preload(L);
         install_globals(L, argv, script);
 
-        for (int i = 1; i < (script ? script : argc) && status == LUA_OK; i++)
+        for (int i = 1; i < (script ? script : repl_args ? repl_args : argc) && status == LUA_OK &&
+                        !rr_loop_exit_requested(NULL); i++)
                 if (strcmp(argv[i], "-e") == 0) {
                         const char *code_arg = argv[++i];
                         status = run_chunk(L, luaL_loadbuffer(L, code_arg, strlen(code_arg), "=(command line)"), 0);
                 }
-        if (status == LUA_OK && script)
+        if (status == LUA_OK && script && !rr_loop_exit_requested(NULL))
                 status = run_script(L, argv[script]);
-        if (status == LUA_OK)
+        if (status == LUA_OK && !rr_loop_exit_requested(NULL))
                 rr_loop_drain(L);
-        if (status == LUA_OK && (interactive || (!script && !have_exec)))
-                code = repl_run(L);
+        if (status == LUA_OK && !rr_loop_exit_requested(NULL) && (interactive || (!script && !have_exec)))
+                code = repl_run(L, repl_args ? argv + repl_args : NULL, repl_args ? argc - repl_args : 0);
 
         if (rr_loop_take_interrupt())
                 code = EXIT_INTERRUPTED;
         else if (status != LUA_OK)
                 code = rr_interrupts() > 0 ? EXIT_INTERRUPTED : EXIT_FAILURE;
         fflush(stdout);
+        /* Cancels what still runs; a task that called os.exit() has unwound by now, so the
+         * state can be closed. Its code wins (also one made while the shutdown unwinds tasks). */
         rr_loop_shutdown(L);
+        (void) rr_loop_exit_requested(&code);
         lua_close(L);
         rr_loop_free();
         return code;

@@ -6,7 +6,8 @@
  * Why posix_spawnp(): glibc implements it with clone(CLONE_VM|CLONE_VFORK) and reports a failed
  * exec (or dup2/chdir) as its return value through its own CLOEXEC channel, so "no such program"
  * is known before we return; it resets the signal mask and dispositions (POSIX_SPAWN_SETSIGMASK,
- * POSIX_SPAWN_SETSIGDEF: the engine blocks SIGCHLD/SIGINT/SIGTERM), makes the process group
+ * POSIX_SPAWN_SETSIGDEF with every signal: the engine blocks SIGCHLD/SIGINT/SIGTERM/SIGHUP and
+ * ignores SIGPIPE, a child gets none of that), makes the process group
  * (POSIX_SPAWN_SETPGROUP: the parent is suspended until the exec, so the group exists before any
  * kill(-pid)), changes directory and closes every other descriptor (closefrom) in the child.
  *
@@ -358,7 +359,8 @@ static int stream_io(sd_event_source *s, int fd, uint32_t revents, void *userdat
 /* ---- stdin ---- */
 
 /* write() that cannot kill the engine with SIGPIPE when the child closed its stdin: SIGPIPE is
- * blocked around the call and a SIGPIPE it raised is consumed (the engine does not ignore it). */
+ * blocked around the call and a SIGPIPE it raised is consumed. The engine ignores SIGPIPE since
+ * rr_loop_init(); this keeps the module safe on its own (a host that restores the default). */
 static ssize_t write_nosigpipe(int fd, const void *buf, size_t len) {
         sigset_t pipe_set, old, pending;
         bool was_pending;

@@ -55,13 +55,20 @@ sd_event *rr_loop_event(void);
  * arguments must be read (and checked) before the op is created. */
 int rr_op_await(lua_State *L, RrOp *op);
 
+/* Would rr_op_await() raise "canceled" at once here (a cancelled task, or an exit under way)?
+ * A primitive with a side effect (a unit job, a process, a request) checks this before starting
+ * it: in a cancelled task the result is never seen, so a StopUnit sent anyway would stop a unit
+ * nobody starts again (a flow cancelled at shutdown). Raises "canceled" itself when raise is set. */
+bool rr_canceled(lua_State *L, bool raise);
+
 /* The operation finished (successfully or not: push() reports which). Safe to call from any
  * loop callback; the waiting task is resumed from the scheduler, never from inside the callback. */
 void rr_op_complete(RrOp *op);
 
-/* Start a task running the function at the top of L's stack below nargs arguments; pops them.
- * Used to deliver callbacks (output lines, signals) as tasks so they may wait themselves.
- * Tasks start in FIFO order on the next scheduler turn. Returns 0 or a negative errno. */
+/* Start a task running the function at the top of L's stack below nargs arguments; pops the
+ * function and its arguments in every case. Used to deliver callbacks (output lines, signals) as
+ * tasks so they may wait themselves: never raises (safe inside an sd-event callback). Tasks start
+ * in FIFO order on the next scheduler turn. Returns 0 or -ENOMEM. */
 int rr_task_spawn(lua_State *L, int nargs);
 
 /* Seconds on CLOCK_MONOTONIC, as a double. */
@@ -71,7 +78,7 @@ double rr_now(void);
  * sd_event_add_time_relative(): that counts from the loop's last wake-up, stale after Lua ran. */
 uint64_t rr_deadline_usec(double secs);
 
-/* Number of SIGINT/SIGTERM received so far. */
+/* Number of stop signals (SIGINT/SIGTERM/SIGHUP) received so far. */
 unsigned rr_interrupts(void);
 
 /* Push `nil, message` (and the errno name when errnum > 0) and return the count: the shape of
@@ -108,14 +115,31 @@ int luaopen_rr_log(lua_State *L);
 int luaopen_rr_fs(lua_State *L);
 
 /* Engine life cycle, for main.c. */
+/* Creates the loop; SIGPIPE is ignored from here on (a closed stdout makes writes fail with
+ * EPIPE), SIGCHLD and the stop signals SIGINT/SIGTERM/SIGHUP are blocked and arrive through the
+ * loop. */
 int rr_loop_init(lua_State *L);
 /* Run until every task has finished (or, after an interrupt without a Lua signal handler,
- * until every task was cancelled). */
+ * until every task was cancelled; or until a task asked to exit). */
 void rr_loop_drain(lua_State *L);
 /* Cancel every task and release pending ops; call before lua_close(). */
 void rr_loop_shutdown(lua_State *L);
 void rr_loop_free(void);
-/* Run turns until *stop or an interrupt no Lua handler took (the REPL waits for input so). */
+/* Run turns until *stop, an interrupt no Lua handler took, or an exit request (the REPL waits
+ * for input so). */
 int rr_loop_run_until(const bool *stop);
-/* Was there a SIGINT/SIGTERM that no Lua handler took? Clears it. */
-bool rr_loop_take_interrupt(void);
+/* The stop signal (SIGINT/SIGTERM/SIGHUP) that no Lua handler took and no wait consumed yet, or
+ * 0. Clears it. */
+int rr_loop_take_interrupt(void);
+/* The last SIGTERM or SIGHUP received, whether a Lua handler took it or not, or 0. Clears it.
+ * Ctrl-C only cancels a REPL line; these end the REPL. */
+int rr_loop_take_quit_signal(void);
+
+/* os.exit(code) called where the engine cannot exit at once (inside a task, or any coroutine:
+ * lua_close() must not run under a live coroutine). Records the code; from then on no task is
+ * resumed and every top-level wait raises, so control unwinds to main(), which shuts down
+ * (every task cancelled, <close> handlers run) and exits with the code. The caller then raises
+ * to unwind its own coroutine. The first code wins. */
+void rr_loop_request_exit(int code);
+/* Was an exit requested? Stores its code. */
+bool rr_loop_exit_requested(int *code);

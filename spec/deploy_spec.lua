@@ -443,6 +443,156 @@ describe("rr.deploy", function()
     end)
   end)
 
+  describe("pointers", function()
+    it("writes, reads, moves and removes a service's inflight and last pointers", function()
+      local sr = root .. "/sr"
+      assert.equal(sr .. "/deploys/svc.inflight", deploy.pointer(sr, "svc", "inflight"))
+      local dir, err, code = deploy.read_pointer(sr, "svc", "inflight")
+      assert.is_nil(dir)
+      assert.equal("ENOENT", code, err)
+      assert.is_true(deploy.write_pointer(sr, "svc", "inflight", sr .. "/runs/r1/svc"))
+      assert.equal(448, fs.stat(sr .. "/deploys").mode & 4095)
+      assert.equal(sr .. "/runs/r1/svc", deploy.read_pointer(sr, "svc", "inflight"))
+      assert.is_true(deploy.move_pointer(sr, "svc", "inflight", "last"))
+      assert.is_nil(deploy.read_pointer(sr, "svc", "inflight"))
+      assert.equal(sr .. "/runs/r1/svc", deploy.read_pointer(sr, "svc", "last"))
+      assert.is_true(deploy.remove_pointer(sr, "svc", "last"))
+      assert.is_true(deploy.remove_pointer(sr, "svc", "last")) -- already gone: fine
+      write(sr .. "/deploys/svc.last", "  \n")
+      dir, err, code = deploy.read_pointer(sr, "svc", "last")
+      assert.is_nil(dir)
+      assert.equal("EINVAL", code, err)
+      assert.has_error(function() deploy.pointer(sr, "svc", "previous") end)
+      assert.has_error(function() deploy.pointer(sr, "../x", "last") end)
+    end)
+  end)
+
+  describe("prune", function()
+    local sr
+    before_each(function() sr = root .. "/sr" end)
+
+    -- A deploy record as apply leaves it (deploy.json and a backup), with a chosen time.
+    local function record_at(run_id, service, created_at, state)
+      local dir = ("%s/runs/%s/%s"):format(sr, run_id, service)
+      write(dir .. "/backup/app.js", "old\n")
+      local cjson = require("cjson")
+      write(dir .. "/deploy.json", cjson.encode({ version = 1, source = src, target = dst, state_dir = dir,
+        backup_dir = dir .. "/backup", created_at = created_at, state = state or "applied" }) .. "\n", 384)
+      return dir
+    end
+
+    local function sorted(list)
+      local out = { table.unpack(list) }
+      table.sort(out)
+      return out
+    end
+
+    it("keeps the newest records by their time, removes the rest and the run dirs left empty", function()
+      -- run ids do not sort by time (they are UUIDs): the record's created_at decides
+      local dirs = {}
+      local ids = { "f1", "a2", "e3", "b4", "d5", "c6", "99", "00" }
+      for i, id in ipairs(ids) do
+        dirs[i] = record_at(id, "svc", ("2026-01-0%dT10:00:00.%03dZ"):format(i, i), "applied")
+      end
+      -- a second-resolution time (an older engine's record) sorts as .000 of its second
+      local old_style = record_at("77", "svc", "2025-12-31T23:59:59Z", "undone")
+      -- another service's record in a run dir of this one: never touched
+      local other = record_at("a2", "other", "2020-01-01T00:00:00.000Z")
+      local result = assert(deploy.prune(sr, "svc", { keep = 3 }))
+      assert.same(sorted({ dirs[1], dirs[2], dirs[3], dirs[4], dirs[5], old_style }), sorted(result.removed))
+      assert.same(sorted({ dirs[6], dirs[7], dirs[8] }), sorted(result.kept))
+      for _, d in ipairs(result.kept) do assert.equal("newest", result.reasons[d]) end
+      for _, d in ipairs(result.removed) do assert.is_false(fs.exists(d)) end
+      assert.is_true(fs.exists(other .. "/deploy.json"))
+      assert.is_true(fs.exists(sr .. "/runs/a2"))       -- still holds "other"
+      assert.is_false(fs.exists(sr .. "/runs/f1"))      -- emptied: removed
+      assert.is_false(fs.exists(sr .. "/runs/77"))
+      assert.same(sorted({ "a2", "c6", "99", "00" }), sorted(fs.list(sr .. "/runs")))
+      -- nothing more to do the second time
+      result = assert(deploy.prune(sr, "svc", { keep = 3 }))
+      assert.same({}, result.removed)
+    end)
+
+    it("defaults to keeping deploy.KEEP records", function()
+      for i = 1, deploy.KEEP + 2 do record_at("r" .. i, "svc", ("2026-02-01T00:00:%02d.000Z"):format(i)) end
+      local result = assert(deploy.prune(sr, "svc"))
+      assert.same(sorted({ sr .. "/runs/r1/svc", sr .. "/runs/r2/svc" }), sorted(result.removed))
+    end)
+
+    it("never removes a record a pointer or protect names, an unfinished one, or an unreadable one", function()
+      local last = record_at("r1", "svc", "2026-01-01T00:00:01.000Z", "applied")
+      local inflight = record_at("r2", "svc", "2026-01-01T00:00:02.000Z", "applied")
+      local given = record_at("r3", "svc", "2026-01-01T00:00:03.000Z", "undone")
+      local applying = record_at("r4", "svc", "2026-01-01T00:00:04.000Z", "applying")
+      local failed = record_at("r5", "svc", "2026-01-01T00:00:05.000Z", "failed")
+      local plain = record_at("r6", "svc", "2026-01-01T00:00:06.000Z", "undone")
+      local unreadable = sr .. "/runs/r7/svc"
+      write(unreadable .. "/deploy.json", "{ torn")
+      local empty = sr .. "/runs/r8/svc"   -- apply stopped before it wrote a record
+      assert(fs.mkdir_p(empty, 448))
+      local newest = record_at("r9", "svc", "2026-01-01T00:00:09.000Z", "applied")
+      -- pointers as the flow writes them (a trailing slash and newline are fine)
+      assert(deploy.write_pointer(sr, "svc", "last", last .. "/"))
+      assert(deploy.write_pointer(sr, "svc", "inflight", inflight))
+      local result = assert(deploy.prune(sr, "svc", { keep = 1, protect = { given } }))
+      assert.same(sorted({ plain, empty }), sorted(result.removed))
+      assert.equal("newest", result.reasons[newest])
+      assert.equal("protected", result.reasons[last])
+      assert.equal("protected", result.reasons[inflight])
+      assert.equal("protected", result.reasons[given])
+      assert.equal("unfinished", result.reasons[applying])
+      assert.equal("unfinished", result.reasons[failed])
+      assert.matches("^unreadable: ", result.reasons[unreadable])
+      for _, d in ipairs({ last, inflight, given, applying, failed, newest }) do
+        assert.is_true(fs.exists(d .. "/deploy.json"), d)
+        assert.is_true(fs.exists(d .. "/backup/app.js"), d)
+      end
+      assert.is_true(fs.exists(unreadable .. "/deploy.json"))
+      assert.is_false(fs.exists(sr .. "/runs/r6"))
+      assert.is_false(fs.exists(sr .. "/runs/r8"))
+      -- keep = 0: only what is protected, unfinished or unreadable stays
+      result = assert(deploy.prune(sr, "svc", { keep = 0 }))
+      assert.same(sorted({ given, newest }), sorted(result.removed))
+    end)
+
+    it("prunes real records, and an undo from a kept one still works", function()
+      write(dst .. "/app.js", "v0\n")
+      local before = tree(dst)
+      local records = {}
+      for i = 1, 3 do
+        write(src .. "/app.js", ("v%d\n"):format(i))
+        records[i] = assert(deploy.apply{ source = src, target = dst, checksum = true,
+          state_dir = ("%s/runs/run-%d/svc"):format(sr, i) })
+      end
+      local result = assert(deploy.prune(sr, "svc", { keep = 1, protect = { records[1].state_dir } }))
+      assert.same({ records[2].state_dir }, result.removed)
+      -- undo the newest, then the oldest (protected): the working dir as before the first
+      assert.is_true(deploy.undo(assert(deploy.load(records[3].state_dir))))
+      assert.equal("v2\n", fs.read(dst .. "/app.js"))
+      assert.is_true(deploy.undo(assert(deploy.load(records[1].state_dir))))
+      assert.same(before, tree(dst))
+    end)
+
+    it("clears what a prune killed half way left, and has nothing to do without runs/", function()
+      assert.same({ removed = {}, kept = {}, reasons = {} }, assert(deploy.prune(sr, "svc")))
+      write(sr .. "/runs/r1/.svc.pruning/backup/x", "half removed\n")
+      local keep = record_at("r2", "svc", "2026-01-01T00:00:00.000Z")
+      local result = assert(deploy.prune(sr, "svc"))
+      assert.same({}, result.removed)
+      assert.is_false(fs.exists(sr .. "/runs/r1"))
+      assert.is_true(fs.exists(keep))
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() deploy.prune(sr, "../x") end)
+      assert.has_error(function() deploy.prune(sr, "svc", { keep = -1 }) end)
+      assert.has_error(function() deploy.prune(sr, "svc", { keep = 1.5 }) end)
+      assert.has_error(function() deploy.prune(sr, "svc", { protect = "dir" }) end)
+      assert.has_error(function() deploy.prune(sr, "svc", { protect = { 1 } }) end)
+      assert.has_error(function() deploy.prune(nil, "svc") end)
+    end)
+  end)
+
   describe("itemized output", function()
     it("parses rsync's escapes and item kinds", function()
       local p = deploy._parse_item

@@ -1,5 +1,6 @@
 -- rr.loop: tasks on the one sd-event loop.
 local rr = require("rr")
+local fs = require("rr.fs")
 
 local engine = os.getenv("RR_ENGINE") or arg[-1]
 
@@ -136,6 +137,174 @@ describe("rrengine signals", function()
     local res = p:wait()
     assert.is_truthy(res, "engine exited non-zero")
     assert.same({ "ready", "got SIGTERM", "clean exit" }, lines)
+  end)
+
+  -- An SSH session that drops sends SIGHUP: a run must get the same chance to finish (or roll
+  -- back) the service in flight as with SIGTERM.
+  it("hands SIGHUP to a Lua handler as \"SIGHUP\"", function()
+    local script = [[
+      local rr = require('rr')
+      local stop = false
+      rr.on_signal(function(name) io.write('got ', name, '\n'); io.flush(); stop = true end)
+      io.write('ready\n'); io.flush()
+      while not stop do rr.sleep(0.01) end
+      io.write('clean exit\n')
+    ]]
+    local lines = {}
+    local p
+    p = proc.spawn({ engine, "-e", script }, {
+      on_line = function(_, line)
+        lines[#lines + 1] = line
+        if line == "ready" then p:kill("HUP") end
+      end,
+    })
+    local res, err = p:wait()
+    assert.is_truthy(res, err)
+    assert.same({ "ready", "got SIGHUP", "clean exit" }, lines)
+  end)
+
+  it("exits 130 on SIGHUP with no handler, as on SIGINT", function()
+    local p = proc.spawn({ engine, "-e", "require('rr').sleep(30)" })
+    rr.sleep(0.3)
+    p:kill("HUP")
+    local t0 = rr.now()
+    local _, _, res = p:wait()
+    assert.equal(130, res.exit_code)
+    assert.is_nil(res.signal)
+    assert.is_true(rr.now() - t0 < 5)
+  end)
+
+  it("ignores SIGPIPE itself; children of rr.proc get every signal at its default, none blocked", function()
+    local ign = assert(fs.read("/proc/self/status")):match("\nSigIgn:%s*(%x+)")
+    assert.is_true(tonumber(ign, 16) & (1 << 12) ~= 0, "SIGPIPE (13) is not ignored: SigIgn " .. ign)
+    local res = assert(proc.run({ "grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status" }))
+    local blk, cign = res.stdout:match("^SigBlk:%s*(%x+)\nSigIgn:%s*(%x+)\n$")
+    assert.equal("0000000000000000", blk)
+    -- signals 1-31 at their default (glibc's own real-time signals 32 and 33 are not ours)
+    assert.equal(0, tonumber(cign, 16) & 0x7fffffff, "ignored in the child: SigIgn " .. cign)
+    local _, err, r = proc.run({ "sh", "-c", "kill -PIPE $$; echo survived" })
+    assert.equal("SIGPIPE", r.signal, err)
+    assert.equal("", r.stdout)
+  end)
+
+  it("keeps going when the reader of its stdout went away (| head -n1)", function()
+    local dir = assert(fs.mkdtemp("/tmp/rr-loop-spec-"))
+    local script = dir .. "/pipe.lua"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local marker = ...
+      local fails, last = 0, nil
+      for i = 1, 100000 do
+        local ok, err = io.write(("line %d\n"):format(i))
+        if not ok then fails = fails + 1; last = err end
+      end
+      print("print does not raise either")
+      io.stdout:flush()
+      local p = assert(require("rr.proc").run({ "true" }))
+      local out = assert(io.open(marker, "w"))
+      out:write(("survived: %d failed writes, last %s; child exit %d\n"):format(fails, tostring(last), p.exit_code))
+      out:close()
+    ]])
+    f:close()
+    -- pipefail: the pipeline's status is the engine's when it fails (141 = killed by SIGPIPE)
+    local res, err = proc.run({ "bash", "-c", 'set -o pipefail; "$0" "$1" "$2" | head -n 1',
+      engine, script, dir .. "/marker" })
+    assert.is_truthy(res, err)
+    assert.equal("line 1\n", res.stdout)
+    local text = fs.read(dir .. "/marker")
+    assert.is_truthy(text, "the engine died before its last line")
+    assert.matches("^survived: [1-9]%d* failed writes, last Broken pipe; child exit 0\n$", text)
+    fs.remove_tree(dir)
+  end)
+
+  it("finishes a rolling restart whose output pipe closed after the first line", function()
+    local platform = require("spec.support.platform")
+    local p = platform.new({ { name = "api", http = true } })
+    p:start()
+    local pid = p:props("api").MainPID
+    local res, err = proc.run({ "bash", "-c",
+      'set -o pipefail; "$0" plans/rolling.lua --user --services "$1" --events "$2" | head -n 1',
+      engine, p.services_file, p.events_file }, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+    local ok, why = pcall(function()
+      assert.is_truthy(res, err)
+      assert.matches("^[^\n]*plan: 1 service%(s%) in order: api\n$", res.stdout)
+      assert.equal("success", p:last_event("PLAN_END").result)
+      assert.is_truthy(p:last_event("SERVICE_RESTART_SUCCESS", "api"))
+      local props = p:props("api")
+      assert.equal("active", props.ActiveState)
+      assert.are_not.equal(pid, props.MainPID)
+    end)
+    p:teardown()
+    assert(ok, why)
+  end)
+end)
+
+describe("os.exit", function()
+  local proc = require("rr.proc")
+
+  local function run(script)
+    local t0 = rr.now()
+    local res, _, r = proc.run({ engine, "-e", script }, { timeout = 20 })
+    res = res or r
+    assert.is_true(rr.now() - t0 < 5, "os.exit waited for the sleeps")
+    return res
+  end
+
+  it("from a task: the task and the top level unwind (<close> runs), others are cancelled, exit code kept", function()
+    local res = run([[
+      local rr = require('rr')
+      local function guard(name)
+        return setmetatable({}, { __close = function() io.write(name, ' closed\n') end })
+      end
+      rr.spawn(function()
+        local g <close> = guard('other task')
+        rr.sleep(30)
+      end)
+      rr.spawn(function()
+        local g <close> = guard('exiting task')
+        rr.sleep(0.05)
+        os.exit(7)
+        io.write('not reached\n')
+      end)
+      local top <close> = guard('top level')
+      rr.sleep(30)
+      io.write('top level not reached\n')
+    ]])
+    assert.equal(7, res.exit_code)
+    assert.equal("exiting task closed\ntop level closed\nother task closed\n", res.stdout)
+    assert.equal("", res.stderr) -- no error line, no sanitizer report
+  end)
+
+  it("from a task whose code catches the error: its next wait does not return, the exit happens", function()
+    local res = run([[
+      local rr = require('rr')
+      local t = rr.spawn(function()
+        local ok, err = pcall(os.exit, 3)
+        io.write('caught: ', tostring(ok), ' ', err:match('os%.exit%(3%): exiting') or err, '\n')
+        rr.sleep(1)
+        io.write('not reached\n')
+      end)
+      rr.wait(t)
+      io.write('top level not reached\n')
+    ]])
+    assert.equal(3, res.exit_code)
+    assert.equal("caught: false os.exit(3): exiting\n", res.stdout)
+    assert.equal("", res.stderr)
+  end)
+
+  it("from a signal handler task, and at the top level as before", function()
+    local res = run([[
+      local rr = require('rr')
+      rr.on_signal(function(name) io.write(name, '\n'); os.exit(4) end)
+      require('rr.proc').run({ 'kill', '-TERM', tostring(require('rr.fs').getpid()) })
+      rr.sleep(30)
+    ]])
+    assert.equal(4, res.exit_code)
+    assert.equal("SIGTERM\n", res.stdout)
+    res = run("local rr = require('rr'); rr.spawn(function() local g <close> = setmetatable({}, "
+      .. "{ __close = function() io.write('task closed\\n') end }); rr.sleep(30) end); rr.sleep(0.01); os.exit(5)")
+    assert.equal(5, res.exit_code)
+    assert.equal("task closed\n", res.stdout)
   end)
 end)
 

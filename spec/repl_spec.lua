@@ -1,38 +1,146 @@
 -- rrengine -i: the emergency REPL with the services preloaded.
+local fs = require("rr.fs")
 local proc = require("rr.proc")
 local platform = require("spec.support.platform")
 
 local engine = os.getenv("RR_ENGINE") or arg[-1]
 
+-- Lua pattern for a literal string.
+local function lit(s)
+  return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"))
+end
+
 describe("the REPL", function()
   local p
   setup(function()
-    p = platform.new({ { name = "db" }, { name = "api", depends = { "db" }, http = true } })
+    -- api stabilizes for 1 s: long enough to signal the engine while its flow runs
+    p = platform.new({ { name = "db" }, { name = "api", depends = { "db" }, http = true, stabilize = 1 } })
     p:start()
   end)
   teardown(function() p:teardown() end)
 
-  local function repl(input)
-    local res, err, r = proc.run({ engine, "-i" }, { stdin = input, timeout = 60,
-      env = { RRENGINE_SERVICES = p.services_file, RRENGINE_USER = "1", XDG_STATE_HOME = p.xdg_state,
-        HOME = p.dir } })
+  -- The REPL fed `input` on stdin: with REPL options (argv after -i) and no RRENGINE_* variables,
+  -- or with no options and the variables.
+  local function repl(input, args)
+    local argv = { engine, "-i" }
+    local env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false, RRENGINE_USER = false }
+    if args then
+      for _, a in ipairs(args) do argv[#argv + 1] = a end
+    else
+      env.RRENGINE_SERVICES, env.RRENGINE_USER = p.services_file, "1"
+    end
+    local res, err, r = proc.run(argv, { stdin = input, timeout = 60, env = env })
     return res or r or error(err)
   end
 
-  it("loads the services and shows the status of every one", function()
+  local function banner(file)
+    return ("rrengine REPL: 2 services from %s (user manager). Try status(), health(name), restart(name), "
+      .. "rollback(name), events(), journal(name).\n"):format(file)
+  end
+
+  it("loads the services (RRENGINE_SERVICES, RRENGINE_USER) and shows the status of every one", function()
     local res = repl("status()\n")
     assert.equal(0, res.exit_code, res.stderr)
-    assert.matches("2 services from", res.stdout)
-    assert.matches("db%s+" .. p.by_name.db.unit:gsub("%-", "%%-") .. "%s+active", res.stdout)
-    assert.matches("api%s+%S+%s+active%s+running%s+%d+%s+healthy", res.stdout)
+    assert.equal("", res.stderr)
+    assert.equal(banner(p.services_file), res.stdout:sub(1, #banner(p.services_file)))
+    assert.matches("\n[^\n]*SERVICE%s+UNIT%s+STATE%s+SUB%s+PID%s+HEALTH\n", res.stdout)
+    assert.matches("\n[^\n]*db%s+" .. lit(p.by_name.db.unit) .. "%s+active%s+running%s+%d+%s+healthy", res.stdout)
+    assert.matches("\n[^\n]*api%s+" .. lit(p.by_name.api.unit) .. "%s+active%s+running%s+%d+%s+healthy", res.stdout)
+  end)
+
+  it("takes --user and --services FILE after -i, without the environment variables", function()
+    local res = repl('print(user and "helpers here")\nhealth("api")\n', { "--user", "--services", p.services_file })
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr)
+    assert.equal(banner(p.services_file), res.stdout:sub(1, #banner(p.services_file)))
+    assert.matches("\n[^\n]*helpers here\n", res.stdout)
+    assert.matches("\n[^\n]*healthy\t", res.stdout)
+    -- options the REPL does not know, or engine options after -i, are usage errors (exit 2)
+    local bad = repl("", { "--frobnicate" })
+    assert.equal(2, bad.exit_code)
+    assert.equal("rrengine -i: unknown option --frobnicate (see rrengine --help)\n", bad.stderr)
+    local _, _, before = proc.run({ engine, "--user", "-i" }, { stdin = "" })
+    assert.equal(2, before.exit_code)
+    assert.matches("unknown option '%-%-user' %(REPL options go after %-i", before.stderr)
   end)
 
   it("restarts one service through the same flow, and reports a bad name without dying", function()
     local pid = p:props("api").MainPID
     local res = repl('restart("api")\nrestart("nosuch")\nprint("still here")\n')
-    assert.matches("ok", res.stdout)
-    assert.matches('unknown service "nosuch"', res.stderr)
-    assert.matches("still here", res.stdout)
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("\n[^\n]*plan: 1 service%(s%) in order: api\n", res.stdout)
+    assert.matches("\n[^\n]*✔ api%s+restart ok %([%d.]+ m?s%)\n", res.stdout)
+    assert.matches("\n[^\n]*ok: api restarted %([%d.]+ m?s%)\n", res.stdout)
+    assert.equal('rrengine: unknown service "nosuch"\n', res.stderr)
+    assert.matches("\n[^\n]*still here\n", res.stdout)
     assert.are_not.equal(pid, p:props("api").MainPID)
+  end)
+
+  it("lets Ctrl-C during restart() finish the service in flight, then takes the next line", function()
+    local pid = p:props("api").MainPID
+    -- a task sends SIGINT to the engine once the unit has restarted (the flow then stabilizes
+    -- for 1 s), while the top level runs restart("api")
+    local watch = ('m = require("rr.systemd").user(); u = m:unit(%q); pid0 = u:get("MainPID"); '
+      .. 'rr.spawn(function() while u:get("MainPID") == pid0 do rr.sleep(0.01) end; '
+      .. 'require("rr.proc").run({ "kill", "-INT", tostring(require("rr.fs").getpid()) }) end)\n')
+      :format(p.by_name.api.unit)
+    local res = repl(watch .. 'restart("api")\nprint("next line")\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr)
+    assert.matches("\n[^\n]*interrupted %(SIGINT%): no new service starts; finishing api %(or rolling it back%)\n",
+      res.stdout)
+    assert.matches("\n[^\n]*ok: api restarted %([%d.]+ m?s%)\n", res.stdout)
+    assert.matches("\n[^\n]*next line\n", res.stdout)
+    assert.are_not.equal(pid, p:props("api").MainPID)
+  end)
+
+  it("rollback(name) restores the known-good unit file after a hand edit, in process", function()
+    local path = p.by_name.api.unit_path
+    -- a first run makes the current definition known good
+    local res = repl('restart("api")\n', { "--user", "--services", p.services_file })
+    assert.matches("\n[^\n]*ok: api restarted", res.stdout)
+    local good = assert(fs.read(path))
+    local edited, n = good:gsub("ExecStart=[^\n]+", "ExecStart=/nonexistent/bin/api-server", 1)
+    assert.equal(1, n)
+    assert(fs.write_atomic(path, edited))
+    assert.is_true(p:props("api").NeedDaemonReload)
+
+    res = repl('rollback("api")\nprint("after")\n', { "--user", "--services", p.services_file })
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr)
+    assert.matches("\n[^\n]*↺ api%s+rolling back: manual rollback %(REPL%)\n", res.stdout)
+    assert.matches("\n[^\n]*api%s+definition restored from the last known good %(1 file%(s%) put back, 0 removed%)\n",
+      res.stdout)
+    assert.matches("\n[^\n]*rolled back: api %([%d.]+ m?s%)\n", res.stdout)
+    assert.matches("\n[^\n]*after\n", res.stdout)
+    assert.equal(good, fs.read(path))
+    local props = p:props("api")
+    assert.equal("active", props.ActiveState)
+    assert.is_false(props.NeedDaemonReload)
+    assert.equal(200, require("rr.http").get(p.by_name.api.url).status)
+    -- logged where events() looks
+    local log = assert(fs.read(p.xdg_state .. "/rrengine/events.jsonl"))
+    assert.matches('"event":"ROLLBACK_SUCCESS"[^\n]*"service":"api"', log)
+  end)
+
+  it("says why a rollback did not start, and touches nothing", function()
+    local res = repl('rollback("db")\n', { "--user", "--services", p.services_file })
+    assert.equal(0, res.exit_code, res.stderr)
+    -- db never ran through a flow here: no known-good snapshot, no deploy
+    assert.matches("\n[^\n]*rollback of db not started: nothing to restore %(no known%-good snapshot of its "
+      .. "definition, no deploy to undo%); the service was not touched\n", res.stdout)
+  end)
+
+  it("quits on SIGTERM or SIGHUP (exit 130); SIGINT only cancels the line", function()
+    local kill = 'require("rr.proc").run({ "kill", "-%s", tostring(require("rr.fs").getpid()) }); rr.sleep(5)\n'
+    for _, sig in ipairs({ "TERM", "HUP" }) do
+      local res = repl(kill:format(sig) .. 'print("not reached")\n')
+      assert.equal(130, res.exit_code, sig)
+      assert.is_nil(res.stdout:find("not reached", 1, true), sig)
+    end
+    local res = repl(kill:format("INT") .. 'print("next line")\n')
+    assert.equal(0, res.exit_code)
+    assert.matches("interrupted\n", res.stderr)
+    assert.matches("\n[^\n]*next line\n", res.stdout)
   end)
 end)

@@ -217,7 +217,7 @@ describe("rr.snapshot", function()
       assert.equal(384, fs.stat(envfile).mode)
       -- nothing differs any more: a second restore touches nothing
       local again = assert(snapshot.restore(good, current_files()))
-      assert.same({ restored = {}, removed = {}, kept = {} }, again)
+      assert.same({ restored = {}, removed = {}, kept = {}, manual = {} }, again)
     end)
 
     it("leaves an unchanged file's inode alone", function()
@@ -243,6 +243,131 @@ describe("rr.snapshot", function()
       assert.same({ fresh }, result.removed)
       assert.is_true(fs.exists(shared))
       assert.is_false(fs.exists(fresh))
+    end)
+  end)
+
+  -- Drop-ins other units read too: the global service.d/, prefix dirs (unit names split at
+  -- '-'), a template's dir, vendor files. One service's rollback must leave them alone.
+  describe("shared drop-ins", function()
+    local units_dir, own_dir
+    before_each(function()
+      units_dir = root .. "/units"
+      own_dir = dropin_dir
+    end)
+
+    it("restore leaves shared and prefix drop-ins added since alone, and removes an own one", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r", unit = "sso-api.service" }))
+      assert.equal("sso-api.service", snap.unit)
+      local global = write(units_dir .. "/service.d/50-all.conf", "[Service]\nLimitNOFILE=4096\n")
+      local prefix = write(units_dir .. "/sso-.service.d/10-prefix.conf", "[Service]\nNice=5\n")
+      local own = write(own_dir .. "/20-debug.conf", "[Service]\nEnvironment=DEBUG=*\n")
+      local before = state_of({ global, prefix })
+      -- what systemd would list now: the unit file, the global and prefix drop-ins, its own
+      local now = { files[1], { path = global, role = "dropin" }, { path = prefix, role = "dropin" }, files[2],
+        { path = own, role = "dropin" }, files[3], files[4] }
+
+      local by_path = {}
+      for _, c in ipairs(snapshot.diff(snap, now)) do by_path[c.path] = c end
+      assert.same({ path = global, role = "dropin", change = "added", shared = true, scope = "shared" }, by_path[global])
+      assert.same({ path = prefix, role = "dropin", change = "added", shared = true, scope = "shared" }, by_path[prefix])
+      assert.same({ path = own, role = "dropin", change = "added" }, by_path[own])
+
+      local result = assert(snapshot.restore(snap, now))
+      assert.same({ own }, result.removed)
+      assert.same(sorted({ global, prefix }), sorted(result.manual))
+      assert.same({}, result.restored)
+      assert.is_false(fs.exists(own))
+      assert.same(before, state_of({ global, prefix }))
+    end)
+
+    it("restore neither overwrites nor re-creates a shared drop-in that changed since", function()
+      local global = write(units_dir .. "/service.d/50-all.conf", "[Service]\nLimitNOFILE=4096\n")
+      local prefix = write(units_dir .. "/sso-.service.d/10-prefix.conf", "[Service]\nNice=5\n")
+      local with_shared = { files[1], { path = global, role = "dropin" }, { path = prefix, role = "dropin" },
+        files[2], files[3], files[4] }
+      local snap = assert(snapshot.capture(state_root, "sso.api", with_shared, { run = "r", unit = "sso-api.service" }))
+      write(global, "[Service]\nLimitNOFILE=1024\n") -- another team's change, for every service
+      fs.remove(prefix)
+      write(dropin, "[Service]\nLimitNOFILE=1\n")   -- this service's own drop-in, broken
+      local changes = {}
+      for _, c in ipairs(snapshot.diff(snap, { files[1], { path = global, role = "dropin" }, files[2] })) do
+        changes[c.path] = ("%s %s"):format(c.change, tostring(c.shared))
+      end
+      assert.same({ [global] = "modified true", [prefix] = "removed true", [dropin] = "modified nil" }, changes)
+      local result = assert(snapshot.restore(snap, { files[1], { path = global, role = "dropin" }, files[2] }))
+      assert.same({ dropin }, result.restored)
+      assert.same(sorted({ global, prefix }), sorted(result.manual))
+      assert.equal("[Service]\nLimitNOFILE=1024\n", fs.read(global))
+      assert.is_false(fs.exists(prefix))
+      assert.equal("[Service]\nLimitNOFILE=65536\n", fs.read(dropin))
+    end)
+
+    it("takes the unit name from the unit file when the snapshot has none (older manifests)", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r" }))
+      assert.is_nil(snap.unit)
+      local global = write(units_dir .. "/service.d/50-all.conf", "x\n")
+      local own = write(own_dir .. "/30-new.conf", "y\n")
+      local result = assert(snapshot.restore(snap, { files[1], { path = global, role = "dropin" },
+        { path = own, role = "dropin" } }))
+      assert.same({ own }, result.removed)
+      assert.same({ global }, result.manual)
+      -- opts.unit names it explicitly: then only that unit's dir is own
+      write(own, "y\n")
+      result = assert(snapshot.restore(snap, { { path = own, role = "dropin" } }, { unit = "other.service" }))
+      assert.same({ own }, result.manual)
+      assert.is_true(fs.exists(own))
+    end)
+
+    it("treats a template's dir as shared by its instances, and an instance's dir as its own", function()
+      local template = write(units_dir .. "/worker@.service", "[Service]\nExecStart=/bin/worker %i\n")
+      local mine = units_dir .. "/worker@a.service.d/10-a.conf"
+      local all = units_dir .. "/worker@.service.d/10-all.conf"
+      local tfiles = { { path = template, role = "unit" } }
+      for _, unit_name in ipairs({ "worker@a.service", false }) do -- named, then derived from worker@.service
+        fs.remove_tree(state_root)
+        local snap = assert(snapshot.capture(state_root, "worker.a", tfiles,
+          { run = "r", unit = unit_name or nil }))
+        write(mine, "[Service]\nNice=1\n")
+        write(all, "[Service]\nNice=2\n")
+        local result = assert(snapshot.restore(snap, { tfiles[1], { path = all, role = "dropin" },
+          { path = mine, role = "dropin" } }))
+        assert.same({ mine }, result.removed)
+        assert.same({ all }, result.manual)
+        assert.is_true(fs.exists(all))
+      end
+    end)
+
+    it("replaces an own drop-in linked to a conf elsewhere by a file, never writing through", function()
+      local common = write(root .. "/common/limits.conf", "[Service]\nLimitNOFILE=65536\n")
+      fs.remove(dropin)
+      run({ "ln", "-s", common, dropin })
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r", unit = "sso-api.service" }))
+      assert.equal(common, snap.files[2].link)
+      write(common, "[Service]\nLimitNOFILE=1\n") -- changed for every unit that links it
+      local result = assert(snapshot.restore(snap, files))
+      assert.same({ dropin }, result.restored)
+      assert.equal("file", fs.stat(dropin).type)
+      assert.equal("[Service]\nLimitNOFILE=65536\n", fs.read(dropin))
+      assert.equal("[Service]\nLimitNOFILE=1\n", fs.read(common))
+    end)
+
+    it("dropin_scope: own, shared, vendor", function()
+      local u = "lilith-sso-api.service"
+      assert.equal("own", snapshot.dropin_scope("/etc/systemd/system/lilith-sso-api.service.d/a.conf", u))
+      assert.equal("own", snapshot.dropin_scope("/run/systemd/system.control/lilith-sso-api.service.d/50-x.conf", u))
+      assert.equal("shared", snapshot.dropin_scope("/etc/systemd/system/service.d/a.conf", u))
+      assert.equal("shared", snapshot.dropin_scope("/etc/systemd/system/lilith-.service.d/a.conf", u))
+      assert.equal("shared", snapshot.dropin_scope("/etc/systemd/system/lilith-sso-.service.d/a.conf", u))
+      assert.equal("shared", snapshot.dropin_scope("/etc/systemd/system/lilith-sso-api.service.d/a.conf", nil))
+      assert.equal("vendor", snapshot.dropin_scope("/usr/lib/systemd/system/lilith-sso-api.service.d/a.conf", u))
+      assert.equal("vendor", snapshot.dropin_scope("/lib/systemd/system/lilith-sso-api.service.d/a.conf", u))
+      assert.equal("generated", snapshot.dropin_scope("/run/systemd/generator.late/lilith-sso-api.service.d/a.conf", u))
+      assert.equal("generated", snapshot.dropin_scope("/run/user/0/systemd/generator/lilith-sso-api.service.d/a.conf", u))
+      assert.equal("own", snapshot.dropin_scope("/etc/systemd/system/w@a.service.d/x.conf", "w@a.service"))
+      assert.equal("shared", snapshot.dropin_scope("/etc/systemd/system/w@.service.d/x.conf", "w@a.service"))
+      assert.has_error(function() snapshot.capture(state_root, "sso.api", files, { unit = 7 }) end)
+      assert.has_error(function() snapshot.capture(state_root, "sso.api", files, { unit = "a/b.service" }) end)
+      assert.has_error(function() snapshot.restore({ files = {}, dir = "/x" }, {}, { unit = 1 }) end)
     end)
   end)
 

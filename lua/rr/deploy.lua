@@ -51,7 +51,11 @@ local OUT_FORMAT = "--out-format=%i %n"
 -- millions of paths.
 local MAX_LISTING = 512 * 1024 * 1024
 
+-- UTC, milliseconds: deploy.prune orders a service's records by created_at, and two deploys
+-- may start within one second.
 local function now_rfc3339()
+  local ok, log = pcall(require, "rr.log")
+  if ok and type(log) == "table" and log.timestamp then return log.timestamp() end
   return os.date("!%Y-%m-%dT%H:%M:%SZ")
 end
 
@@ -619,6 +623,229 @@ function deploy.undo(record, opts)
     save(record)
   end
   return true
+end
+
+---------------------------------------------------------------------------------------------
+-- Pointers and pruning. A deploy's state dir is <state_root>/runs/<run-id>/<service>/ (the
+-- record deploy.json and backup/). Two pointers per service, in <state_root>/deploys/, each
+-- holding one state dir path:
+--     <service>.inflight   written before rsync starts; removed when the flow's own rollback
+--                          undid the deploy; renamed to .last when the flow succeeded. Still
+--                          there: a deploy whose run did not finish (engine killed, undo failed).
+--     <service>.last       the last deploy whose flow succeeded.
+-- plans/rollback.lua undoes the .inflight one when there is one, else the .last one.
+
+deploy.KEEP = 5
+
+local POINTER_KINDS = { inflight = true, last = true }
+
+local function check_service(state_root, service, fname)
+  if type(state_root) ~= "string" or state_root == "" then
+    error(("rr.deploy.%s: state_root must be a directory path"):format(fname), 3)
+  end
+  if type(service) ~= "string" or not service:match("^[%w][%w%._:@%-]*$") then
+    error(("rr.deploy.%s: invalid service name %s"):format(fname, tostring(service)), 3)
+  end
+end
+
+local function check_kind(kind, fname)
+  if not POINTER_KINDS[kind] then
+    error(("rr.deploy.%s: kind must be \"inflight\" or \"last\", got %s"):format(fname, tostring(kind)), 3)
+  end
+end
+
+local function pointer_path(state_root, service, kind)
+  return ("%s/deploys/%s.%s"):format(strip_slash(state_root), service, kind)
+end
+
+-- deploy.pointer(state_root, service, kind) -> path of the "inflight" or "last" pointer.
+function deploy.pointer(state_root, service, kind)
+  check_service(state_root, service, "pointer")
+  check_kind(kind, "pointer")
+  return pointer_path(state_root, service, kind)
+end
+
+-- deploy.read_pointer(state_root, service, kind) -> state_dir | nil, err, code ("ENOENT":
+-- there is no such pointer; "EINVAL": it is empty).
+function deploy.read_pointer(state_root, service, kind)
+  check_service(state_root, service, "read_pointer")
+  check_kind(kind, "read_pointer")
+  local path = pointer_path(state_root, service, kind)
+  local data, err, code = fs.read(path)
+  if not data then return nil, err, code end
+  local dir = data:match("^%s*(.-)%s*$")
+  if dir == "" then return nil, ("the deploy pointer %s is empty"):format(path), "EINVAL" end
+  return strip_slash(dir)
+end
+
+-- deploy.write_pointer(state_root, service, kind, state_dir) -> true | nil, err: atomically
+-- (temp file, fsync, rename, fsync of deploys/), creating deploys/ (0700).
+function deploy.write_pointer(state_root, service, kind, state_dir)
+  check_service(state_root, service, "write_pointer")
+  check_kind(kind, "write_pointer")
+  if type(state_dir) ~= "string" or state_dir == "" then
+    error("rr.deploy.write_pointer: state_dir must be a path (string)", 2)
+  end
+  local dir = strip_slash(state_root) .. "/deploys"
+  local ok, err = fs.mkdir_p(dir, 448)
+  if not ok then return nil, ("cannot create %s: %s"):format(dir, tostring(err)) end
+  ok, err = fs.write_atomic(pointer_path(state_root, service, kind), state_dir .. "\n", { mode = 384 })
+  if not ok then return nil, tostring(err) end
+  return true
+end
+
+-- deploy.move_pointer(state_root, service, from, to) -> true | nil, err: one rename (the
+-- flow's success: "inflight" -> "last"), then an fsync of deploys/.
+function deploy.move_pointer(state_root, service, from, to)
+  check_service(state_root, service, "move_pointer")
+  check_kind(from, "move_pointer")
+  check_kind(to, "move_pointer")
+  local ok, err = fs.rename(pointer_path(state_root, service, from), pointer_path(state_root, service, to))
+  if not ok then return nil, tostring(err) end
+  fs.fsync_dir(strip_slash(state_root) .. "/deploys")
+  return true
+end
+
+-- deploy.remove_pointer(state_root, service, kind) -> true | nil, err (no pointer: true).
+function deploy.remove_pointer(state_root, service, kind)
+  check_service(state_root, service, "remove_pointer")
+  check_kind(kind, "remove_pointer")
+  local ok, err, code = fs.remove(pointer_path(state_root, service, kind))
+  if not ok and code ~= "ENOENT" then return nil, tostring(err) end
+  fs.fsync_dir(strip_slash(state_root) .. "/deploys")
+  return true
+end
+
+-- A path as compared by prune: trimmed, without trailing slashes, resolved when it exists.
+local function canonical(path)
+  local p = strip_slash((path:match("^%s*(.-)%s*$")))
+  return fs.realpath(p) or p
+end
+
+-- created_at as a sortable key (a second-resolution time sorts as its .000).
+local function time_key(record)
+  local t = type(record.created_at) == "string" and record.created_at or ""
+  local base, rest = t:match("^(%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d)(.*)$")
+  if not base then return "" end
+  local frac = rest:match("^%.(%d+)") or ""
+  return base .. "." .. (frac .. "000"):sub(1, 3)
+end
+
+-- deploy.prune(state_root, service[, { keep = 5, protect = { dir, ... } }])
+-- -> { removed = {dirs}, kept = {dirs}, reasons = { [dir] = why } } | nil, err, partial (a dir
+-- that could not be removed: err names it, partial is the result so far)
+-- Removes the service's oldest deploy records (runs/<run-id>/<service>/, ordered by the
+-- record's created_at) beyond the newest `keep`, and then each runs/<run-id>/ left empty.
+-- Never removed, whatever their age:
+--   * a dir named in `protect`, or by the service's .inflight or .last pointer ("protected");
+--   * a record whose state is "applying" or "failed": a deploy that did not finish, or whose
+--     partial undo failed — an operator may still need it ("unfinished");
+--   * a dir whose record cannot be read ("unreadable: <why>").
+-- A dir with no record and no backup (apply stopped before it wrote one: nothing changed) is
+-- removed. Each dir is first renamed to runs/<run-id>/.<service>.pruning (one atomic step: a
+-- crash never leaves half a record under a record's name); the next prune clears leftovers.
+-- Call it under the run lock.
+function deploy.prune(state_root, service, opts)
+  check_service(state_root, service, "prune")
+  if opts ~= nil and type(opts) ~= "table" then
+    error("rr.deploy.prune: opts must be a table { keep =, protect = }", 2)
+  end
+  opts = opts or {}
+  local keep = opts.keep == nil and deploy.KEEP or math.tointeger(opts.keep)
+  if not keep or keep < 0 then
+    error("rr.deploy.prune: keep must be an integer >= 0", 2)
+  end
+  if opts.protect ~= nil and type(opts.protect) ~= "table" then
+    error("rr.deploy.prune: protect must be a list of directories", 2)
+  end
+
+  local protected = {}
+  for i, dir in ipairs(opts.protect or {}) do
+    if type(dir) ~= "string" or dir == "" then
+      error(("rr.deploy.prune: protect[%d] must be a path (string)"):format(i), 2)
+    end
+    protected[canonical(dir)] = true
+  end
+  for kind in pairs(POINTER_KINDS) do
+    local dir = deploy.read_pointer(state_root, service, kind)
+    if dir then protected[canonical(dir)] = true end
+  end
+
+  local runs = strip_slash(state_root) .. "/runs"
+  local result = { removed = {}, kept = {}, reasons = {} }
+  local problems = {}
+  local touched_runs = {}
+  local records = {}
+  local leftover = "." .. service .. ".pruning"
+
+  local function remove_dir(run_dir, dir)
+    local trash = run_dir .. "/" .. leftover
+    fs.remove_tree(trash)
+    local ok, err = fs.rename(dir, trash)
+    if not ok then
+      problems[#problems + 1] = ("cannot remove %s: %s"):format(dir, tostring(err))
+      return
+    end
+    fs.fsync_dir(run_dir)
+    fs.remove_tree(trash)
+    result.removed[#result.removed + 1] = dir
+    touched_runs[run_dir] = true
+  end
+
+  local function keep_dir(dir, why)
+    result.kept[#result.kept + 1] = dir
+    result.reasons[dir] = why
+  end
+
+  local names = fs.list(runs) or {}
+  table.sort(names)
+  for _, run in ipairs(names) do
+    local run_dir = runs .. "/" .. run
+    if fs.stat(run_dir .. "/" .. leftover) then
+      fs.remove_tree(run_dir .. "/" .. leftover)
+      touched_runs[run_dir] = true
+    end
+    local dir = run_dir .. "/" .. service
+    local st = fs.stat(dir)
+    if st and st.type == "dir" then
+      local record, err = deploy.load(dir)
+      if record then
+        records[#records + 1] = { dir = dir, run_dir = run_dir, record = record, key = time_key(record) }
+      elseif not fs.exists(dir .. "/" .. MANIFEST) and not fs.exists(dir .. "/backup") then
+        remove_dir(run_dir, dir) -- no record, no backup: apply stopped before changing anything
+      else
+        keep_dir(dir, "unreadable: " .. tostring(err))
+      end
+    end
+  end
+
+  -- Newest first; the first `keep` stay.
+  table.sort(records, function(a, b)
+    if a.key ~= b.key then return a.key > b.key end
+    return a.dir > b.dir
+  end)
+  for i, r in ipairs(records) do
+    if i <= keep then
+      keep_dir(r.dir, "newest")
+    elseif protected[canonical(r.dir)] then
+      keep_dir(r.dir, "protected")
+    elseif r.record.state == "applying" or r.record.state == "failed" then
+      keep_dir(r.dir, "unfinished")
+    else
+      remove_dir(r.run_dir, r.dir)
+    end
+  end
+
+  for run_dir in pairs(touched_runs) do
+    local left = fs.list(run_dir)
+    if left and #left == 0 then
+      fs.remove(run_dir)
+    end
+  end
+  if #problems > 0 then
+    return nil, table.concat(problems, "; "), result
+  end
+  return result
 end
 
 -- Exposed for the specs: the itemize parser is the part most tied to rsync's output.

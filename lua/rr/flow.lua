@@ -61,7 +61,7 @@ function flow.definition_state(ctx, svc, props)
     current[#current + 1] = { path = path, role = "dropin" }
   end
   local known = snapshot.known_good(ctx.state_root, svc.name)
-  local changes = known and snapshot.diff(known, current) or {}
+  local changes = known and snapshot.diff(known, current, { unit = svc.unit }) or {}
   -- ctx.initially_stale: what the run saw before any service's daemon-reload, which also
   -- clears NeedDaemonReload on the units that come later in the run.
   local stale = props.NeedDaemonReload == true or #unlisted > 0
@@ -224,7 +224,11 @@ function Run:manual_steps()
   local known = self.def and self.def.known
   if known then
     for _, f in ipairs(known.files or {}) do
-      if f.absent then
+      local own = f.role ~= "dropin" or snapshot.dropin_scope(f.path, self.svc.unit) == "own"
+      if not own then
+        steps[#steps + 1] = ("check by hand: %s is shared with other units (known-good copy: %s/%s)")
+          :format(f.path, known.dir, tostring(f.stored))
+      elseif f.absent then
         steps[#steps + 1] = ("rm -f %s"):format(f.path)
       elseif f.stored then
         steps[#steps + 1] = ("cp -p %s/%s %s"):format(known.dir, f.stored, f.path)
@@ -276,7 +280,7 @@ function Run:rollback(reason)
     end
     -- Files the known-good had that systemd no longer lists (a drop-in removed since) come
     -- back too: restore works on the union of both lists.
-    local restored, rerr = snapshot.restore(self.def.known, current)
+    local restored, rerr = snapshot.restore(self.def.known, current, { unit = self.svc.unit })
     if restored then
       self:emit("DEFINITION_RESTORED", { restored = restored.restored, removed = restored.removed,
         manual = restored.manual, snapshot = self.def.known.dir })
@@ -295,7 +299,6 @@ function Run:rollback(reason)
     ok, err = deploy.undo(self.deploy_record)
     if ok then
       self:emit("DEPLOY_UNDONE", { target = self.deploy_record.target })
-      self:clear_inflight()
     else
       problem("undo deploy: " .. tostring(err))
     end
@@ -314,6 +317,9 @@ function Run:rollback(reason)
   self:hook("on_rollback", self.svc, { reason = reason, ok = #problems == 0 })
 
   if #problems == 0 then
+    -- the deploy is undone and the service healthy: nothing is left unfinished. (After a failed
+    -- rollback the pointer stays, so plans/rollback.lua undoes this deploy, not the one before.)
+    self:clear_inflight()
     self:emit("ROLLBACK_SUCCESS", { duration_ms = ms(rr.now() - t0), reason = reason })
     return true
   end
@@ -326,12 +332,14 @@ end
 -- The deploy pointers plans/rollback.lua reads: <svc>.inflight names a deploy whose flow has
 -- not finished (written before rsync runs; a killed engine leaves it), <svc>.last the last
 -- deploy of a successful flow.
-function Run:pointer(kind)
-  return flow.deploy_pointer(self.ctx.state_root, self.svc.name, kind)
-end
-
+-- Drops the .inflight pointer once the deploy it names is undone — only when it names this
+-- flow's record (a manual rollback of another record must not lose the unfinished one).
 function Run:clear_inflight()
-  fs.remove(self:pointer("inflight"))
+  local record = self.deploy_record or self.inflight_state_dir and { state_dir = self.inflight_state_dir }
+  local named = deploy.read_pointer(self.ctx.state_root, self.svc.name, "inflight")
+  if record and named == record.state_dir then
+    deploy.remove_pointer(self.ctx.state_root, self.svc.name, "inflight")
+  end
 end
 
 function Run:run_command(argv, output_event)
@@ -444,8 +452,8 @@ function Run:go()
     local state_dir = ("%s/runs/%s/%s"):format(ctx.state_root, ctx.events.run, svc.name)
     -- Written before rsync runs: an engine killed from here on leaves a pointer to the record
     -- that undoes it (plans/rollback.lua prefers it over the last finished deploy).
-    fs.mkdir_p(ctx.state_root .. "/deploys", 448)
-    local pok, perr = fs.write_atomic(self:pointer("inflight"), state_dir)
+    self.inflight_state_dir = state_dir
+    local pok, perr = deploy.write_pointer(ctx.state_root, svc.name, "inflight", state_dir)
     if not pok then
       return self:fail("cannot record the deploy before running it: " .. tostring(perr))
     end
@@ -559,7 +567,7 @@ function Run:go()
   end
   if self.deploy_record then
     -- the finished deploy becomes the one plans/rollback.lua undoes on request
-    fs.rename(self:pointer("inflight"), self:pointer("last"))
+    deploy.move_pointer(ctx.state_root, svc.name, "inflight", "last")
     if deploy.prune then
       deploy.prune(ctx.state_root, svc.name, { keep = 5, protect = { self.deploy_record.state_dir } })
     end
@@ -599,14 +607,5 @@ function flow.rollback(ctx, svc, reason, deploy_record)
   return self:rollback(reason)
 end
 
--- Where the deploys of a service are pointed at (for plans/rollback.lua): kind "last" (the
--- deploy of the last successful flow) or "inflight" (a deploy whose flow did not finish).
-function flow.deploy_pointer(state_root, name, kind)
-  return ("%s/deploys/%s.%s"):format(state_root, name, kind or "last")
-end
-
-function flow.last_deploy_pointer(state_root, name)
-  return flow.deploy_pointer(state_root, name, "last")
-end
 
 return flow

@@ -26,6 +26,23 @@
 --     since: it may be shared, so it is kept (and reported), and the restored unit file no
 --     longer names it.
 --   * The last KEEP snapshots (and always the known-good one) are kept; older ones pruned.
+--   * One service's rollback never touches a drop-in other units read too. A drop-in is the
+--     service's OWN only when its directory is exactly "<unit>.d" (an instance's
+--     "foo@bar.service.d" is its own; the template's "foo@.service.d" is shared by every
+--     instance), it is not a vendor file (under /usr/lib, /lib or /usr/local/lib: a package
+--     owns it) and not a generator's (/run/.../systemd/generator*/: rewritten at every
+--     daemon-reload, putting one back changes nothing). Everything else is SHARED:
+--     "service.d/" (every service), "<type>.d/", prefix directories ("lilith-.service.d/",
+--     "lilith-sso-.service.d/"), an alias's directory. Such a drop-in is still captured (so
+--     diff sees it change), but diff marks its change `shared = true` (scope "shared",
+--     "vendor" or "generated") and restore neither writes, re-creates nor removes it: it
+--     lists it in `manual`.
+--     An own drop-in that is a symlink to a file outside its own directory (one conf linked
+--     into several units' .d dirs) is replaced by a file on restore, never written through.
+--   * The unit name comes from the manifest (capture's meta.unit, stored as snap.unit), or
+--     restore/diff's opts.unit; for a snapshot taken without it, from the unit file's name
+--     (FragmentPath; for a template "foo@.service", any "foo@<instance>.service.d" counts as
+--     own). With no name at all, no drop-in is own: nothing is touched that might be shared.
 local fs = require("rr.fs")
 local cjson = require("cjson")
 
@@ -240,7 +257,8 @@ end
 
 -- snapshot.capture(state_root, service, files, meta) -> snap | nil, err. Stores a candidate
 -- snapshot of `files` ({ path =, role = "unit"|"dropin"|"envfile", optional = bool }); meta.run
--- names the run. Does not change the known-good one: see snapshot.promote.
+-- names the run, meta.unit the systemd unit (snap.unit: which drop-ins are the unit's own,
+-- see the decisions above). Does not change the known-good one: see snapshot.promote.
 function snapshot.capture(state_root, service, files, meta)
   check_service(state_root, service, "capture")
   check_files(files, "capture")
@@ -248,6 +266,9 @@ function snapshot.capture(state_root, service, files, meta)
     error("rr.snapshot.capture: meta must be a table", 2)
   end
   meta = meta or {}
+  if meta.unit ~= nil and (type(meta.unit) ~= "string" or meta.unit == "" or meta.unit:find("/", 1, true)) then
+    error("rr.snapshot.capture: meta.unit must be a unit name (a string without \"/\")", 2)
+  end
   local dir = service_dir(state_root, service)
   local ok, err = fs.mkdir_p(dir, 448)
   if not ok then
@@ -281,6 +302,7 @@ function snapshot.capture(state_root, service, files, meta)
     service = service,
     name = name,
     run = meta.run,
+    unit = meta.unit,
     created = now_rfc3339(),
     created_epoch = os.time(),
     meta = meta,
@@ -356,31 +378,125 @@ local function difference(entry, st, path)
   return nil
 end
 
--- snapshot.diff(snap, current_files) -> { {path =, role =, change = "modified"|"added"|
--- "removed", detail =}, ... }: the snapshot against the files on disk now. current_files is
--- what systemd names now; files the snapshot has are checked whether systemd names them or not.
-function snapshot.diff(snap, current_files)
+local function parent(path)
+  return path:match("^(.*)/[^/]*$") or "/"
+end
+
+local function basename(path)
+  return path:match("([^/]*)$")
+end
+
+-- Package-owned locations: a drop-in there belongs to a package, not to the operator.
+local VENDOR_PREFIXES = { "/usr/lib/", "/lib/", "/usr/local/lib/" }
+
+local function is_vendor(path)
+  for _, prefix in ipairs(VENDOR_PREFIXES) do
+    if path:sub(1, #prefix) == prefix then return true end
+  end
+  return false
+end
+
+-- A function(dir_name) -> bool telling whether a drop-in directory is the unit's own, from
+-- the unit's name, or else from the unit file's name (a template's: any instance dir).
+local function own_dir_test(unit, fragment)
+  if type(unit) == "string" and unit ~= "" then
+    local own = unit .. ".d"
+    return function(name) return name == own end
+  end
+  if type(fragment) ~= "string" then
+    return function() return false end
+  end
+  local base = basename(fragment)
+  local prefix, suffix = base:match("^([^@]+)@%.([^.@]+)$")
+  if prefix then
+    local head, tail = prefix .. "@", "." .. suffix .. ".d"
+    return function(name)
+      return #name > #head + #tail and name:sub(1, #head) == head and name:sub(-#tail) == tail
+    end
+  end
+  local own = base .. ".d"
+  return function(name) return name == own end
+end
+
+-- The own-dir test for a snapshot (opts.unit first, then the manifest, then the unit file).
+local function own_test_for(snap, opts)
+  local unit = opts and opts.unit or snap.unit or (type(snap.meta) == "table" and snap.meta.unit) or nil
+  local fragment
+  for _, e in ipairs(snap.files) do
+    if e.role == "unit" then fragment = e.path break end
+  end
+  return own_dir_test(unit, fragment)
+end
+
+-- Written by a generator at every daemon-reload ("/run/systemd/generator.late/...", and the
+-- user manager's "/run/user/UID/systemd/generator/..."): putting one back changes nothing.
+local function is_generated(path)
+  return path:find("/systemd/generator/", 1, true) ~= nil or path:find("/systemd/generator%.early/") ~= nil
+    or path:find("/systemd/generator%.late/") ~= nil
+end
+
+-- "own" | "shared" | "vendor" | "generated" for a drop-in path, given the own-dir test.
+local function scope_of(path, own_test)
+  if is_vendor(path) then return "vendor" end
+  if is_generated(path) then return "generated" end
+  if own_test(basename(parent(path))) then return "own" end
+  return "shared"
+end
+
+-- snapshot.dropin_scope(path, unit) -> "own" | "shared" | "vendor" | "generated": whose drop-in `path` is,
+-- for the unit named `unit` (see the decisions at the top). nil unit: never "own".
+function snapshot.dropin_scope(path, unit)
+  if type(path) ~= "string" then
+    error("rr.snapshot.dropin_scope: path must be a string", 2)
+  end
+  if unit ~= nil and type(unit) ~= "string" then
+    error("rr.snapshot.dropin_scope: unit must be a unit name (string) or nil", 2)
+  end
+  return scope_of(path, own_dir_test(unit, nil))
+end
+
+local function check_opts(opts, fname)
+  if opts ~= nil and (type(opts) ~= "table" or (opts.unit ~= nil and type(opts.unit) ~= "string")) then
+    error(("rr.snapshot.%s: opts must be a table { unit = NAME }"):format(fname), 3)
+  end
+end
+
+-- snapshot.diff(snap, current_files[, opts]) -> { {path =, role =, change = "modified"|"added"|
+-- "removed", detail =, shared = true|nil, scope = "shared"|"vendor"|"generated"|nil}, ... }: the snapshot
+-- against the files on disk now. current_files is what systemd names now; files the snapshot
+-- has are checked whether systemd names them or not. A change of a drop-in that is not the
+-- unit's own carries shared = true: restore leaves it alone (opts.unit: see the decisions).
+function snapshot.diff(snap, current_files, opts)
   if type(snap) ~= "table" or type(snap.files) ~= "table" then
     error("rr.snapshot.diff: snap must be a snapshot", 2)
   end
   current_files = current_files or {}
   check_files(current_files, "diff")
+  check_opts(opts, "diff")
+  local own_test = own_test_for(snap, opts)
   local changes, known = {}, {}
+  local function add(c)
+    if c.role == "dropin" then
+      local scope = scope_of(c.path, own_test)
+      if scope ~= "own" then c.shared, c.scope = true, scope end
+    end
+    changes[#changes + 1] = c
+  end
   for _, e in ipairs(snap.files) do
     known[e.path] = true
     local path, st = resolve(e.path)
     if e.absent then
       if path then
-        changes[#changes + 1] = { path = e.path, role = e.role, change = "added", detail = "absent in the snapshot" }
+        add({ path = e.path, role = e.role, change = "added", detail = "absent in the snapshot" })
       end
     elseif not path then
-      changes[#changes + 1] = { path = e.path, role = e.role, change = "removed" }
+      add({ path = e.path, role = e.role, change = "removed" })
     elseif st.type ~= "file" then
-      changes[#changes + 1] = { path = e.path, role = e.role, change = "modified", detail = "not a regular file" }
+      add({ path = e.path, role = e.role, change = "modified", detail = "not a regular file" })
     else
       local what = difference(e, st, path)
       if what then
-        changes[#changes + 1] = { path = e.path, role = e.role, change = "modified", detail = what }
+        add({ path = e.path, role = e.role, change = "modified", detail = what })
       end
     end
   end
@@ -388,7 +504,7 @@ function snapshot.diff(snap, current_files)
     if not known[f.path] then
       known[f.path] = true
       if fs.stat(f.path) then
-        changes[#changes + 1] = { path = f.path, role = f.role, change = "added" }
+        add({ path = f.path, role = f.role, change = "added" })
       end
     end
   end
@@ -402,21 +518,19 @@ local function entry_of(snap, path)
   return nil
 end
 
-local function parent(path)
-  return path:match("^(.*)/[^/]*$") or "/"
-end
-
 -- Puts the stored copy of `entry` back at its path. Through a symlink only when it still
--- leads to the regular file it led to at capture; any other link (repointed, dangling, to
--- /dev/null as a mask) is replaced by the file itself: systemd then reads the same bytes,
--- and nothing outside the definition is written.
+-- leads to the regular file it led to at capture (for a drop-in: a file in the drop-in's own
+-- directory; a conf linked in from elsewhere may be read by other units too); any other link
+-- (repointed, dangling, to /dev/null as a mask) is replaced by the file itself: systemd then
+-- reads the same bytes, and nothing outside the definition is written.
 local function put_back(snap, entry)
   local dest = entry.path
   local st = fs.stat(dest)
   if st and st.type == "link" and entry.link then
     local real = fs.realpath(dest)
     local target = real and fs.stat(real)
-    if real == entry.link and target and target.type == "file" then
+    local private = entry.role ~= "dropin" or parent(entry.link) == (fs.realpath(parent(entry.path)) or parent(entry.path))
+    if real == entry.link and target and target.type == "file" and private then
       dest = real
     end
   end
@@ -433,18 +547,25 @@ local function put_back(snap, entry)
   return true
 end
 
--- snapshot.restore(snap, current_files) -> { restored = {paths}, removed = {paths},
--- kept = {paths} } | nil, err, partial. Only what differs is touched. Run daemon-reload after.
-function snapshot.restore(snap, current_files)
+-- snapshot.restore(snap, current_files[, opts]) -> { restored = {paths}, removed = {paths},
+-- kept = {paths}, manual = {paths} } | nil, err, partial. Only what differs is touched, and
+-- only the unit's own files: a shared or vendor drop-in that differs from the snapshot
+-- (modified, removed or added since) is left as it is and listed in `manual` — putting it
+-- back would change every other unit that reads it; an operator decides. opts.unit names the
+-- unit when the snapshot does not (see the decisions at the top). Run daemon-reload after.
+function snapshot.restore(snap, current_files, opts)
   if type(snap) ~= "table" or type(snap.files) ~= "table" or type(snap.dir) ~= "string" then
     error("rr.snapshot.restore: snap must be a snapshot", 2)
   end
-  local changes = snapshot.diff(snap, current_files)
-  local result = { restored = {}, removed = {}, kept = {} }
+  check_opts(opts, "restore")
+  local changes = snapshot.diff(snap, current_files, opts)
+  local result = { restored = {}, removed = {}, kept = {}, manual = {} }
   local problems = {}
   for _, c in ipairs(changes) do
     local entry = entry_of(snap, c.path)
-    if c.change == "added" then
+    if c.shared then
+      result.manual[#result.manual + 1] = c.path
+    elseif c.change == "added" then
       local st = fs.stat(c.path)
       local newer = not st or not snap.created_epoch or (st.mtime or 0) >= snap.created_epoch
       if c.role == "envfile" and not entry and not newer then
