@@ -56,7 +56,8 @@ function dryrun.run(p)
         out("     rollback restores: the definition on disk now (it becomes known good once the pre-check passes)")
       end
       for _, c in ipairs(def.changes) do
-        out(("     definition %s: %s"):format(c.change, c.path))
+        out(("     definition %s: %s%s"):format(c.change, c.path,
+          c.shared and (" (a %s drop-in: rollback leaves it as it is)"):format(c.scope or "shared") or ""))
         if opts.diff and c.change == "modified" then
           for line in (snapshot.unified_diff(def.known, c.path) or ""):gmatch("[^\n]+") do
             out("       " .. line)

@@ -607,5 +607,4 @@ function flow.rollback(ctx, svc, reason, deploy_record)
   return self:rollback(reason)
 end
 
-
 return flow

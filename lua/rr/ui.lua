@@ -117,8 +117,12 @@ local SHOW = {
     return table.concat(lines, "\n")
   end,
   DEFINITION_RESTORED = function(ev)
-    return ("  %-22s definition restored from the last known good (%d file(s) put back, %d removed)")
+    local s = ("  %-22s definition restored from the last known good (%d file(s) put back, %d removed)")
       :format(ev.service, #(ev.restored or {}), #(ev.removed or {}))
+    if ev.manual and #ev.manual > 0 then
+      s = s .. ("\n  %-22s shared drop-ins left as they are, check by hand: %s"):format("", table.concat(ev.manual, ", "))
+    end
+    return s
   end,
   DEPLOY_END = function(ev) return ("  %-22s deployed (%d new, %d replaced files)"):format(ev.service, ev.created or 0, ev.replaced or 0) end,
   DEPLOY_FAILED = function(ev) return ("  %-22s deploy failed: %s"):format(ev.service, ev.error) end,
