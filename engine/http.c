@@ -784,6 +784,7 @@ static int request_setup(lua_State *L, Request *r, const Params *p) {
 
 /* Common body of http.get and http.request; the options table is at idx (0: none). */
 static int start_request(lua_State *L, const char *url, int idx, bool for_request) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         Params p = { 0 };
         Request *r;
         const char *why, *code;

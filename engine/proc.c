@@ -990,11 +990,13 @@ fail:
 
 /* proc.spawn(argv, opts) -> process | nil, message, code */
 static int proc_l_spawn(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         return spawn(L);
 }
 
 /* proc.run(argv, opts) -> res | nil, message, res | nil, message, code */
 static int proc_l_run(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         int n = spawn(L);
         Box *b;
 

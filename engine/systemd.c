@@ -2010,6 +2010,7 @@ static int start_call(lua_State *L, Manager *m, const char *what, uint64_t timeo
 
 /* m:daemon_reload() -> true | nil, err, code */
 static int manager_l_daemon_reload(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         Manager *m = check_manager(L, 1);
         char what[64];
 
@@ -2161,6 +2162,7 @@ static int unit_l_get(lua_State *L) {
  *                           | nil, err, dbus_error_name           (the manager refused the job)
  * One closure per entry of job_verbs, its JobVerb as upvalue 1. */
 static int unit_l_job(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         const JobVerb *verb = lua_touserdata(L, lua_upvalueindex(1));
         Unit *u = check_unit(L, 1);
         const char *mode = "replace";
@@ -2288,6 +2290,7 @@ static int unit_l_wait_change(lua_State *L) {
 
 /* u:reset_failed() -> true | nil, err, code */
 static int unit_l_reset_failed(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         Unit *u = check_unit(L, 1);
         char what[512];
 
@@ -2306,6 +2309,7 @@ static const struct {
 /* u:kill([signal[, whom]]) -> true | nil, err, code; signal a number or "TERM"/"SIGTERM"..., whom
  * "all" (default), "main" or "control". */
 static int unit_l_kill(lua_State *L) {
+        rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         static const char *const whoms[] = { "all", "main", "control", NULL };
         Unit *u = check_unit(L, 1);
         int signo = SIGTERM;

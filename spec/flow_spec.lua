@@ -48,6 +48,14 @@ describe("hooks in the flow", function()
     assert.matches("timed out after 0.3s", p:last_event("SERVICE_RESTART_FAILED", "api").error)
   end)
 
+  it("os.exit in a hook ends the engine with that code and leaves the unit running (no half rollback)", function()
+    local hook = helpers.write(p.dir .. "/exit.lua", [[
+      return { after_restart = function() os.exit(7) end }]])
+    local res = p:cli({ "--hooks", hook })
+    assert.equal(7, res.exit_code, res.stdout .. res.stderr)
+    assert.equal("active", p:props("api").ActiveState)
+  end)
+
   it("before_plan can veto the whole run before anything is touched", function()
     local hook = helpers.write(p.dir .. "/freeze.lua", [[
       return { before_plan = function(plan) return false, "change freeze until Monday" end }]])

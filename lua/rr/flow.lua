@@ -577,6 +577,13 @@ function Run:go()
   return flow.SUCCESS, nil, { method = method }
 end
 
+-- Is this error a task's cancellation (task:cancel(), shutdown, os.exit from a task)?
+function flow.is_cancel(err)
+  local text = tostring(err)
+  return text:match("canceled$") ~= nil or text:match("canceled\nstack traceback") ~= nil
+    or text:find("exiting (os.exit(", 1, true) ~= nil
+end
+
 -- flow.run(ctx, svc) -> outcome, error, info
 -- ctx = { manager, events, opts = {force, deploy, deploy_path, skip_migrations,
 --         accept_unknown_definition}, state_root, user, hooks_for = fn(svc) -> hook set|nil,
@@ -584,6 +591,11 @@ end
 function flow.run(ctx, svc)
   local self = setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = ctx.manager:unit(svc.unit) }, Run)
   local ok, outcome, err, info = pcall(Run.go, self)
+  if not ok and flow.is_cancel(outcome) then
+    -- The task was cancelled (shutdown, os.exit in a hook): no rollback may start now — its
+    -- jobs would never be waited for. The operator reruns or uses plans/rollback.lua.
+    error(outcome, 0)
+  end
   if not ok then
     -- A bug or a hook error surfaced as a Lua error: fail this service, keep the engine.
     local touched = self.current_step and self.current_step ~= "inspect" and self.current_step ~= "pre-check"
