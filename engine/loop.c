@@ -293,18 +293,26 @@ static int loop_turn(const bool *stop) {
 
 static int push_trampoline(lua_State *L) {
         RrOp *op = lua_touserdata(L, 1);
-        lua_pop(L, 1);
+        lua_remove(L, 1); /* the caller's values are at 1..n again, where push() expects them */
         return op->push(L, op);
 }
 
 /* Pushes the op's results and releases it, also when push() raises (out of memory, a stack
- * check): the error is re-raised after the release, so the op never leaks. */
+ * check): the error is re-raised after the release, so the op never leaks. push() runs in a
+ * protected frame holding copies of the caller's values, so it may read its arguments (a unit
+ * handle keeps the manager that is argument 1 of m:unit()). */
 static int push_and_release(lua_State *L, RrOp *op) {
         int base = lua_gettop(L), r;
 
+        if (!lua_checkstack(L, base + 2)) {
+                op->release(op);
+                return luaL_error(L, "out of Lua stack space");
+        }
         lua_pushcfunction(L, push_trampoline);
         lua_pushlightuserdata(L, op);
-        r = lua_pcall(L, 1, LUA_MULTRET, 0);
+        for (int i = 1; i <= base; i++)
+                lua_pushvalue(L, i);
+        r = lua_pcall(L, base + 1, LUA_MULTRET, 0);
         op->release(op);
         if (r != LUA_OK)
                 return lua_error(L);
