@@ -144,3 +144,62 @@ describe("the REPL", function()
     assert.matches("\n[^\n]*next line\n", res.stdout)
   end)
 end)
+
+describe("the REPL's rollback(name, {deploy_record = DIR})", function()
+  local deploy = require("rr.deploy")
+  local http = require("rr.http")
+  local p, api
+  before_each(function()
+    p = platform.new({ { name = "api", http = true, code = true } })
+    p:start()
+    api = p.by_name.api
+  end)
+  after_each(function() p:teardown() end)
+
+  local function repl(input)
+    local res, err, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
+      timeout = 60, env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false,
+        RRENGINE_USER = false } })
+    return res or r or error(err)
+  end
+
+  local function served_version()
+    local res = http.get(api.url, { timeout = 2 })
+    return res and res.body and res.body:match("version=(%S+)") or nil
+  end
+
+  it("undoes the deploy it names, as plans/rollback.lua --deploy-record does, and refuses another dir's", function()
+    local src = p.dir .. "/releases/run-c"
+    require("spec.support.helpers").write(src .. "/version", "v9\n")
+    local record = assert(deploy.apply{ source = src, target = api.working_dir, checksum = true,
+      state_dir = p.state_root .. "/runs/run-c/api" })
+    assert(deploy.write_pointer(p.state_root, "api", "last", record.state_dir))
+    assert(p:unit("api"):restart("replace"))
+    local deadline = require("rr").now() + 10
+    while served_version() ~= "v9" and require("rr").now() < deadline do require("rr").sleep(0.05) end
+    assert.equal("v9", served_version())
+
+    -- the same record in another service's working dir: refused, nothing touched
+    local other = p.dir .. "/other-code"
+    assert(fs.mkdir_p(other, 493))
+    local foreign = assert(deploy.apply{ source = src, target = other, state_dir = p.state_root .. "/runs/other/x" })
+    local res = repl(('rollback("api", {deploy_record = %q})\nrollback("api", {deploy_record = %q, no_code = true})\n')
+      :format(foreign.state_dir, record.state_dir))
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("\n[^\n]*rollback of api not started: the deploy record " .. lit(foreign.state_dir)
+      .. " is a deploy into " .. lit(other) .. ", not into api's working_dir", res.stdout)
+    assert.matches("rrengine: deploy_record and no_code contradict each other", res.stderr)
+    assert.equal("applied", assert(deploy.load(foreign.state_dir)).state)
+    assert.equal("v9", served_version())
+
+    res = repl(('rollback("api", {deploy_record = %q})\n'):format(record.state_dir))
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr)
+    assert.matches("\n[^\n]*deploy record " .. lit(record.state_dir) .. " %(from deploy_record%): state applied",
+      res.stdout)
+    assert.matches("\n[^\n]*rolled back: api %([%d.]+ m?s%)\n", res.stdout)
+    assert.equal("v1", served_version())
+    assert.equal("undone", assert(deploy.load(record.state_dir)).state)
+    assert.is_nil(deploy.read_pointer(p.state_root, "api", "last"))
+  end)
+end)

@@ -4,7 +4,8 @@
 --   status()                 state and health of every service
 --   health("sso.api")        one service's health check, now
 --   restart("sso.api", {deploy_path = "/tmp/deploy/sso-api"})   the full flow, with rollback
---   rollback("sso.api")      back to the known-good definition (and undo the last deploy)
+--   rollback("sso.api")      back to the known-good definition (and undo the last deploy;
+--                            {deploy_record = DIR} names the deploy, {no_code = true} leaves the code)
 --   events(20)               the last events of the event log
 --   journal("sso.api", 50)   the unit's journal lines
 --   user(true)               talk to your user manager (also --user, RRENGINE_USER=1)
@@ -21,6 +22,7 @@ local services = require("rr.services")
 local status = require("rr.status")
 local health = require("rr.health")
 local rolling = require("rr.rolling")
+local rollback = require("rr.rollback")
 
 local repl = {}
 
@@ -113,77 +115,24 @@ function helpers.restart(name, opts)
   return text
 end
 
--- rollback(name[, {no_code = true, force = true}]) -> "rolled back: NAME (T)" | "rollback of NAME
--- FAILED: ..." | "rollback of NAME not started: ...". In this process, what plans/rollback.lua
--- does: under the run lock, the known-good definition restored and the deploy undone that the
--- plan would undo (an unfinished one, .inflight, else the last successful one, .last; one
--- already undone is left alone), through flow.rollback, its events logged and shown.
+-- rollback(name[, {deploy_record = DIR, no_code = true, force = true}]) -> "rolled back: NAME (T)" |
+-- "rollback of NAME FAILED: ..." | "rollback of NAME not started: ...". In this process, what
+-- plans/rollback.lua does, through the same rr.rollback.run: under the run lock, the known-good
+-- definition restored and a deploy undone (the one deploy_record names, else an unfinished one,
+-- .inflight, else the last successful one, .last; one already undone is left alone), through
+-- flow.rollback, its events logged and shown.
 function helpers.rollback(name, opts)
   opts = opts or {}
   local svc = service(name)
-  local flow = require("rr.flow")
-  local deploy = require("rr.deploy")
-  local events = require("rr.events")
-  local snapshot = require("rr.snapshot")
-  local function not_started(fmt, ...)
-    return ("rollback of %s not started: " .. fmt):format(svc.name, ...)
+  if opts.deploy_record and opts.no_code then
+    error("deploy_record and no_code contradict each other (undo that deploy, or leave the code)", 0)
   end
-  local m = manager()
-  local state_root = rolling.state_root(env.user)
-  local ok, mkerr = fs.mkdir_p(state_root, 448)
-  if not ok then return not_started("cannot create %s: %s", state_root, tostring(mkerr)) end
-  local lock_path = state_root .. "/run.lock"
-  local lock <close>, lerr = fs.lock(lock_path)
-  if not lock then return not_started("another rrengine run holds the lock (%s): %s", lock_path, tostring(lerr)) end
-
-  local record, record_dir, pointer_kind
-  if not opts.no_code then
-    for _, kind in ipairs({ "inflight", "last" }) do
-      local dir, perr, code = deploy.read_pointer(state_root, svc.name, kind)
-      if dir then
-        record_dir, pointer_kind = dir, kind
-        break
-      elseif code ~= "ENOENT" then
-        return not_started("cannot read the deploy pointer %s (%s); rollback(%q, {no_code = true}) leaves the code",
-          deploy.pointer(state_root, svc.name, kind), tostring(perr), svc.name)
-      end
-    end
-  end
-  if record_dir then
-    local derr
-    record, derr = deploy.load(record_dir)
-    if not record then
-      return not_started("cannot read the deploy record %s: %s; rollback(%q, {no_code = true}) leaves the code",
-        record_dir, tostring(derr), svc.name)
-    end
-  end
-  local undo = record and record.state ~= "undone" and record or nil
-  if not undo and not snapshot.known_good(state_root, svc.name) then
-    return not_started("nothing to restore (no known-good snapshot of its definition, no deploy to undo); "
-      .. "the service was not touched")
-  end
-  -- The pointers that name the record: removed once it is undone, as the plan does.
-  local clear = {}
-  if record then
-    local want = fs.realpath(record_dir) or record_dir
-    for _, kind in ipairs({ "inflight", "last" }) do
-      local dir = deploy.read_pointer(state_root, svc.name, kind)
-      if kind == pointer_kind or (dir and (fs.realpath(dir) or dir) == want) then clear[#clear + 1] = kind end
-    end
-  end
-
-  local view = require("rr.ui").new({})
-  if record and not undo then
-    view:line(("deploy record %s: already undone; the code is left as it is"):format(record_dir))
-  elseif undo then
-    view:line(("deploy record %s (%s): undoing it in %s"):format(record_dir,
-      pointer_kind == "inflight" and "a deploy whose run did not finish" or "the last successful deploy", undo.target))
-  end
-  local stream, eerr = events.open({ path = rolling.default_events_file(env.user),
-    view = function(ev) view:event(ev) end })
-  if not stream then return not_started("%s", tostring(eerr)) end
-  local ctx = { manager = m, events = stream, state_root = state_root, user = env.user, platform = platform(),
-    opts = { force = opts.force }, hooks_for = function() return nil end }
+  local call = ("rollback(%q, {%%s})"):format(svc.name)
+  local args = { svc = svc, platform = platform(), user = env.user, manager = manager(),
+    deploy_record = opts.deploy_record, no_code = opts.no_code, force = opts.force,
+    reason = "manual rollback (REPL)", view = require("rr.ui").new({}),
+    spell = { no_code = call:format("no_code = true"), deploy_record = call:format("deploy_record = DIR"),
+      named = "deploy_record" } }
 
   -- A restore stopped half-way leaves the service stopped or with a mixed definition: a
   -- signal is noted, and the rollback goes on to its end.
@@ -192,21 +141,19 @@ function helpers.rollback(name, opts)
   end
   rr.on_signal(on_signal)
   local t0 = rr.now()
-  local done, rok, rerr = pcall(flow.rollback, ctx, svc, "manual rollback (REPL)", undo)
+  local done, code, msg, why = pcall(rollback.run, args)
   rr.off_signal(on_signal)
-  stream:close()
-  if not done then error(rok, 0) end
-  if not rok then
-    return ("rollback of %s FAILED: %s (manual steps above)"):format(svc.name, tostring(rerr))
+  if not done then error(code, 0) end
+  if code == 0 then
+    return ("rolled back: %s (%s)"):format(svc.name, ms_text(math.floor((rr.now() - t0) * 1000 + 0.5)))
+  elseif code == 3 then
+    return ("rollback of %s FAILED: %s (manual steps above)"):format(svc.name, tostring(msg))
+  elseif why == "ENOTHING" then
+    -- the lines above said what about the code; the REPL's words for the outcome are shorter
+    msg = "nothing to restore (no known-good snapshot of its definition, no deploy to undo); "
+      .. "the service was not touched"
   end
-  for _, kind in ipairs(clear) do
-    local cok, cerr = deploy.remove_pointer(state_root, svc.name, kind)
-    if not cok then
-      io.stderr:write(("rrengine: rolled back, but cannot remove %s: %s\n"):format(
-        deploy.pointer(state_root, svc.name, kind), tostring(cerr)))
-    end
-  end
-  return ("rolled back: %s (%s)"):format(svc.name, ms_text(math.floor((rr.now() - t0) * 1000 + 0.5)))
+  return ("rollback of %s not started: %s"):format(svc.name, tostring(msg))
 end
 
 function helpers.events(n)

@@ -1,0 +1,259 @@
+-- rr.rollback: a service put back by hand — the known-good unit definition (unit file, its own
+-- drop-ins, environment files) restored and a code deploy undone — then daemon-reload, start,
+-- health check, through the same steps as an automatic rollback (rr.flow.rollback). The one
+-- copy of what plans/rollback.lua and the REPL's rollback(name) do; they parse, print and exit.
+--
+-- Which deploy is undone (state_root/deploys/, see rr.deploy's pointers):
+--   1. args.deploy_record, when given (plans/rollback.lua --deploy-record DIR: the command a
+--      failed rollback prints);
+--   2. else the <service>.inflight pointer's record: a deploy whose run did not finish (the
+--      engine was killed, or its own undo failed) — the one to undo, whatever .last says;
+--   3. else the <service>.last pointer's record: the last deploy whose run succeeded.
+-- A record already undone is not undone again, and neither is an .inflight deploy that never
+-- started changing files (no record, no backup: the engine was killed before); the code is
+-- then left as it is — never the .last deploy undone instead. After a successful rollback the
+-- pointer that named the record is removed. With no known-good snapshot and no deploy to undo
+-- there is nothing to restore: the service is not touched.
+local fs = require("rr.fs")
+local systemd = require("rr.systemd")
+local events = require("rr.events")
+local flow = require("rr.flow")
+local deploy = require("rr.deploy")
+local snapshot = require("rr.snapshot")
+local rolling = require("rr.rolling")
+local ui = require("rr.ui")
+
+local rollback = {}
+
+-- How the messages name the caller's options, by default plans/rollback.lua's (args.spell).
+local CLI_SPELLING = {
+  no_code = "--no-code",                 -- what leaves the code as it is
+  deploy_record = "--deploy-record DIR", -- how to name the record to undo
+  named = "--deploy-record",             -- where a record named by the caller came from
+}
+
+-- A path as compared with a pointer's: trimmed, no trailing slash, resolved when it exists.
+local function canonical(path)
+  local p = path:match("^%s*(.-)%s*$"):gsub("/+$", "")
+  if p == "" then p = "/" end
+  return fs.realpath(p) or p
+end
+
+-- The deploy record to undo, from args.deploy_record or the pointers. Returns a table
+-- { record =, dir =, source =, pointer_kind =, never_started = } (record nil: no code to undo)
+-- | nil, message, code.
+local function choose_record(svc, state_root, explicit, no_code, spell)
+  local c = {}
+  if explicit then
+    c.dir, c.source = explicit, spell.named
+  elseif not no_code then
+    for _, kind in ipairs({ "inflight", "last" }) do
+      local dir, _, code = deploy.read_pointer(state_root, svc.name, kind)
+      local path = deploy.pointer(state_root, svc.name, kind)
+      if dir then
+        c.dir, c.source, c.pointer_kind = dir, path, kind
+        break
+      elseif code ~= "ENOENT" and fs.stat(path) then
+        return nil, ("cannot read the deploy pointer %s (remove it, or name the record with %s)")
+          :format(path, spell.deploy_record), "EPOINTER"
+      end
+    end
+  end
+  -- A deploy the engine was killed before it changed anything: the pointer is written before
+  -- apply, which writes its record before rsync runs. No record and no backup: nothing to undo.
+  c.never_started = c.dir and c.pointer_kind == "inflight"
+    and not fs.exists(c.dir .. "/deploy.json") and not fs.exists(c.dir .. "/backup") or false
+  if c.dir and not c.never_started then
+    local record, derr = deploy.load(c.dir)
+    if not record then
+      return nil, ("cannot read the deploy record %s (from %s): %s%s"):format(c.dir, c.source, tostring(derr),
+        c.pointer_kind and ("; to roll back without it, remove that pointer or use " .. spell.no_code) or ""),
+        "ERECORD"
+    end
+    if explicit and canonical(record.target) ~= canonical(svc.working_dir) then
+      return nil, ("the deploy record %s is a deploy into %s, not into %s's working_dir %s"):format(
+        c.dir, record.target, svc.name, svc.working_dir), "EFOREIGN"
+    end
+    c.record = record
+  end
+  return c
+end
+
+-- The pointers that name the chosen record: removed once it is undone.
+local function pointers_naming(svc, state_root, c)
+  local kinds = {}
+  if c.never_started then
+    kinds[1] = "inflight"
+  elseif c.record then
+    for _, kind in ipairs({ "inflight", "last" }) do
+      local dir = deploy.read_pointer(state_root, svc.name, kind)
+      if kind == c.pointer_kind or (dir and canonical(dir) == canonical(c.dir)) then
+        kinds[#kinds + 1] = kind
+      end
+    end
+  end
+  return kinds
+end
+
+-- Says which deploy is undone and why (or why the code is left). Returns the record to undo, or nil.
+local function announce(svc, state_root, c, no_code, spell, say)
+  local record = c.record
+  if record then
+    local when = ("created %s%s"):format(tostring(record.created_at),
+      record.applied_at and (", applied " .. record.applied_at) or "")
+    local why = c.pointer_kind == "inflight" and " — a deploy whose run did not finish"
+      or c.pointer_kind == "last" and " — the last successful deploy" or ""
+    if record.state == "undone" then
+      say(("deploy record %s (from %s): already undone%s; the code is left as it is"):format(
+        c.dir, c.source, record.undone_at and (" at " .. record.undone_at) or ""))
+      return nil
+    end
+    say(("deploy record %s (from %s%s): state %s, %s; undoing it in %s"):format(
+      c.dir, c.source, why, tostring(record.state), when, record.target))
+    if record.state == "applying" then
+      say("note: that deploy was interrupted during rsync; if its rsync still runs (pgrep -a rsync), "
+        .. "stop it first")
+    end
+    if c.pointer_kind == "last" then
+      -- A later deploy of this service that was undone already (its run rolled back): the
+      -- code now is the .last one, and undoing it goes one release further back.
+      local runs = state_root .. "/runs"
+      for _, run in ipairs(fs.list(runs) or {}) do
+        local dir = runs .. "/" .. run .. "/" .. svc.name
+        local later = fs.stat(dir .. "/deploy.json") and deploy.load(dir)
+        if later and later.state == "undone" and tostring(later.created_at) > tostring(record.created_at)
+            and canonical(dir) ~= canonical(c.dir) then
+          say(("note: a later deploy (%s, created %s) was already undone; this undoes the release "
+            .. "before it too (%s leaves the code as it is)"):format(dir, tostring(later.created_at), spell.no_code))
+          break
+        end
+      end
+    end
+    return record
+  elseif c.never_started then
+    say(("deploy pointer %s names %s, which holds no deploy record: that deploy never started "
+      .. "changing files; the code is left as it is"):format(c.source, c.dir))
+  elseif no_code then
+    say(spell.no_code .. ": the code is left as it is")
+  end
+  return nil
+end
+
+-- Why there is nothing to restore: no known-good snapshot, and this about the code.
+local function nothing_to_restore(svc, state_root, c, no_code, spell)
+  local code_part
+  if no_code then
+    code_part = spell.no_code .. " leaves the code as it is"
+  elseif c.record then
+    code_part = ("the deploy recorded in %s is already undone"):format(c.dir)
+  elseif c.never_started then
+    code_part = ("the deploy %s names never started changing files"):format(c.source)
+  else
+    code_part = ("no code deploy to undo (no %s or %s)"):format(
+      deploy.pointer(state_root, svc.name, "inflight"), deploy.pointer(state_root, svc.name, "last"))
+  end
+  return ("nothing to restore for %s: no known-good snapshot of its definition (a successful run "
+    .. "records one), and %s; the service was not touched"):format(svc.name, code_part)
+end
+
+-- rollback.run{ svc =, platform =, user =, manager =, state_root =, events_file =, deploy_record =,
+--   no_code =, force =, reason =, view =, say =, warn =, spell = } -> exit_code, message|nil, code|nil
+-- Rolls svc back under the run lock (see the top of this file for which deploy is undone).
+--   0, nil                  rolled back and healthy
+--   1, message, code        nothing was touched: ESTATE (the state root cannot be created), EMANAGER,
+--                           ELOCKED (another run holds the lock), EPOINTER, ERECORD (a pointer or the
+--                           record cannot be read), ENOTHING (nothing to restore), EEVENTS
+--   2, message, code        configuration, nothing touched: ENOWORKDIR (a deploy_record for a service
+--                           without working_dir), EFOREIGN (the record is a deploy into another dir)
+--   3, reason, "EROLLBACK"  flow.rollback failed: reason is its error; the manual steps were shown
+-- manager: nil opens (and closes) the user or system manager. state_root, events_file: default as
+-- rr.rolling. view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
+-- view:line); warn(message): a problem after the rollback (default stderr, "rrengine: ..."). spell:
+-- how the messages name the caller's options, { no_code =, deploy_record =, named = } (default
+-- "--no-code", "--deploy-record DIR", "--deploy-record"). Misuse raises.
+function rollback.run(args)
+  if type(args) ~= "table" or type(args.svc) ~= "table" then
+    error("rollback.run: args.svc (a service of the platform) is required", 2)
+  end
+  if args.deploy_record and args.no_code then
+    error("rollback.run: deploy_record and no_code contradict each other (undo that deploy, or leave the code)", 2)
+  end
+  local svc, no_code = args.svc, args.no_code and true or false
+  local spell = {}
+  for k, v in pairs(CLI_SPELLING) do spell[k] = args.spell and args.spell[k] or v end
+
+  local explicit
+  if args.deploy_record then
+    if not svc.working_dir then
+      return 2, ("service %q has no working_dir: no deploy record can be its"):format(svc.name), "ENOWORKDIR"
+    end
+    explicit = canonical(args.deploy_record)
+  end
+
+  local manager, opened = args.manager, nil
+  if not manager then
+    local merr
+    manager, merr = (args.user and systemd.user or systemd.system)()
+    if not manager then return 1, tostring(merr), "EMANAGER" end
+    opened = manager
+  end
+  local close_manager <close> = opened -- a manager opened here is closed on every way out
+  local state_root = args.state_root or rolling.state_root(args.user)
+  local ok, mkerr = fs.mkdir_p(state_root, 448)
+  if not ok then return 1, ("cannot create %s: %s"):format(state_root, tostring(mkerr)), "ESTATE" end
+  local lock_path = state_root .. "/run.lock"
+  local lock <close>, lerr = fs.lock(lock_path)
+  if not lock then
+    return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
+  end
+
+  local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell)
+  if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
+  local pointers_to_clear = pointers_naming(svc, state_root, c)
+
+  local view = args.view or ui.new({})
+  local say = args.say or function(text) view:line(text) end
+  local warn = args.warn or function(text) io.stderr:write("rrengine: ", text, "\n") end
+
+  local undo = announce(svc, state_root, c, no_code, spell, say)
+  local known = snapshot.known_good(state_root, svc.name)
+  if known then
+    say(("definition: the known-good snapshot of run %s (%s), %s"):format(tostring(known.run),
+      tostring(known.created), known.dir))
+  end
+  if not known and not undo then
+    return 1, nothing_to_restore(svc, state_root, c, no_code, spell), "ENOTHING"
+  end
+
+  local stream, eerr = events.open({ path = args.events_file or rolling.default_events_file(args.user),
+    view = function(ev) view:event(ev) end })
+  if not stream then return 1, tostring(eerr), "EEVENTS" end
+  -- The log closed on every way out, a raised error too (stream:close is idempotent; a stream
+  -- has no __close of its own).
+  local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
+
+  local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
+    platform = args.platform, opts = { force = args.force }, hooks_for = function() return nil end }
+  -- An .inflight pointer naming another deploy than the one undone here must survive: it is the
+  -- only trace of an unfinished deploy (rr.flow's rollback clears .inflight after any undo).
+  local other_inflight = deploy.read_pointer(state_root, svc.name, "inflight")
+  if other_inflight and (not c.dir or canonical(other_inflight) == canonical(c.dir)) then
+    other_inflight = nil
+  end
+  local rok, rerr = flow.rollback(ctx, svc, args.reason or "manual rollback", undo)
+  stream:close()
+  if other_inflight and not deploy.read_pointer(state_root, svc.name, "inflight") then
+    deploy.write_pointer(state_root, svc.name, "inflight", other_inflight)
+  end
+  if not rok then return 3, tostring(rerr), "EROLLBACK" end
+  for _, kind in ipairs(pointers_to_clear) do
+    local rmok, rmerr = deploy.remove_pointer(state_root, svc.name, kind)
+    if not rmok then
+      warn(("rolled back, but cannot remove %s: %s"):format(deploy.pointer(state_root, svc.name, kind),
+        tostring(rmerr)))
+    end
+  end
+  return 0
+end
+
+return rollback
