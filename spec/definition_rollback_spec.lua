@@ -5,12 +5,7 @@ local fs = require("rr.fs")
 local units = require("spec.support.units")
 local platform = require("spec.support.platform")
 
-local function edit(path, from, to)
-  local text = assert(fs.read(path))
-  local new, n = text:gsub(from, to, 1)
-  assert(n == 1, "pattern not found in " .. path)
-  assert(fs.write_atomic(path, new))
-end
+local edit = require("spec.support.helpers").edit
 
 describe("rollback to the last known good definition", function()
   local p

@@ -8,12 +8,7 @@ local snapshot = require("rr.snapshot")
 local platform = require("spec.support.platform")
 local helpers = require("spec.support.helpers")
 
-local function edit(path, from, to)
-  local text = assert(fs.read(path))
-  local new, n = text:gsub(from, to, 1)
-  assert(n == 1, "pattern not found in " .. path)
-  assert(fs.write_atomic(path, new))
-end
+local edit = helpers.edit
 
 describe("hooks in the flow", function()
   local p

@@ -30,12 +30,7 @@ local function code_tree(dir)
   return out
 end
 
-local function edit(path, from, to)
-  local text = assert(fs.read(path))
-  local new, n = text:gsub(from, to, 1)
-  assert(n == 1, "pattern not found in " .. path)
-  assert(fs.write_atomic(path, new))
-end
+local edit = helpers.edit
 
 local PLAN = { plan = "plans/rollback.lua", timeout = 60 }
 

@@ -35,6 +35,14 @@ end
 
 -- Writes a file atomically, its parent directories created (0755), with mode (default
 -- 0644). Returns the path.
+-- Replace the first match of a pattern in a file (an operator's hand edit of a unit file).
+function helpers.edit(path, from, to)
+  local text = assert(fs.read(path))
+  local new, n = text:gsub(from, to, 1)
+  assert(n == 1, "pattern not found in " .. path)
+  assert(fs.write_atomic(path, new))
+end
+
 function helpers.write(path, data, mode)
   local parent = path:match("^(.*)/[^/]*$")
   if parent and parent ~= "" then assert(fs.mkdir_p(parent, 493)) end
