@@ -568,9 +568,8 @@ function Run:go()
   if self.deploy_record then
     -- the finished deploy becomes the one plans/rollback.lua undoes on request
     deploy.move_pointer(ctx.state_root, svc.name, "inflight", "last")
-    if deploy.prune then
-      deploy.prune(ctx.state_root, svc.name, { keep = 5, protect = { self.deploy_record.state_dir } })
-    end
+    -- old deploy backups go; this one, and any unfinished one, stay
+    deploy.prune(ctx.state_root, svc.name, { keep = deploy.KEEP, protect = { self.deploy_record.state_dir } })
   end
   self:emit("SERVICE_RESTART_SUCCESS", { method = method, duration_ms = ms(rr.now() - self.t0) })
   self:hook("on_success", svc, { method = method })
