@@ -339,7 +339,7 @@ cli.rolling_spec = {
     { 1, "a service failed and was rolled back, or was not touched" },
     { 2, "usage or configuration error: nothing was touched" },
     { 3, "a rollback failed: manual action needed (the output says what)" },
-    { 130, "interrupted (Ctrl-C, SIGTERM): no new service started; the one in flight finished or rolled back" },
+    { 130, "interrupted (Ctrl-C, SIGTERM, SIGHUP): no new service started; the one in flight finished or rolled back" },
   },
 }
 

@@ -45,7 +45,7 @@ function dryrun.run(p)
         problem(("unit file %s is not readable"):format(props.FragmentPath))
       end
 
-      local def = flow.definition_state({ state_root = p.state_root }, svc, props)
+      local def = flow.definition_state({ state_root = p.state_root, user = opts.user }, svc, props)
       if def.known then
         out(("     rollback restores: the known-good definition of run %s (%s)"):format(
           tostring(def.known.run), tostring(def.known.created)))

@@ -37,16 +37,33 @@ end
 -- Drop-ins on disk that systemd does not list yet. systemd 252 notices neither a drop-in in a
 -- brand-new <unit>.d/ directory (NeedDaemonReload stays "no") nor lists it in DropInPaths, so
 -- without this look a new drop-in would be "reloaded" without ever being applied.
-function flow.unlisted_dropins(svc, props)
-  local listed, found = {}, {}
+function flow.unlisted_dropins(svc, props, user)
+  local listed, found, seen = {}, {}, {}
   for _, p in ipairs(props.DropInPaths or {}) do listed[p] = true end
+  -- beside the unit file, and where an operator drops overrides (systemctl edit writes to
+  -- /etc/systemd/system or ~/.config/systemd/user even for a unit file under /usr/lib)
+  local dirs = {}
   local fragment = props.FragmentPath
-  if not fragment or fragment == "" then return found end
-  local dir = fragment:match("^(.*)/[^/]+$") .. "/" .. svc.unit .. ".d"
-  for _, name in ipairs(fs.list(dir) or {}) do
-    local path = dir .. "/" .. name
-    if name:match("%.conf$") and not listed[path] then
-      found[#found + 1] = path
+  if fragment and fragment ~= "" then dirs[#dirs + 1] = fragment:match("^(.*)/[^/]+$") end
+  if user then
+    local config = os.getenv("XDG_CONFIG_HOME")
+    if not config or config == "" then config = (os.getenv("HOME") or "") .. "/.config" end
+    dirs[#dirs + 1] = config .. "/systemd/user"
+    if os.getenv("XDG_RUNTIME_DIR") then dirs[#dirs + 1] = os.getenv("XDG_RUNTIME_DIR") .. "/systemd/user" end
+  else
+    dirs[#dirs + 1] = "/etc/systemd/system"
+    dirs[#dirs + 1] = "/run/systemd/system"
+  end
+  for _, base in ipairs(dirs) do
+    local dir = base .. "/" .. svc.unit .. ".d"
+    if not seen[dir] then
+      seen[dir] = true
+      for _, name in ipairs(fs.list(dir) or {}) do
+        local path = dir .. "/" .. name
+        if name:match("%.conf$") and not listed[path] then
+          found[#found + 1] = path
+        end
+      end
     end
   end
   return found
@@ -56,7 +73,7 @@ end
 -- differ. Used by the flow, the dry run and plans/rollback.lua.
 function flow.definition_state(ctx, svc, props)
   local current = flow.definition_files(props)
-  local unlisted = flow.unlisted_dropins(svc, props)
+  local unlisted = flow.unlisted_dropins(svc, props, ctx.user)
   for _, path in ipairs(unlisted) do
     current[#current + 1] = { path = path, role = "dropin" }
   end
@@ -275,7 +292,7 @@ function Run:rollback(reason)
   if self.def and self.def.known then
     local props = self.unit:properties() or {}
     local current = flow.definition_files(props)
-    for _, path in ipairs(flow.unlisted_dropins(self.svc, props)) do
+    for _, path in ipairs(flow.unlisted_dropins(self.svc, props, self.ctx.user)) do
       current[#current + 1] = { path = path, role = "dropin" }
     end
     -- Files the known-good had that systemd no longer lists (a drop-in removed since) come
@@ -457,7 +474,7 @@ function Run:go()
     if not pok then
       return self:fail("cannot record the deploy before running it: " .. tostring(perr))
     end
-    local record, err = deploy.apply{
+    local record, err, partial = deploy.apply{
       source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
       -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
       -- the same second: a release must land whole, so compare contents.
@@ -465,9 +482,15 @@ function Run:go()
       state_dir = state_dir, timeout = svc.deploy_timeout or 1800,
     }
     if not record then
-      -- apply undoes a partial deploy itself before it returns
-      self:clear_inflight()
       self:emit("DEPLOY_FAILED", { error = err, duration_ms = ms(rr.now() - t0) })
+      if partial and partial.state ~= "undone" then
+        -- apply could not undo its own partial deploy: the working dir is half new, half old.
+        -- The .inflight pointer stays: plans/rollback.lua finishes this undo, not another.
+        self.deploy_record = partial
+        return self:rollback_failed("deploy failed: " .. tostring(err), "the partial deploy could not be undone")
+      end
+      -- apply undid the partial deploy itself (or never started one)
+      self:clear_inflight()
       return self:fail("deploy failed (working dir left as it was): " .. tostring(err))
     end
     self.deploy_record = record

@@ -194,7 +194,7 @@ function rolling.run(opts)
   ctx.initially_stale = {}
   for _, svc in ipairs(prep.order) do
     local props = manager:unit(svc.unit):properties()
-    if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props) > 0) then
+    if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props, opts.user) > 0) then
       ctx.initially_stale[svc.name] = true
     end
   end

@@ -45,8 +45,8 @@ local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout",
 
 -- Optional timeouts in seconds (> 0), per service or in `defaults`. Absent means the flow's
 -- own default: start/stop wait as long as systemd takes, migrate_timeout bounds migrate and
--- migrate_rollback (the flow uses 600 s when absent), deploy_timeout bounds the rsync of a
--- deploy (unbounded when absent).
+-- migrate_rollback (the flow uses 1800 s when absent), deploy_timeout bounds the rsync of a
+-- deploy (1800 s when absent).
 local TIMEOUT_FIELDS = { "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
 local TOP_FIELDS = { "defaults", "services" }
