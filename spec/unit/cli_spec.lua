@@ -188,7 +188,7 @@ describe("rr.cli", function()
         "  1    a service failed and was rolled back, or was not touched\n",
         "  2    usage or configuration error: nothing was touched\n",
         "  3    a rollback failed: manual action needed (the output says what)\n",
-        "  130  interrupted (Ctrl-C, SIGTERM): no new service started; the one in\n",
+        "  130  interrupted (Ctrl-C, SIGTERM, SIGHUP): no new service started; the one\n",
       }) do
         assert.truthy(usage:find(line, codes, true), line)
       end
