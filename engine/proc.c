@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -867,6 +868,53 @@ static int do_spawn(const SpawnArgs *a, int in_fd, int out_fd, int err_fd, pid_t
 }
 
 /* Spawn from the arguments at 1 and 2; pushes the handle (1 result) or nil, message, code. */
+/* Can `path` be executed: 0, or the errno exec would give. */
+static int exec_error(const char *path) {
+        struct stat st;
+        if (stat(path, &st) < 0)
+                return errno;
+        if (!S_ISREG(st.st_mode) || access(path, X_OK) < 0)
+                return EACCES;
+        return 0;
+}
+
+/* The errno exec would fail with for argv[0], found as posix_spawnp() would look for it (PATH
+ * from the child's environment). posix_spawnp() reports this itself, but not under every
+ * emulation of CLONE_VFORK (valgrind's), where a failed exec becomes an exit code 127: checked
+ * first, the operator gets "No such file or directory" either way. */
+static int program_error(const SpawnArgs *a) {
+        const char *prog = a->argv[0], *path = NULL;
+        char buf[PATH_MAX];
+        int worst = ENOENT;
+
+        if (strchr(prog, '/')) {
+                if (prog[0] != '/' && a->cwd) {
+                        if ((size_t) snprintf(buf, sizeof buf, "%s/%s", a->cwd, prog) >= sizeof buf)
+                                return ENAMETOOLONG;
+                        return exec_error(buf);
+                }
+                return exec_error(prog);
+        }
+        for (const char **e = a->envp; e && *e; e++)
+                if (strncmp(*e, "PATH=", 5) == 0)
+                        path = *e + 5;
+        if (!path)
+                path = "/usr/local/bin:/usr/bin:/bin";
+        while (*path) {
+                size_t n = strcspn(path, ":");
+                int r;
+                if ((size_t) snprintf(buf, sizeof buf, "%.*s/%s", (int) n, n ? path : ".", prog) < sizeof buf) {
+                        r = exec_error(buf);
+                        if (r == 0)
+                                return 0;
+                        if (r == EACCES)
+                                worst = EACCES;
+                }
+                path += n + (path[n] == ':');
+        }
+        return worst;
+}
+
 static int spawn(lua_State *L) {
         _cleanup_(closep) int in_child = -1, out_child = -1, err_child = -1;
         sd_event *e = rr_loop_event();
@@ -882,6 +930,13 @@ static int spawn(lua_State *L) {
                 int errnum = stat(a.cwd, &st) < 0 ? errno : !S_ISDIR(st.st_mode) ? ENOTDIR : 0;
                 if (errnum)
                         return rr_push_fail(L, errnum, "cannot run %s in %s: %s", a.argv[0], a.cwd, strerror(errnum));
+        }
+
+        r = program_error(&a);
+        if (r != 0) {
+                if (a.cwd)
+                        return rr_push_fail(L, r, "cannot run %s in %s: %s", a.argv[0], a.cwd, strerror(r));
+                return rr_push_fail(L, r, "cannot run %s: %s", a.argv[0], strerror(r));
         }
 
         /* The handle first, closed; from here on it owns p and frees it whatever happens. */
