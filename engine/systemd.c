@@ -1959,7 +1959,7 @@ static int systemd_user(lua_State *L) {
         return systemd_connect(L, true);
 }
 
-/* systemd.system() -> manager | nil, err, code */
+/* The system manager (as systemd.user, for the system instance) -> manager | nil, err, code */
 static int systemd_system(lua_State *L) {
         return systemd_connect(L, false);
 }
@@ -2406,7 +2406,7 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, cons
         lua_pop(L, 1);
 }
 
-/* require("rr.systemd"): user(), system(); the two classes. */
+/* require("rr.systemd"): the user and system openers; the two classes. */
 int luaopen_rr_systemd(lua_State *L) {
         new_class(L, MANAGER_MT, manager_meta, manager_methods, NULL);
         new_class(L, UNIT_MT, unit_meta, unit_methods, add_job_methods);

@@ -107,72 +107,49 @@ end)
 describe("rrengine signals", function()
   local proc = require("rr.proc")
 
-  it("exits 130 when interrupted with no handler, without waiting for the sleep", function()
-    local p = proc.spawn({ engine, "-e", "require('rr').sleep(30)" })
-    rr.sleep(0.3)
-    p:kill("INT")
-    local t0 = rr.now()
-    local _, _, res = p:wait()
-    assert.equal(130, res.exit_code)
-    assert.is_true(rr.now() - t0 < 5)
-  end)
-
-  it("hands SIGTERM to a Lua handler, which decides", function()
-    local script = [[
-      local rr = require('rr')
-      local stop = false
-      rr.on_signal(function(name) io.write('got ', name, '\n'); io.flush(); stop = true end)
-      io.write('ready\n'); io.flush()
-      while not stop do rr.sleep(0.01) end
-      io.write('clean exit\n')
-    ]]
-    local lines = {}
-    local p
+  -- A child engine that prints "ready" once its signal sources are in place (a line, not a
+  -- sleep, says when to send the signal).
+  local function engine_until_ready(script, sig)
+    local lines, p = {}, nil
     p = proc.spawn({ engine, "-e", script }, {
-      on_line = function(_, line)
+      on_line = function(stream, line)
+        if stream ~= "stdout" then return end
         lines[#lines + 1] = line
-        if line == "ready" then p:kill("TERM") end
+        if line == "ready" then p:kill(sig) end
       end,
     })
-    local res = p:wait()
-    assert.is_truthy(res, "engine exited non-zero")
-    assert.same({ "ready", "got SIGTERM", "clean exit" }, lines)
-  end)
-
-  -- An SSH session that drops sends SIGHUP: a run must get the same chance to finish (or roll
-  -- back) the service in flight as with SIGTERM.
-  it("hands SIGHUP to a Lua handler as \"SIGHUP\"", function()
-    local script = [[
-      local rr = require('rr')
-      local stop = false
-      rr.on_signal(function(name) io.write('got ', name, '\n'); io.flush(); stop = true end)
-      io.write('ready\n'); io.flush()
-      while not stop do rr.sleep(0.01) end
-      io.write('clean exit\n')
-    ]]
-    local lines = {}
-    local p
-    p = proc.spawn({ engine, "-e", script }, {
-      on_line = function(_, line)
-        lines[#lines + 1] = line
-        if line == "ready" then p:kill("HUP") end
-      end,
-    })
-    local res, err = p:wait()
-    assert.is_truthy(res, err)
-    assert.same({ "ready", "got SIGHUP", "clean exit" }, lines)
-  end)
-
-  it("exits 130 on SIGHUP with no handler, as on SIGINT", function()
-    local p = proc.spawn({ engine, "-e", "require('rr').sleep(30)" })
-    rr.sleep(0.3)
-    p:kill("HUP")
     local t0 = rr.now()
-    local _, _, res = p:wait()
-    assert.equal(130, res.exit_code)
-    assert.is_nil(res.signal)
-    assert.is_true(rr.now() - t0 < 5)
-  end)
+    local ok_res, _, failed_res = p:wait()
+    return lines, ok_res or failed_res, rr.now() - t0
+  end
+
+  for _, sig in ipairs({ "INT", "HUP" }) do
+    it(("exits 130 on SIG%s with no handler, without waiting for the sleep"):format(sig), function()
+      local lines, res, took = engine_until_ready("io.write('ready\\n'); io.flush(); require('rr').sleep(30)", sig)
+      assert.same({ "ready" }, lines)
+      assert.equal(130, res.exit_code)
+      assert.is_nil(res.signal)
+      assert.is_true(took < 5)
+    end)
+  end
+
+  -- An SSH session that drops sends SIGHUP: a run gets the same chance to finish (or roll back)
+  -- the service in flight as with SIGTERM.
+  for _, sig in ipairs({ "TERM", "HUP" }) do
+    it(("hands SIG%s to a Lua handler, which decides"):format(sig), function()
+      local script = [[
+        local rr = require('rr')
+        local waiter = rr.spawn(function() rr.sleep(3600) end)
+        rr.on_signal(function(name) io.write('got ', name, '\n'); io.flush(); waiter:cancel() end)
+        io.write('ready\n'); io.flush()
+        rr.wait(waiter)
+        io.write('clean exit\n')
+      ]]
+      local lines, res = engine_until_ready(script, sig)
+      assert.equal(0, res.exit_code)
+      assert.same({ "ready", "got SIG" .. sig, "clean exit" }, lines)
+    end)
+  end
 
   it("ignores SIGPIPE itself; children of rr.proc get every signal at its default, none blocked", function()
     local ign = assert(fs.read("/proc/self/status")):match("\nSigIgn:%s*(%x+)")
