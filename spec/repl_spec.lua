@@ -81,7 +81,7 @@ describe("the REPL", function()
     -- a task sends SIGINT to the engine once the unit has restarted (the flow then stabilizes
     -- for 1 s), while the top level runs restart("api")
     local watch = ('m = require("rr.systemd").user(); u = m:unit(%q); pid0 = u:get("MainPID"); '
-      .. 'rr.spawn(function() while u:get("MainPID") == pid0 do rr.sleep(0.01) end; '
+      .. 'rr.spawn(function() assert(u:wait_change({ "MainPID" }, 60, { MainPID = pid0 })); '
       .. 'require("rr.proc").run({ "kill", "-INT", tostring(require("rr.fs").getpid()) }) end)\n')
       :format(p.by_name.api.unit)
     local res = repl(watch .. 'restart("api")\nprint("next line")\n')
