@@ -266,3 +266,26 @@ describe("stabilization", function()
     assert.matches("probe failed during stabilization", p:last_event("STABILIZE_FAILED", "crashy").error)
   end)
 end)
+
+describe("on a terminal", function()
+  local p
+  setup(function()
+    p = platform.new({ { name = "a", http = true, stabilize = 1 } })
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  it("shows a live line with the service in flight, its step and the elapsed time", function()
+    -- script(1) gives the engine a real pseudo-terminal
+    local cmd = ("XDG_STATE_HOME=%s %s plans/rolling.lua --user --services %s --events %s")
+      :format(p.xdg_state, helpers.engine, p.services_file, p.events_file)
+    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    res = res or r
+    assert.is_truthy(res, err)
+    assert.equal(0, res.exit_code, res.stdout)
+    assert.matches("▸ a: stabilize %d+%.%ds", res.stdout)
+    assert.matches("\r", res.stdout, 1, true)
+    assert.matches("✔ a%s+restart ok", res.stdout)
+    assert.not_matches("%d%d:%d%d:%d%d%.%d%d%d  a", res.stdout) -- no plain timestamped lines
+  end)
+end)
