@@ -179,44 +179,43 @@ local function manager_cpu()
   return (utime + stime) / CLK_TCK
 end
 
+-- Restarts every unit one after another with restart_one(unit) -> ok | nil, err; returns
+-- seconds, failures, first error.
+local function one_by_one(restart_one)
+  local fails, first = 0, nil
+  local t0 = rr.now()
+  for _, u in ipairs(restart_units) do
+    local ok, err = restart_one(u)
+    if not ok then
+      fails = fails + 1
+      first = first or err
+    end
+  end
+  return rr.now() - t0, fails, first
+end
+
+local function rr_restart(u)
+  local unit, err = m:unit(u.name)
+  if not unit then return nil, err end
+  return unit:restart("replace")
+end
+
 -- Each method restarts every unit once and returns seconds, failures, first error.
 local restart_methods = {
   systemctl = function()
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    for _, u in ipairs(restart_units) do
-      local res, err = proc.run({ "systemctl", "--user", "restart", u.name }, { timeout = 60 })
-      if not res then
-        fails = fails + 1
-        first = first or err
-      end
-    end
-    return rr.now() - t0, fails, first
+    return one_by_one(function(u)
+      return proc.run({ "systemctl", "--user", "restart", u.name }, { timeout = 60 })
+    end)
   end,
   sequential = function()
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    for _, u in ipairs(restart_units) do
-      local unit, err = m:unit(u.name)
-      local ok
-      if unit then ok, err = unit:restart("replace") end
-      if not ok then
-        fails = fails + 1
-        first = first or err
-      end
-    end
-    return rr.now() - t0, fails, first
+    return one_by_one(rr_restart)
   end,
   concurrent = function()
     local fails, first = 0, nil
     local t0 = rr.now()
     local tasks = {}
     for i, u in ipairs(restart_units) do
-      tasks[i] = rr.spawn(function()
-        local unit, err = m:unit(u.name)
-        if not unit then return nil, err end
-        return unit:restart("replace")
-      end)
+      tasks[i] = rr.spawn(rr_restart, u)
     end
     local results = rr.wait(tasks)
     local dt = rr.now() - t0
