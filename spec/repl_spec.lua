@@ -147,6 +147,7 @@ end)
 
 describe("the REPL's rollback(name, {deploy_record = DIR})", function()
   local deploy = require("rr.deploy")
+  local state = require("rr.state")
   local http = require("rr.http")
   local p, api
   before_each(function()
@@ -173,7 +174,7 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
     require("spec.support.helpers").write(src .. "/version", "v9\n")
     local record = assert(deploy.apply{ source = src, target = api.working_dir, checksum = true,
       state_dir = p.state_root .. "/runs/run-c/api" })
-    assert(deploy.write_pointer(p.state_root, "api", "last", record.state_dir))
+    assert(state.write_pointer(p.state_root, "api", "last", record.state_dir))
     assert(p:unit("api"):restart("replace"))
     local deadline = require("rr").now() + 10
     while served_version() ~= "v9" and require("rr").now() < deadline do require("rr").sleep(0.05) end
@@ -200,6 +201,6 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
     assert.matches("\n[^\n]*rolled back: api %([%d.]+ m?s%)\n", res.stdout)
     assert.equal("v1", served_version())
     assert.equal("undone", assert(deploy.load(record.state_dir)).state)
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "last"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "last"))
   end)
 end)

@@ -4,6 +4,7 @@
 -- --deploy-record DIR — byte-identical, leaving what the service wrote alone.
 local fs = require("rr.fs")
 local deploy = require("rr.deploy")
+local state = require("rr.state")
 local http = require("rr.http")
 local helpers = require("spec.support.helpers")
 local platform = require("spec.support.platform")
@@ -127,12 +128,12 @@ describe("plans/rollback.lua", function()
   it("undoes the unfinished deploy an .inflight pointer names, not the .last one", function()
     local wd = api.working_dir
     local last = release("run-a", { version = "v2\n", ["app.lua"] = "return 'release a'\n" })
-    assert(deploy.write_pointer(p.state_root, "api", "last", last.state_dir))
+    assert(state.write_pointer(p.state_root, "api", "last", last.state_dir))
     local after_last = code_tree(wd)
     -- the next run died during its deploy: a new file, a replaced one, a new directory
     local inflight = release("run-b", { version = "v3\n", ["lib/util.lua"] = "return 3\n",
       ["lib/new.lua"] = "return 'new'\n", ["assets/logo.txt"] = "logo\n" })
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", inflight.state_dir))
+    assert(state.write_pointer(p.state_root, "api", "inflight", inflight.state_dir))
     assert.are_not.same(after_last, code_tree(wd))
     local log_before = assert(fs.read(wd .. "/service.log"))
 
@@ -146,8 +147,8 @@ describe("plans/rollback.lua", function()
     assert.equal("v2", served_version()) -- restarted on the code of the last good deploy
     -- the service's own file was left alone (it appended its start line)
     assert.equal(log_before, fs.read(wd .. "/service.log"):sub(1, #log_before))
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "inflight"))
-    assert.equal(last.state_dir, deploy.read_pointer(p.state_root, "api", "last"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "inflight"))
+    assert.equal(last.state_dir, state.read_pointer(p.state_root, "api", "last"))
     assert.equal("undone", assert(deploy.load(inflight.state_dir)).state)
     assert.equal("applied", assert(deploy.load(last.state_dir)).state)
     assert.is_truthy(p:last_event("DEPLOY_UNDONE", "api"))
@@ -158,34 +159,34 @@ describe("plans/rollback.lua", function()
     assert.is_truthy(res.stdout:find("api.last — the last successful deploy", 1, true), res.stdout)
     assert.equal("v1", served_version())
     assert.equal("return 'old code'\n", fs.read(wd .. "/app.lua"))
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "last"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "last"))
   end)
 
   it("never falls back to the .last deploy while an .inflight pointer is there", function()
     assert.is_true(p:run().success) -- known good
     local wd = api.working_dir
     local last = release("run-a", { version = "v2\n" })
-    assert(deploy.write_pointer(p.state_root, "api", "last", last.state_dir))
+    assert(state.write_pointer(p.state_root, "api", "last", last.state_dir))
     local code = code_tree(wd)
     -- the next run was killed after writing its pointer, before its deploy changed anything
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/run-b/api"))
+    assert(state.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/run-b/api"))
     local res = p:cli({ "--service", "api" }, PLAN)
     assert.equal(0, res.exit_code, res.stdout .. res.stderr)
     assert.matches("never started changing files; the code is left as it is", res.stdout)
     assert.same(code, code_tree(wd))
     assert.equal("applied", assert(deploy.load(last.state_dir)).state)
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "inflight"))
-    assert.equal(last.state_dir, deploy.read_pointer(p.state_root, "api", "last"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "inflight"))
+    assert.equal(last.state_dir, state.read_pointer(p.state_root, "api", "last"))
 
     -- the same with an .inflight record its run's own rollback already undid
     local undone = release("run-c", { version = "v3\n" })
     assert(deploy.undo(undone))
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", undone.state_dir))
+    assert(state.write_pointer(p.state_root, "api", "inflight", undone.state_dir))
     res = p:cli({ "--service", "api" }, PLAN)
     assert.equal(0, res.exit_code, res.stdout .. res.stderr)
     assert.matches("already undone at [^;]*; the code is left as it is", res.stdout)
     assert.same(code, code_tree(wd))
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "inflight"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "inflight"))
     assert.equal("applied", assert(deploy.load(last.state_dir)).state)
 
     -- and then .last: undone, with a note that a later deploy was undone already
@@ -200,10 +201,10 @@ describe("plans/rollback.lua", function()
     local wd = api.working_dir
     local before = code_tree(wd)
     local record = release("run-c", { version = "v9\n", ["app.lua"] = "return 'c'\n", ["extra.lua"] = "x\n" })
-    assert(deploy.write_pointer(p.state_root, "api", "last", record.state_dir .. "/"))
+    assert(state.write_pointer(p.state_root, "api", "last", record.state_dir .. "/"))
     -- an unfinished deploy of another run: its pointer must survive the undo of this one
     local unfinished = p.state_root .. "/runs/run-d/api"
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", unfinished))
+    assert(state.write_pointer(p.state_root, "api", "inflight", unfinished))
     -- restart onto the new code, as a finished run would have
     assert(p:unit("api"):restart("replace"))
     local deadline = require("rr").now() + 10
@@ -216,26 +217,26 @@ describe("plans/rollback.lua", function()
     assert.same(before, code_tree(wd))
     assert.equal("v1", served_version())
     assert.equal("undone", assert(deploy.load(record.state_dir)).state)
-    assert.is_nil(deploy.read_pointer(p.state_root, "api", "last"))
-    assert.equal(unfinished, deploy.read_pointer(p.state_root, "api", "inflight"))
+    assert.is_nil(state.read_pointer(p.state_root, "api", "last"))
+    assert.equal(unfinished, state.read_pointer(p.state_root, "api", "inflight"))
   end)
 
   it("refuses a record it cannot read (exit 1) and one for another working dir (exit 2), touching nothing", function()
     local pid = p:props("api").MainPID
     write(p.state_root .. "/runs/torn/api/deploy.json", "{ \"version\": 1, ")
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/torn/api"))
+    assert(state.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/torn/api"))
     local res = p:cli({ "--service", "api" }, PLAN)
     assert.equal(1, res.exit_code, res.stdout .. res.stderr)
     assert.matches("cannot read the deploy record .*runs/torn/api %(from .*api%.inflight%)", res.stderr)
     assert.matches("remove that pointer or use %-%-no%-code", res.stderr)
 
     -- an engine killed between the pointer and apply's record: nothing changed, nothing to undo
-    assert(deploy.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/never/api"))
+    assert(state.write_pointer(p.state_root, "api", "inflight", p.state_root .. "/runs/never/api"))
     res = p:cli({ "--service", "api" }, PLAN)
     assert.equal(1, res.exit_code, res.stdout .. res.stderr)
     assert.matches("holds no deploy record: that deploy never started changing files", res.stdout)
     assert.matches("nothing to restore for api", res.stderr)
-    assert.is_truthy(deploy.read_pointer(p.state_root, "api", "inflight")) -- refused: nothing touched
+    assert.is_truthy(state.read_pointer(p.state_root, "api", "inflight")) -- refused: nothing touched
 
     -- a record of a deploy somewhere else
     local other = p.dir .. "/other-code"

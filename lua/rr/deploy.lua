@@ -32,6 +32,7 @@
 --     differ; pass checksum = true when the deploy path's mtimes are normalized (Nix,
 --     reproducible archives).
 local fs = require("rr.fs")
+local state = require("rr.state")
 local proc = require("rr.proc")
 local cjson = require("cjson")
 
@@ -626,101 +627,11 @@ function deploy.undo(record, opts)
 end
 
 ---------------------------------------------------------------------------------------------
--- Pointers and pruning. A deploy's state dir is <state_root>/runs/<run-id>/<service>/ (the
--- record deploy.json and backup/). Two pointers per service, in <state_root>/deploys/, each
--- holding one state dir path:
---     <service>.inflight   written before rsync starts; removed when the flow's own rollback
---                          undid the deploy; renamed to .last when the flow succeeded. Still
---                          there: a deploy whose run did not finish (engine killed, undo failed).
---     <service>.last       the last deploy whose flow succeeded.
--- plans/rollback.lua undoes the .inflight one when there is one, else the .last one.
+-- Pruning. A deploy's state dir is <state_root>/runs/<run-id>/<service>/ (the record
+-- deploy.json and backup/); the pointers that name the unfinished and the last deploy are
+-- rr.state's (deploy_begin / deploy_commit / deploy_undone).
 
 deploy.KEEP = 5
-
-local POINTER_KINDS = { inflight = true, last = true }
-
-local function check_service(state_root, service, fname)
-  if type(state_root) ~= "string" or state_root == "" then
-    error(("rr.deploy.%s: state_root must be a directory path"):format(fname), 3)
-  end
-  if type(service) ~= "string" or not service:match("^[%w][%w%._:@%-]*$") then
-    error(("rr.deploy.%s: invalid service name %s"):format(fname, tostring(service)), 3)
-  end
-end
-
-local function check_kind(kind, fname)
-  if not POINTER_KINDS[kind] then
-    error(("rr.deploy.%s: kind must be \"inflight\" or \"last\", got %s"):format(fname, tostring(kind)), 3)
-  end
-end
-
-local function pointer_path(state_root, service, kind)
-  return ("%s/deploys/%s.%s"):format(strip_slash(state_root), service, kind)
-end
-
--- deploy.pointer(state_root, service, kind) -> path of the "inflight" or "last" pointer.
-function deploy.pointer(state_root, service, kind)
-  check_service(state_root, service, "pointer")
-  check_kind(kind, "pointer")
-  return pointer_path(state_root, service, kind)
-end
-
--- deploy.read_pointer(state_root, service, kind) -> state_dir | nil, err, code ("ENOENT":
--- there is no such pointer; "EINVAL": it is empty).
-function deploy.read_pointer(state_root, service, kind)
-  check_service(state_root, service, "read_pointer")
-  check_kind(kind, "read_pointer")
-  local path = pointer_path(state_root, service, kind)
-  local data, err, code = fs.read(path)
-  if not data then return nil, err, code end
-  local dir = data:match("^%s*(.-)%s*$")
-  if dir == "" then return nil, ("the deploy pointer %s is empty"):format(path), "EINVAL" end
-  return strip_slash(dir)
-end
-
--- deploy.write_pointer(state_root, service, kind, state_dir) -> true | nil, err: atomically
--- (temp file, fsync, rename, fsync of deploys/), creating deploys/ (0700).
-function deploy.write_pointer(state_root, service, kind, state_dir)
-  check_service(state_root, service, "write_pointer")
-  check_kind(kind, "write_pointer")
-  if type(state_dir) ~= "string" or state_dir == "" then
-    error("rr.deploy.write_pointer: state_dir must be a path (string)", 2)
-  end
-  local dir = strip_slash(state_root) .. "/deploys"
-  local ok, err = fs.mkdir_p(dir, 448)
-  if not ok then return nil, ("cannot create %s: %s"):format(dir, tostring(err)) end
-  ok, err = fs.write_atomic(pointer_path(state_root, service, kind), state_dir .. "\n", { mode = 384 })
-  if not ok then return nil, tostring(err) end
-  return true
-end
-
--- deploy.move_pointer(state_root, service, from, to) -> true | nil, err: one rename (the
--- flow's success: "inflight" -> "last"), then an fsync of deploys/.
-function deploy.move_pointer(state_root, service, from, to)
-  check_service(state_root, service, "move_pointer")
-  check_kind(from, "move_pointer")
-  check_kind(to, "move_pointer")
-  local ok, err = fs.rename(pointer_path(state_root, service, from), pointer_path(state_root, service, to))
-  if not ok then return nil, tostring(err) end
-  fs.fsync_dir(strip_slash(state_root) .. "/deploys")
-  return true
-end
-
--- deploy.remove_pointer(state_root, service, kind) -> true | nil, err (no pointer: true).
-function deploy.remove_pointer(state_root, service, kind)
-  check_service(state_root, service, "remove_pointer")
-  check_kind(kind, "remove_pointer")
-  local ok, err, code = fs.remove(pointer_path(state_root, service, kind))
-  if not ok and code ~= "ENOENT" then return nil, tostring(err) end
-  fs.fsync_dir(strip_slash(state_root) .. "/deploys")
-  return true
-end
-
--- A path as compared by prune: trimmed, without trailing slashes, resolved when it exists.
-local function canonical(path)
-  local p = strip_slash((path:match("^%s*(.-)%s*$")))
-  return fs.realpath(p) or p
-end
 
 -- created_at as a sortable key (a second-resolution time sorts as its .000).
 local function time_key(record)
@@ -746,7 +657,12 @@ end
 -- crash never leaves half a record under a record's name); the next prune clears leftovers.
 -- Call it under the run lock.
 function deploy.prune(state_root, service, opts)
-  check_service(state_root, service, "prune")
+  if type(state_root) ~= "string" or state_root == "" then
+    error("rr.deploy.prune: state_root must be a directory path", 2)
+  end
+  if type(service) ~= "string" or not service:match("^[%w][%w%._:@%-]*$") then
+    error(("rr.deploy.prune: invalid service name %s"):format(tostring(service)), 2)
+  end
   if opts ~= nil and type(opts) ~= "table" then
     error("rr.deploy.prune: opts must be a table { keep =, protect = }", 2)
   end
@@ -764,11 +680,11 @@ function deploy.prune(state_root, service, opts)
     if type(dir) ~= "string" or dir == "" then
       error(("rr.deploy.prune: protect[%d] must be a path (string)"):format(i), 2)
     end
-    protected[canonical(dir)] = true
+    protected[state.canonical(dir)] = true
   end
-  for kind in pairs(POINTER_KINDS) do
-    local dir = deploy.read_pointer(state_root, service, kind)
-    if dir then protected[canonical(dir)] = true end
+  for _, kind in ipairs({ "inflight", "last" }) do
+    local dir = state.read_pointer(state_root, service, kind)
+    if dir then protected[state.canonical(dir)] = true end
   end
 
   local runs = strip_slash(state_root) .. "/runs"
@@ -779,15 +695,11 @@ function deploy.prune(state_root, service, opts)
   local leftover = "." .. service .. ".pruning"
 
   local function remove_dir(run_dir, dir)
-    local trash = run_dir .. "/" .. leftover
-    fs.remove_tree(trash)
-    local ok, err = fs.rename(dir, trash)
+    local ok, err = state.discard(dir, run_dir .. "/" .. leftover)
     if not ok then
-      problems[#problems + 1] = ("cannot remove %s: %s"):format(dir, tostring(err))
+      problems[#problems + 1] = err
       return
     end
-    fs.fsync_dir(run_dir)
-    fs.remove_tree(trash)
     result.removed[#result.removed + 1] = dir
     touched_runs[run_dir] = true
   end
@@ -827,7 +739,7 @@ function deploy.prune(state_root, service, opts)
   for i, r in ipairs(records) do
     if i <= keep then
       keep_dir(r.dir, "newest")
-    elseif protected[canonical(r.dir)] then
+    elseif protected[state.canonical(r.dir)] then
       keep_dir(r.dir, "protected")
     elseif r.record.state == "applying" or r.record.state == "failed" then
       keep_dir(r.dir, "unfinished")

@@ -1,12 +1,13 @@
--- The restart flow of one service (DESIGN.md, "The restart flow of one service"):
--- pre-check, known-good snapshot, deploy, migrations, daemon-reload, reload or restart,
--- post-check, stabilization, success — and rollback when the new version is not healthy.
+-- The restart flow of one service: pre-check, known-good snapshot, deploy, migrations,
+-- daemon-reload, reload or restart, post-check, stabilization, success — and rollback when the
+-- new version is not healthy. The steps are the table STEPS below, in order.
 local rr = require("rr")
 local proc = require("rr.proc")
 local fs = require("rr.fs")
 local health = require("rr.health")
 local snapshot = require("rr.snapshot")
 local deploy = require("rr.deploy")
+local state = require("rr.state")
 
 local flow = {}
 
@@ -180,47 +181,46 @@ function Run:stabilize()
   if secs <= 0 then return true end
   self:step("stabilize")
   self:emit("STABILIZE_START", { seconds = secs })
-  local base = self.unit:properties()
+  local base, berr = self.unit:properties()
   if not base or base.ActiveState ~= "active" then
-    return nil, "unit is " .. (base and base.ActiveState or "unknown") .. " at the start of stabilization"
+    return nil, "unit is " .. (base and base.ActiveState or ("unknown: " .. tostring(berr))) .. " at the start of stabilization"
   end
   local deadline = rr.now() + secs
-  local failure
-  local watcher, prober
-  watcher = rr.spawn(function()
+  -- Each watcher returns a failure text, or nothing when it saw the whole period through; the
+  -- first failure wins and the other watcher is cancelled with it.
+  local function watch_unit()
     -- compared with base, not with the moment the wait starts: nothing slips in between
-    local p, err = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" }, secs, base)
+    local p, err, code = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" },
+      math.max(deadline - rr.now(), 0.001), base)
     if not p then
-      if err ~= "timeout" then failure = failure or ("cannot watch the unit: " .. tostring(err)) end
-      if prober and failure then prober:cancel() end
-      return -- timeout: it stayed put
+      if err == "timeout" or code == "ETIMEDOUT" then return nil end -- it stayed put
+      return "cannot watch the unit: " .. tostring(err)
     end
     if p.ActiveState ~= "active" then
-      failure = failure or ("unit left active (" .. tostring(p.ActiveState) .. ")")
+      return "unit left active (" .. tostring(p.ActiveState) .. ")"
     elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
-      failure = failure or ("unit restarted by systemd (NRestarts %d -> %d)"):format(base.NRestarts or 0, p.NRestarts)
-    else
-      failure = failure or ("main process changed (MainPID %s -> %s)"):format(tostring(base.MainPID), tostring(p.MainPID))
+      return ("unit restarted by systemd (NRestarts %d -> %d)"):format(base.NRestarts or 0, p.NRestarts)
     end
-    if prober then prober:cancel() end
-  end)
-  local hc = self.svc.health
-  if hc.kind == "http" then
-    prober = rr.spawn(function()
-      while rr.now() < deadline do
-        rr.sleep(math.min(hc.interval, math.max(deadline - rr.now(), 0)))
-        if rr.now() >= deadline then return end
-        local kind, detail = health.probe(hc, math.min(math.max(hc.interval, 1), 5))
-        if kind ~= "healthy" then
-          failure = failure or ("probe failed during stabilization: " .. detail)
-          watcher:cancel()
-          return
-        end
-      end
-    end)
+    return ("main process changed (MainPID %s -> %s)"):format(tostring(base.MainPID), tostring(p.MainPID))
   end
-  rr.wait(watcher)
-  if prober then rr.wait(prober) end
+  local function probe_service()
+    local hc = self.svc.health
+    while rr.now() < deadline do
+      rr.sleep(math.min(hc.interval, math.max(deadline - rr.now(), 0)))
+      if rr.now() >= deadline then return nil end
+      local kind, detail = health.probe(hc, math.min(math.max(hc.interval, 1), 5))
+      if kind ~= "healthy" then
+        return "probe failed during stabilization: " .. detail
+      end
+    end
+  end
+  -- Both watchers end at the deadline at the latest: the first to end says how it went (a
+  -- failure text, or nothing), and the other one is cancelled with the race.
+  local watchers = { watch_unit }
+  if self.svc.health.kind == "http" then watchers[2] = probe_service end
+  local i, result = rr.race(watchers)
+  local failure = result
+  if i == nil then failure = "cannot watch the unit: " .. tostring(result) end
   if failure then
     self:emit("STABILIZE_FAILED", { error = failure })
     return nil, failure
@@ -234,9 +234,11 @@ function Run:manual_steps()
   local sc = self.ctx.user and "systemctl --user" or "systemctl"
   local unit = self.svc.unit
   local steps = { ("%s stop %s"):format(sc, unit) }
-  if self.deploy_record then
-    steps[#steps + 1] = ("undo the code deploy: rrengine plans/rollback.lua%s --service %s --deploy-record %s")
-      :format(self.ctx.user and " --user" or "", self.svc.name, self.deploy_record.state_dir or "?")
+  -- only a deploy still not undone: an undo that already happened is not repeated
+  if self.touched.deploy then
+    steps[#steps + 1] = ("rrengine plans/rollback.lua%s%s --service %s --deploy-record %s   # undo the code deploy")
+      :format(self.ctx.services_file and (" --services " .. flow.shell_quote(self.ctx.services_file)) or "",
+        self.ctx.user and " --user" or "", self.svc.name, flow.shell_quote(self.touched.deploy.state_dir or "?"))
   end
   local known = self.def and self.def.known
   if known then
@@ -270,17 +272,17 @@ function Run:rollback(reason)
   self:step("rollback")
   local t0 = rr.now()
   self:emit("ROLLBACK_START", { reason = reason,
-    migrations_not_undone = self.migrated and not self.svc.migrate_rollback or nil })
+    migrations_not_undone = self.touched.migrated and not self.svc.migrate_rollback or nil })
   local problems = {}
   local function problem(msg) problems[#problems + 1] = msg end
 
   local ok, err = self:job("stop")
   if not ok then problem("stop: " .. err) end
 
-  if self.migrated then
+  if self.touched.migrated then
     if self.svc.migrate_rollback then
       self:emit("MIGRATION_ROLLBACK_START", { command = self.svc.migrate_rollback })
-      local res, merr, r = self:run_command(self.svc.migrate_rollback, "MIGRATION_ROLLBACK_OUTPUT")
+      local res, merr, _, r = self:run_command(self.svc.migrate_rollback, "MIGRATION_ROLLBACK_OUTPUT")
       self:emit("MIGRATION_ROLLBACK_END", { exit_code = (res or r or {}).exit_code, error = not res and merr or nil })
       if not res then problem("migrate_rollback: " .. tostring(merr)) end
     else
@@ -290,7 +292,7 @@ function Run:rollback(reason)
   end
 
   if self.def and self.def.known then
-    local props = self.unit:properties() or {}
+    local props = self.unit:properties() or self.props or {}
     local current = flow.definition_files(props)
     for _, path in ipairs(flow.unlisted_dropins(self.svc, props, self.ctx.user)) do
       current[#current + 1] = { path = path, role = "dropin" }
@@ -308,18 +310,12 @@ function Run:rollback(reason)
     else
       problem("restore definition: " .. tostring(rerr))
     end
-  elseif self.touched_definition then
+  elseif self.def and self.def.changed then
     problem("no known-good definition to restore")
   end
 
-  if self.deploy_record then
-    ok, err = deploy.undo(self.deploy_record)
-    if ok then
-      self:emit("DEPLOY_UNDONE", { target = self.deploy_record.target })
-    else
-      problem("undo deploy: " .. tostring(err))
-    end
-  end
+  ok, err = self:undo_deploy()
+  if not ok then problem(err) end
 
   ok, err = self:daemon_reload()
   if not ok then problem("daemon-reload: " .. tostring(err)) end
@@ -334,9 +330,6 @@ function Run:rollback(reason)
   self:hook("on_rollback", self.svc, { reason = reason, ok = #problems == 0 })
 
   if #problems == 0 then
-    -- the deploy is undone and the service healthy: nothing is left unfinished. (After a failed
-    -- rollback the pointer stays, so plans/rollback.lua undoes this deploy, not the one before.)
-    self:clear_inflight()
     self:emit("ROLLBACK_SUCCESS", { duration_ms = ms(rr.now() - t0), reason = reason })
     return true
   end
@@ -346,21 +339,34 @@ function Run:rollback(reason)
   return nil, table.concat(problems, "; "), steps
 end
 
--- The deploy pointers plans/rollback.lua reads: <svc>.inflight names a deploy whose flow has
--- not finished (written before rsync runs; a killed engine leaves it), <svc>.last the last
--- deploy of a successful flow.
--- Drops the .inflight pointer once the deploy it names is undone — only when it names this
--- flow's record (a manual rollback of another record must not lose the unfinished one).
-function Run:clear_inflight()
-  local record = self.deploy_record or self.inflight_state_dir and { state_dir = self.inflight_state_dir }
-  local named = deploy.read_pointer(self.ctx.state_root, self.svc.name, "inflight")
-  if record and named == record.state_dir then
-    deploy.remove_pointer(self.ctx.state_root, self.svc.name, "inflight")
+-- Undoes the deploy this flow (or the rollback's caller) recorded -> true | nil, message. The
+-- pointers naming it go once it is undone; after a failed undo they stay, so that a manual
+-- rollback finishes this undo and no other.
+function Run:undo_deploy()
+  local record = self.touched.deploy
+  if not record then return true end
+  if self.undo_failed then return nil, "undo deploy: " .. self.undo_failed end
+  local ok, err = deploy.undo(record)
+  if not ok then
+    self.undo_failed = tostring(err)
+    return nil, "undo deploy: " .. tostring(err)
   end
+  self:emit("DEPLOY_UNDONE", { target = record.target })
+  state.deploy_undone(self.ctx.state_root, self.svc.name, record.state_dir)
+  self.touched.deploy = nil
+  return true
 end
 
+-- Records the flow's progress in the run journal (when the run keeps one).
+function Run:journal(fields)
+  local j = self.ctx.journal
+  if j then j:update(self.svc.name, fields) end
+end
+
+-- Runs a migration command in working_dir, each output line an event ->
+-- res | nil, message, CODE, res (rr.proc.run's shape).
 function Run:run_command(argv, output_event)
-  return proc.run(argv, {
+  local res, err, c3, c4 = proc.run(argv, {
     cwd = self.svc.working_dir,
     -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
     timeout = self.svc.migrate_timeout or 1800,
@@ -368,90 +374,112 @@ function Run:run_command(argv, output_event)
       self:emit(output_event, { stream = stream, line = line })
     end,
   })
+  if res then return res end
+  if type(c3) == "table" then return nil, err, "EEXIT", c3 end
+  return nil, err, c3, c4
 end
 
--- The service is left in a state only a human can fix: say so everywhere, with the steps.
-function Run:rollback_failed(reason, problem)
-  local steps = self:manual_steps()
-  self:emit("ROLLBACK_FAILED", { reason = reason, error = problem, manual_steps = steps })
-  self:emit("SERVICE_RESTART_FAILED", { error = reason, rolled_back = false, rollback_error = problem,
-    duration_ms = ms(rr.now() - self.t0) })
-  self:hook("on_failure", self.svc, reason)
-  return flow.ROLLBACK_FAILED, reason .. "; rollback failed: " .. problem, { manual_steps = steps }
-end
-
--- Ends the flow with a failure. After the unit was touched, rollback decides the outcome.
-function Run:fail(reason, touched)
-  if touched then
-    local ok, err, steps = self:rollback(reason)
-    self:emit("SERVICE_RESTART_FAILED", { error = reason, rolled_back = ok and true or false,
-      rollback_error = err, duration_ms = ms(rr.now() - self.t0) })
-    self:hook("on_failure", self.svc, reason)
-    if ok then
-      return flow.FAILED, reason, { rolled_back = true }
-    end
-    return flow.ROLLBACK_FAILED, reason .. "; rollback failed: " .. err, { manual_steps = steps }
+-- Ends the flow with a failure, undoing what the steps touched: a full rollback once the unit
+-- was touched, else only the deploy (the service still runs what it ran).
+function Run:fail(reason)
+  local svc = self.svc
+  if self.veto then
+    self:emit("SERVICE_SKIPPED", { reason = self.veto })
+    return flow.FAILED, self.veto, { touched = false, vetoed = true }
   end
-  self:emit("SERVICE_RESTART_FAILED", { error = reason, touched = false,
-    duration_ms = ms(rr.now() - self.t0) })
-  self:hook("on_failure", self.svc, reason)
+  local rolled_back, problem, steps
+  if self.touched.unit then
+    local ok, err, s = self:rollback(reason)
+    rolled_back, problem, steps = ok and true or false, err, s
+  elseif self.touched.deploy then
+    local ok, err = self:undo_deploy()
+    if not ok then
+      problem, steps = err, self:manual_steps()
+      self:emit("ROLLBACK_FAILED", { reason = reason, error = problem, manual_steps = steps })
+    end
+  end
+  local fields = { error = reason, rollback_error = problem, duration_ms = ms(rr.now() - self.t0) }
+  if self.touched.unit then fields.rolled_back = rolled_back else fields.touched = false end
+  self:emit("SERVICE_RESTART_FAILED", fields)
+  self:hook("on_failure", svc, reason)
+  if problem then
+    return flow.ROLLBACK_FAILED, reason .. "; rollback failed: " .. problem, { manual_steps = steps }
+  end
+  if rolled_back then
+    return flow.FAILED, reason, { rolled_back = true }
+  end
   return flow.FAILED, reason, { touched = false }
 end
 
-function Run:go()
-  local ctx, svc, opts = self.ctx, self.svc, self.ctx.opts
-  self:emit("SERVICE_RESTART_START", {})
+-- A word for a POSIX shell, quoted only when it needs to be (manual steps are pasted).
+function flow.shell_quote(word)
+  word = tostring(word)
+  if word:match("^[%w%._/:@%%+=,-]+$") then return word end
+  return "'" .. word:gsub("'", "'\\''") .. "'"
+end
 
-  self:step("inspect")
+-- The restart flow as named steps, in order. Each step is fn(run) -> true | nil, reason, and
+-- records on run.touched what it changed, so that a failure undoes exactly that:
+--   touched.unit        a unit job or daemon-reload ran: a failure rolls the service back
+--   touched.deploy      the deploy record (rsync ran): undone on failure
+--   touched.migrated    the migration ran to its end (migrate_rollback, or a warning)
+-- A failure before the unit was touched only undoes the deploy (a failed migration): the
+-- service keeps running the code and definition it had.
+local STEPS = {}
+
+-- inspect: the unit is loaded, and the before_restart hooks agree.
+STEPS[#STEPS + 1] = { name = "inspect", fn = function(self)
   local props, perr = self.unit:properties()
   if not props then
-    return self:fail("cannot read the unit: " .. tostring(perr))
+    return nil, "cannot read the unit: " .. tostring(perr)
   end
   if props.LoadState ~= "loaded" then
-    return self:fail(("unit %s is %s"):format(svc.unit, tostring(props.LoadState)))
+    return nil, ("unit %s is %s"):format(self.svc.unit, tostring(props.LoadState))
   end
-
-  local vetoed, why = self:hook("before_restart", svc)
+  self.props = props
+  local vetoed, why = self:hook("before_restart", self.svc)
   if vetoed == false then
-    self:emit("SERVICE_SKIPPED", { reason = "vetoed by hook: " .. why })
-    return flow.FAILED, "vetoed by hook: " .. why, { touched = false, vetoed = true }
+    self.veto = "vetoed by hook: " .. why
+    return nil, self.veto
   elseif vetoed == nil then
-    return self:fail(why)
+    return nil, why
   end
+  return true
+end }
 
-  -- 1. Pre-restart health check: an unhealthy service is not touched.
-  local prechecked = false
-  if not opts.force then
-    self:step("pre-check")
-    local ok, err = self:check("pre")
-    if not ok then
-      return self:fail("pre-restart health check failed: " .. err)
-    end
-    prechecked = true
+-- pre-check: an unhealthy service is not touched.
+STEPS[#STEPS + 1] = { name = "pre-check", skip_with_force = true, fn = function(self)
+  local ok, err = self:check("pre")
+  if not ok then
+    return nil, "pre-restart health check failed: " .. err
   end
+  self.prechecked = true
+  return true
+end }
 
-  -- 2. The definition: what last worked, and what is on disk now.
-  self:step("snapshot")
-  local def = flow.definition_state(ctx, svc, props)
+-- snapshot: what last worked, and what is on disk now. On a service's first run the files on
+-- disk are the ones systemd runs and they are healthy: they become the known good.
+STEPS[#STEPS + 1] = { name = "snapshot", fn = function(self)
+  local ctx, svc, opts = self.ctx, self.svc, self.ctx.opts
+  local def = flow.definition_state(ctx, svc, self.props)
   self.def = def
-  if not def.known and prechecked and not def.stale then
-    -- First run: the files on disk are the ones systemd runs, and they are healthy.
+  if not def.known and self.prechecked and not def.stale then
     local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
     if snap then
       snap, err = snapshot.promote(ctx.state_root, svc.name, snap)
     end
     if not snap then
-      return self:fail("cannot snapshot the unit definition: " .. tostring(err))
+      return nil, "cannot snapshot the unit definition: " .. tostring(err)
     end
     def.known = snap
     self:emit("SNAPSHOT_KNOWN_GOOD", { snapshot = snap.dir, files = #def.current })
   elseif def.unknown then
     local msg = "the unit's definition changed on disk and systemd has not loaded it yet"
-      .. (props.NeedDaemonReload and " (NeedDaemonReload=yes)" or " (a new drop-in)")
+      .. (self.props.NeedDaemonReload and " (NeedDaemonReload=yes)" or " (a new drop-in)")
       .. ", and there is no known-good snapshot:"
       .. " rollback could not bring back the earlier definition"
     if not (opts.accept_unknown_definition or opts.force) then
-      return self:fail(msg .. " (run with --accept-unknown-definition to go on anyway)")
+      return nil, msg .. " (run with --accept-unknown-definition to go on anyway)"
     end
     self:emit("WARNING", { warning = msg })
   end
@@ -460,83 +488,99 @@ function Run:go()
     for _, c in ipairs(def.changes) do list[#list + 1] = c.change .. " " .. c.path end
     self:emit("DEFINITION_CHANGED", { changes = list })
   end
+  -- What the definition files hold now: a deploy or a migration may change one of them (an
+  -- environment file shipped with the release), which then needs a restart, not a reload.
+  self.def_hashes = flow.hashes(def.current)
+  return true
+end }
 
-  -- 3. Deploy the code, recording how to undo it.
-  if opts.deploy and svc.working_dir then
-    self:step("deploy")
-    local t0 = rr.now()
-    self:emit("DEPLOY_START", { source = opts.deploy_path, target = svc.working_dir })
-    local state_dir = ("%s/runs/%s/%s"):format(ctx.state_root, ctx.events.run, svc.name)
-    -- Written before rsync runs: an engine killed from here on leaves a pointer to the record
-    -- that undoes it (plans/rollback.lua prefers it over the last finished deploy).
-    self.inflight_state_dir = state_dir
-    local pok, perr = deploy.write_pointer(ctx.state_root, svc.name, "inflight", state_dir)
-    if not pok then
-      return self:fail("cannot record the deploy before running it: " .. tostring(perr))
-    end
-    local record, err, partial = deploy.apply{
-      source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
-      -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
-      -- the same second: a release must land whole, so compare contents.
-      checksum = true,
-      state_dir = state_dir, timeout = svc.deploy_timeout or 1800,
-    }
-    if not record then
-      self:emit("DEPLOY_FAILED", { error = err, duration_ms = ms(rr.now() - t0) })
-      if partial and partial.state ~= "undone" then
-        -- apply could not undo its own partial deploy: the working dir is half new, half old.
-        -- The .inflight pointer stays: plans/rollback.lua finishes this undo, not another.
-        self.deploy_record = partial
-        return self:rollback_failed("deploy failed: " .. tostring(err), "the partial deploy could not be undone")
-      end
-      -- apply undid the partial deploy itself (or never started one)
-      self:clear_inflight()
-      return self:fail("deploy failed (working dir left as it was): " .. tostring(err))
-    end
-    self.deploy_record = record
-    self:emit("DEPLOY_END", { duration_ms = ms(rr.now() - t0),
-      created = #(record.created or {}), replaced = #(record.backed_up or {}) })
+-- deploy: rsync the release into working_dir, recording how to undo it.
+STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opts.deploy and self.svc.working_dir end,
+  fn = function(self)
+  local ctx, svc, opts = self.ctx, self.svc, self.ctx.opts
+  local t0 = rr.now()
+  self:emit("DEPLOY_START", { source = opts.deploy_path, target = svc.working_dir })
+  local record_dir = state.record_dir(ctx.state_root, ctx.events.run, svc.name)
+  -- Named before rsync runs: an engine killed from here on leaves the pointer to the record that
+  -- undoes it.
+  local pok, perr = state.deploy_begin(ctx.state_root, svc.name, record_dir)
+  if not pok then
+    return nil, "cannot record the deploy before running it: " .. tostring(perr)
   end
-
-  -- 4. Migrations: a failure undoes the deploy and fails the service without a restart.
-  if svc.migrate and not opts.skip_migrations then
-    self:step("migrate")
-    local t0 = rr.now()
-    self:emit("MIGRATION_START", { command = svc.migrate })
-    local res, err, r = self:run_command(svc.migrate, "MIGRATION_OUTPUT")
-    local out = res or (type(r) == "table" and r) or {}
-    self:emit("MIGRATION_END", { exit_code = out.exit_code, duration_ms = ms(rr.now() - t0),
-      error = not res and err or nil })
-    if not res then
-      if self.deploy_record then
-        local ok, uerr = deploy.undo(self.deploy_record)
-        if ok then
-          self:clear_inflight()
-          self:emit("DEPLOY_UNDONE", { target = self.deploy_record.target })
-        else
-          return self:rollback_failed("migration failed: " .. tostring(err), "undo deploy: " .. tostring(uerr))
-        end
-      end
-      return self:fail("migration failed: " .. tostring(err))
+  self.record_dir = record_dir
+  self:journal({ deploy_record = record_dir })
+  local record, err, partial = deploy.apply{
+    source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
+    -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
+    -- the same second: a release must land whole, so compare contents.
+    checksum = true,
+    state_dir = record_dir, timeout = svc.deploy_timeout or 1800,
+  }
+  if not record then
+    self:emit("DEPLOY_FAILED", { error = err, duration_ms = ms(rr.now() - t0) })
+    if partial and partial.state ~= "undone" then
+      -- apply could not undo its own partial deploy: the working dir is half new, half old. The
+      -- pointer stays, so that a manual rollback finishes this undo and no other.
+      self.touched.deploy = partial
+      self.undo_failed = "the partial deploy could not be undone"
+      return nil, "deploy failed: " .. tostring(err)
     end
-    self.migrated = true
-  elseif svc.migrate then
+    state.deploy_undone(ctx.state_root, svc.name, record_dir)
+    return nil, "deploy failed (working dir left as it was): " .. tostring(err)
+  end
+  self.touched.deploy = record
+  self:emit("DEPLOY_END", { duration_ms = ms(rr.now() - t0),
+    created = #(record.created or {}), replaced = #(record.backed_up or {}) })
+  return true
+end }
+
+-- migrate: a failure undoes the deploy and fails the service without a restart.
+STEPS[#STEPS + 1] = { name = "migrate", when = function(self) return self.svc.migrate end, fn = function(self)
+  local svc = self.svc
+  if self.ctx.opts.skip_migrations then
     self:emit("MIGRATION_SKIPPED", { reason = "--skip-migrations" })
+    return true
   end
+  local t0 = rr.now()
+  self:emit("MIGRATION_START", { command = svc.migrate })
+  self:journal({ migration = "started" })
+  local res, err, _, r = self:run_command(svc.migrate, "MIGRATION_OUTPUT")
+  local out = res or r or {}
+  self:emit("MIGRATION_END", { exit_code = out.exit_code, duration_ms = ms(rr.now() - t0),
+    error = not res and err or nil })
+  if not res then
+    self:journal({ migration = "failed" })
+    return nil, "migration failed: " .. tostring(err)
+  end
+  self.touched.migrated = true
+  self:journal({ migration = "finished" })
+  return true
+end }
 
-  -- 5. Apply: daemon-reload when systemd's copy is stale, then reload or restart.
-  self.touched_definition = def.changed
+-- apply: daemon-reload when systemd's copy is stale, then reload or restart (a failed reload
+-- falls back to a restart). Decided now, after the deploy and the migration, from the
+-- definition as it is: a release that changed an environment file needs a restart.
+STEPS[#STEPS + 1] = { name = "apply", fn = function(self)
+  local svc, def = self.svc, self.def
+  local props = self.props
   if def.stale then
     self:step("daemon-reload")
+    self.touched.unit = true
     local ok, err = self:daemon_reload()
     if not ok then
-      return self:fail("daemon-reload failed: " .. tostring(err), true)
+      return nil, "daemon-reload failed: " .. tostring(err)
     end
     props = self.unit:properties() or props
+  end
+  local changed = flow.changed_files(def.current, self.def_hashes)
+  if #changed > 0 then
+    def.changed = true
+    self:emit("DEFINITION_CHANGED", { changes = changed, by = "deploy or migration" })
   end
   local method, reason = flow.choose_method(svc, props, def)
   self:step(method)
   self:emit("UNIT_" .. method:upper(), { reason = reason })
+  self.touched.unit = true
   local ok, err = self:job(method)
   if not ok and method == "reload" then
     self:emit("RELOAD_FALLBACK", { error = err })
@@ -544,41 +588,48 @@ function Run:go()
     self:step("restart")
     ok, err = self:job("restart")
   end
+  self.method = method
   if not ok then
-    return self:fail(method .. " failed: " .. err, true)
+    return nil, method .. " failed: " .. err
   end
   local hok, herr = self:hook("after_restart", svc, { method = method })
   if hok == nil then
-    return self:fail(herr, true)
+    return nil, herr
   end
+  return true
+end }
 
-  if not opts.force then
-    -- 6. Post-restart health check.
-    self:step("post-check")
-    ok, err = self:check("post")
+-- verify: post-check, stabilization, final check.
+STEPS[#STEPS + 1] = { name = "verify", skip_with_force = true, fn = function(self)
+  local method = self.method
+  self:step("post-check")
+  local ok, err = self:check("post")
+  if not ok then
+    return nil, "unhealthy after " .. method .. ": " .. err
+  end
+  self:journal({ verified = true })
+  ok, err = self:stabilize()
+  if not ok then
+    return nil, "unstable after " .. method .. ": " .. err
+  end
+  if self.svc.stabilize > 0 then
+    self:step("final-check")
+    ok, err = self:check("final")
     if not ok then
-      return self:fail("unhealthy after " .. method .. ": " .. err, true)
-    end
-    -- 7. Stabilization, then a final check.
-    ok, err = self:stabilize()
-    if not ok then
-      return self:fail("unstable after " .. method .. ": " .. err, true)
-    end
-    if svc.stabilize > 0 then
-      self:step("final-check")
-      ok, err = self:check("final")
-      if not ok then
-        return self:fail("final health check failed: " .. err, true)
-      end
+      return nil, "final health check failed: " .. err
     end
   end
+  return true
+end }
 
-  -- 8. Success: this definition is now the known-good one — unless --force skipped the checks
-  -- that would have shown it works.
-  if opts.force then
+-- commit: this definition is now the known-good one (unless --force skipped the checks that
+-- would have shown it works); the deploy becomes the last good one.
+STEPS[#STEPS + 1] = { name = "commit", fn = function(self)
+  local ctx, svc = self.ctx, self.svc
+  if ctx.opts.force then
     self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
   else
-    local cur = self.unit:properties() or props
+    local cur = self.unit:properties() or self.props
     local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
       { run = ctx.events.run, unit = svc.unit })
     if snap then
@@ -588,54 +639,103 @@ function Run:go()
       self:emit("WARNING", { warning = "cannot record the known-good snapshot: " .. tostring(serr) })
     end
   end
-  if self.deploy_record then
-    -- the finished deploy becomes the one plans/rollback.lua undoes on request
-    deploy.move_pointer(ctx.state_root, svc.name, "inflight", "last")
+  local record = self.touched.deploy
+  if record then
+    state.deploy_commit(ctx.state_root, svc.name, self.record_dir)
     -- old deploy backups go; this one, and any unfinished one, stay
-    deploy.prune(ctx.state_root, svc.name, { keep = deploy.KEEP, protect = { self.deploy_record.state_dir } })
+    deploy.prune(ctx.state_root, svc.name, { keep = deploy.KEEP, protect = { record.state_dir } })
   end
-  self:emit("SERVICE_RESTART_SUCCESS", { method = method, duration_ms = ms(rr.now() - self.t0) })
-  self:hook("on_success", svc, { method = method })
-  return flow.SUCCESS, nil, { method = method }
+  return true
+end }
+
+flow.STEPS = STEPS
+
+-- flow.hashes(files) -> { [path] = sha256 | false (absent) }
+function flow.hashes(files)
+  local out = {}
+  for _, f in ipairs(files) do
+    out[f.path] = fs.sha256(f.path) or false
+  end
+  return out
 end
 
--- Is this error a task's cancellation (task:cancel(), shutdown, os.exit from a task)?
-function flow.is_cancel(err)
-  local text = tostring(err)
-  return text:match("canceled$") ~= nil or text:match("canceled\nstack traceback") ~= nil
-    or text:find("exiting (os.exit(", 1, true) ~= nil
+-- flow.changed_files(files, hashes) -> { "changed PATH", ... }: which of the files differ from
+-- the hashes taken earlier.
+function flow.changed_files(files, hashes)
+  local out = {}
+  if not hashes then return out end
+  for _, f in ipairs(files) do
+    local before = hashes[f.path]
+    if before ~= nil and (fs.sha256(f.path) or false) ~= before then
+      out[#out + 1] = "changed " .. f.path
+    end
+  end
+  return out
+end
+
+function Run:go()
+  self:emit("SERVICE_RESTART_START", {})
+  local force = self.ctx.opts.force
+  for _, st in ipairs(STEPS) do
+    if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
+      self:step(st.name)
+      self:journal({ phase = st.name })
+      local ok, reason = st.fn(self)
+      if not ok then
+        return self:fail(reason)
+      end
+    end
+  end
+  self:emit("SERVICE_RESTART_SUCCESS", { method = self.method, duration_ms = ms(rr.now() - self.t0) })
+  self:hook("on_success", self.svc, { method = self.method })
+  return flow.SUCCESS, nil, { method = self.method }
+end
+
+flow.is_cancel = rr.is_cancel
+
+local function new_run(ctx, svc)
+  local unit, err = ctx.manager:unit(svc.unit)
+  return setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = unit, touched = {} }, Run), err
 end
 
 -- flow.run(ctx, svc) -> outcome, error, info
 -- ctx = { manager, events, opts = {force, deploy, deploy_path, skip_migrations,
---         accept_unknown_definition}, state_root, user, hooks_for = fn(svc) -> hook set|nil,
---         on_step = fn(svc, step)|nil }
+--         accept_unknown_definition}, state_root, user, services_file, journal (rr.journal or
+--         nil), hooks_for = fn(svc) -> hook set|nil, on_step = fn(svc, step)|nil }
 function flow.run(ctx, svc)
-  local self = setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = ctx.manager:unit(svc.unit) }, Run)
+  local self, uerr = new_run(ctx, svc)
+  if not self.unit then
+    self:emit("SERVICE_RESTART_START", {})
+    return self:fail("cannot reach the unit: " .. tostring(uerr))
+  end
   local ok, outcome, err, info = pcall(Run.go, self)
   if not ok and flow.is_cancel(outcome) then
     -- The task was cancelled (shutdown, os.exit in a hook): no rollback may start now — its
-    -- jobs would never be waited for. The operator reruns or uses plans/rollback.lua.
+    -- jobs would never be waited for. The run journal keeps what was in flight.
     error(outcome, 0)
   end
   if not ok then
-    -- A bug or a hook error surfaced as a Lua error: fail this service, keep the engine.
-    local touched = self.current_step and self.current_step ~= "inspect" and self.current_step ~= "pre-check"
-      and self.current_step ~= "snapshot"
-    return self:fail("internal error in step " .. tostring(self.current_step) .. ": " .. tostring(outcome),
-      touched)
+    -- A bug or a hook error surfaced as a Lua error: fail this service (undoing what the steps
+    -- touched), keep the engine.
+    return self:fail("internal error in step " .. tostring(self.current_step) .. ": " .. tostring(outcome))
   end
   return outcome, err, info
 end
 
 -- flow.rollback(ctx, svc, reason, deploy_record|nil) -> true | nil, err, manual_steps
--- A rollback on request (plans/rollback.lua, the REPL): the known-good definition, and the
--- given deploy undone.
+-- A rollback on request (plans/rollback.lua, the REPL, recovery): the known-good definition,
+-- and the given deploy undone.
 function flow.rollback(ctx, svc, reason, deploy_record)
-  local self = setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = ctx.manager:unit(svc.unit),
-    deploy_record = deploy_record }, Run)
+  local self, uerr = new_run(ctx, svc)
+  if not self.unit then
+    return nil, "cannot reach the unit: " .. tostring(uerr), {}
+  end
+  self.touched.deploy = deploy_record
+  self.touched.unit = true
+  self.record_dir = deploy_record and deploy_record.state_dir
   local props = self.unit:properties()
   if props then
+    self.props = props
     self.def = flow.definition_state(ctx, svc, props)
   end
   return self:rollback(reason)

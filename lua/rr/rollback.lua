@@ -20,24 +20,18 @@ local events = require("rr.events")
 local flow = require("rr.flow")
 local deploy = require("rr.deploy")
 local snapshot = require("rr.snapshot")
-local rolling = require("rr.rolling")
+local state = require("rr.state")
 local ui = require("rr.ui")
 
 local rollback = {}
 
--- How the messages name the caller's options, by default plans/rollback.lua's (args.spell).
-local CLI_SPELLING = {
-  no_code = "--no-code",                 -- what leaves the code as it is
-  deploy_record = "--deploy-record DIR", -- how to name the record to undo
-  named = "--deploy-record",             -- where a record named by the caller came from
+-- The caller's names for its options (args.spell), which the messages use: a library module
+-- knows no command line of its own.
+local SPELL_KEYS = {
+  no_code = true,       -- what leaves the code as it is ("--no-code")
+  deploy_record = true, -- how to name the record to undo ("--deploy-record DIR")
+  named = true,         -- where a record named by the caller came from ("--deploy-record")
 }
-
--- A path as compared with a pointer's: trimmed, no trailing slash, resolved when it exists.
-local function canonical(path)
-  local p = path:match("^%s*(.-)%s*$"):gsub("/+$", "")
-  if p == "" then p = "/" end
-  return fs.realpath(p) or p
-end
 
 -- The deploy record to undo, from args.deploy_record or the pointers. Returns a table
 -- { record =, dir =, source =, pointer_kind =, never_started = } (record nil: no code to undo)
@@ -48,8 +42,8 @@ local function choose_record(svc, state_root, explicit, no_code, spell)
     c.dir, c.source = explicit, spell.named
   elseif not no_code then
     for _, kind in ipairs({ "inflight", "last" }) do
-      local dir, _, code = deploy.read_pointer(state_root, svc.name, kind)
-      local path = deploy.pointer(state_root, svc.name, kind)
+      local dir, _, code = state.read_pointer(state_root, svc.name, kind)
+      local path = state.pointer(state_root, svc.name, kind)
       if dir then
         c.dir, c.source, c.pointer_kind = dir, path, kind
         break
@@ -70,7 +64,7 @@ local function choose_record(svc, state_root, explicit, no_code, spell)
         c.pointer_kind and ("; to roll back without it, remove that pointer or use " .. spell.no_code) or ""),
         "ERECORD"
     end
-    if explicit and canonical(record.target) ~= canonical(svc.working_dir) then
+    if explicit and not state.same_path(record.target, svc.working_dir) then
       return nil, ("the deploy record %s is a deploy into %s, not into %s's working_dir %s"):format(
         c.dir, record.target, svc.name, svc.working_dir), "EFOREIGN"
     end
@@ -86,8 +80,8 @@ local function pointers_naming(svc, state_root, c)
     kinds[1] = "inflight"
   elseif c.record then
     for _, kind in ipairs({ "inflight", "last" }) do
-      local dir = deploy.read_pointer(state_root, svc.name, kind)
-      if kind == c.pointer_kind or (dir and canonical(dir) == canonical(c.dir)) then
+      local dir = state.read_pointer(state_root, svc.name, kind)
+      if kind == c.pointer_kind or state.same_path(dir, c.dir) then
         kinds[#kinds + 1] = kind
       end
     end
@@ -117,12 +111,12 @@ local function announce(svc, state_root, c, no_code, spell, say)
     if c.pointer_kind == "last" then
       -- A later deploy of this service that was undone already (its run rolled back): the
       -- code now is the .last one, and undoing it goes one release further back.
-      local runs = state_root .. "/runs"
+      local runs = state.runs_dir(state_root)
       for _, run in ipairs(fs.list(runs) or {}) do
         local dir = runs .. "/" .. run .. "/" .. svc.name
         local later = fs.stat(dir .. "/deploy.json") and deploy.load(dir)
         if later and later.state == "undone" and tostring(later.created_at) > tostring(record.created_at)
-            and canonical(dir) ~= canonical(c.dir) then
+            and not state.same_path(dir, c.dir) then
           say(("note: a later deploy (%s, created %s) was already undone; this undoes the release "
             .. "before it too (%s leaves the code as it is)"):format(dir, tostring(later.created_at), spell.no_code))
           break
@@ -150,7 +144,7 @@ local function nothing_to_restore(svc, state_root, c, no_code, spell)
     code_part = ("the deploy %s names never started changing files"):format(c.source)
   else
     code_part = ("no code deploy to undo (no %s or %s)"):format(
-      deploy.pointer(state_root, svc.name, "inflight"), deploy.pointer(state_root, svc.name, "last"))
+      state.pointer(state_root, svc.name, "inflight"), state.pointer(state_root, svc.name, "last"))
   end
   return ("nothing to restore for %s: no known-good snapshot of its definition (a successful run "
     .. "records one), and %s; the service was not touched"):format(svc.name, code_part)
@@ -167,10 +161,10 @@ end
 --                           without working_dir), EFOREIGN (the record is a deploy into another dir)
 --   3, reason, "EROLLBACK"  flow.rollback failed: reason is its error; the manual steps were shown
 -- manager: nil opens (and closes) the user or system manager. state_root, events_file: default as
--- rr.rolling. view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
+-- rr.state. view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
 -- view:line); warn(message): a problem after the rollback (default stderr, "rrengine: ..."). spell:
--- how the messages name the caller's options, { no_code =, deploy_record =, named = } (default
--- "--no-code", "--deploy-record DIR", "--deploy-record"). Misuse raises.
+-- how the messages name the caller's options, { no_code =, deploy_record =, named = } (required:
+-- plans/rollback.lua gives "--no-code", "--deploy-record DIR", "--deploy-record"). Misuse raises.
 function rollback.run(args)
   if type(args) ~= "table" or type(args.svc) ~= "table" then
     error("rollback.run: args.svc (a service of the platform) is required", 2)
@@ -179,15 +173,18 @@ function rollback.run(args)
     error("rollback.run: deploy_record and no_code contradict each other (undo that deploy, or leave the code)", 2)
   end
   local svc, no_code = args.svc, args.no_code and true or false
-  local spell = {}
-  for k, v in pairs(CLI_SPELLING) do spell[k] = args.spell and args.spell[k] or v end
+  local spell = args.spell
+  if type(spell) ~= "table" then error("rollback.run: args.spell (the caller's option names) is required", 2) end
+  for k in pairs(SPELL_KEYS) do
+    if type(spell[k]) ~= "string" then error(("rollback.run: args.spell.%s must be a string"):format(k), 2) end
+  end
 
   local explicit
   if args.deploy_record then
     if not svc.working_dir then
       return 2, ("service %q has no working_dir: no deploy record can be its"):format(svc.name), "ENOWORKDIR"
     end
-    explicit = canonical(args.deploy_record)
+    explicit = state.canonical(args.deploy_record)
   end
 
   local manager, opened = args.manager, nil
@@ -198,10 +195,10 @@ function rollback.run(args)
     opened = manager
   end
   local close_manager <close> = opened -- a manager opened here is closed on every way out
-  local state_root = args.state_root or rolling.state_root(args.user)
+  local state_root = args.state_root or state.root(args.user)
   local ok, mkerr = fs.mkdir_p(state_root, 448)
   if not ok then return 1, ("cannot create %s: %s"):format(state_root, tostring(mkerr)), "ESTATE" end
-  local lock_path = state_root .. "/run.lock"
+  local lock_path = state.lock_path(state_root)
   local lock <close>, lerr = fs.lock(lock_path)
   if not lock then
     return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
@@ -225,7 +222,7 @@ function rollback.run(args)
     return 1, nothing_to_restore(svc, state_root, c, no_code, spell), "ENOTHING"
   end
 
-  local stream, eerr = events.open({ path = args.events_file or rolling.default_events_file(args.user),
+  local stream, eerr = events.open({ path = args.events_file or state.events_file(args.user),
     view = function(ev) view:event(ev) end })
   if not stream then return 1, tostring(eerr), "EEVENTS" end
   -- The log closed on every way out, a raised error too (stream:close is idempotent; a stream
@@ -236,20 +233,20 @@ function rollback.run(args)
     platform = args.platform, opts = { force = args.force }, hooks_for = function() return nil end }
   -- An .inflight pointer naming another deploy than the one undone here must survive: it is the
   -- only trace of an unfinished deploy (rr.flow's rollback clears .inflight after any undo).
-  local other_inflight = deploy.read_pointer(state_root, svc.name, "inflight")
-  if other_inflight and (not c.dir or canonical(other_inflight) == canonical(c.dir)) then
+  local other_inflight = state.read_pointer(state_root, svc.name, "inflight")
+  if other_inflight and (not c.dir or state.same_path(other_inflight, c.dir)) then
     other_inflight = nil
   end
   local rok, rerr = flow.rollback(ctx, svc, args.reason or "manual rollback", undo)
   stream:close()
-  if other_inflight and not deploy.read_pointer(state_root, svc.name, "inflight") then
-    deploy.write_pointer(state_root, svc.name, "inflight", other_inflight)
+  if other_inflight and not state.read_pointer(state_root, svc.name, "inflight") then
+    state.write_pointer(state_root, svc.name, "inflight", other_inflight)
   end
   if not rok then return 3, tostring(rerr), "EROLLBACK" end
   for _, kind in ipairs(pointers_to_clear) do
-    local rmok, rmerr = deploy.remove_pointer(state_root, svc.name, kind)
+    local rmok, rmerr = state.remove_pointer(state_root, svc.name, kind)
     if not rmok then
-      warn(("rolled back, but cannot remove %s: %s"):format(deploy.pointer(state_root, svc.name, kind),
+      warn(("rolled back, but cannot remove %s: %s"):format(state.pointer(state_root, svc.name, kind),
         tostring(rmerr)))
     end
   end

@@ -9,6 +9,7 @@ local dag = require("rr.dag")
 local hooks = require("rr.hooks")
 local events = require("rr.events")
 local flow = require("rr.flow")
+local state = require("rr.state")
 
 local rolling = {}
 
@@ -18,24 +19,9 @@ rolling.EXIT_USAGE = 2
 rolling.EXIT_ROLLBACK_FAILED = 3
 rolling.EXIT_INTERRUPTED = 130
 
--- Where snapshots, deploy backups and the run lock live.
-function rolling.state_root(user)
-  if user then
-    local base = os.getenv("XDG_STATE_HOME")
-    if not base or base == "" then
-      base = (os.getenv("HOME") or "/tmp") .. "/.local/state"
-    end
-    return base .. "/rrengine"
-  end
-  return "/var/lib/rrengine"
-end
-
-function rolling.default_events_file(user)
-  if user then
-    return rolling.state_root(true) .. "/events.jsonl"
-  end
-  return "/var/log/rrengine/events.jsonl"
-end
+-- Where snapshots, deploy backups and the run lock live, and the default event log (rr.state).
+rolling.state_root = state.root
+rolling.default_events_file = state.events_file
 
 local function summary_of(s)
   return {
@@ -150,22 +136,26 @@ function rolling.run(opts)
   local parallel = math.max(1, math.floor(opts.parallel or 1))
   local state_root = opts.state_root or rolling.state_root(opts.user)
 
-  local manager = opts.manager
+  local manager, opened = opts.manager, nil
   if not manager then
     manager, err = (opts.user and systemd.user or systemd.system)()
     if not manager then
       return summary_of({ exit_code = rolling.EXIT_FAILED, error = err })
     end
+    opened = manager
   end
+  local close_manager <close> = opened -- a manager opened here is closed on every way out
 
   local ok, merr = fs.mkdir_p(state_root, 448)
   if not ok then
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("cannot create %s: %s"):format(state_root, merr) })
   end
-  local lock, lerr = fs.lock(state_root .. "/run.lock")
+  local lock_path = state.lock_path(state_root)
+  local lock <close>, lerr, lcode = fs.lock(lock_path)
   if not lock then
-    return summary_of({ exit_code = rolling.EXIT_FAILED,
-      error = ("another rrengine run holds the lock on this manager (%s): %s"):format(state_root .. "/run.lock", lerr) })
+    local what = lcode == "EWOULDBLOCK" and "another rrengine run holds the lock on this manager"
+      or "cannot take the run lock"
+    return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("%s (%s): %s"):format(what, lock_path, lerr) })
   end
 
   local events_file = opts.events_file
@@ -176,12 +166,15 @@ function rolling.run(opts)
     view = view and function(ev) view:event(ev) end,
   })
   if not stream then
-    lock:unlock()
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = eerr })
   end
 
+  -- the log is closed on every way out (close is idempotent)
+  local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
+
   local ctx = {
     manager = manager, events = stream, state_root = state_root, user = opts.user,
+    services_file = opts.services_file,
     platform = prep.platform,
     opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
       skip_migrations = opts.skip_migrations, accept_unknown_definition = opts.accept_unknown_definition },
@@ -193,7 +186,8 @@ function rolling.run(opts)
   -- it: a later service's unknown edit must not become its known-good definition.
   ctx.initially_stale = {}
   for _, svc in ipairs(prep.order) do
-    local props = manager:unit(svc.unit):properties()
+    local unit = manager:unit(svc.unit)
+    local props = unit and unit:properties()
     if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props, opts.user) > 0) then
       ctx.initially_stale[svc.name] = true
     end
@@ -210,8 +204,6 @@ function rolling.run(opts)
     local reason = go == false and ("vetoed by before_plan: " .. why) or why
     stream:emit("PLAN_END", { result = "failed", exit_code = rolling.EXIT_FAILED, error = reason,
       succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
-    stream:close()
-    lock:unlock()
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = reason, skipped = order_names, run = stream.run,
       events_file = events_file or nil })
   end
@@ -309,8 +301,6 @@ function rolling.run(opts)
   if hok == nil then
     stream:emit("HOOK_FAILED", { hook = "after_plan", error = herr })
   end
-  stream:close()
-  lock:unlock()
   return summary
 end
 

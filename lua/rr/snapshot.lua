@@ -44,6 +44,7 @@
 --     (FragmentPath; for a template "foo@.service", any "foo@<instance>.service.d" counts as
 --     own). With no name at all, no drop-in is own: nothing is touched that might be shared.
 local fs = require("rr.fs")
+local state = require("rr.state")
 local cjson = require("cjson")
 
 local snapshot = {}
@@ -205,13 +206,8 @@ function snapshot.prune(state_root, service, keep)
   local removed = 0
   for i = 1, #entries - keep do
     local name = entries[i].name
-    if name ~= current then
-      local trash = dir .. "/" .. name .. ".trash"
-      if fs.rename(dir .. "/" .. name, trash) then
-        fs.fsync_dir(dir)
-        fs.remove_tree(trash)
-        removed = removed + 1
-      end
+    if name ~= current and state.discard(dir .. "/" .. name, dir .. "/" .. name .. ".trash") then
+      removed = removed + 1
     end
   end
   return removed
