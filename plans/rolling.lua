@@ -27,6 +27,7 @@ local run_opts = {
   user = opts.user, events_file = opts.events_file, parallel = opts.parallel,
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
   accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
+  recover = opts.recover, resume = opts.resume, abandon = opts.abandon, argv = { ... },
 }
 
 if opts.dry_run then
@@ -86,8 +87,13 @@ if opts.json then
     parts[#parts + 1] = cjson.encode(k) .. ":" .. text
   end
   io.stdout:write("{", table.concat(parts, ","), "}\n")
-elseif summary.error and #summary.services_succeeded + #summary.services_failed == 0 and not summary.interrupted then
-  io.stderr:write("rrengine: ", summary.error, "\n")
+else
+  if summary.message then io.stdout:write(summary.message, "\n") end
+  if summary.exit_code == rolling.EXIT_UNRESOLVED and summary.error then
+    io.stderr:write("rrengine: ", (summary.error:gsub("\n", "\nrrengine: ")), "\n")
+  elseif summary.error and #summary.services_succeeded + #summary.services_failed == 0 and not summary.interrupted then
+    io.stderr:write("rrengine: ", summary.error, "\n")
+  end
 end
 if summary.events_file and not opts.json then
   io.stdout:write(("events: %s (run %s)\n"):format(summary.events_file, summary.run))

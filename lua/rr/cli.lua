@@ -304,6 +304,8 @@ cli.rolling_spec = {
       "restart two services; when one fails, skip only the services that depend on it" },
     { "rrengine plans/rolling.lua --user --services ~/dev/services.lua",
       "use your own user service manager (as systemctl --user)" },
+    { "rrengine plans/rolling.lua --recover",
+      "after rrengine itself was killed (exit 4): bring every service it left half done to all-old or all-new" },
   },
   options = {
     { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua",
@@ -332,6 +334,12 @@ cli.rolling_spec = {
       help = "go on when a unit's definition changed on disk (NeedDaemonReload) and no known good "
         .. "snapshot exists, although rollback cannot restore the earlier definition" },
     { name = "journal", help = "also send every event to the systemd journal (SYSLOG_IDENTIFIER=rrengine)" },
+    { name = "recover",
+      help = "resolve a run that was killed: finish each service it left in flight on the new version "
+        .. "when it is healthy, else roll it back (definition and code)" },
+    { name = "resume", help = "with --recover: then run what the interrupted run had not done" },
+    { name = "abandon",
+      help = "forget a killed run after a human fixed its services by hand (an event records it)" },
     { name = "help", short = "h", help = "show this help" },
   },
   exit_codes = {
@@ -339,6 +347,7 @@ cli.rolling_spec = {
     { 1, "a service failed and was rolled back, or was not touched" },
     { 2, "usage or configuration error: nothing was touched" },
     { 3, "a rollback failed: manual action needed (the output says what)" },
+    { 4, "an earlier run was killed mid-way and is not resolved: nothing touched; run --recover (or --abandon)" },
     { 130, "interrupted (Ctrl-C, SIGTERM, SIGHUP): no new service started; the one in flight finished or rolled back" },
   },
 }
@@ -362,6 +371,16 @@ function cli.check_rolling(opts)
   -- it would be copied over every service's code.
   if opts.deploy and (opts.service_names == nil or #opts.service_names ~= 1) then
     return nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)"
+  end
+  if opts.recover and opts.abandon then
+    return nil, "--recover and --abandon contradict each other (resolve the killed run, or forget it)"
+  end
+  if opts.resume and not opts.recover then
+    return nil, "--resume goes with --recover (recover the killed run, then go on with its plan)"
+  end
+  if (opts.recover or opts.abandon) and opts.dry_run then
+    return nil, ("--%s acts: it cannot be a --dry-run (the dry run already shows an interrupted run)")
+      :format(opts.recover and "recover" or "abandon")
   end
   local parallel = opts.parallel
   if parallel ~= nil and (math.type(parallel) ~= "integer" or parallel < 1) then

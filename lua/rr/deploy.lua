@@ -287,6 +287,20 @@ local function rsync_argv(record, extra, with_backup)
   return argv
 end
 
+-- proc.run, telling on_spawn(pid, what) the PID while the process runs (the run journal keeps
+-- it: a later run must know that an rsync of a dead run may still be writing); on_spawn may
+-- return a function called once the process has ended.
+local function run_tracked(argv, opts, on_spawn)
+  if not on_spawn then return proc.run(argv, opts) end
+  local p, err, code = proc.spawn(argv, opts)
+  if not p then return nil, err, code end
+  local process <close> = p
+  local ended = on_spawn(p:pid(), table.concat(argv, " "))
+  local res, werr, r = p:wait()
+  if ended then ended() end
+  return res, werr, r
+end
+
 -- deploy.apply{ source = DIR, target = DIR, state_dir = DIR, delete = false, checksum = false,
 --               on_line = fn(stream, line), timeout = seconds }
 -- -> record | nil, err[, record]. On an rsync failure the partial deploy is undone before
@@ -348,12 +362,12 @@ function deploy.apply(opts)
   if not ok then return nil, err end
 
   -- 2. The deploy itself.
-  local res, rerr, rres = proc.run(rsync_argv(record, {}, true), {
+  local res, rerr, rres = run_tracked(rsync_argv(record, {}, true), {
     capture = true,
     max_capture = MAX_LISTING,
     timeout = opts.timeout,
     on_line = opts.on_line,
-  })
+  }, opts.on_spawn)
   local out = res or (type(rres) == "table" and rres) or nil
   if res then
     -- What rsync reports it did replaces the prediction.

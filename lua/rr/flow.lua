@@ -270,6 +270,7 @@ end
 -- startable again); start; health check.
 function Run:rollback(reason)
   self:step("rollback")
+  self:journal({ phase = "rollback" })
   local t0 = rr.now()
   self:emit("ROLLBACK_START", { reason = reason,
     migrations_not_undone = self.touched.migrated and not self.svc.migrate_rollback or nil })
@@ -359,14 +360,15 @@ end
 
 -- Records the flow's progress in the run journal (when the run keeps one).
 function Run:journal(fields)
-  local j = self.ctx.journal
+  local j = self.ctx.run_journal
   if j then j:update(self.svc.name, fields) end
 end
 
 -- Runs a migration command in working_dir, each output line an event ->
--- res | nil, message, CODE, res (rr.proc.run's shape).
+-- res | nil, message, CODE, res (rr.proc.run's shape). The process is in the run journal while
+-- it runs: a later run must not act on this service while a migration of a dead run goes on.
 function Run:run_command(argv, output_event)
-  local res, err, c3, c4 = proc.run(argv, {
+  local p, serr, scode = proc.spawn(argv, {
     cwd = self.svc.working_dir,
     -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
     timeout = self.svc.migrate_timeout or 1800,
@@ -374,9 +376,16 @@ function Run:run_command(argv, output_event)
       self:emit(output_event, { stream = stream, line = line })
     end,
   })
+  if not p then return nil, serr, scode end
+  local process <close> = p -- a cancelled flow kills the group on the way out
+  local pid = p:pid()
+  local j = self.ctx.run_journal
+  if j then j:child(self.svc.name, pid, table.concat(argv, " ")) end
+  local res, err, r = p:wait()
+  if j then j:child_done(self.svc.name, pid) end
   if res then return res end
-  if type(c3) == "table" then return nil, err, "EEXIT", c3 end
-  return nil, err, c3, c4
+  if type(r) == "table" then return nil, err, "EEXIT", r end
+  return nil, err, r
 end
 
 -- Ends the flow with a failure, undoing what the steps touched: a full rollback once the unit
@@ -515,6 +524,10 @@ STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opt
     -- the same second: a release must land whole, so compare contents.
     checksum = true,
     state_dir = record_dir, timeout = svc.deploy_timeout or 1800,
+    on_spawn = ctx.run_journal and function(pid, what)
+      ctx.run_journal:child(svc.name, pid, what)
+      return function() ctx.run_journal:child_done(svc.name, pid) end
+    end,
   }
   if not record then
     self:emit("DEPLOY_FAILED", { error = err, duration_ms = ms(rr.now() - t0) })
@@ -700,8 +713,8 @@ end
 
 -- flow.run(ctx, svc) -> outcome, error, info
 -- ctx = { manager, events, opts = {force, deploy, deploy_path, skip_migrations,
---         accept_unknown_definition}, state_root, user, services_file, journal (rr.journal or
---         nil), hooks_for = fn(svc) -> hook set|nil, on_step = fn(svc, step)|nil }
+--         accept_unknown_definition}, state_root, user, services_file, run_journal
+--         (rr.journal or nil), hooks_for = fn(svc) -> hook set|nil, on_step = fn(svc, step)|nil }
 function flow.run(ctx, svc)
   local self, uerr = new_run(ctx, svc)
   if not self.unit then
@@ -739,6 +752,88 @@ function flow.rollback(ctx, svc, reason, deploy_record)
     self.def = flow.definition_state(ctx, svc, props)
   end
   return self:rollback(reason)
+end
+
+-- The phases in which the unit itself was touched (a daemon-reload or a job ran).
+local UNIT_TOUCHED = { apply = true, verify = true, commit = true, rollback = true }
+
+local function find_step(name)
+  for _, st in ipairs(STEPS) do if st.name == name then return st end end
+end
+
+-- flow.recover(ctx, svc, entry) -> outcome, error, info
+-- Resolves one service a killed run left in flight (entry: its run journal entry). A service
+-- that had passed its post-check on the new version and is healthy now finishes its flow
+-- (stabilization, final check, known good); any other is rolled back: the known-good
+-- definition, the deploy undone, migrate_rollback only when the migration had finished. Either
+-- way it ends all-new or all-old. Safe to run again after it was itself interrupted.
+function flow.recover(ctx, svc, entry)
+  local self, uerr = new_run(ctx, svc)
+  self:emit("RECOVERY_START", { phase = entry.phase, deploy_record = entry.deploy_record,
+    migration = entry.migration, verified = entry.verified or nil })
+  local function failed(reason, outcome)
+    self:emit("RECOVERY_FAILED", { error = reason, duration_ms = ms(rr.now() - self.t0) })
+    return outcome or flow.FAILED, reason
+  end
+  if not self.unit then return failed("cannot reach the unit: " .. tostring(uerr)) end
+  local props, perr = self.unit:properties()
+  if not props then return failed("cannot read the unit: " .. tostring(perr)) end
+  self.props = props
+  self.def = flow.definition_state(ctx, svc, props)
+  if entry.deploy_record then
+    self.record_dir = entry.deploy_record
+    local record = deploy.load(entry.deploy_record)
+    if record and record.state ~= "undone" then
+      self.touched.deploy = record
+    elseif not record and fs.exists(entry.deploy_record .. "/backup") then
+      return failed(("the deploy record %s cannot be read: undo that deploy by hand"):format(entry.deploy_record),
+        flow.ROLLBACK_FAILED)
+    else
+      state.deploy_undone(ctx.state_root, svc.name, entry.deploy_record) -- never started, or undone
+    end
+  end
+  self.touched.migrated = entry.migration == "finished"
+  self.touched.unit = UNIT_TOUCHED[entry.phase] or false
+
+  if entry.verified and entry.phase ~= "rollback" then
+    self.method = "restart"
+    self:step("post-check")
+    local ok, err = self:check("recovery")
+    if ok then ok, err = self:stabilize() end
+    if ok and svc.stabilize > 0 then ok, err = self:check("final") end
+    if ok then
+      find_step("commit").fn(self)
+      self:emit("RECOVERY_SUCCESS", { action = "finished", duration_ms = ms(rr.now() - self.t0) })
+      return flow.SUCCESS, nil, { recovered = "finished" }
+    end
+    self.recovery_reason = "not healthy on the new version after the interruption: " .. tostring(err)
+  end
+  local reason = self.recovery_reason or ("interrupted in phase " .. tostring(entry.phase))
+  if self.touched.unit then
+    local ok, err, steps = self:rollback("recovery: " .. reason)
+    if not ok then
+      local outcome, msg = failed("rollback failed: " .. tostring(err), flow.ROLLBACK_FAILED)
+      return outcome, msg, { manual_steps = steps }
+    end
+    self:emit("RECOVERY_SUCCESS", { action = "rolled_back", duration_ms = ms(rr.now() - self.t0) })
+    return flow.FAILED, reason, { recovered = "rolled_back", rolled_back = true }
+  end
+  -- The unit was never touched: it still runs what it ran; only the code (and a finished
+  -- migration) go back.
+  if self.touched.migrated then
+    if svc.migrate_rollback then
+      local res, merr = self:run_command(svc.migrate_rollback, "MIGRATION_ROLLBACK_OUTPUT")
+      if not res then return failed("migrate_rollback: " .. tostring(merr), flow.ROLLBACK_FAILED) end
+    else
+      self:emit("MIGRATION_NOT_UNDONE", {
+        note = "migrations are not undone; the old code runs against the migrated database" })
+    end
+  end
+  local ok, err = self:undo_deploy()
+  if not ok then return failed(err, flow.ROLLBACK_FAILED) end
+  local action = entry.deploy_record and "deploy_undone" or "nothing_to_undo"
+  self:emit("RECOVERY_SUCCESS", { action = action, duration_ms = ms(rr.now() - self.t0) })
+  return flow.FAILED, reason, { recovered = action }
 end
 
 return flow

@@ -10,6 +10,7 @@ local hooks = require("rr.hooks")
 local events = require("rr.events")
 local flow = require("rr.flow")
 local state = require("rr.state")
+local journal = require("rr.journal")
 
 local rolling = {}
 
@@ -17,6 +18,7 @@ rolling.EXIT_OK = 0
 rolling.EXIT_FAILED = 1
 rolling.EXIT_USAGE = 2
 rolling.EXIT_ROLLBACK_FAILED = 3
+rolling.EXIT_UNRESOLVED = 4 -- an earlier run was interrupted and is not resolved
 rolling.EXIT_INTERRUPTED = 130
 
 -- Where snapshots, deploy backups and the run lock live, and the default event log (rr.state).
@@ -37,6 +39,8 @@ local function summary_of(s)
     duration_ms = s.duration_ms or 0,
     run = s.run,
     events_file = s.events_file,
+    message = s.message,
+    services_recovered = s.recovered,
   }
 end
 
@@ -121,6 +125,90 @@ local function skip_reason(svc, ctx, failed_names)
   return "depends on a service that did not succeed"
 end
 
+-- rolling.recover(ctx, prep, dead) -> summary fields, with .remaining (what --resume runs)
+-- Resolves each service the interrupted run left in flight (rr.flow.recover): finished on the
+-- new version, or rolled back to the old. A service whose migration or rsync of the dead run is
+-- still running is left alone (and stays in the journal). Exit code: 0 every service finished,
+-- 1 one was rolled back, 3 a rollback failed, 4 one is still blocked.
+function rolling.recover(ctx, prep, dead)
+  local j = journal.adopt(ctx.state_root, dead)
+  ctx.run_journal = j
+  local stream = ctx.events
+  local names = journal.in_flight(dead)
+  stream:emit("PLAN_START", { recover = dead.run, order = names, pid = fs.getpid() })
+  local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, recovered = {},
+    errors = {} }
+  local blocked = {}
+  for _, name in ipairs(names) do
+    local entry = dead.services[name]
+    local svc = prep.platform.by_name[name]
+    local live = journal.live_children(entry)
+    if #live > 0 then
+      local what = {}
+      for _, c in ipairs(live) do what[#what + 1] = ("pid %d (%s)"):format(c.pid, tostring(c.what)) end
+      local why = "still running from the interrupted run: " .. table.concat(what, ", ")
+      stream:emit("RECOVERY_FAILED", { service = name, unit = svc and svc.unit, error = why, blocked = true })
+      blocked[#blocked + 1] = name
+      s.errors[name] = why
+    elseif not svc then
+      local why = ("not in %s any more: resolve it by hand, then --abandon"):format(tostring(ctx.services_file or "the services file"))
+      stream:emit("RECOVERY_FAILED", { service = name, error = why })
+      blocked[#blocked + 1] = name
+      s.errors[name] = why
+    else
+      local outcome, err, info = flow.recover(ctx, svc, entry)
+      info = info or {}
+      s.errors[name] = err
+      if outcome == flow.SUCCESS then
+        s.succeeded[#s.succeeded + 1] = name
+        s.recovered[#s.recovered + 1] = name
+        j:finished(name, true)
+      elseif outcome == flow.ROLLBACK_FAILED then
+        s.failed[#s.failed + 1] = name
+        s.rollback_failed[#s.rollback_failed + 1] = name
+      else
+        s.failed[#s.failed + 1] = name
+        s.recovered[#s.recovered + 1] = name
+        if info.rolled_back then s.rolled_back[#s.rolled_back + 1] = name end
+        j:finished(name, false)
+      end
+    end
+  end
+  s.remaining = journal.remaining(j.data)
+  local not_started = journal.not_started(j.data)
+  if #s.rollback_failed > 0 then
+    s.exit_code = rolling.EXIT_ROLLBACK_FAILED
+  elseif #blocked > 0 then
+    s.exit_code = rolling.EXIT_UNRESOLVED
+  elseif #s.failed > 0 then
+    s.exit_code = rolling.EXIT_FAILED
+  else
+    s.exit_code = rolling.EXIT_OK
+  end
+  local lines = {}
+  for _, name in ipairs(names) do
+    lines[#lines + 1] = ("  %s: %s"):format(name, s.errors[name] and tostring(s.errors[name])
+      or "finished on the new version")
+  end
+  if #not_started > 0 then
+    lines[#lines + 1] = "  not done by the interrupted run: " .. table.concat(not_started, ", ")
+      .. " (--recover --resume runs them)"
+  end
+  s.message = "recovery of run " .. tostring(dead.run) .. ":\n" .. table.concat(lines, "\n")
+  if s.exit_code ~= rolling.EXIT_OK then
+    local first = s.failed[1] or blocked[1]
+    s.error = first and ("%s: %s"):format(first, tostring(s.errors[first])) or nil
+  end
+  stream:emit("PLAN_END", { result = s.exit_code == 0 and "success" or "failed", recover = dead.run,
+    exit_code = s.exit_code, succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back,
+    skipped = 0, duration_ms = 0 })
+  if #blocked == 0 and #s.rollback_failed == 0 then
+    -- resolved: the journal goes (--resume writes its own from here)
+    if not ctx.resume then j:close() end
+  end
+  return s
+end
+
 -- rolling.run(opts) -> summary (see summary_of). opts:
 --   services_file | services_table | platform, services = {names} (nil: all),
 --   force, deploy, deploy_path, skip_migrations, user, events_file (false: none),
@@ -158,6 +246,21 @@ function rolling.run(opts)
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("%s (%s): %s"):format(what, lock_path, lerr) })
   end
 
+  -- An earlier run that died mid-way (its lock died with it, so a journal here is a dead run's):
+  -- nothing is touched until it is resolved.
+  local dead = journal.interrupted(state_root, { locked = true })
+  if dead and not (opts.recover or opts.abandon) then
+    return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = table.concat(journal.describe(dead), "\n") })
+  end
+  if not dead and (opts.recover or opts.abandon) then
+    return summary_of({ exit_code = rolling.EXIT_OK,
+      message = ("no interrupted run on this manager: nothing to %s"):format(opts.abandon and "abandon" or "recover") })
+  end
+  if dead and dead.unreadable and opts.recover then
+    return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = dead.unreadable
+      .. ": recovery needs it; check the services by hand, then --abandon" })
+  end
+
   local events_file = opts.events_file
   if events_file == nil then events_file = rolling.default_events_file(opts.user) end
   local stream, eerr = events.open({
@@ -174,13 +277,39 @@ function rolling.run(opts)
 
   local ctx = {
     manager = manager, events = stream, state_root = state_root, user = opts.user,
-    services_file = opts.services_file,
+    services_file = opts.services_file, resume = opts.resume,
     platform = prep.platform,
     opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
       skip_migrations = opts.skip_migrations, accept_unknown_definition = opts.accept_unknown_definition },
     hooks_for = function(svc) return prep.hooks[svc.name] or prep.global_hooks end,
     on_step = view and function(svc, step) view:step(svc, step) end,
   }
+
+  if opts.abandon then
+    local ok, rerr = journal.remove(state_root)
+    if not ok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = rerr }) end
+    stream:emit("RUN_ABANDONED", { abandoned_run = dead.run, abandoned_pid = dead.pid,
+      in_flight = journal.in_flight(dead), pid = fs.getpid(), user = os.getenv("USER") or os.getenv("LOGNAME"),
+      uid = fs.getuid and fs.getuid() or nil })
+    return summary_of({ exit_code = rolling.EXIT_OK, run = stream.run, events_file = events_file or nil,
+      message = ("forgot the interrupted run %s (in flight: %s)"):format(tostring(dead.run),
+        #journal.in_flight(dead) > 0 and table.concat(journal.in_flight(dead), ", ") or "none") })
+  end
+
+  local recovery
+  if opts.recover then
+    recovery = rolling.recover(ctx, prep, dead)
+    if not opts.resume or recovery.exit_code ~= rolling.EXIT_OK and recovery.exit_code ~= rolling.EXIT_FAILED
+        or #recovery.remaining == 0 then
+      recovery.run, recovery.events_file = stream.run, events_file or nil
+      recovery.duration_ms = math.floor((rr.now() - t0) * 1000 + 0.5)
+      return summary_of(recovery)
+    end
+    -- --resume: the interrupted run's plan goes on with what it had not done
+    local order, oerr = dag.order(prep.platform.services, recovery.remaining)
+    if not order then return usage_error(oerr) end
+    prep.order, prep.names = order, recovery.remaining
+  end
 
   -- Which definitions systemd has not loaded yet, seen before any flow's daemon-reload hides
   -- it: a later service's unknown edit must not become its known-good definition.
@@ -206,6 +335,24 @@ function rolling.run(opts)
       succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = reason, skipped = order_names, run = stream.run,
       events_file = events_file or nil })
+  end
+
+  -- The run journal: what a later run needs to know if this one dies.
+  local j, jerr
+  if recovery then
+    j = ctx.run_journal
+    j.data.run, j.data.order, j.data.done, j.data.failed = stream.run, order_names, {}, {}
+    j:write()
+  else
+    j, jerr = journal.create(state_root, { run = stream.run, argv = opts.argv, services_file = opts.services_file,
+      user = opts.user, order = order_names })
+    if not j then
+      stream:emit("PLAN_END", { result = "failed", exit_code = rolling.EXIT_FAILED, error = jerr,
+        succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
+      return summary_of({ exit_code = rolling.EXIT_FAILED, error = jerr, skipped = order_names, run = stream.run,
+        events_file = events_file or nil })
+    end
+    ctx.run_journal = j
   end
 
   local inflight = {}
@@ -244,6 +391,7 @@ function rolling.run(opts)
       if e.task == task then entry = table.remove(inflight, i) break end
     end
     local name = entry.svc.name
+    j:finished(name, outcome == flow.SUCCESS)
     if not tok then
       -- flow.run catches its own errors; this is a bug in the runner's reach, still contained.
       outcome, ferr = flow.FAILED, "internal error: " .. tostring(outcome)
@@ -296,6 +444,13 @@ function rolling.run(opts)
     succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back, skipped = #s.skipped,
   })
   rr.off_signal(on_signal)
+  j:close()
+  if recovery then
+    s.recovered = recovery.recovered
+    for _, key in ipairs({ "succeeded", "failed", "rolled_back", "rollback_failed" }) do
+      for i, n in ipairs(recovery[key]) do table.insert(s[key], i, n) end
+    end
+  end
   local summary = summary_of(s)
   local hok, herr = prep.global_hooks:call("after_plan", summary)
   if hok == nil then
