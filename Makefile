@@ -16,7 +16,7 @@ ALL_CFLAGS = -std=gnu11 $(WARNINGS) $(CFLAGS) $(PKG_CFLAGS) \
 SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # Debian packages the project needs (build, run, test).
-DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev \
+DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev diffutils patch \
                 libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl
 
 SRCS    := $(wildcard engine/*.c)

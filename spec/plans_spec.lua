@@ -78,6 +78,26 @@ describe("plans graph, status and rollback", function()
     end
   end)
 
+  it("every plan: an empty value or a forgotten one is one line naming the option, exit 2", function()
+    for _, case in ipairs({
+      { "rolling", { "--events", "" }, "option --events needs a value (FILE), got an empty string (try --help)" },
+      { "rolling", { "--services=" }, "option --services needs a value (FILE), got an empty string (try --help)" },
+      { "rolling", { "--deploy-path", "", "--deploy", "--service", "db" },
+        "option --deploy-path needs a value (DIR), got an empty string (try --help)" },
+      { "rolling", { "--hooks", "--dry-run" }, "option --hooks needs a value (FILE) (try --help)" },
+      { "rolling", { "--service", "-h" }, "option --service needs a value (NAME) (try --help)" },
+      { "rollback", { "--service", "" }, "option --service needs a value (NAME), got an empty string (try --help)" },
+      { "rollback", { "--service", "db", "--events", "--force" }, "option --events needs a value (FILE) (try --help)" },
+      { "graph", { "--services", "" }, "option --services needs a value (FILE), got an empty string" },
+      { "status", { "--services", "--json" }, "option --services needs a value (FILE)" },
+    }) do
+      local res = plan(case[1], case[2])
+      assert.equal(2, res.exit_code, res.stderr)
+      assert.equal("rrengine: " .. case[3] .. "\n", res.stderr)
+      assert.equal("", res.stdout)
+    end
+  end)
+
   it("graph.lua prints the order and the waves", function()
     local res = plan("graph", { "--services", good })
     assert.equal(0, res.exit_code, res.stderr)

@@ -417,6 +417,81 @@ describe("rr.snapshot", function()
       assert.matches("\n%-L2\n%+two\n", text)
       assert.matches("\n%+inserted\n", text)
     end)
+    it("diffs a file absent at capture from /dev/null; an empty one is the header alone", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r" }))
+      write(optenv, "DEBUG=1\n")
+      assert.equal("--- /dev/null\t(known good, run r)\n+++ " .. optenv .. "\t(now)\n@@ -0,0 +1 @@\n+DEBUG=1\n",
+        snapshot.unified_diff(snap, optenv))
+      write(optenv, "")
+      assert.equal("--- /dev/null\t(known good, run r)\n+++ " .. optenv .. "\t(now)\n",
+        snapshot.unified_diff(snap, optenv))
+      fs.remove(optenv)
+      assert.equal("", snapshot.unified_diff(snap, optenv))
+    end)
+
+    it("follows a symlink on disk; a dangling one is a file that is gone", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r" }))
+      local target = root .. "/elsewhere.service"
+      write(target, UNIT_V1 .. "Nice=5\n")
+      fs.remove(unit)
+      assert(proc.run({ "ln", "-s", target, unit }))
+      assert.matches("\n%+Nice=5\n$", snapshot.unified_diff(snap, unit))
+      fs.remove(target)
+      assert.matches("^%-%-%- " .. unit:gsub("%p", "%%%0") .. "\t%(known good, run r%)\n%+%+%+ /dev/null\t%(now%)\n",
+        snapshot.unified_diff(snap, unit))
+    end)
+
+    it("says that binary files differ, in one line", function()
+      write(unit, "[Service]\0\n")
+      local snap = assert(snapshot.capture(state_root, "sso.api", { files[1] }, { run = "r" }))
+      write(unit, "[Service]\0Nice=5\n")
+      assert.equal(("Binary files %s\t(known good, run r) and %s\t(now) differ\n"):format(unit, unit),
+        snapshot.unified_diff(snap, unit))
+    end)
+
+    it("cuts a long diff, and says how to see all of it", function()
+      local function numbered(prefix, n)
+        local lines = {}
+        for i = 1, n do lines[i] = prefix .. i end
+        return table.concat(lines, "\n") .. "\n"
+      end
+      write(unit, numbered("old ", 400))
+      local snap = assert(snapshot.capture(state_root, "sso.api", { files[1] }, { run = "r" }))
+      write(unit, numbered("new ", 400))
+      local stored = snap.dir .. "/" .. snap.files[1].stored
+      local text = assert(snapshot.unified_diff(snap, unit, { max_lines = 10 }))
+      local lines = {}
+      for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
+      assert.equal(11, #lines)
+      assert.equal("@@ -1,400 +1,400 @@", lines[3])
+      assert.equal("-old 7", lines[10])
+      assert.equal(("... (diff cut at 10 lines; all of it: diff -u %s %s)"):format(stored, unit), lines[11])
+      -- the default cap: 803 lines of diff (2 headers, 1 hunk header, 800 changes)
+      text = assert(snapshot.unified_diff(snap, unit))
+      local count = select(2, text:gsub("\n", ""))
+      assert.equal(snapshot.DIFF_MAX_LINES + 1, count)
+      assert.matches("\n%.%.%. %(diff cut at " .. snapshot.DIFF_MAX_LINES .. " lines; ", text)
+    end)
+
+    it("refuses what is not a regular file, and a stored copy that is gone", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r" }))
+      fs.remove(dropin)
+      assert(fs.mkdir_p(dropin, 493))
+      assert.same({ nil, ("cannot diff %s: it is a dir, not a regular file"):format(dropin), "EINVAL" },
+        { snapshot.unified_diff(snap, dropin) })
+      local stored = snap.dir .. "/" .. snap.files[1].stored
+      assert(fs.remove(stored))
+      assert.same({ nil, ("cannot diff %s against its known-good copy: diff: %s: No such file or directory")
+        :format(unit, stored), "EIO" }, { snapshot.unified_diff(snap, unit) })
+    end)
+
+    it("raises on misuse", function()
+      local snap = assert(snapshot.capture(state_root, "sso.api", files, { run = "r" }))
+      assert.has_error(function() snapshot.unified_diff({}, unit) end, "rr.snapshot.unified_diff: snap must be a snapshot")
+      assert.has_error(function() snapshot.unified_diff(snap, 7) end, "rr.snapshot.unified_diff: path must be a string")
+      assert.has_error(function() snapshot.unified_diff(snap, unit, { max_lines = 0 }) end,
+        "rr.snapshot.unified_diff: opts.max_lines must be an integer >= 1")
+    end)
   end)
 
   describe("unified_diff against patch(1)", function()

@@ -28,13 +28,33 @@
 -- not a guess: a wrong guess here restarts production services); a value
 -- option given twice is an error unless repeatable (no silent last-wins);
 -- a boolean given twice is harmless and accepted; a repeatable option absent
--- from the command line is nil, not {} (for --service, nil means "all").
+-- from the command line is nil, not {} (for --service, nil means "all");
+-- no value is empty ("--events ''" is a mistake, not a file name); a word
+-- after a value option that looks like an option ("--dry-run", "-h", "-x";
+-- not "-" or "-1") is a forgotten value, so a value that starts with "-" is
+-- given as --opt=-value.
+--
+-- Why not Debian's lua-argparse (0.7.1, tried against this spec): pparse()
+-- returns errors instead of exiting, and a description and an epilog can
+-- hold the examples and the exit codes, but its error texts are its own
+-- ("option '--services' requires an argument"; "unknown option '-x'" with a
+-- second line "Did you mean '-h'?"), its hint is one deletion away only (none
+-- for --dry or --foo), "-force" is read as -f -o -r -c -e, an absent flag is
+-- nil (0 when it may repeat), an absent list is {} (here nil means "all
+-- services"), a repeated value option silently keeps the last one, and ""
+-- passes as a value. Keeping the plans' one-line messages would mean matching
+-- its English texts and rewriting them: more code than this parser, and tied
+-- to one release's wording.
 
 local suggest = require("rr.suggest")
 
 local cli = {}
 
 local TYPES = { boolean = true, string = true, number = true }
+
+local function takes_value(option)
+  return option.type ~= nil and option.type ~= "boolean"
+end
 
 -- Checks a spec once per parse; misuse raises at the caller of parse/usage.
 local function check_spec(spec, level)
@@ -46,11 +66,10 @@ local function check_spec(spec, level)
     if type(option) ~= "table" or type(option.name) ~= "string" or not option.name:match("^%w[%w-]*$") then
       error(("rr.cli: spec.options[%d] needs a name like \"dry-run\""):format(i), level + 1)
     end
-    local kind = option.type or "boolean"
-    if not TYPES[kind] then
-      error(("rr.cli: option --%s has unknown type %q"):format(option.name, tostring(kind)), level + 1)
+    if not TYPES[option.type or "boolean"] then
+      error(("rr.cli: option --%s has unknown type %q"):format(option.name, tostring(option.type)), level + 1)
     end
-    if kind == "boolean" and (option.repeatable or option.split) then
+    if not takes_value(option) and (option.repeatable or option.split) then
       error(("rr.cli: boolean option --%s cannot be repeatable or split"):format(option.name), level + 1)
     end
     if seen[option.name] or (option.short and seen["-" .. option.short]) then
@@ -69,41 +88,37 @@ local function metavar(option)
   return option.value or (option.type == "number" and "N" or "VALUE")
 end
 
--- The closest option to a mistyped name, or nil. A candidate qualifies when it
--- starts with what was typed (--dry for --dry-run), when it is within a third
--- of the word of edits, or when it shares the first two letters and is within
--- the word's length of edits (--foo for --force). Prefixes rank first, then
--- fewer edits, then declaration order.
-local function closest_option(typed, spec)
-  local best, best_rank
+-- "unknown option --x", with the closest option as a hint. A candidate
+-- qualifies when it starts with what was typed (--dry for --dry-run), when it
+-- is within a third of the word of edits, or when it shares the first two
+-- letters and is within the word's length of edits (--foo for --force).
+-- Prefixes rank first, then fewer edits, then declaration order.
+local function unknown(shown, typed, spec)
+  local best, best_score
   for index, option in ipairs(spec.options) do
     local name = option.name
     local d = suggest.distance(typed, name)
-    local qualifies = name:sub(1, #typed) == typed
-      or d <= suggest.max_distance(typed)
-      or (#typed >= 2 and name:sub(1, 2) == typed:sub(1, 2) and d <= #typed)
-    if qualifies and #typed > 0 then
-      local rank = { name:sub(1, #typed) == typed and 0 or 1, d, index }
-      local better = best_rank == nil
-        or rank[1] < best_rank[1]
-        or (rank[1] == best_rank[1] and (rank[2] < best_rank[2]
-          or (rank[2] == best_rank[2] and rank[3] < best_rank[3])))
-      if better then best, best_rank = name, rank end
+    local prefix = name:sub(1, #typed) == typed
+    if #typed > 0 and (prefix or d <= suggest.max_distance(typed)
+        or (name:sub(1, 2) == typed:sub(1, 2) and d <= #typed)) then
+      local score = (prefix and 0 or 1e6) + d * 1e3 + index
+      if best_score == nil or score < best_score then best, best_score = name, score end
     end
   end
-  return best
+  return ("unknown option %s%s"):format(shown, best and (" (did you mean --%s?)"):format(best) or "")
 end
 
--- Converts a value to the option's type, or nil, err.
+-- A value of `option` as its type, or nil, err.
 local function convert(option, text)
-  if option.type == "number" then
-    if not (text:match("^[+-]?%d+$") or text:match("^[+-]?%d*%.%d+$") or text:match("^[+-]?%d+%.%d*$")) then
-      return nil, ("option --%s expects a number, got %q"):format(option.name, text)
-    end
-    local number = tonumber(text)
-    return math.tointeger(number) or number
+  if text == "" then
+    return nil, ("option --%s needs a value (%s), got an empty string"):format(option.name, metavar(option))
   end
-  return text
+  if option.type ~= "number" then return text end
+  if not (text:match("^[+-]?%d*%.?%d*$") and text:match("%d")) then
+    return nil, ("option --%s expects a number, got %q"):format(option.name, text)
+  end
+  local number = tonumber(text)
+  return math.tointeger(number) or number
 end
 
 -- Parses argv (a list of strings) against spec. Accepts --opt=value and
@@ -118,38 +133,28 @@ function cli.parse(argv, spec)
     end
   end
 
-  local by_long, by_short = {}, {}
-  for _, option in ipairs(spec.options) do
-    by_long[option.name] = option
-    if option.short then by_short[option.short] = option end
-  end
-
+  local by_name = {}
   local opts, given = { args = {} }, {}
   for _, option in ipairs(spec.options) do
-    local default = option.default
-    if option.type == nil or option.type == "boolean" then default = default or false end
-    if type(default) == "table" then
-      local copy = {}
-      for i, v in ipairs(default) do copy[i] = v end
-      default = copy
+    by_name["--" .. option.name] = option
+    if option.short then by_name["-" .. option.short] = option end
+    if takes_value(option) then
+      opts[key_of(option)] = option.default
+    else
+      opts[key_of(option)] = option.default or false
     end
-    opts[key_of(option)] = default
   end
 
-  -- Records one value of a value option.
+  -- Records one value of a value option: true, or nil, err.
   local function take(option, text)
     local value, err = convert(option, text)
     if value == nil then return nil, err end
     local key = key_of(option)
     if not option.repeatable then
-      if given[option.name] then
-        return nil, ("option --%s given more than once"):format(option.name)
-      end
+      if given[option] then return nil, ("option --%s given more than once"):format(option.name) end
       opts[key] = value
       return true
     end
-    if not given[option.name] then opts[key] = {} end
-    local list = opts[key]
     local items = { value }
     if option.split then
       items = {}
@@ -158,16 +163,19 @@ function cli.parse(argv, spec)
         if item == "" then
           return nil, ("option --%s has an empty %s in %q"):format(option.name, metavar(option), text)
         end
-        items[#items + 1] = convert(option, item)
+        local converted, err = convert(option, item)
+        if converted == nil then return nil, err end
+        items[#items + 1] = converted
       end
     end
+    -- the default (if any) is replaced, never appended to; a value given twice counts once
+    local list = given[option] and opts[key] or {}
+    local have = {}
+    for _, v in ipairs(list) do have[v] = true end
     for _, item in ipairs(items) do
-      local duplicate = false
-      for _, existing in ipairs(list) do
-        if existing == item then duplicate = true end
-      end
-      if not duplicate then list[#list + 1] = item end
+      if not have[item] then list[#list + 1], have[item] = item, true end
     end
+    opts[key] = list
     return true
   end
 
@@ -175,59 +183,52 @@ function cli.parse(argv, spec)
   while i <= #argv do
     local a = argv[i]
     if a == "--" then
-      for j = i + 1, #argv do opts.args[#opts.args + 1] = argv[j] end
+      table.move(argv, i + 1, #argv, #opts.args + 1, opts.args)
       break
     end
-    local option, inline, shown
-    if a:sub(1, 2) == "--" then
-      local name, value = a:match("^%-%-([^=]*)=(.*)$")
-      name = name or a:sub(3)
-      inline = value
-      option, shown = by_long[name], "--" .. name
-      if option == nil then
-        local close = closest_option(name, spec)
-        return nil, ("unknown option %s%s"):format(shown, close and (" (did you mean --%s?)"):format(close) or "")
-      end
-    elseif a:sub(1, 1) == "-" and #a > 1 then
-      option, shown = by_short[a:sub(2)], a
-      if option == nil then
-        local close = #a == 2 and nil or closest_option(a:sub(2), spec)
-        return nil, ("unknown option %s%s"):format(a, close and (" (did you mean --%s?)"):format(close) or "")
-      end
-    else
+    if a:sub(1, 1) ~= "-" or a == "-" then
       opts.args[#opts.args + 1] = a
-    end
-
-    if option then
-      if option.type == nil or option.type == "boolean" then
+    else
+      local long = a:sub(1, 2) == "--"
+      local shown, inline = a, nil
+      if long then shown, inline = a:match("^([^=]*)=(.*)$") end
+      shown = shown or a
+      local option = by_name[shown]
+      if option == nil then
+        -- "-force" may be --force with a dash missing; "-x" is no typo of a long name
+        return nil, unknown(shown, long and shown:sub(3) or #shown > 2 and shown:sub(2) or "", spec)
+      end
+      if not takes_value(option) then
         if inline ~= nil then return nil, ("option %s takes no value"):format(shown) end
         opts[key_of(option)] = true
       else
         local text = inline
         if text == nil then
           -- "--services --dry-run" is a forgotten value, not a file named "--dry-run".
-          local following = argv[i + 1]
-          if following == nil or following:sub(1, 2) == "--" then
+          text = argv[i + 1]
+          if text == nil or (text:match("^%-.") and not tonumber(text)) then
             return nil, ("option %s needs a value (%s)"):format(shown, metavar(option))
           end
-          text = following
           i = i + 1
         end
         local ok, err = take(option, text)
         if not ok then return nil, err end
       end
-      given[option.name] = true
+      given[option] = true
     end
     i = i + 1
   end
   return opts
 end
 
--- Wraps text at `width` columns with `indent` on every line.
-local function wrap(text, indent, width)
+local WIDTH = 78
+
+-- Wraps text at WIDTH columns with `indent` on every line but the first,
+-- which starts where the caller's own text ends (a hanging indent).
+local function hanging(text, indent)
   local lines, line = {}, indent
   for word in text:gmatch("%S+") do
-    if #line > #indent and #line + 1 + #word > width then
+    if #line > #indent and #line + 1 + #word > WIDTH then
       lines[#lines + 1] = line
       line = indent .. word
     else
@@ -235,59 +236,50 @@ local function wrap(text, indent, width)
     end
   end
   if #line > #indent then lines[#lines + 1] = line end
-  return table.concat(lines, "\n")
+  return table.concat(lines, "\n"):sub(#indent + 1)
 end
 
 -- Usage text for a spec: synopsis, summary, examples first (an operator in an
 -- emergency wants the command line to copy), then options, then exit codes.
 function cli.usage(spec)
   check_spec(spec, 2)
-  local out = {}
-  out[#out + 1] = "Usage: " .. (spec.usage or "rrengine PLAN [options]")
-  if spec.summary then
+  local out = { "Usage: " .. (spec.usage or "rrengine PLAN [options]") }
+  local function section(title)
     out[#out + 1] = ""
-    out[#out + 1] = wrap(spec.summary, "", 78)
+    out[#out + 1] = title
   end
+  if spec.summary then section(hanging(spec.summary, "")) end
   if spec.examples and #spec.examples > 0 then
-    out[#out + 1] = ""
-    out[#out + 1] = "Examples:"
+    section("Examples:")
     for _, example in ipairs(spec.examples) do
       out[#out + 1] = "  " .. example[1]
-      if example[2] then out[#out + 1] = wrap(example[2], "      ", 78) end
+      if example[2] then out[#out + 1] = "      " .. hanging(example[2], "      ") end
     end
   end
-  out[#out + 1] = ""
-  out[#out + 1] = "Options:"
-  local columns = {}
-  local column_width = 0
-  for _, option in ipairs(spec.options) do
-    local left = "--" .. option.name
-    if option.short then left = "-" .. option.short .. ", " .. left end
-    if option.type ~= nil and option.type ~= "boolean" then left = left .. " " .. metavar(option) end
-    columns[#columns + 1] = left
-    if #left > column_width then column_width = #left end
+  section("Options:")
+  local columns, width = {}, 0
+  for k, option in ipairs(spec.options) do
+    local left = (option.short and ("-" .. option.short .. ", ") or "") .. "--" .. option.name
+      .. (takes_value(option) and (" " .. metavar(option)) or "")
+    columns[k], width = left, math.max(width, #left)
   end
   for k, option in ipairs(spec.options) do
-    local help = option.help or ""
-    if option.repeatable then help = help .. " (repeatable)" end
-    if option.default ~= nil and option.type ~= nil and option.type ~= "boolean" then
+    local help = (option.help or "") .. (option.repeatable and " (repeatable)" or "")
+    if option.default ~= nil and takes_value(option) then
       help = help .. (" (default: %s)"):format(tostring(option.default))
     end
-    local indent = (" "):rep(column_width + 4)
-    local text = wrap(help, indent, 78)
-    out[#out + 1] = "  " .. columns[k] .. (" "):rep(column_width - #columns[k] + 2) .. text:sub(#indent + 1)
+    out[#out + 1] = ("  %-" .. width .. "s  %s"):format(columns[k], hanging(help, (" "):rep(width + 4)))
   end
   if spec.exit_codes and #spec.exit_codes > 0 then
-    out[#out + 1] = ""
-    out[#out + 1] = "Exit codes:"
+    section("Exit codes:")
     for _, code in ipairs(spec.exit_codes) do
-      out[#out + 1] = ("  %-4s %s"):format(tostring(code[1]), wrap(code[2], "       ", 78):sub(8))
+      out[#out + 1] = ("  %-4s %s"):format(tostring(code[1]), hanging(code[2], "       "))
     end
   end
   return table.concat(out, "\n") .. "\n"
 end
 
--- The command line of plans/rolling.lua (DESIGN.md "plans/rolling.lua").
+-- The command line of plans/rolling.lua.
 cli.rolling_spec = {
   usage = "rrengine plans/rolling.lua [options]",
   summary = "Restart the platform's services in dependency order: health check, backup, "

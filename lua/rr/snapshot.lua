@@ -45,6 +45,7 @@
 --     own). With no name at all, no drop-in is own: nothing is touched that might be shared.
 local fs = require("rr.fs")
 local state = require("rr.state")
+local proc = require("rr.proc")
 local cjson = require("cjson")
 
 local snapshot = {}
@@ -590,142 +591,66 @@ function snapshot.restore(snap, current_files, opts)
 end
 
 ---------------------------------------------------------------------------------------------
--- Unified diff (for --diff and the dry run): a small line diff, LCS on the lines that differ.
+-- Unified diff (for --diff and the dry run): diff(1) -u from the stored copy to the file now.
 
--- Lines of a text, each with its "\n" when it has one (so a missing final newline differs).
-local function split_lines(text)
-  local lines = {}
-  for line in text:gmatch("[^\n]*\n") do lines[#lines + 1] = line end
-  local tail = text:match("[^\n]+$")
-  if tail then lines[#lines + 1] = tail end
-  return lines
-end
+-- More lines than this are cut (the last line says how to see it all).
+snapshot.DIFF_MAX_LINES = 500
 
--- Beyond this many cells the middle is shown as all removed then all added.
-local LCS_CELLS = 1000000
-
--- Edit script from a to b: { {op = " "|"-"|"+", line =}, ... }.
-local function edit_script(a, b)
-  local n, m = #a, #b
-  local pre = 0
-  while pre < n and pre < m and a[pre + 1] == b[pre + 1] do pre = pre + 1 end
-  local suf = 0
-  while suf < n - pre and suf < m - pre and a[n - suf] == b[m - suf] do suf = suf + 1 end
-  local ops = {}
-  for i = 1, pre do ops[#ops + 1] = { op = " ", line = a[i] } end
-  local a0, b0 = pre, pre
-  local an, bn = n - pre - suf, m - pre - suf
-  if an * bn > LCS_CELLS then
-    for i = 1, an do ops[#ops + 1] = { op = "-", line = a[a0 + i] } end
-    for j = 1, bn do ops[#ops + 1] = { op = "+", line = b[b0 + j] } end
-  else
-    -- len[i][j]: LCS length of a[a0+i..] and b[b0+j..], walked forwards afterwards.
-    local len = {}
-    for i = an + 1, 1, -1 do
-      local row, below = {}, len[i + 1]
-      for j = bn + 1, 1, -1 do
-        if i > an or j > bn then
-          row[j] = 0
-        elseif a[a0 + i] == b[b0 + j] then
-          row[j] = below[j + 1] + 1
-        else
-          local down, right = below[j], row[j + 1]
-          row[j] = down >= right and down or right
-        end
-      end
-      len[i] = row
-    end
-    local i, j = 1, 1
-    while i <= an or j <= bn do
-      if i <= an and j <= bn and a[a0 + i] == b[b0 + j] then
-        ops[#ops + 1] = { op = " ", line = a[a0 + i] }
-        i, j = i + 1, j + 1
-      elseif j > bn or (i <= an and len[i + 1][j] >= len[i][j + 1]) then
-        ops[#ops + 1] = { op = "-", line = a[a0 + i] }
-        i = i + 1
-      else
-        ops[#ops + 1] = { op = "+", line = b[b0 + j] }
-        j = j + 1
-      end
-    end
-  end
-  for i = n - suf + 1, n do ops[#ops + 1] = { op = " ", line = a[i] } end
-  return ops
-end
-
-local CONTEXT = 3
-
--- The hunks of an edit script, as unified diff text.
-local function format_hunks(ops)
-  -- Old and new line numbers consumed before each op.
-  local ai, bi = 0, 0
-  for _, o in ipairs(ops) do
-    o.a, o.b = ai, bi
-    if o.op ~= "+" then ai = ai + 1 end
-    if o.op ~= "-" then bi = bi + 1 end
-  end
-  local out = {}
-  local k = 1
-  while true do
-    local first
-    for x = k, #ops do
-      if ops[x].op ~= " " then first = x break end
-    end
-    if not first then break end
-    local last = first
-    local x = first + 1
-    while x <= #ops and x - last <= 2 * CONTEXT + 1 do
-      if ops[x].op ~= " " then last = x end
-      x = x + 1
-    end
-    local s, e = math.max(k, first - CONTEXT), math.min(#ops, last + CONTEXT)
-    local acount, bcount = 0, 0
-    for y = s, e do
-      if ops[y].op ~= "+" then acount = acount + 1 end
-      if ops[y].op ~= "-" then bcount = bcount + 1 end
-    end
-    local astart = acount > 0 and ops[s].a + 1 or ops[s].a
-    local bstart = bcount > 0 and ops[s].b + 1 or ops[s].b
-    out[#out + 1] = ("@@ -%d,%d +%d,%d @@\n"):format(astart, acount, bstart, bcount)
-    for y = s, e do
-      local line = ops[y].line
-      if line:sub(-1) == "\n" then
-        out[#out + 1] = ops[y].op .. line
-      else
-        out[#out + 1] = ops[y].op .. line .. "\n\\ No newline at end of file\n"
-      end
-    end
-    k = e + 1
-  end
-  return table.concat(out)
-end
-
--- snapshot.unified_diff(snap, path) -> text ("" when the same): from the known-good copy of
--- `path` to the file on disk now. A side that does not exist is /dev/null.
-function snapshot.unified_diff(snap, path)
-  if type(snap) ~= "table" or type(snap.files) ~= "table" then
+-- snapshot.unified_diff(snap, path[, {max_lines = N}]) -> text ("" when the same) | nil, err:
+-- from the known-good copy of `path` to the file on disk now. A side that does not exist is
+-- /dev/null. GNU diff writes it (LC_ALL=C, so its own lines are not translated); the labels
+-- put "(known good, run R)" and "(now)" after the path, tab-separated as patch(1) expects.
+function snapshot.unified_diff(snap, path, opts)
+  if type(snap) ~= "table" or type(snap.files) ~= "table" or type(snap.dir) ~= "string" then
     error("rr.snapshot.unified_diff: snap must be a snapshot", 2)
   end
   if type(path) ~= "string" then
     error("rr.snapshot.unified_diff: path must be a string", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("rr.snapshot.unified_diff: opts must be a table", 2)
+  end
+  local max_lines = opts and opts.max_lines or snapshot.DIFF_MAX_LINES
+  if math.type(max_lines) ~= "integer" or max_lines < 1 then
+    error("rr.snapshot.unified_diff: opts.max_lines must be an integer >= 1", 2)
+  end
   local entry = entry_of(snap, path)
-  local old, new = nil, nil
-  if entry and not entry.absent then
-    local err
-    old, err = fs.read(snap.dir .. "/" .. entry.stored)
-    if not old then return nil, ("cannot read the snapshot's copy of %s: %s"):format(path, tostring(err)) end
+  local old = (entry and not entry.absent) and (snap.dir .. "/" .. entry.stored) or nil
+  local new, st = resolve(path)
+  -- diff would compare against DIR/<name> for a directory, and wait forever on a FIFO.
+  if new and st.type ~= "file" then
+    return nil, ("cannot diff %s: it is a %s, not a regular file"):format(path, st.type), "EINVAL"
   end
-  local real = resolve(path)
-  if real then
-    new = fs.read(real)
+  local old_label = ("%s\t(known good%s)"):format(old and path or "/dev/null",
+    snap.run and (", run " .. tostring(snap.run)) or "")
+  local new_label = (new and path or "/dev/null") .. "\t(now)"
+  local argv = { "diff", "-u", "--label", old_label, "--label", new_label, "--",
+    old or "/dev/null", new or "/dev/null" }
+  local res, err, r = proc.run(argv, { env = { LC_ALL = "C" }, timeout = 30 })
+  -- diff: 0 the same, 1 different, 2 trouble (a file it cannot read).
+  if not res and not (type(r) == "table" and r.exit_code == 1) then
+    local why = type(r) == "table" and r.stderr:match("[^\n]+") or err
+    return nil, ("cannot diff %s against its known-good copy: %s"):format(path, tostring(why)),
+      type(r) == "string" and r or "EIO"
   end
-  if (old or "") == (new or "") and (old == nil) == (new == nil) then return "" end
-  local header = ("--- %s\t(known good%s)\n+++ %s\t(now)\n"):format(
-    old and path or "/dev/null", snap.run and (", run " .. tostring(snap.run)) or "",
-    new and path or "/dev/null")
-  local body = format_hunks(edit_script(split_lines(old or ""), split_lines(new or "")))
-  return header .. body
+  res = res or r
+  if res.exit_code == 0 then
+    -- diff sees no difference between /dev/null and an empty file; their presence differs.
+    return (old == nil) ~= (new == nil) and ("--- %s\n+++ %s\n"):format(old_label, new_label) or ""
+  end
+  local lines, count = {}, 0
+  for line in res.stdout:gmatch("[^\n]*\n?") do
+    if line == "" then break end
+    count = count + 1
+    if count <= max_lines then lines[count] = line end
+  end
+  if count > max_lines or res.truncated.stdout then
+    -- max_capture may have cut the last line kept
+    if lines[#lines] and lines[#lines]:sub(-1) ~= "\n" then lines[#lines] = lines[#lines] .. "\n" end
+    lines[#lines + 1] = ("... (diff cut at %d lines; all of it: diff -u %s %s)\n"):format(
+      math.min(count, max_lines), old or "/dev/null", new or "/dev/null")
+  end
+  return table.concat(lines)
 end
 
 return snapshot

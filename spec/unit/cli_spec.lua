@@ -30,13 +30,14 @@ describe("rr.cli", function()
       assert.equal("integer", math.type(opts.count))
       assert.equal(true, opts.dry_run)
       assert.equal("b=c.lua", assert(cli.parse({ "--file=b=c.lua" }, spec)).file)
-      assert.equal("", assert(cli.parse({ "--file=" }, spec)).file)
     end)
 
     it("parses decimal numbers only", function()
       assert.equal(2.5, assert(cli.parse({ "--count", "2.5" }, spec)).count)
       assert.equal(-1, assert(cli.parse({ "--count=-1" }, spec)).count)
-      for _, bad in ipairs({ "x", "0x10", "1e3", "inf", "nan", " 1", "" }) do
+      assert.equal(0.5, assert(cli.parse({ "--count", ".5" }, spec)).count)
+      assert.equal(3, assert(cli.parse({ "--count", "3." }, spec)).count)
+      for _, bad in ipairs({ "x", "0x10", "1e3", "inf", "nan", " 1", ".", "+", "1.2.3" }) do
         assert.same({ nil, ('option --count expects a number, got %q'):format(bad) },
           { cli.parse({ "--count=" .. bad }, spec) })
       end
@@ -50,7 +51,15 @@ describe("rr.cli", function()
 
     it("rejects an empty item in a comma list", function()
       assert.same({ nil, 'option --name has an empty NAME in "a,,b"' }, { cli.parse({ "--name", "a,,b" }, spec) })
-      assert.same({ nil, 'option --name has an empty NAME in ""' }, { cli.parse({ "--name=" }, spec) })
+      assert.same({ nil, 'option --name has an empty NAME in " , a"' }, { cli.parse({ "--name", " , a" }, spec) })
+    end)
+
+    it("rejects an empty value for every kind of value option, in both forms", function()
+      for _, case in ipairs({ { "file", "FILE" }, { "name", "NAME" }, { "tag", "TAG" }, { "count", "N" } }) do
+        local want = ("option --%s needs a value (%s), got an empty string"):format(case[1], case[2])
+        assert.same({ nil, want }, { cli.parse({ "--" .. case[1], "" }, spec) })
+        assert.same({ nil, want }, { cli.parse({ "--" .. case[1] .. "=" }, spec) })
+      end
     end)
 
     it("collects positional arguments, all of them after --", function()
@@ -72,12 +81,26 @@ describe("rr.cli", function()
       assert.same({ nil, "unknown option --verbose" }, { cli.parse({ "--verbose" }, spec) })
       assert.same({ nil, "unknown option -x" }, { cli.parse({ "-x" }, spec) })
       assert.same({ nil, "unknown option -force (did you mean --force?)" }, { cli.parse({ "-force" }, spec) })
+      assert.same({ nil, "unknown option --f (did you mean --file?)" }, { cli.parse({ "--f" }, spec) })
+      assert.same({ nil, "unknown option -h=x" }, { cli.parse({ "-h=x" }, spec) })
     end)
 
     it("rejects a missing value, also when the next word is an option", function()
       assert.same({ nil, "option --file needs a value (FILE)" }, { cli.parse({ "--file" }, spec) })
-      assert.same({ nil, "option --file needs a value (FILE)" }, { cli.parse({ "--file", "--force" }, spec) })
+      for _, next_word in ipairs({ "--force", "--", "--nosuch", "-h", "-x", "-force" }) do
+        assert.same({ nil, "option --file needs a value (FILE)" }, { cli.parse({ "--file", next_word }, spec) })
+        assert.same({ nil, "option --name needs a value (NAME)" }, { cli.parse({ "--name", next_word }, spec) })
+      end
       assert.same({ nil, "option --count needs a value (N)" }, { cli.parse({ "--count" }, spec) })
+      assert.same({ nil, "option --count needs a value (N)" }, { cli.parse({ "--count", "--force" }, spec) })
+    end)
+
+    it("takes - and a negative number as a value, and a value with a dash after =", function()
+      assert.equal("-", assert(cli.parse({ "--file", "-" }, spec)).file)
+      assert.equal(-1, assert(cli.parse({ "--count", "-1" }, spec)).count)
+      assert.equal(-0.5, assert(cli.parse({ "--count", "-.5" }, spec)).count)
+      assert.equal("--force", assert(cli.parse({ "--file=--force" }, spec)).file)
+      assert.same({ "-x" }, assert(cli.parse({ "--name=-x" }, spec)).names)
     end)
 
     it("rejects a value given to a flag", function()
@@ -97,6 +120,10 @@ describe("rr.cli", function()
       assert.has_error(function() cli.parse({}, {}) end, "rr.cli: spec must be a table with an options list")
       assert.has_error(function() cli.parse({}, { options = { { name = "x", type = "date" } } }) end,
         'rr.cli: option --x has unknown type "date"')
+      assert.has_error(function() cli.parse({}, { options = { { name = "x", repeatable = true } } }) end,
+        "rr.cli: boolean option --x cannot be repeatable or split")
+      assert.has_error(function() cli.parse({}, { options = { { name = "x" }, { name = "y", short = "h" },
+        { name = "x", short = "h" } } }) end, "rr.cli: option --x declared twice")
     end)
   end)
 
@@ -148,6 +175,20 @@ describe("rr.cli", function()
       assert.same({ nil, 'option --parallel expects a number, got "many"' },
         { cli.parse_rolling({ "--parallel", "many" }) })
       assert.equal(8, assert(cli.parse_rolling({ "--parallel", "8" })).parallel)
+    end)
+
+    it("refuses an empty value and a forgotten one for every option that takes a value", function()
+      for _, option in ipairs(cli.rolling_spec.options) do
+        if option.type then
+          local flag = "--" .. option.name
+          assert.same({ nil, ("option %s needs a value (%s), got an empty string"):format(flag, option.value) },
+            { cli.parse_rolling({ flag, "" }) }, flag)
+          assert.same({ nil, ("option %s needs a value (%s)"):format(flag, option.value) },
+            { cli.parse_rolling({ flag, "--dry-run" }) }, flag)
+          assert.same({ nil, ("option %s needs a value (%s)"):format(flag, option.value) },
+            { cli.parse_rolling({ "--dry-run", flag }) }, flag)
+        end
+      end
     end)
 
     it("rejects a positional argument, pointing at --service", function()
