@@ -44,6 +44,7 @@ local spec = {
       .. "the event log cannot be reached" },
     { 2, "usage or configuration error, nothing touched" },
     { 3, "the rollback failed: manual action needed (steps printed)" },
+    { 4, "an earlier run was killed mid-way and is not resolved: nothing touched; run plans/rolling.lua --recover" },
   },
 }
 
@@ -68,7 +69,7 @@ if not svc then die(2, ("unknown service %q in %s"):format(opts.service, opts.se
 
 local code, msg = rollback.run({ svc = svc, platform = platform, user = opts.user,
   deploy_record = opts.deploy_record, no_code = opts.no_code, force = opts.force,
-  events_file = opts.events_file, reason = "manual rollback (plans/rollback.lua)",
+  events_file = opts.events_file, reason = "manual rollback (plans/rollback.lua)", services_file = opts.services_file,
   spell = { no_code = "--no-code", deploy_record = "--deploy-record DIR", named = "--deploy-record" } })
 if code == 3 then msg = ("rollback of %s failed: %s"):format(svc.name, msg) end
 if code ~= 0 then die(code, msg) end

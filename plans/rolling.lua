@@ -90,7 +90,7 @@ if opts.json then
 else
   if summary.message then io.stdout:write(summary.message, "\n") end
   if summary.exit_code == rolling.EXIT_UNRESOLVED and summary.error then
-    io.stderr:write("rrengine: ", (summary.error:gsub("\n", "\nrrengine: ")), "\n")
+    io.stderr:write("rrengine: ", summary.error, "\n")
   elseif summary.error and #summary.services_succeeded + #summary.services_failed == 0 and not summary.interrupted then
     io.stderr:write("rrengine: ", summary.error, "\n")
   end

@@ -49,6 +49,13 @@ describe("hooks in the flow", function()
     local res = p:cli({ "--hooks", hook })
     assert.equal(7, res.exit_code, res.stdout .. res.stderr)
     assert.equal("active", p:props("api").ActiveState)
+    -- the run did not finish: the next one says so and --recover finishes what was in flight
+    local next_run = p:cli({})
+    assert.equal(4, next_run.exit_code, next_run.stdout .. next_run.stderr)
+    assert.matches("api: left in phase apply", next_run.stderr)
+    local rec = p:cli({ "--recover" })
+    assert.equal(1, rec.exit_code, rec.stdout .. rec.stderr)
+    assert.equal("active", p:props("api").ActiveState)
   end)
 
   it("before_plan can veto the whole run before anything is touched", function()

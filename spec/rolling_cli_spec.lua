@@ -147,6 +147,12 @@ describe("plans/rolling.lua", function()
     -- every line of the event log is whole, even the last one written before the kill
     local text = require("rr.fs").read(p.events_file)
     assert.equal("\n", text:sub(-1))
+    -- the next plain run refuses (the kill left b in flight) until --recover resolved it
+    local refused = p:cli({})
+    assert.equal(4, refused.exit_code, refused.stdout .. refused.stderr)
+    assert.matches("b: left in phase", refused.stderr)
+    local rec = p:cli({ "--recover" })
+    assert.equal(0, rec.exit_code, rec.stdout .. rec.stderr)
     local again = p:cli({})
     assert.equal(0, again.exit_code, again.stdout .. again.stderr)
   end)

@@ -269,8 +269,8 @@ end
 -- undone; daemon-reload; reset-failed (a unit that hit its start limit while flapping must be
 -- startable again); start; health check.
 function Run:rollback(reason)
-  self:step("rollback")
   self:journal({ phase = "rollback" })
+  self:step("rollback")
   local t0 = rr.now()
   self:emit("ROLLBACK_START", { reason = reason,
     migrations_not_undone = self.touched.migrated and not self.svc.migrate_rollback or nil })
@@ -691,8 +691,9 @@ function Run:go()
   local force = self.ctx.opts.force
   for _, st in ipairs(STEPS) do
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
-      self:step(st.name)
+      -- the journal first: what is announced has been recorded
       self:journal({ phase = st.name })
+      self:step(st.name)
       local ok, reason = st.fn(self)
       if not ok then
         return self:fail(reason)

@@ -40,6 +40,8 @@ function journal.start_time(pid)
   -- the command name may hold spaces and parentheses: fields count from the last ')'
   local rest = data:match("^.*%)%s+(.*)$")
   if not rest then return nil end
+  -- a zombie has ended: only its parent has not reaped it yet
+  if rest:match("^Z") then return nil end
   local i = 3
   for field in rest:gmatch("%S+") do
     if i == 22 then return field end

@@ -21,6 +21,7 @@ local flow = require("rr.flow")
 local deploy = require("rr.deploy")
 local snapshot = require("rr.snapshot")
 local state = require("rr.state")
+local journal = require("rr.journal")
 local ui = require("rr.ui")
 
 local rollback = {}
@@ -151,7 +152,7 @@ local function nothing_to_restore(svc, state_root, c, no_code, spell)
 end
 
 -- rollback.run{ svc =, platform =, user =, manager =, state_root =, events_file =, deploy_record =,
---   no_code =, force =, reason =, view =, say =, warn =, spell = } -> exit_code, message|nil, code|nil
+--   no_code =, force =, reason =, view =, say =, warn =, spell =, services_file = } -> exit_code, message|nil, code|nil
 -- Rolls svc back under the run lock (see the top of this file for which deploy is undone).
 --   0, nil                  rolled back and healthy
 --   1, message, code        nothing was touched: ESTATE (the state root cannot be created), EMANAGER,
@@ -160,6 +161,8 @@ end
 --   2, message, code        configuration, nothing touched: ENOWORKDIR (a deploy_record for a service
 --                           without working_dir), EFOREIGN (the record is a deploy into another dir)
 --   3, reason, "EROLLBACK"  flow.rollback failed: reason is its error; the manual steps were shown
+--   4, message, "EINTERRUPTED"  an earlier run was killed mid-way: nothing touched (message: what
+--                           it left and the command that resolves it)
 -- manager: nil opens (and closes) the user or system manager. state_root, events_file: default as
 -- rr.state. view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
 -- view:line); warn(message): a problem after the rollback (default stderr, "rrengine: ..."). spell:
@@ -204,6 +207,12 @@ function rollback.run(args)
     return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
   end
 
+  -- A run that was killed mid-way is resolved first (--recover), never around.
+  local dead = journal.interrupted(state_root, { locked = true })
+  if dead then
+    return 4, table.concat(journal.describe(dead), "\n"), "EINTERRUPTED"
+  end
+
   local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell)
   if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
   local pointers_to_clear = pointers_naming(svc, state_root, c)
@@ -237,7 +246,14 @@ function rollback.run(args)
   if other_inflight and (not c.dir or state.same_path(other_inflight, c.dir)) then
     other_inflight = nil
   end
+  -- A rollback killed half-way is in the run journal like any run: --recover finishes it.
+  local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
+    user = args.user, order = { svc.name }, kind = "rollback" })
+  if not j then return 1, jerr, "EJOURNAL" end
+  ctx.run_journal = j
+  j:update(svc.name, { phase = "rollback", deploy_record = undo and undo.state_dir or nil })
   local rok, rerr = flow.rollback(ctx, svc, args.reason or "manual rollback", undo)
+  j:close()
   stream:close()
   if other_inflight and not state.read_pointer(state_root, svc.name, "inflight") then
     state.write_pointer(state_root, svc.name, "inflight", other_inflight)

@@ -97,7 +97,23 @@ function ui:start_ticker()
 end
 
 local SHOW = {
-  PLAN_START = function(ev) return ("plan: %d service(s) in order: %s"):format(#ev.order, table.concat(ev.order, ", ")) end,
+  PLAN_START = function(ev)
+    if ev.recover then
+      return ("recovering interrupted run %s: in flight: %s"):format(ev.recover,
+        #ev.order > 0 and table.concat(ev.order, ", ") or "none")
+    end
+    return ("plan: %d service(s) in order: %s"):format(#ev.order, table.concat(ev.order, ", "))
+  end,
+  RECOVERY_SUCCESS = function(ev)
+    local what = { finished = "finished on the new version", rolled_back = "rolled back to the old version",
+      deploy_undone = "deploy undone (the unit was not touched)", nothing_to_undo = "nothing had changed" }
+    return ("✔ %-22s recovered: %s (%s)"):format(ev.service, what[ev.action] or tostring(ev.action), fmt_ms(ev.duration_ms))
+  end,
+  RECOVERY_FAILED = function(ev) return ("!! %-21s not recovered: %s"):format(ev.service, ev.error) end,
+  RUN_ABANDONED = function(ev)
+    return ("forgot interrupted run %s (in flight: %s)"):format(tostring(ev.abandoned_run),
+      #(ev.in_flight or {}) > 0 and table.concat(ev.in_flight, ", ") or "none")
+  end,
   SERVICE_RESTART_SUCCESS = function(ev) return ("✔ %-22s %s ok (%s)"):format(ev.service, ev.method, fmt_ms(ev.duration_ms)) end,
   SERVICE_RESTART_FAILED = function(ev)
     local tail = ev.touched == false and "not touched" or (ev.rolled_back and "rolled back" or "ROLLBACK FAILED")
@@ -138,6 +154,10 @@ local SHOW = {
   HOOK_FAILED = function(ev) return ("! %-22s hook %s failed: %s"):format(ev.service or "", ev.hook, ev.error) end,
   INTERRUPTED = function(ev) return ("interrupted (%s): no new service starts; %s"):format(ev.signal, ev.note) end,
   PLAN_END = function(ev)
+    if ev.recover then
+      return ("recovery %s: %d finished, %d rolled back, %d not recovered"):format(ev.result, ev.succeeded,
+        ev.rolled_back, ev.failed - ev.rolled_back)
+    end
     return ("plan %s: %d ok, %d failed, %d rolled back, %d skipped (%s)"):format(ev.result, ev.succeeded,
       ev.failed, ev.rolled_back, ev.skipped, fmt_ms(ev.duration_ms))
   end,
