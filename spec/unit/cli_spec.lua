@@ -140,8 +140,19 @@ describe("rr.cli", function()
         deploy_path = "/tmp/d", skip_migrations = true, user = true, events_file = "/tmp/e.jsonl",
         parallel = 4, continue_on_error = true, json = true, hook_files = { "a.lua", "b.lua" },
         dry_run = true, diff = true, force = true, accept_unknown_definition = true, journal = true,
-        help = false,
+        help = false, recover = false, resume = false, abandon = false,
       }, opts)
+    end)
+
+    it("--recover, --resume and --abandon: the combinations that make sense", function()
+      assert.is_true(assert(cli.parse_rolling({ "--recover", "--resume" })).resume)
+      assert.is_true(assert(cli.parse_rolling({ "--abandon" })).abandon)
+      local _, err = cli.parse_rolling({ "--recover", "--abandon" })
+      assert.matches("contradict", err)
+      _, err = cli.parse_rolling({ "--resume" })
+      assert.matches("%-%-resume goes with %-%-recover", err)
+      _, err = cli.parse_rolling({ "--recover", "--dry-run" })
+      assert.matches("cannot be a %-%-dry%-run", err)
     end)
 
     it("defaults to services.lua, every service, one at a time", function()
