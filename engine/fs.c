@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 
@@ -1096,6 +1097,22 @@ static int fs_isatty(lua_State *L) {
         return 1;
 }
 
+/* fs.term_size(fd) -> columns, rows | nil, message, code: the terminal's size now (asked at every
+ * redraw, so a resized terminal is seen without a SIGWINCH handler). */
+static int fs_term_size(lua_State *L) {
+        lua_Integer fd = luaL_checkinteger(L, 1);
+        struct winsize ws = {};
+
+        luaL_argcheck(L, fd >= 0 && fd <= INT32_MAX, 1, "not a file descriptor");
+        if (ioctl((int) fd, TIOCGWINSZ, &ws) < 0)
+                return rr_push_fail(L, errno, "cannot read the terminal size: %s", strerror(errno));
+        if (ws.ws_col == 0)
+                return rr_push_fail(L, EINVAL, "the terminal has no size");
+        lua_pushinteger(L, ws.ws_col);
+        lua_pushinteger(L, ws.ws_row);
+        return 2;
+}
+
 /* l:unlock(), __gc, __close: release the lock (idempotent). The file stays: removing it would
  * let two runs lock two different inodes. */
 static int lock_unlock(lua_State *L) {
@@ -1163,6 +1180,7 @@ static const luaL_Reg fs_functions[] = {
         { "lock", fs_lock },
         { "getpid", fs_getpid },
         { "isatty", fs_isatty },
+        { "term_size", fs_term_size },
         { NULL, NULL },
 };
 

@@ -367,6 +367,9 @@ function rolling.run(opts)
     end
   end
   rr.on_signal(on_signal)
+  if view and view.begin then
+    view:begin({ order = order_names, parallel = parallel, history = require("rr.ui").history(events_file or nil) })
+  end
   local stop_ticker = view and view:start_ticker() or function() end
 
   local sched = assert(dag.scheduler(prep.platform.services, prep.names))

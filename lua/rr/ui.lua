@@ -36,9 +36,68 @@ end
 
 function ui:clear_live()
   if self.live and self.width > 0 then
-    self.out:write("\r", (" "):rep(self.width), "\r")
+    -- clear to the end of the line: right whatever the terminal's width is now
+    self.out:write("\r\27[K")
     self.width = 0
   end
+end
+
+local function fmt_duration(secs)
+  secs = math.floor(secs + 0.5)
+  if secs < 60 then return ("%ds"):format(secs) end
+  if secs < 3600 then return ("%dm%02ds"):format(secs // 60, secs % 60) end
+  return ("%dh%02dm"):format(secs // 3600, (secs % 3600) // 60)
+end
+
+-- The terminal's width now (a resize is seen at the next redraw), or 80.
+function ui:columns()
+  local fs = require("rr.fs")
+  local cols = fs.term_size(self.out == io.stderr and 2 or 1)
+  return cols or 80
+end
+
+-- Cuts text to n display columns, with "…" where it was cut.
+local function fit(text, n)
+  local len = utf8.len(text) or #text
+  if len <= n then return text end
+  if n <= 1 then return "" end
+  local cut = utf8.offset(text, n) or (n + 1)
+  return text:sub(1, cut - 1) .. "…"
+end
+ui.fit = fit
+
+-- Expected seconds left: the remaining services' durations from earlier runs (the event log),
+-- else this run's average so far, spread over the services that can run at once. nil when
+-- nothing is known yet.
+function ui:eta()
+  local p = self.progress
+  if not p or not p.order then return nil end
+  local left, unknown, known_sum, known_n = 0, 0, 0, 0
+  for _, ms in pairs(p.took) do known_sum, known_n = known_sum + ms, known_n + 1 end
+  local avg = known_n > 0 and known_sum / known_n or nil
+  local now = rr.now()
+  for _, name in ipairs(p.order) do
+    if not p.finished[name] then
+      local expect = p.history[name] or avg
+      if not expect then unknown = unknown + 1 else
+        local s = self.inflight[name]
+        local spent = s and (now - s.since) * 1000 or 0
+        left = left + math.max(expect - spent, 0)
+      end
+    end
+  end
+  if unknown > 0 and not avg then return nil end
+  local width = math.max(1, math.min(p.parallel or 1, #p.order - p.done))
+  return left / 1000 / width
+end
+
+function ui:progress_text()
+  local p = self.progress
+  if not p then return "" end
+  local text = ("[%d/%d] %s"):format(p.done, p.total, fmt_duration(rr.now() - p.t0))
+  local eta = self:eta()
+  if eta then text = text .. (", ~%s left"):format(fmt_duration(eta)) end
+  return text
 end
 
 function ui:draw_live()
@@ -49,11 +108,43 @@ function ui:draw_live()
     parts[#parts + 1] = ("%s: %s %.1fs"):format(name, s.step, now - s.since)
   end
   table.sort(parts)
+  local head = self:progress_text()
   local text = #parts > 0 and ("  ▸ " .. table.concat(parts, "  |  ")) or ""
+  if head ~= "" then text = head .. text end
+  -- never wider than the terminal: a wrapped line cannot be cleared with \r
+  text = fit(text, self:columns() - 1)
   self:clear_live()
   self.out:write(text)
   self.out:flush()
   self.width = utf8.len(text) or #text
+end
+
+-- ui.history(events_file) -> { [service] = ms }: each service's last successful flow, from the
+-- end of the event log (a large log is read from its last 4 MiB only).
+function ui.history(path)
+  local out = {}
+  if not path then return out end
+  local f = io.open(path, "r")
+  if not f then return out end
+  local size = f:seek("end") or 0
+  f:seek("set", math.max(0, size - 4 * 1024 * 1024))
+  local text = f:read("a") or ""
+  f:close()
+  for line in text:gmatch("[^\n]+") do
+    if line:find('"SERVICE_RESTART_SUCCESS"', 1, true) then
+      local service = line:match('"service"%s*:%s*"([^"]+)"')
+      local ms = tonumber(line:match('"duration_ms"%s*:%s*(%d+)'))
+      if service and ms then out[service] = ms end
+    end
+  end
+  return out
+end
+
+-- ui:begin{ order = {names}, parallel = n, history = {service = ms} }: what the progress counts.
+function ui:begin(info)
+  local order = info.order or {}
+  self.progress = { order = order, total = #order, done = 0, finished = {}, took = {},
+    parallel = info.parallel, history = info.history or {}, t0 = rr.now() }
 end
 
 function ui:line(text)
@@ -165,12 +256,24 @@ local SHOW = {
 
 -- view(ev): the events.open view callback.
 function ui:event(ev)
-  if ev.event == "SERVICE_RESTART_SUCCESS" or ev.event == "SERVICE_RESTART_FAILED" or ev.event == "SERVICE_SKIPPED" then
+  local ended = ev.event == "SERVICE_RESTART_SUCCESS" or ev.event == "SERVICE_RESTART_FAILED"
+    or ev.event == "SERVICE_SKIPPED"
+  local p = self.progress
+  if ended then
     self.inflight[ev.service] = nil
+    if p and not p.finished[ev.service] then
+      p.finished[ev.service] = true
+      p.done = p.done + 1
+      if ev.event == "SERVICE_RESTART_SUCCESS" then p.took[ev.service] = ev.duration_ms end
+    end
   end
   local show = SHOW[ev.event]
   if show then
-    self:line(show(ev))
+    local text = show(ev)
+    if ended and p and p.total > 0 and ev.event ~= "SERVICE_SKIPPED" then
+      text = ("%s  [%d/%d]"):format(text, p.done, p.total)
+    end
+    self:line(text)
   end
 end
 
