@@ -8,6 +8,10 @@
 -- Direction: `a.depends = { "b" }` means b must be restarted (and healthy)
 -- before a. A printed cycle follows that direction: "a -> b -> a" reads
 -- "a depends on b, which depends on a".
+--
+-- Cost: every function here is O(N + E) or O((N + E) log N) in the number of
+-- services and dependencies (a platform may be generated with thousands of
+-- services), and so is a whole run of a scheduler (see dag.scheduler).
 
 local suggest = require("rr.suggest")
 
@@ -55,6 +59,20 @@ local function dependency_indexes(services, index_of)
   return deps
 end
 
+-- The reverse edges: for each index, the indexes that depend on it directly,
+-- in declaration order.
+local function dependents_lists(count, deps)
+  local dependents_of = {}
+  for i = 1, count do dependents_of[i] = {} end
+  for i = 1, count do
+    for _, j in ipairs(deps[i]) do
+      local list = dependents_of[j]
+      list[#list + 1] = i
+    end
+  end
+  return dependents_of
+end
+
 -- The first structural problem that makes ordering impossible, or nil.
 local function structural_error(services, index_of)
   for i, svc in ipairs(services) do
@@ -72,37 +90,121 @@ local function structural_error(services, index_of)
   return nil
 end
 
--- Strongly connected components (Tarjan), each as a list of indexes.
-local function strongly_connected(count, deps)
-  local next_number, number, low = 0, {}, {}
-  local stack, on_stack, components = {}, {}, {}
+-- A binary min-heap of integers in a plain array.
+local function heap_push(heap, x)
+  local k = #heap + 1
+  while k > 1 do
+    local parent = k // 2
+    if heap[parent] <= x then break end
+    heap[k] = heap[parent]
+    k = parent
+  end
+  heap[k] = x
+end
 
-  local function visit(v)
-    next_number = next_number + 1
-    number[v], low[v] = next_number, next_number
-    stack[#stack + 1] = v
-    on_stack[v] = true
-    for _, w in ipairs(deps[v]) do
-      if number[w] == nil then
-        visit(w)
-        if low[w] < low[v] then low[v] = low[w] end
-      elseif on_stack[w] and number[w] < low[v] then
-        low[v] = number[w]
+local function heap_pop(heap)
+  local n = #heap
+  local top, last = heap[1], heap[n]
+  heap[n] = nil
+  n = n - 1
+  if n > 0 then
+    local k = 1
+    while true do
+      local child = 2 * k
+      if child > n then break end
+      if child < n and heap[child + 1] < heap[child] then child = child + 1 end
+      if last <= heap[child] then break end
+      heap[k] = heap[child]
+      k = child
+    end
+    heap[k] = last
+  end
+  return top
+end
+
+-- Kahn's algorithm over every service: a list of indexes, dependencies first.
+-- With `by_declaration`, the ready service declared first always goes next (a
+-- heap); without, any topological order (a queue). Shorter than the count when
+-- there is a cycle.
+local function topological(count, deps, dependents_of, by_declaration)
+  local remaining, ready, head = {}, {}, 1
+  for i = 1, count do
+    remaining[i] = #deps[i]
+    if remaining[i] == 0 then ready[#ready + 1] = i end -- increasing: already a heap
+  end
+  local order = {}
+  while true do
+    local i
+    if by_declaration then
+      if #ready == 0 then break end
+      i = heap_pop(ready)
+    else
+      i = ready[head]
+      if i == nil then break end
+      head = head + 1
+    end
+    order[#order + 1] = i
+    for _, d in ipairs(dependents_of[i]) do
+      remaining[d] = remaining[d] - 1
+      if remaining[d] == 0 then
+        if by_declaration then heap_push(ready, d) else ready[#ready + 1] = d end
       end
     end
-    if low[v] == number[v] then
-      local component = {}
-      repeat
-        local w = table.remove(stack)
-        on_stack[w] = nil
-        component[#component + 1] = w
-      until w == v
-      components[#components + 1] = component
-    end
+  end
+  return order
+end
+
+-- Strongly connected components (Tarjan), each as a list of indexes. The
+-- depth-first walk keeps its own stack: a chain of 100,000 services must not
+-- overflow Lua's.
+local function strongly_connected(count, deps)
+  local counter, number, low = 0, {}, {}
+  local stack, on_stack, components = {}, {}, {}
+  local walk_vertex, walk_edge = {}, {} -- the walk: a vertex and its next dependency
+
+  local function enter(v, depth)
+    counter = counter + 1
+    number[v], low[v] = counter, counter
+    stack[#stack + 1] = v
+    on_stack[v] = true
+    walk_vertex[depth], walk_edge[depth] = v, 1
   end
 
-  for v = 1, count do
-    if number[v] == nil then visit(v) end
+  for root = 1, count do
+    if number[root] == nil then
+      local depth = 1
+      enter(root, depth)
+      while depth > 0 do
+        local v = walk_vertex[depth]
+        local k = walk_edge[depth]
+        local w = deps[v][k]
+        if w ~= nil then
+          walk_edge[depth] = k + 1
+          if number[w] == nil then
+            depth = depth + 1
+            enter(w, depth)
+          elseif on_stack[w] and number[w] < low[v] then
+            low[v] = number[w]
+          end
+        else
+          if low[v] == number[v] then
+            local component = {}
+            repeat
+              local w2 = stack[#stack]
+              stack[#stack] = nil
+              on_stack[w2] = nil
+              component[#component + 1] = w2
+            until w2 == v
+            components[#components + 1] = component
+          end
+          depth = depth - 1
+          if depth > 0 then
+            local parent = walk_vertex[depth]
+            if low[v] < low[parent] then low[parent] = low[v] end
+          end
+        end
+      end
+    end
   end
   return components
 end
@@ -117,12 +219,14 @@ local function cycle_through(start, members, deps)
     head = head + 1
     for _, w in ipairs(deps[v]) do
       if w == start then
-        local path = { start }
+        local back = {} -- v, its parent, ..., the first step after start
         local u = v
         while u ~= start do
-          table.insert(path, 2, u)
+          back[#back + 1] = u
           u = parent[u]
         end
+        local path = { start }
+        for k = #back, 1, -1 do path[#path + 1] = back[k] end
         path[#path + 1] = start
         return path
       end
@@ -146,16 +250,24 @@ function dag.find_cycles(services)
   local deps = dependency_indexes(services, index_of)
   local cycles = {}
   for _, component in ipairs(strongly_connected(#services, deps)) do
-    local start, members = math.huge, {}
-    for _, v in ipairs(component) do
-      members[v] = true
-      if v < start then start = v end
+    local path
+    if #component > 1 then
+      local start, members = math.huge, {}
+      for _, v in ipairs(component) do
+        members[v] = true
+        if v < start then start = v end
+      end
+      path = cycle_through(start, members, deps)
+    else
+      local v = component[1]
+      for _, w in ipairs(deps[v]) do
+        if w == v then path = { v, v } end
+      end
     end
-    local path = cycle_through(start, members, deps)
     if path then
       local names = {}
       for k, v in ipairs(path) do names[k] = services[v].name end
-      cycles[#cycles + 1] = { first = start, names = names }
+      cycles[#cycles + 1] = { first = path[1], names = names }
     end
   end
   table.sort(cycles, function(a, b) return a.first < b.first end)
@@ -202,6 +314,36 @@ local function selection_set(services, index_of, selected, level)
   return set
 end
 
+-- Everything ordering and scheduling need, computed once: the graph, the order
+-- of every service (`order`, indexes) and of the selected ones (`ordered`,
+-- service tables; `position[i]` is i's place in it), or nil, err (unknown
+-- selected name, unknown dependency, duplicate name, dependency cycle).
+local function prepare(services, selected, level)
+  local index_of = index_names(services)
+  local problem = structural_error(services, index_of)
+  if problem then return nil, problem end
+  local wanted, err = selection_set(services, index_of, selected, level + 1)
+  if err then return nil, err end
+  local count = #services
+  local deps = dependency_indexes(services, index_of)
+  local dependents_of = dependents_lists(count, deps)
+  local order = topological(count, deps, dependents_of, true)
+  if #order < count then
+    return nil, "dependency cycle: " .. dag.format_cycle(dag.find_cycle(services))
+  end
+  local ordered, position = {}, {}
+  for _, i in ipairs(order) do
+    if wanted == nil or wanted[i] then
+      ordered[#ordered + 1] = services[i]
+      position[i] = #ordered
+    end
+  end
+  return {
+    services = services, index_of = index_of, deps = deps, dependents_of = dependents_of,
+    order = order, wanted = wanted, ordered = ordered, position = position,
+  }
+end
+
 -- The restart order: dependencies first, ties broken by declaration order
 -- (Kahn's algorithm that always takes the ready service declared first).
 -- With `selected` (a list of names), only those services, in the same relative
@@ -211,53 +353,9 @@ end
 -- unknown dependency, duplicate name, dependency cycle).
 function dag.order(services, selected)
   check_services(services, 2)
-  local index_of = index_names(services)
-  local problem = structural_error(services, index_of)
-  if problem then return nil, problem end
-  local wanted, err = selection_set(services, index_of, selected, 2)
-  if err then return nil, err end
-
-  local deps = dependency_indexes(services, index_of)
-  local remaining, dependents_of = {}, {}
-  for i = 1, #services do dependents_of[i] = {} end
-  for i = 1, #services do
-    remaining[i] = #deps[i]
-    for _, j in ipairs(deps[i]) do
-      local list = dependents_of[j]
-      list[#list + 1] = i
-    end
-  end
-
-  -- `ready` stays sorted by index; n is at most a few hundred, so a sorted
-  -- insert is simpler than a heap and fast enough.
-  local ready = {}
-  local function make_ready(i)
-    local k = #ready + 1
-    while k > 1 and ready[k - 1] > i do
-      ready[k] = ready[k - 1]
-      k = k - 1
-    end
-    ready[k] = i
-  end
-  for i = 1, #services do
-    if remaining[i] == 0 then make_ready(i) end
-  end
-
-  local ordered = {}
-  local placed = 0
-  while #ready > 0 do
-    local i = table.remove(ready, 1)
-    placed = placed + 1
-    if wanted == nil or wanted[i] then ordered[#ordered + 1] = services[i] end
-    for _, d in ipairs(dependents_of[i]) do
-      remaining[d] = remaining[d] - 1
-      if remaining[d] == 0 then make_ready(d) end
-    end
-  end
-  if placed < #services then
-    return nil, "dependency cycle: " .. dag.format_cycle(dag.find_cycle(services))
-  end
-  return ordered
+  local plan, err = prepare(services, selected, 2)
+  if not plan then return nil, err end
+  return plan.ordered
 end
 
 -- Every service that depends on `name`, directly or through others: what
@@ -273,23 +371,16 @@ function dag.dependents(services, name)
   if root == nil then
     return nil, ("unknown service %q%s"):format(name, suggestion(services, name))
   end
-  local deps = dependency_indexes(services, index_of)
-  local reached = { [root] = true }
-  -- Grow the set until no service has a dependency inside it and is not in it;
-  -- declaration order does not matter for a fixed point.
-  local grew = true
-  while grew do
-    grew = false
-    for i = 1, #services do
-      if not reached[i] then
-        for _, j in ipairs(deps[i]) do
-          if reached[j] then
-            reached[i], grew = true, true
-            break
-          end
-        end
+  local dependents_of = dependents_lists(#services, dependency_indexes(services, index_of))
+  local reached, queue, head = { [root] = true }, { root }, 1
+  while queue[head] do
+    for _, d in ipairs(dependents_of[queue[head]]) do
+      if not reached[d] then
+        reached[d] = true
+        queue[#queue + 1] = d
       end
     end
+    head = head + 1
   end
   local names = {}
   for i = 1, #services do
@@ -298,72 +389,148 @@ function dag.dependents(services, name)
   return names
 end
 
--- For each selected service, the selected services it must wait for: its
--- dependencies, looking through unselected services to the selected ones
--- behind them (the same rule as dag.order's selection). Returns a map from
--- index to a list of indexes.
-local function selected_prerequisites(services, deps, wanted)
-  local memo = {}
-  local function ancestors(i)
-    if memo[i] then return memo[i] end
-    local set = {}
-    memo[i] = set -- callers have rejected cycles, so this never loops
-    for _, j in ipairs(deps[i]) do
-      set[j] = true
-      for k in pairs(ancestors(j)) do set[k] = true end
-    end
-    return set
+-- For every service behind a failed one, the failed service that blocks it:
+-- what a runner names when it skips a service ("depends on X, which failed"),
+-- computed for all services at once. `failed` is a list of names (a service
+-- behind several gets the earliest in the list) or a set (name -> true; then
+-- the first declared). A failed service behind another failed one is in the map
+-- too. Dependencies count through every service, whatever was selected.
+-- Returns a map name -> failed name (services not blocked are absent), or
+-- nil, err for an unknown failed name or as dag.order (duplicate name, unknown
+-- dependency, dependency cycle).
+function dag.blocked_by(services, failed)
+  check_services(services, 2)
+  if type(failed) ~= "table" then
+    error("rr.dag: failed must be a list or a set of names, got " .. type(failed), 2)
   end
-  local prerequisites = {}
-  for i = 1, #services do
-    if wanted == nil or wanted[i] then
-      local list = {}
-      for j in pairs(ancestors(i)) do
-        if wanted == nil or wanted[j] then list[#list + 1] = j end
-      end
-      table.sort(list)
-      prerequisites[i] = list
-    end
-  end
-  return prerequisites
-end
-
--- Everything a scheduler needs, computed once: the order and, per selected
--- service, its selected prerequisites.
-local function prepare(services, selected, level)
-  local ordered, err = dag.order(services, selected)
-  if not ordered then return nil, err end
   local index_of = index_names(services)
-  local wanted = selection_set(services, index_of, selected, level + 1)
-  return {
-    services = services,
-    ordered = ordered,
-    index_of = index_of,
-    prerequisites = selected_prerequisites(services, dependency_indexes(services, index_of), wanted),
-  }
-end
-
--- The services of a prepared plan that can start now (see dag.ready).
-local function ready_now(plan, done, started)
-  local ready = {}
-  for _, svc in ipairs(plan.ordered) do
-    if not started[svc.name] and not done[svc.name] then
-      local waiting = false
-      for _, j in ipairs(plan.prerequisites[plan.index_of[svc.name]]) do
-        if not done[plan.services[j].name] then
-          waiting = true
-          break
-        end
+  local problem = structural_error(services, index_of)
+  if problem then return nil, problem end
+  -- rank[i]: lower wins; nil when i did not fail.
+  local rank = {}
+  local function mark(name, value)
+    if type(name) ~= "string" then
+      error("rr.dag: failed must be a list or a set of names, found a " .. type(name), 3)
+    end
+    local i = index_of[name]
+    if i == nil then return nil, ("unknown service %q%s"):format(name, suggestion(services, name)) end
+    if rank[i] == nil then rank[i] = value or i end
+    return true
+  end
+  if failed[1] ~= nil then
+    for k, name in ipairs(failed) do
+      local ok, err = mark(name, k)
+      if not ok then return nil, err end
+    end
+  else
+    for name, flag in pairs(failed) do
+      if flag then
+        local ok, err = mark(name)
+        if not ok then return nil, err end
       end
-      if not waiting then ready[#ready + 1] = svc end
     end
   end
-  return ready
+  local count = #services
+  local deps = dependency_indexes(services, index_of)
+  local order = topological(count, deps, dependents_lists(count, deps), false)
+  if #order < count then
+    return nil, "dependency cycle: " .. dag.format_cycle(dag.find_cycle(services))
+  end
+  -- blocker[i]: the best-ranked failed service strictly behind i. Dependencies
+  -- come first in `order`, so theirs are known when i is reached.
+  local blocker, blocked = {}, {}
+  for _, i in ipairs(order) do
+    local best
+    for _, j in ipairs(deps[i]) do
+      local candidate = blocker[j]
+      if rank[j] and (candidate == nil or rank[j] < rank[candidate]) then candidate = j end
+      if candidate and (best == nil or rank[candidate] < rank[best]) then best = candidate end
+    end
+    if best then
+      blocker[i] = best
+      blocked[services[i].name] = services[best].name
+    end
+  end
+  return blocked
 end
 
 local function check_sets(done, started, level)
   if type(done) ~= "table" or (started ~= nil and type(started) ~= "table") then
     error("rr.dag: done and started must be sets of names (name -> true)", level + 1)
+  end
+end
+
+local function check_limit(limit, level)
+  if limit ~= nil and (math.tointeger(limit) == nil or limit < 0) then
+    error("rr.dag: limit must be an integer >= 0 or nil, got " .. tostring(limit), level + 1)
+  end
+end
+
+-- The running state of a scheduler over a prepared plan. A selected service is
+-- settled once it is done and everything behind it is settled; an unselected one
+-- once everything behind it is (at once, nothing runs it). A selected service
+-- whose dependencies are all settled is open: ready unless it was started.
+-- Settling walks each dependency edge once, so a whole run costs O(N + E)
+-- plus a heap operation per service handed out.
+local function new_state(plan)
+  local services, deps, dependents_of = plan.services, plan.deps, plan.dependents_of
+  local wanted, position, ordered = plan.wanted, plan.position, plan.ordered
+  local remaining = {}  -- per index: dependencies not settled yet
+  local open = {}       -- heap of positions in `ordered`: open, not seen started
+  local running = {}    -- indexes seen started and not yet seen done
+
+  local function settle(i)
+    local pending = { i }
+    while #pending > 0 do
+      local v = pending[#pending]
+      pending[#pending] = nil
+      for _, d in ipairs(dependents_of[v]) do
+        remaining[d] = remaining[d] - 1
+        if remaining[d] == 0 then
+          if wanted == nil or wanted[d] then heap_push(open, position[d]) else pending[#pending + 1] = d end
+        end
+      end
+    end
+  end
+
+  local free = {}
+  for i = 1, #services do
+    remaining[i] = #deps[i]
+    if remaining[i] == 0 then free[#free + 1] = i end
+  end
+  for _, i in ipairs(free) do
+    if wanted == nil or wanted[i] then heap_push(open, position[i]) else settle(i) end
+  end
+
+  -- See dag.scheduler. `done` and `started` only grow between calls (as in a
+  -- run): a service is looked at when it is open and first in restart order (a
+  -- service found started then is watched until it is done), so every one a
+  -- call returns is one dag.ready would return, in the same order.
+  return function(done, started, limit)
+    local still = {}
+    for _, i in ipairs(running) do
+      if done[services[i].name] then settle(i) else still[#still + 1] = i end
+    end
+    running = still
+    local ready, held = {}, {}
+    while #open > 0 and (limit == nil or #ready < limit) do
+      local p = heap_pop(open)
+      local svc = ordered[p]
+      if done[svc.name] then
+        settle(plan.index_of[svc.name]) -- its dependents come later in `ordered`
+      elseif started[svc.name] then
+        running[#running + 1] = plan.index_of[svc.name]
+      else
+        held[#held + 1] = p
+        ready[#ready + 1] = svc
+      end
+    end
+    if #open == 0 then
+      open = held -- increasing, so already a heap: no limit costs no pushes back
+    else
+      for _, p in ipairs(held) do heap_push(open, p) end
+    end
+    return ready
   end
 end
 
@@ -373,29 +540,38 @@ end
 -- `started` (optional) is a set of names already started in any way (in
 -- flight, done, failed, skipped), which are never returned. A service whose
 -- prerequisite failed never becomes ready: the runner skips it (and reports
--- it) through dag.dependents.
+-- it, see dag.blocked_by). A prerequisite is a selected service the service
+-- depends on, directly or through others (selected or not).
 -- Returns a list of service tables in restart order, or nil, err as dag.order.
 function dag.ready(services, selected, done, started)
   check_services(services, 2)
   check_sets(done, started, 2)
   local plan, err = prepare(services, selected, 2)
   if not plan then return nil, err end
-  return ready_now(plan, done, started or done)
+  return new_state(plan)(done, started or done)
 end
 
--- dag.ready with the order computed once, for a runner that asks after every
--- finished service: returns an object with `scheduler:ready(done, started)`
--- (same arguments and result as dag.ready) and `scheduler.ordered` (the
--- dag.order list), or nil, err as dag.order.
+-- dag.ready for a runner that asks after every finished service, with the
+-- order computed once: returns an object with `scheduler.ordered` (the
+-- dag.order list) and `scheduler:ready(done, started[, limit])`: the same
+-- arguments and result as dag.ready, only the first `limit` services (the
+-- runner's free slots) when given. It is incremental, so `done` and `started`
+-- must only grow from one call to the next (as in a run; the same tables or
+-- not). A whole run with a limit costs O((N + E) log N), plus for each call the
+-- services started and not done (in flight, and the failed ones); without a
+-- limit, each call also costs the services it returns. Returns nil, err as
+-- dag.order.
 function dag.scheduler(services, selected)
   check_services(services, 2)
   local plan, err = prepare(services, selected, 2)
   if not plan then return nil, err end
+  local ready = new_state(plan)
   return {
     ordered = plan.ordered,
-    ready = function(_, done, started)
+    ready = function(_, done, started, limit)
       check_sets(done, started, 2)
-      return ready_now(plan, done, started or done)
+      check_limit(limit, 2)
+      return ready(done, started or done, limit)
     end,
   }
 end
@@ -409,15 +585,23 @@ function dag.layers(services, selected)
   check_services(services, 2)
   local plan, err = prepare(services, selected, 2)
   if not plan then return nil, err end
-  local wave_of, layers = {}, {}
-  -- plan.ordered puts every prerequisite before its dependents.
-  for _, svc in ipairs(plan.ordered) do
-    local i = plan.index_of[svc.name]
-    local wave = 1
-    for _, j in ipairs(plan.prerequisites[i]) do
-      if wave_of[j] + 1 > wave then wave = wave_of[j] + 1 end
+  -- behind[i]: the last wave at or behind i (0: no selected service there).
+  -- plan.order puts every dependency before its dependents.
+  local behind, wave_of = {}, {}
+  for _, i in ipairs(plan.order) do
+    local last = 0
+    for _, j in ipairs(plan.deps[i]) do
+      if behind[j] > last then last = behind[j] end
     end
-    wave_of[i] = wave
+    if plan.wanted == nil or plan.wanted[i] then
+      wave_of[i] = last + 1
+      last = last + 1
+    end
+    behind[i] = last
+  end
+  local layers = {}
+  for _, svc in ipairs(plan.ordered) do
+    local wave = wave_of[plan.index_of[svc.name]]
     layers[wave] = layers[wave] or {}
     table.insert(layers[wave], svc)
   end

@@ -107,14 +107,12 @@ local function prepare(opts)
     own_hooks = own }
 end
 
--- Why a service that never started was skipped.
-local function skip_reason(svc, ctx, failed_names)
-  for _, f in ipairs(failed_names) do
-    for _, dependent in ipairs(dag.dependents(ctx.platform.services, f) or {}) do
-      if dependent == svc.name then
-        return ("depends on %s, which failed"):format(f)
-      end
-    end
+-- Why a service that never started was skipped. `blocked` is dag.blocked_by's map of the
+-- failed services (computed once for all: a run may skip thousands).
+local function skip_reason(svc, ctx, blocked)
+  local failed = blocked[svc.name]
+  if failed then
+    return ("depends on %s, which failed"):format(failed)
   end
   if ctx.interrupted then
     return "interrupted before it started"
@@ -379,7 +377,7 @@ function rolling.run(opts)
 
   while true do
     if not ctx.interrupted and not ctx.aborted_by then
-      for _, svc in ipairs(sched:ready(done, started)) do
+      for _, svc in ipairs(sched:ready(done, started, parallel - #inflight)) do
         if #inflight >= parallel then break end
         started[svc.name] = true
         inflight[#inflight + 1] = { svc = svc, task = rr.spawn(flow.run, ctx, svc) }
@@ -416,9 +414,10 @@ function rolling.run(opts)
   end
   stop_ticker()
 
+  local blocked = assert(dag.blocked_by(prep.platform.services, s.failed))
   for _, svc in ipairs(prep.order) do
     if not started[svc.name] then
-      local reason = skip_reason(svc, ctx, s.failed)
+      local reason = skip_reason(svc, ctx, blocked)
       s.skipped[#s.skipped + 1] = svc.name
       stream:emit("SERVICE_SKIPPED", { service = svc.name, unit = svc.unit, reason = reason })
     end

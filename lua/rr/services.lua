@@ -22,6 +22,11 @@
 --     rollbacks of one unit would fight).
 --   * `hooks` is resolved against the services file's directory here; whether
 --     the file exists is checked at run time, not by validation.
+--   * Every number has a range (NUMBER_RULES below), so that whatever validation
+--     accepts, the primitives that receive it (rr.systemd job and wait timeouts,
+--     rr.http's timeout <= 86400 s, rr.proc's timeout, rr.sleep) accept too, and
+--     a typo (1e-9, 1e9, -1, nan) is reported before anything is touched
+--     rather than failing a step, or its rollback, at run time.
 
 local dag = require("rr.dag")
 local suggest = require("rr.suggest")
@@ -43,13 +48,33 @@ local SERVICE_FIELDS = {
 local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
 local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 
--- Optional timeouts in seconds (> 0), per service or in `defaults`. Absent means the flow's
+-- Optional timeouts in seconds, per service or in `defaults`. Absent means the flow's
 -- own default: start/stop wait as long as systemd takes, migrate_timeout bounds migrate and
 -- migrate_rollback (the flow uses 1800 s when absent), deploy_timeout bounds the rsync of a
 -- deploy (1800 s when absent).
 local TIMEOUT_FIELDS = { "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
 local TOP_FIELDS = { "defaults", "services" }
+local HEALTH_KINDS = { "systemd", "none" }
+
+-- The range of every number (inclusive; nan and inf never pass):
+--   * a timeout (the four above, health.timeout): 1 s to 24 h. Below a second a
+--     healthy unit times out, and so does its rollback (the same bound applies to
+--     it); 24 h is rr.http's own maximum, well inside what rr.systemd, rr.proc
+--     and rr.sleep take (< 1e9 s).
+--   * stabilize: 0 (none) to 24 h: beyond that the watch's wait would be
+--     refused by rr.systemd and stabilization skipped.
+--   * health.interval: 10 ms (the fast probe step of rr.health; shorter would
+--     hammer the service) to 24 h, and not longer than health.timeout.
+--   * health.retries: a whole number from 0 to 10000 (more only ever waits for
+--     the deadline).
+local DAY = 86400
+local NUMBER_RULES = {
+  timeout = { min = 1, max = DAY, what = "a number of seconds" },
+  stabilize = { min = 0, max = DAY, what = "a number of seconds" },
+  interval = { min = 0.01, max = DAY, what = "a number of seconds" },
+  retries = { min = 0, max = 10000, what = "an integer", integer = true },
+}
 
 local UNIT_SUFFIXES = { "service", "socket", "target", "timer", "mount", "path" }
 local UNIT_NAME_MAX = 255 -- systemd's UNIT_NAME_MAX
@@ -63,6 +88,14 @@ local function set_of(list)
   for _, v in ipairs(list) do set[v] = true end
   return set
 end
+
+-- Built once: a set per field list (a 10,000-service file checks them 10,000 times).
+local KNOWN = {
+  [SERVICE_FIELDS] = set_of(SERVICE_FIELDS), [HEALTH_FIELDS] = set_of(HEALTH_FIELDS),
+  [DEFAULT_FIELDS] = set_of(DEFAULT_FIELDS), [DEFAULT_HEALTH_FIELDS] = set_of(DEFAULT_HEALTH_FIELDS),
+  [TOP_FIELDS] = set_of(TOP_FIELDS),
+}
+local UNIT_SUFFIX_SET = set_of(UNIT_SUFFIXES)
 
 -- Quotes a string for a one-line message ("%q" would split on a newline).
 local function quote(s)
@@ -84,12 +117,35 @@ local function key_label(key)
   return "[" .. type(key) .. "]"
 end
 
--- " (did you mean "x"?)" for the closest candidate, or "".
--- A typo is at most a third of the word (and one edit in a short word).
-local function hint(word, candidates, prefix)
-  if type(word) ~= "string" then return "" end
-  local best = suggest.closest(word, candidates)
-  return best and (" (did you mean %s?)"):format(quote((prefix or "") .. best)) or ""
+-- Name comparisons one validation may spend on "did you mean" hints. One
+-- comparison costs some 20 us, and an unknown dependency is compared with every
+-- name: in a 10,000-service file with hundreds of unknown names, hints would
+-- take minutes. Within the budget every hint is given (a hundred-service file
+-- gets some 200); past it the rest of the file is reported without hints.
+local HINT_BUDGET = 20000
+
+-- A hinter for one validation run: hint(word, candidates, prefix) gives
+-- " (did you mean "x"?)" for the closest candidate, or "". A typo is at most a
+-- third of the word (and one edit in a short word). A word already looked up
+-- in the same list costs nothing.
+local function new_hinter()
+  local budget, memo = HINT_BUDGET, {}
+  return function(word, candidates, prefix)
+    if type(word) ~= "string" then return "" end
+    local seen = memo[candidates]
+    if seen == nil then
+      seen = {}
+      memo[candidates] = seen
+    end
+    local best = seen[word]
+    if best == nil then
+      if budget < #candidates then return "" end
+      budget = budget - #candidates
+      best = suggest.closest(word, candidates) or false
+      seen[word] = best
+    end
+    return best and (" (did you mean %s?)"):format(quote((prefix or "") .. best)) or ""
+  end
 end
 
 -- Keys of a table in a fixed order (known fields first, in their order, then
@@ -152,7 +208,7 @@ local function unit_name_problem(unit)
     return ("is longer than %d characters"):format(UNIT_NAME_MAX)
   end
   local stem, suffix = unit:match("^(.*)%.([^.]*)$")
-  if stem == nil or not set_of(UNIT_SUFFIXES)[suffix] then
+  if stem == nil or not UNIT_SUFFIX_SET[suffix] then
     return "must end in ." .. table.concat(UNIT_SUFFIXES, ", .")
   end
   local prefix, instance = stem:match("^([^@]*)@(.*)$")
@@ -203,7 +259,7 @@ end
 
 -- One validation run: collects problems with the file's name in front.
 local function new_report(source_name)
-  local report = { problems = {} }
+  local report = { problems = {}, hint = new_hinter() }
   function report.add(where, message)
     local prefix = source_name .. ": "
     if where then prefix = prefix .. where .. ": " end
@@ -219,27 +275,44 @@ local function check_type(report, where, field, value, expected)
   return false
 end
 
--- A number that must be > 0 (or >= 0 with allow_zero). Returns it or nil.
-local function check_positive(report, where, field, value, allow_zero)
-  if not check_type(report, where, field, value, "number") then return nil end
-  local ok = is_finite(value) and (value > 0 or (allow_zero and value == 0))
-  if not ok then
-    report.add(where, ("field %s must be a number %s 0, got %s"):format(
-      quote(field), allow_zero and ">=" or ">", tostring(value)))
-    return nil
-  end
-  return value
+-- A number for a message, as written in a file: 1e-09, 1000000000, 2.5, and
+-- "nan" whatever the C library prints for it.
+local function show_number(x)
+  if x ~= x then return "nan" end
+  if math.type(x) == "float" then return ("%.14g"):format(x) end
+  return tostring(x)
 end
 
--- A count: integer >= 0. Returns it as an integer or nil.
-local function check_count(report, where, field, value)
+-- A number within NUMBER_RULES[kind] (an integer for an integer rule). Returns
+-- it (as an integer for an integer rule) or nil, the problem reported.
+local function check_number(report, where, field, value, kind)
   if not check_type(report, where, field, value, "number") then return nil end
-  local integer = math.tointeger(value)
-  if integer == nil or integer < 0 then
-    report.add(where, ("field %s must be an integer >= 0, got %s"):format(quote(field), tostring(value)))
+  local rule = NUMBER_RULES[kind]
+  local number = value
+  if rule.integer then number = math.tointeger(value) end
+  if number == nil or not is_finite(number) or number < rule.min or number > rule.max then
+    report.add(where, ("field %s must be %s from %s to %s%s, got %s"):format(quote(field), rule.what,
+      show_number(rule.min), show_number(rule.max), rule.max == DAY and " (24 h)" or "", show_number(value)))
     return nil
   end
-  return integer
+  return number
+end
+
+-- Reports a health interval longer than the timeout it probes within. Each
+-- value comes with where it was set (nil: in this table), and the message names
+-- the field set here: the interval, unless only the timeout was.
+local function check_interval_fits(report, where, interval, interval_from, timeout, timeout_from)
+  if interval == nil or timeout == nil or interval <= timeout then return end
+  local function shown(value, from)
+    return from and ("%s, %s"):format(show_number(value), from) or show_number(value)
+  end
+  if interval_from ~= nil and timeout_from == nil then
+    report.add(where, ("field \"health.timeout\" must not be shorter than \"health.interval\" (%s), got %s"):format(
+      shown(interval, interval_from), show_number(timeout)))
+  else
+    report.add(where, ("field \"health.interval\" must not be longer than \"health.timeout\" (%s), got %s"):format(
+      shown(timeout, timeout_from), show_number(interval)))
+  end
 end
 
 -- An absolute path. Returns it or nil.
@@ -295,9 +368,9 @@ end
 
 -- Reports the keys of `tbl` not in `known` (a list), with a hint.
 local function check_unknown_fields(report, where, tbl, known, prefix)
-  for _, key in ipairs(sorted_unknown_keys(tbl, set_of(known))) do
+  for _, key in ipairs(sorted_unknown_keys(tbl, KNOWN[known] or set_of(known))) do
     local label = type(key) == "string" and quote((prefix or "") .. key) or key_label(key)
-    report.add(where, ("field %s is unknown%s"):format(label, hint(key, known, prefix)))
+    report.add(where, ("field %s is unknown%s"):format(label, report.hint(key, known, prefix)))
   end
 end
 
@@ -321,24 +394,31 @@ local function check_defaults(report, value)
   local health = value.health
   if health ~= nil and check_type(report, where, "health", health, "table") then
     check_unknown_fields(report, where, health, DEFAULT_HEALTH_FIELDS, "health.")
+    -- A rejected value leaves the built-in one (the file is refused anyway).
+    local timeout, interval
     if health.timeout ~= nil then
-      defaults.health.timeout = check_positive(report, where, "health.timeout", health.timeout)
-        or defaults.health.timeout
+      timeout = check_number(report, where, "health.timeout", health.timeout, "timeout")
     end
     if health.retries ~= nil then
-      defaults.health.retries = check_count(report, where, "health.retries", health.retries)
+      defaults.health.retries = check_number(report, where, "health.retries", health.retries, "retries")
         or defaults.health.retries
     end
     if health.interval ~= nil then
-      defaults.health.interval = check_positive(report, where, "health.interval", health.interval)
-        or defaults.health.interval
+      interval = check_number(report, where, "health.interval", health.interval, "interval")
     end
+    -- Compared when every value given passed; one not given is the built-in one.
+    if (timeout or interval) and (timeout or health.timeout == nil) and (interval or health.interval == nil) then
+      check_interval_fits(report, where, interval or defaults.health.interval, not interval and "built in" or nil,
+        timeout or defaults.health.timeout, not timeout and "built in" or nil)
+    end
+    defaults.health.timeout = timeout or defaults.health.timeout
+    defaults.health.interval = interval or defaults.health.interval
   end
   if value.stabilize ~= nil then
-    defaults.stabilize = check_positive(report, where, "stabilize", value.stabilize, true) or defaults.stabilize
+    defaults.stabilize = check_number(report, where, "stabilize", value.stabilize, "stabilize") or defaults.stabilize
   end
   for _, field in ipairs(TIMEOUT_FIELDS) do
-    if value[field] ~= nil then defaults[field] = check_positive(report, where, field, value[field]) end
+    if value[field] ~= nil then defaults[field] = check_number(report, where, field, value[field], "timeout") end
   end
   return defaults
 end
@@ -358,7 +438,7 @@ local function check_health(report, where, value, defaults)
       return health
     end
     report.add(where, ("field \"health\" must be \"systemd\", \"none\" or a table { url = ... }, got %s%s"):format(
-      quote(value), hint(value, { "systemd", "none" })))
+      quote(value), report.hint(value, HEALTH_KINDS)))
     return nil
   end
   if type(value) ~= "table" then
@@ -384,13 +464,18 @@ local function check_health(report, where, value, defaults)
   else
     ok = false
   end
-  local function merge(field, checked)
-    if value[field] == nil then return end
-    if checked == nil then ok = false else health[field] = checked end
+  local rejected = {}
+  for _, field in ipairs(DEFAULT_HEALTH_FIELDS) do
+    if value[field] ~= nil then
+      local checked = check_number(report, where, "health." .. field, value[field], field)
+      if checked == nil then ok, rejected[field] = false, true else health[field] = checked end
+    end
   end
-  merge("timeout", value.timeout ~= nil and check_positive(report, where, "health.timeout", value.timeout) or nil)
-  merge("retries", value.retries ~= nil and check_count(report, where, "health.retries", value.retries) or nil)
-  merge("interval", value.interval ~= nil and check_positive(report, where, "health.interval", value.interval) or nil)
+  -- Both from defaults: compared there, once. A rejected value: reported already.
+  if (value.timeout ~= nil or value.interval ~= nil) and not rejected.timeout and not rejected.interval then
+    check_interval_fits(report, where, health.interval, value.interval == nil and "from defaults" or nil,
+      health.timeout, value.timeout == nil and "from defaults" or nil)
+  end
   if value.expect_body ~= nil then
     if check_type(report, where, "health.expect_body", value.expect_body, "string") then
       health.expect_body = value.expect_body
@@ -474,7 +559,7 @@ local function check_service(report, i, entry, ctx)
         elseif dep == entry.name then
           report.add(where, "field \"depends\" names the service itself")
         elseif ctx.first_index_of[dep] == nil then
-          report.add(where, ("field \"depends\" names unknown service %s%s"):format(quote(dep), hint(dep, ctx.names)))
+          report.add(where, ("field \"depends\" names unknown service %s%s"):format(quote(dep), report.hint(dep, ctx.names)))
         end
         seen[dep] = true
       end
@@ -486,7 +571,7 @@ local function check_service(report, i, entry, ctx)
 
   svc.stabilize = ctx.defaults.stabilize
   if entry.stabilize ~= nil then
-    svc.stabilize = check_positive(report, where, "stabilize", entry.stabilize, true)
+    svc.stabilize = check_number(report, where, "stabilize", entry.stabilize, "stabilize")
   end
 
   if entry.working_dir ~= nil then
@@ -519,7 +604,7 @@ local function check_service(report, i, entry, ctx)
 
   for _, field in ipairs(TIMEOUT_FIELDS) do
     svc[field] = ctx.defaults[field]
-    if entry[field] ~= nil then svc[field] = check_positive(report, where, field, entry[field]) end
+    if entry[field] ~= nil then svc[field] = check_number(report, where, field, entry[field], "timeout") end
   end
 
   if #report.problems > before then return nil end

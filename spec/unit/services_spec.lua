@@ -172,7 +172,7 @@ describe("rr.services", function()
       local platform, problems = services.load(path)
       assert.is_nil(platform)
       assert.same({
-        path .. ': defaults: field "health.timeout" must be a number > 0, got 0',
+        path .. ': defaults: field "health.timeout" must be a number of seconds from 1 to 86400 (24 h), got 0',
         path .. ': service "a": field "helth" is unknown (did you mean "health"?)',
         path .. ': service "b": field "unit" is not a valid systemd unit name: "b.servic" must end in '
           .. '.service, .socket, .target, .timer, .mount, .path',
@@ -350,15 +350,15 @@ describe("rr.services", function()
 
       it("checks the ranges of timeout, retries and interval", function()
         assert.same({
-          'services.lua: service "sso.api": field "health.timeout" must be a number > 0, got 0',
-          'services.lua: service "sso.api": field "health.retries" must be an integer >= 0, got 1.5',
-          'services.lua: service "sso.api": field "health.interval" must be a number > 0, got -1',
+          'services.lua: service "sso.api": field "health.timeout" must be a number of seconds from 1 to 86400 (24 h), got 0',
+          'services.lua: service "sso.api": field "health.retries" must be an integer from 0 to 10000, got 1.5',
+          'services.lua: service "sso.api": field "health.interval" must be a number of seconds from 0.01 to 86400 (24 h), got -1',
           'services.lua: service "sso.api": field "health.expect_body" must be a string, got number 200',
         }, problems_of(one({ health = { url = "http://h/", timeout = 0, retries = 1.5, interval = -1,
                                          expect_body = 200 } })))
-        assert.same({ 'services.lua: service "sso.api": field "health.timeout" must be a number > 0, got inf' },
+        assert.same({ 'services.lua: service "sso.api": field "health.timeout" must be a number of seconds from 1 to 86400 (24 h), got inf' },
           problems_of(one({ health = { url = "http://h/", timeout = math.huge } })))
-        assert.same({ 'services.lua: service "sso.api": field "health.retries" must be an integer >= 0, got -1' },
+        assert.same({ 'services.lua: service "sso.api": field "health.retries" must be an integer from 0 to 10000, got -1' },
           problems_of(one({ health = { url = "http://h/", retries = -1 } })))
         assert.same({ 'services.lua: service "sso.api": field "health.timeout" must be a number, got string "30s"' },
           problems_of(one({ health = { url = "http://h/", timeout = "30s" } })))
@@ -367,8 +367,8 @@ describe("rr.services", function()
 
     it("checks stabilize and the job timeouts", function()
       assert.same({
-        'services.lua: service "sso.api": field "stabilize" must be a number >= 0, got -2',
-        'services.lua: service "sso.api": field "start_timeout" must be a number > 0, got 0',
+        'services.lua: service "sso.api": field "stabilize" must be a number of seconds from 0 to 86400 (24 h), got -2',
+        'services.lua: service "sso.api": field "start_timeout" must be a number of seconds from 1 to 86400 (24 h), got 0',
         'services.lua: service "sso.api": field "stop_timeout" must be a number, got string "5"',
       }, problems_of(one({ stabilize = -2, start_timeout = 0, stop_timeout = "5" })))
       assert.is_truthy(services.validate(one({ stabilize = 0 })))
@@ -397,19 +397,147 @@ describe("rr.services", function()
 
     it("checks the ranges of migrate_timeout and deploy_timeout", function()
       assert.same({
-        'services.lua: service "sso.api": field "migrate_timeout" must be a number > 0, got 0',
+        'services.lua: service "sso.api": field "migrate_timeout" must be a number of seconds from 1 to 86400 (24 h), got 0',
         'services.lua: service "sso.api": field "deploy_timeout" must be a number, got string "60"',
       }, problems_of(one({ migrate_timeout = 0, deploy_timeout = "60" })))
       assert.same({
-        'services.lua: service "sso.api": field "migrate_timeout" must be a number > 0, got -1',
-        'services.lua: service "sso.api": field "deploy_timeout" must be a number > 0, got inf',
+        'services.lua: service "sso.api": field "migrate_timeout" must be a number of seconds from 1 to 86400 (24 h), got -1',
+        'services.lua: service "sso.api": field "deploy_timeout" must be a number of seconds from 1 to 86400 (24 h), got inf',
       }, problems_of(one({ migrate_timeout = -1, deploy_timeout = math.huge })))
       assert.same({
-        'services.lua: defaults: field "migrate_timeout" must be a number > 0, got -5',
+        'services.lua: defaults: field "migrate_timeout" must be a number of seconds from 1 to 86400 (24 h), got -5',
         'services.lua: defaults: field "deploy_timeout" must be a number, got boolean true',
       }, problems_of({ defaults = { migrate_timeout = -5, deploy_timeout = true }, services = {} }))
       assert.same({ 'services.lua: service "sso.api": field "migrate_timout" is unknown (did you mean "migrate_timeout"?)' },
         problems_of(one({ migrate_timout = 10 })))
+    end)
+
+    describe("number ranges", function()
+      -- What a fault injector tried: each was accepted, then failed (or was skipped) at run time.
+      local SECONDS = "must be a number of seconds from 1 to 86400 (24 h), got "
+
+      it("rejects timeouts below a second or above 24 h, nan and inf, naming the service and the field", function()
+        assert.same({
+          'services.lua: service "sso.api": field "health.timeout" ' .. SECONDS .. "1000000000",
+          'services.lua: service "sso.api": field "start_timeout" ' .. SECONDS .. "1e-09",
+          'services.lua: service "sso.api": field "stop_timeout" ' .. SECONDS .. "0.5",
+          'services.lua: service "sso.api": field "migrate_timeout" ' .. SECONDS .. "1000000000",
+          'services.lua: service "sso.api": field "deploy_timeout" ' .. SECONDS .. "nan",
+        }, problems_of(one({ health = { url = "http://h/", timeout = 1e9 }, start_timeout = 1e-9,
+          stop_timeout = 0.5, migrate_timeout = 1e9, deploy_timeout = 0 / 0 })))
+        assert.same({
+          'services.lua: service "sso.api": field "start_timeout" ' .. SECONDS .. "86401",
+          'services.lua: service "sso.api": field "stop_timeout" ' .. SECONDS .. "-inf",
+        }, problems_of(one({ start_timeout = 86401, stop_timeout = -math.huge })))
+      end)
+
+      it("rejects a stabilization longer than 24 h, and nan", function()
+        assert.same({ 'services.lua: service "sso.api": field "stabilize" must be a number of seconds '
+          .. 'from 0 to 86400 (24 h), got 1000000000' }, problems_of(one({ stabilize = 1e9 })))
+        assert.same({ 'services.lua: service "sso.api": field "stabilize" must be a number of seconds '
+          .. 'from 0 to 86400 (24 h), got nan' }, problems_of(one({ stabilize = 0 / 0 })))
+      end)
+
+      it("rejects an interval below 10 ms, and retries that are not a whole number up to 10000", function()
+        assert.same({
+          'services.lua: service "sso.api": field "health.retries" must be an integer from 0 to 10000, got 10001',
+          'services.lua: service "sso.api": field "health.interval" must be a number of seconds '
+            .. 'from 0.01 to 86400 (24 h), got 1e-09',
+        }, problems_of(one({ health = { url = "http://h/", retries = 10001, interval = 1e-9 } })))
+        assert.same({
+          'services.lua: service "sso.api": field "health.retries" must be an integer from 0 to 10000, got nan',
+        }, problems_of(one({ health = { url = "http://h/", retries = 0 / 0 } })))
+        assert.same({
+          'services.lua: service "sso.api": field "health.retries" must be an integer from 0 to 10000, got 1e+300',
+        }, problems_of(one({ health = { url = "http://h/", retries = 1e300 } })))
+      end)
+
+      it("checks every number of defaults the same way", function()
+        assert.same({
+          'services.lua: defaults: field "health.timeout" ' .. SECONDS .. "1e-09",
+          'services.lua: defaults: field "health.retries" must be an integer from 0 to 10000, got -1',
+          'services.lua: defaults: field "health.interval" must be a number of seconds from 0.01 to 86400 (24 h), '
+            .. 'got inf',
+          'services.lua: defaults: field "stabilize" must be a number of seconds from 0 to 86400 (24 h), got 1000000000',
+          'services.lua: defaults: field "start_timeout" ' .. SECONDS .. "0.001",
+          'services.lua: defaults: field "stop_timeout" ' .. SECONDS .. "1000000000",
+          'services.lua: defaults: field "migrate_timeout" ' .. SECONDS .. "nan",
+          'services.lua: defaults: field "deploy_timeout" ' .. SECONDS .. "86400.5",
+        }, problems_of({ defaults = { health = { timeout = 1e-9, retries = -1, interval = math.huge },
+          stabilize = 1e9, start_timeout = 0.001, stop_timeout = 1e9, migrate_timeout = 0 / 0,
+          deploy_timeout = 86400.5 }, services = {} }))
+      end)
+
+      it("accepts every bound", function()
+        local platform = assert(services.validate({
+          defaults = { health = { timeout = 86400, retries = 10000, interval = 0.01 }, stabilize = 86400,
+            start_timeout = 1, stop_timeout = 86400, migrate_timeout = 1, deploy_timeout = 86400 },
+          services = {
+            { name = "a", unit = "a.service" },
+            { name = "b", unit = "b.service", stabilize = 0, start_timeout = 86400, stop_timeout = 1,
+              health = { url = "http://h/", timeout = 1, retries = 0, interval = 1 } },
+          },
+        }, "services.lua"))
+        assert.same({ kind = "systemd", timeout = 86400, retries = 10000, interval = 0.01 },
+          platform.services[1].health)
+        assert.same({ 86400, 1, 86400, 1, 86400 }, { platform.services[1].stabilize, platform.services[1].start_timeout,
+          platform.services[1].stop_timeout, platform.services[1].migrate_timeout, platform.services[1].deploy_timeout })
+        assert.same({ kind = "http", url = "http://h/", timeout = 1, retries = 0, interval = 1 },
+          platform.services[2].health)
+        assert.same({ 0, 86400, 1 }, { platform.services[2].stabilize, platform.services[2].start_timeout,
+          platform.services[2].stop_timeout })
+      end)
+
+      it("rejects an interval longer than the timeout, naming where each came from", function()
+        assert.same({ 'services.lua: service "sso.api": field "health.interval" must not be longer than '
+          .. '"health.timeout" (5), got 10' },
+          problems_of(one({ health = { url = "http://h/", timeout = 5, interval = 10 } })))
+        assert.same({ 'services.lua: service "a": field "health.interval" must not be longer than '
+          .. '"health.timeout" (20, from defaults), got 60' },
+          problems_of({ defaults = { health = { timeout = 20 } },
+            services = { { name = "a", unit = "a.service", health = { url = "http://h/", interval = 60 } } } }))
+        assert.same({ 'services.lua: service "a": field "health.timeout" must not be shorter than '
+          .. '"health.interval" (5, from defaults), got 2' },
+          problems_of({ defaults = { health = { interval = 5 } },
+            services = { { name = "a", unit = "a.service", health = { url = "http://h/", timeout = 2 } } } }))
+        -- in defaults, once, and not again for each service that inherits both
+        assert.same({ 'services.lua: defaults: field "health.interval" must not be longer than '
+          .. '"health.timeout" (30, built in), got 60' },
+          problems_of({ defaults = { health = { interval = 60 } },
+            services = { { name = "a", unit = "a.service" }, { name = "b", unit = "b.service", health = { url = "http://h/" } } } }))
+        -- a value already rejected is not compared again
+        assert.same({ 'services.lua: service "sso.api": field "health.timeout" ' .. SECONDS .. "0.5" },
+          problems_of(one({ health = { url = "http://h/", timeout = 0.5, interval = 0.8 } })))
+      end)
+    end)
+
+    it("bounds the time spent on hints for a file with many unknown dependencies", function()
+      -- 1,000 services, each with its own mistyped dependency: every typo is compared with
+      -- every name, so past a budget the rest are reported without a hint.
+      local list = {}
+      for i = 1, 1000 do
+        list[i] = { name = ("svc-%04d"):format(i), unit = ("svc-%04d.service"):format(i),
+          depends = { ("svc-%04dx"):format(i) } }
+      end
+      local problems = problems_of({ services = list })
+      assert.equal(1000, #problems)
+      assert.equal('services.lua: service "svc-0001": field "depends" names unknown service "svc-0001x" '
+        .. '(did you mean "svc-0001"?)', problems[1])
+      assert.equal('services.lua: service "svc-1000": field "depends" names unknown service "svc-1000x"',
+        problems[1000])
+      local hinted = 0
+      for i, problem in ipairs(problems) do
+        if problem:find("did you mean", 1, true) then
+          assert.equal(i, hinted + 1) -- the hints are the first ones, in report order
+          hinted = i
+        end
+      end
+      assert.is_true(hinted >= 10 and hinted < 1000)
+      -- one typo repeated everywhere is looked up once: every line has its hint
+      for i = 1, 1000 do list[i].depends = { "svc-00001" } end
+      for _, problem in ipairs(problems_of({ services = list })) do
+        assert.matches('names unknown service "svc-00001" (did you mean "svc-0001"?)', problem, 1, true)
+      end
     end)
 
     it("requires absolute paths and resolves hooks against the file's directory", function()
