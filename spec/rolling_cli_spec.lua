@@ -295,3 +295,62 @@ describe("on a terminal", function()
     assert.not_matches("%d%d:%d%d:%d%d%.%d%d%d  a", res.stdout) -- no plain timestamped lines
   end)
 end)
+
+describe("on a terminal, a long run", function()
+  local p
+  setup(function()
+    p = platform.new({
+      { name = "postgresql-primary", http = true, stabilize = 1 },
+      { name = "redis-cache-primary", http = true, stabilize = 1 },
+      { name = "object-storage-minio", http = true, stabilize = 1 },
+      { name = "search-engine-index", http = true, stabilize = 1 },
+    })
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  -- The run through script(1), a real pseudo-terminal of `cols` columns; returns what the
+  -- terminal received.
+  local function run_at(cols)
+    local cmd = ("stty cols %d rows 24; XDG_STATE_HOME=%s %s plans/rolling.lua --user --parallel 4 --services %s --events %s")
+      :format(cols, p.xdg_state, helpers.engine, p.services_file, p.events_file)
+    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    res = res or r
+    assert.is_truthy(res, err)
+    assert.equal(0, res.exit_code, res.stdout)
+    return res.stdout
+  end
+
+  -- Every stretch of text the terminal drew between two carriage returns or newlines, escape
+  -- sequences removed.
+  local function drawn(out)
+    local pieces = {}
+    for piece in (out:gsub("\27%[[%d;]*[A-Za-z]", "")):gmatch("[^\r\n]+") do pieces[#pieces + 1] = piece end
+    return pieces
+  end
+
+  it("at 70 columns: progress, elapsed time, and no line wider than the terminal", function()
+    local out = run_at(70)
+    assert.matches("%[%d/4%] %d+s", out)
+    local live = 0
+    for _, piece in ipairs(drawn(out)) do
+      if piece:match("^%[%d/4%]") then -- the live line (lines printed once may wrap: they are never redrawn)
+        live = live + 1
+        assert.is_true((utf8.len(piece) or #piece) < 70, ("a live line wider than the terminal: %q"):format(piece))
+      end
+    end
+    assert.is_true(live > 0, "no live line drawn")
+    assert.matches("…", out, 1, true) -- four services in flight do not fit: the live line is cut
+    assert.matches("✔ search%-engine%-index%s+restart ok %([^)]+%)  %[%d/4%]", out)
+  end)
+
+  it("at 200 columns: every service in flight on the live line, and an ETA from the earlier run", function()
+    local out = run_at(200)
+    assert.matches("left", out)  -- the previous run's durations give an ETA
+    local whole
+    for _, piece in ipairs(drawn(out)) do
+      if piece:find("postgresql-primary:", 1, true) and piece:find("search-engine-index:", 1, true) then whole = piece end
+    end
+    assert.is_truthy(whole, "no live line showed all four services")
+  end)
+end)

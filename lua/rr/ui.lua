@@ -101,7 +101,8 @@ function ui:progress_text()
 end
 
 function ui:draw_live()
-  if not self.live then return end
+  -- the live line lives only while the run's ticker does: after it, lines are final
+  if not self.live or self.ended then return end
   local parts = {}
   local now = rr.now()
   for name, s in pairs(self.inflight) do
@@ -184,7 +185,7 @@ function ui:start_ticker()
       rr.sleep(0.25)
     end
   end)
-  return function() stop = true; t:cancel(); rr.wait(t); self:clear_live() end
+  return function() stop = true; t:cancel(); rr.wait(t); self.ended = true; self:clear_live() end
 end
 
 local SHOW = {
