@@ -334,3 +334,45 @@ describe("plans/timeline.lua on real runs", function()
     assert.is_truthy(fs.stat(svg_dir .. "/torn.svg"))
   end)
 end)
+
+describe("plans/graph.lua --svg", function()
+  local dir, services
+  setup(function()
+    dir = assert(fs.mkdtemp("/tmp/rr-graph-svg-"))
+    services = helpers.write(dir .. "/services.lua", [[
+      return { services = {
+        { name = "db", unit = "db.service" },
+        { name = "cache", unit = "cache.service" },
+        { name = "api", unit = "api.service", depends = { "db", "cache" } },
+      } }]])
+  end)
+  teardown(function() fs.remove_tree(dir) end)
+
+  local function graph(args, env)
+    local argv = { helpers.engine, "plans/graph.lua", "--services", services }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local res, _, r = proc.run(argv, { timeout = 60, env = env })
+    return res or r
+  end
+
+  it("draws the dependencies with Graphviz's dot: one node per service, one edge per dependency", function()
+    local res = graph({ "--svg" })
+    assert.equal(0, res.exit_code, res.stderr)
+    local out = helpers.write(dir .. "/graph.svg", res.stdout)
+    local ok, _, r = proc.run({ "xmllint", "--noout", out })
+    assert.is_truthy(ok, r and r.stderr)
+    assert.equal("3", xpath(out, "count(//" .. el("g") .. "[@class='node'])"))
+    assert.equal("2", xpath(out, "count(//" .. el("g") .. "[@class='edge'])"))
+    assert.equal("db->api", xpath(out, "string(//" .. el("g") .. "[@class='edge'][1]/" .. el("title") .. ")"):gsub("&gt;", ">"))
+  end)
+
+  it("without dot says what to install and exits 1; --dot with --svg is a usage error", function()
+    local res = graph({ "--svg" }, { PATH = dir .. "/empty-path" })
+    assert.equal(1, res.exit_code)
+    assert.equal("", res.stdout)
+    assert.equal("rrengine: --svg needs Graphviz's dot, which is not installed (apt-get install graphviz)\n", res.stderr)
+    res = graph({ "--svg", "--dot" })
+    assert.equal(2, res.exit_code)
+    assert.equal("rrengine: --dot and --svg: choose one\n", res.stderr)
+  end)
+end)
