@@ -202,3 +202,108 @@ describe("the Debian package and make install", function()
     assert.same(host_before, host_state())
   end)
 end)
+
+-- contrib/systemd/rrengine-restart@.{service,timer}, run by the sandboxed user manager: the
+-- service as shipped, but for its ExecStart (this engine, --user, this platform's files).
+describe("rrengine-restart@.service and .timer", function()
+  local rr = require("rr")
+  local units = require("spec.support.units")
+  local platform = require("spec.support.platform")
+  local p, fifo, unit_dir
+  local service_text = assert(fs.read(root .. "/contrib/systemd/rrengine-restart@.service"))
+  local timer_text = assert(fs.read(root .. "/contrib/systemd/rrengine-restart@.timer"))
+
+  setup(function()
+    p = platform.new({
+      -- its migration tells the spec it runs (a FIFO), then takes a moment
+      { name = "api", http = true, code = true, stabilize = 0 },
+    })
+    fifo = p.dir .. "/migration.fifo"
+    assert(run({ "mkfifo", fifo }).exit_code == 0)
+    p.services[1].migrate = { "/bin/sh", "-c", "echo started > " .. fifo .. "; sleep 1; echo migrated" }
+    helpers.write(p.services_file, "return " .. platform.serialize(p.services_table) .. "\n")
+    p:start()
+    unit_dir = units.dir()
+  end)
+  teardown(function()
+    for _, name in ipairs({ "rrengine-restart@.service", "rrengine-restart@.timer" }) do os.remove(unit_dir .. "/" .. name) end
+    p:teardown()
+  end)
+
+  -- Installs the units with KillMode= as given (nil: as shipped).
+  local function install(kill_mode)
+    local text = service_text:gsub("\nExecStart=[^\n]*", function()
+      return ("\nEnvironment=XDG_STATE_HOME=%s\nExecStart=%s plans/rolling.lua --user --services %s --events %s --service %%I")
+        :format(p.xdg_state, helpers.engine, p.services_file, p.events_file)
+    end)
+    if kill_mode then text = text:gsub("\nKillMode=%S+", "\nKillMode=" .. kill_mode) end
+    helpers.write(unit_dir .. "/rrengine-restart@.service", text)
+    helpers.write(unit_dir .. "/rrengine-restart@.timer", timer_text)
+    assert(platform.manager():daemon_reload())
+  end
+
+  it("pass systemd-analyze verify without a warning", function()
+    local dir = assert(fs.mkdtemp("/tmp/rr-units-"))
+    -- an instance of each, with a binary that exists here
+    helpers.write(dir .. "/rrengine-restart@x.service", (service_text:gsub("/usr/bin/rrengine", helpers.engine)))
+    helpers.write(dir .. "/rrengine-restart@x.timer", timer_text)
+    local res = run({ "systemd-analyze", "verify", "--man=no", dir .. "/rrengine-restart@x.service", dir .. "/rrengine-restart@x.timer" },
+      { env = { SYSTEMD_LOG_LEVEL = "notice" } })
+    -- and the check sees a mistake
+    helpers.write(dir .. "/rrengine-restart@y.service", (service_text:gsub("/usr/bin/rrengine", helpers.engine)
+      :gsub("KillMode=mixed", "KillMode=mixd")))
+    local bad = run({ "systemd-analyze", "verify", "--man=no", dir .. "/rrengine-restart@y.service" },
+      { env = { SYSTEMD_LOG_LEVEL = "notice" } })
+    fs.remove_tree(dir)
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr .. res.stdout)
+    assert.matches("kill mode", bad.stderr)
+  end)
+
+  it("a stop during the run reaches rrengine alone: the migration in flight finishes, the run ends well", function()
+    install()
+    local u = platform.manager():unit("rrengine-restart@api.service")
+    local pid = p:props("api").MainPID
+    local starting = rr.spawn(function() return u:start("replace") end)
+    local said = run({ "timeout", "30", "cat", fifo })
+    assert.equal("started\n", said.stdout, "the run never reached the migration")
+    assert(u:stop("replace")) -- systemd: SIGTERM to the main process (rrengine) only
+    rr.wait(starting)
+    local props = assert(u:properties())
+    assert.equal("inactive", props.ActiveState)
+    assert.equal("success", props.Result)
+    local interrupted = p:last_event("INTERRUPTED")
+    assert.is_truthy(interrupted, "rrengine never saw the SIGTERM")
+    assert.equal("SIGTERM", interrupted.signal)
+    assert.equal(0, math.tointeger(p:last_event("MIGRATION_END", "api").exit_code))
+    assert.is_truthy(p:last_event("SERVICE_RESTART_SUCCESS", "api"))
+    assert.not_equal(pid, p:props("api").MainPID) -- it was restarted
+  end)
+
+  it("(the same stop with KillMode=control-group kills the migration: what mixed is for)", function()
+    install("control-group")
+    os.remove(p.events_file)
+    local u = platform.manager():unit("rrengine-restart@api.service")
+    local starting = rr.spawn(function() return u:start("replace") end)
+    assert.equal("started\n", run({ "timeout", "30", "cat", fifo }).stdout)
+    assert(u:stop("replace"))
+    rr.wait(starting)
+    local ended = p:last_event("MIGRATION_END", "api")
+    assert.is_truthy(ended)
+    assert.is_truthy(ended.error, "the migration was not killed")
+    assert.is_truthy(p:last_event("SERVICE_RESTART_FAILED", "api"))
+  end)
+
+  it("the timer waits for its window and triggers its service", function()
+    install()
+    local t = platform.manager():unit("rrengine-restart@api.timer")
+    assert(t:start("replace"))
+    local res = run({ "systemctl", "--user", "show", "-p", "ActiveState,SubState,Triggers,NextElapseUSecRealtime",
+      "rrengine-restart@api.timer" })
+    assert(t:stop("replace"))
+    assert.matches("ActiveState=active", res.stdout)
+    assert.matches("SubState=waiting", res.stdout)
+    assert.matches("Triggers=rrengine%-restart@api%.service", res.stdout)
+    assert.matches("NextElapseUSecRealtime=Sun %d%d%d%d%-%d%d%-%d%d 03:0%d:%d%d", res.stdout)
+  end)
+end)
