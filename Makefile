@@ -119,7 +119,11 @@ uninstall:
 # so that dpkg-buildpackage leaves nothing in the tree or beside it: build/deb/rrengine_*.deb.
 deb:
 	rm -rf build/deb && mkdir -p build/deb/src
-	git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- --ignore-missing-args ./ build/deb/src/
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- --ignore-missing-args ./ build/deb/src/; \
+	else \
+	  rsync -a --exclude=/build --exclude=/.git --exclude=/rrengine --exclude=/rrengine-asan ./ build/deb/src/; \
+	fi
 	cd build/deb/src && dpkg-buildpackage -b -us -uc
 	@ls build/deb/*.deb
 
