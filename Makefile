@@ -24,7 +24,7 @@ SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev \
                 libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl \
                 scdoc groff-base man-db bash-completion zsh libxml2-utils graphviz \
-                debhelper dpkg-dev fakeroot
+                debhelper dpkg-dev
 
 SRCS    := $(wildcard engine/*.c)
 HDRS    := $(wildcard engine/*.h)
@@ -127,10 +127,10 @@ deb:
 	cd build/deb/src && dpkg-buildpackage -b -us -uc
 	@ls build/deb/*.deb
 
-# Installs the package for real with dpkg in a throwaway copy of this machine (an overlay of
-# /), runs it from another directory, removes it and checks that nothing is left.
-deb-check: deb
-	$(Q)spec/support/sandbox run -- ./rrengine /usr/bin/busted spec/package_spec.lua
+# Builds the package, installs it for real with dpkg in a throwaway copy of this machine (an
+# overlay of /), runs it from another directory, purges it and checks that nothing is left.
+deb-check: all
+	$(Q)spec/support/run-specs ./rrengine spec/package_spec.lua
 
 clean:
 	rm -rf rrengine rrengine-asan build
