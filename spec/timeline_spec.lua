@@ -314,6 +314,7 @@ describe("plans/timeline.lua on real runs", function()
     local torn = helpers.write(svg_dir .. "/torn.jsonl", assert(fs.read(p.events_file)) .. '{"ts":"2026-')
     local cases = {
       { { svg_dir .. "/missing.jsonl" }, "cannot read the events file .*missing%.jsonl: No such file" },
+      { { svg_dir }, "cannot read the events file .*: Is a directory" },
       { { p.events_file, "--run", "nosuchrun" }, 'no run "nosuchrun"' },
       { { p.events_file, "extra.jsonl" }, 'unexpected argument "extra.jsonl"' },
       { { p.events_file, "--width", "12" }, "%-%-width must be an integer from 500" },

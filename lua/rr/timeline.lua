@@ -69,6 +69,12 @@ function timeline.read(path)
     return nil, ("cannot read the events file %s: %s"):format(path, (tostring(err):gsub("^.-: ", ""))), code
   end
   local events, skipped = {}, 0
+  -- a directory opens but does not read: say so instead of raising from the loop
+  local probe, read_err = file:read(0)
+  if probe == nil and read_err then
+    file:close()
+    return nil, ("cannot read the events file %s: %s"):format(path, read_err), "EIO"
+  end
   for line in file:lines() do
     if line:find("%S") then
       local ev = cjson.decode(line)
