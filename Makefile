@@ -4,6 +4,11 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 BINDIR   ?= $(PREFIX)/bin
 DATADIR  ?= $(PREFIX)/share/rrengine
+MANDIR   ?= $(PREFIX)/share/man
+DOCDIR   ?= $(PREFIX)/share/doc/rrengine
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+# zsh looks in vendor-completions for /usr (Debian), in site-functions elsewhere
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/$(if $(filter /usr,$(PREFIX)),vendor-completions,site-functions)
 VERSION  ?= 0.1.0
 PKGS     := lua5.4 libsystemd libcurl readline libcrypto
 CFLAGS   ?= -O2 -g
@@ -17,7 +22,9 @@ SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 
 # Debian packages the project needs (build, run, test).
 DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev diffutils patch \
-                libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl
+                libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl \
+                scdoc groff-base man-db bash-completion zsh libxml2-utils graphviz \
+                debhelper dpkg-dev
 
 SRCS    := $(wildcard engine/*.c)
 HDRS    := $(wildcard engine/*.h)
@@ -25,7 +32,7 @@ SPEC    ?= spec
 V       ?= 0
 Q       := $(if $(filter 1,$(V)),,@)
 
-.PHONY: FORCE all deps check check-asan check-valgrind bench demo install uninstall clean help
+.PHONY: FORCE all deps check check-asan check-valgrind bench demo man install uninstall deb deb-check clean help
 
 all: rrengine build/fixture
 
@@ -72,20 +79,61 @@ bench: all
 demo: deps all
 	$(Q)./demo/run
 
-install: rrengine
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/lua/rr $(DESTDIR)$(DATADIR)/plans $(DESTDIR)$(DATADIR)/hooks
+# Manual pages from their scdoc sources, with this build's paths filled in.
+MANPAGES := build/man/rrengine.1 build/man/rrengine-services.5
+man: $(MANPAGES)
+
+build/man/%: man/%.scd build/datadir.stamp
+	@mkdir -p build/man
+	@echo "  SCDOC   $@"
+	$(Q)sed -e 's|@DATADIR@|$(DATADIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $< | scdoc > $@.tmp && mv $@.tmp $@
+
+# The engine, its library, plans and example hooks (the services example refers to hooks/ beside
+# it), manual pages, shell completion, documentation and the example logrotate and timer files.
+install: rrengine man
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/lua/rr $(DESTDIR)$(DATADIR)/plans $(DESTDIR)$(DATADIR)/hooks \
+	  $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) \
+	  $(DESTDIR)$(DOCDIR)/examples
 	install -m 0755 rrengine $(DESTDIR)$(BINDIR)/rrengine
 	install -m 0644 lua/rr/*.lua $(DESTDIR)$(DATADIR)/lua/rr/
 	install -m 0644 plans/*.lua $(DESTDIR)$(DATADIR)/plans/
 	install -m 0644 hooks/*.lua $(DESTDIR)$(DATADIR)/hooks/
 	install -m 0644 services.lua $(DESTDIR)$(DATADIR)/services.example.lua
+	install -m 0644 build/man/rrengine.1 $(DESTDIR)$(MANDIR)/man1/rrengine.1
+	install -m 0644 build/man/rrengine-services.5 $(DESTDIR)$(MANDIR)/man5/rrengine-services.5
+	install -m 0644 completion/rrengine.bash $(DESTDIR)$(BASHCOMPDIR)/rrengine
+	sed 's|@BASHCOMPDIR@|$(BASHCOMPDIR)|g' completion/_rrengine > $(DESTDIR)$(ZSHCOMPDIR)/_rrengine
+	chmod 0644 $(DESTDIR)$(ZSHCOMPDIR)/_rrengine
+	install -m 0644 README.md docs/scripting.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 contrib/rrengine.logrotate contrib/systemd/rrengine-restart@.timer $(DESTDIR)$(DOCDIR)/examples/
+	sed 's|/usr/bin/rrengine|$(BINDIR)/rrengine|g' contrib/systemd/rrengine-restart@.service \
+	  > $(DESTDIR)$(DOCDIR)/examples/rrengine-restart@.service
+	chmod 0644 $(DESTDIR)$(DOCDIR)/examples/rrengine-restart@.service
 
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/rrengine
-	rm -rf $(DESTDIR)$(DATADIR)
+	rm -f $(DESTDIR)$(BINDIR)/rrengine $(DESTDIR)$(MANDIR)/man1/rrengine.1 $(DESTDIR)$(MANDIR)/man5/rrengine-services.5 \
+	  $(DESTDIR)$(BASHCOMPDIR)/rrengine $(DESTDIR)$(ZSHCOMPDIR)/_rrengine
+	rm -rf $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
+
+# The Debian package, built from a copy of the tree (tracked and new files) in build/deb/src,
+# so that dpkg-buildpackage leaves nothing in the tree or beside it: build/deb/rrengine_*.deb.
+deb:
+	rm -rf build/deb && mkdir -p build/deb/src
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- --ignore-missing-args ./ build/deb/src/; \
+	else \
+	  rsync -a --exclude=/build --exclude=/.git --exclude=/rrengine --exclude=/rrengine-asan ./ build/deb/src/; \
+	fi
+	cd build/deb/src && dpkg-buildpackage -b -us -uc
+	@ls build/deb/*.deb
+
+# Builds the package, installs it for real with dpkg in a throwaway copy of this machine (an
+# overlay of /), runs it from another directory, purges it and checks that nothing is left.
+deb-check: all
+	$(Q)spec/support/run-specs ./rrengine spec/package_spec.lua
 
 clean:
 	rm -rf rrengine rrengine-asan build
 
 help:
-	@echo "make deps | make | make check | make check-asan | make check-valgrind | make bench | make demo | make install [PREFIX=... DESTDIR=...] | make clean"
+	@echo "make deps | make | make check | make check-asan | make check-valgrind | make bench | make demo | make man | make install [PREFIX=... DESTDIR=...] | make uninstall | make deb | make deb-check | make clean"

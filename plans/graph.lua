@@ -1,26 +1,51 @@
--- rrengine plans/graph.lua [--services FILE] [--dot]: the restart order and the dependency
--- waves (what --parallel can run together); --dot prints Graphviz.
+-- rrengine plans/graph.lua [--services FILE] [--dot | --svg]: the restart order and the dependency
+-- waves (what --parallel can run together); --dot prints Graphviz, --svg runs Graphviz's dot.
 local cli = require("rr.cli")
 local dag = require("rr.dag")
 
 local spec = {
   usage = "rrengine plans/graph.lua [options]",
   summary = "The restart order and dependency waves of the services file.",
-  examples = { { "rrengine plans/graph.lua --dot | dot -Tsvg > graph.svg", "draw the dependencies" } },
+  examples = { { "rrengine plans/graph.lua --svg > graph.svg", "draw the dependencies (needs Graphviz's dot)" },
+                { "rrengine plans/graph.lua --dot", "the dependencies as a Graphviz digraph" } },
   options = {
     { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
     { name = "dot", help = "Graphviz output" },
+    { name = "svg", help = "an SVG picture of the dependencies, drawn by Graphviz's dot (package graphviz)" },
     { name = "help", short = "h", help = "show this help" },
   },
 }
-local opts, platform = cli.plan_start({ ... }, spec)
-if opts.dot then
-  print("digraph services {")
+local opts, platform = cli.plan_start({ ... }, spec, {
+  check = function(o)
+    if o.dot and o.svg then return nil, "--dot and --svg: choose one" end
+    return true
+  end,
+})
+
+-- The dependency graph in Graphviz's language; a dependency points at what waits for it.
+local function digraph()
+  local lines = { "digraph services {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", fontname="sans-serif"];' }
   for _, s in ipairs(platform.services) do
-    print(("  %q;"):format(s.name))
-    for _, d in ipairs(s.depends) do print(("  %q -> %q;"):format(d, s.name)) end
+    lines[#lines + 1] = ("  %q [tooltip=%q];"):format(s.name, s.unit)
+    for _, d in ipairs(s.depends) do lines[#lines + 1] = ("  %q -> %q;"):format(d, s.name) end
   end
-  print("}")
+  lines[#lines + 1] = "}"
+  return table.concat(lines, "\n") .. "\n"
+end
+
+if opts.dot then
+  io.write(digraph())
+  os.exit(0)
+end
+if opts.svg then
+  -- dot reads the graph on stdin: no temporary file, no shell.
+  local res, err, r = require("rr.proc").run({ "dot", "-Tsvg" }, { stdin = digraph(), timeout = 60 })
+  if not res then
+    if r == "ENOENT" then err = "--svg needs Graphviz's dot, which is not installed (apt-get install graphviz)" end
+    io.stderr:write("rrengine: ", err, type(r) == "table" and r.stderr ~= "" and (": " .. r.stderr:gsub("%s+$", "")) or "", "\n")
+    os.exit(1)
+  end
+  io.write(res.stdout)
   os.exit(0)
 end
 for i, s in ipairs(assert(dag.order(platform.services))) do
