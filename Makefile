@@ -17,7 +17,8 @@ SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 
 # Debian packages the project needs (build, run, test).
 DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev \
-                libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl
+                libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl \
+                haproxy wrk
 
 SRCS    := $(wildcard engine/*.c)
 HDRS    := $(wildcard engine/*.h)
