@@ -21,6 +21,7 @@ local units = require("spec.support.units")
 local hx = {}
 
 hx.fixture_bin = units.fixture_bin
+hx.root = units.root
 
 -- Spawns argv and waits until one of its output lines matches pattern (within timeout seconds).
 -- Returns the process handle, the pattern's captures and the lines seen so far; raises with
