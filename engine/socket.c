@@ -87,6 +87,7 @@ static void op_finish(SockOp *o, int err) {
         rr_op_complete(&o->op);
 }
 
+/* Close c's socket; the Conn stays (a closed handle). */
 static void conn_close_fd(Conn *c) {
         if (c->fd >= 0)
                 close(c->fd);
@@ -209,6 +210,7 @@ static int push_read(lua_State *L, Conn *c, OpKind kind, size_t max, int err) {
 
 /* ---- the operation on the loop ---- */
 
+/* RrOp.push: the handle, true, a line or the bytes read; or nil, message, code. */
 static int op_push(lua_State *L, RrOp *op) {
         SockOp *o = (SockOp *) op;
         Conn *c = o->conn;
@@ -236,6 +238,7 @@ static int op_push(lua_State *L, RrOp *op) {
         }
 }
 
+/* RrOp.release: also for an op still pending (its task canceled, the top level interrupted). */
 static void op_release(RrOp *op) {
         SockOp *o = (SockOp *) op;
 
@@ -251,6 +254,7 @@ static void op_release(RrOp *op) {
         free(o);
 }
 
+/* sd-event: the op's deadline passed. */
 static int op_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         (void) s;
         (void) usec;
@@ -275,6 +279,7 @@ static int write_some(int fd, const char *data, size_t len, size_t *off) {
         return 0;
 }
 
+/* sd-event: the socket is ready for what the op waits for. */
 static int op_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         SockOp *o = userdata;
         Conn *c = o->conn;
@@ -321,6 +326,7 @@ static int op_start(SockOp *o, uint32_t events) {
         return 0;
 }
 
+/* A new op on c (not yet watching anything), or NULL on out of memory. */
 static SockOp *op_new(Conn *c, OpKind kind, double timeout) {
         SockOp *o = calloc(1, sizeof *o);
         if (!o)
@@ -368,6 +374,7 @@ static void read_opts(lua_State *L, int idx, double *timeout, size_t *max, bool 
         }
 }
 
+/* The handle at idx, open or closed. */
 static Box *check_box(lua_State *L, int idx) {
         return luaL_checkudata(L, idx, CONN_MT);
 }
@@ -599,6 +606,7 @@ static int conn_l_close(lua_State *L) {
         return 0;
 }
 
+/* __tostring: "rr.socket.conn unix:/path" or "rr.socket.conn (closed)". */
 static int conn_l_tostring(lua_State *L) {
         Box *b = check_box(L, 1);
 
@@ -632,6 +640,7 @@ static const luaL_Reg socket_functions[] = {
         { NULL, NULL },
 };
 
+/* require("rr.socket") */
 int luaopen_rr_socket(lua_State *L) {
         if (luaL_newmetatable(L, CONN_MT)) {
                 luaL_setfuncs(L, conn_meta, 0);

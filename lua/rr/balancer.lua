@@ -2,7 +2,7 @@
 -- scheduler's drain / restart / enable cycle: HAProxy built in (its runtime API, rr.haproxy), any
 -- other balancer as a Lua script.
 --
---   local b = assert(balancer.open(platform.groups["sso.api"], platform.dir))
+--   local b = assert(balancer.open(group, services_dir))   -- a group of the services file
 --   local member = { name = "sso.api.1", server = "sso.api.1" }
 --   local st = assert(b:state(member))          -- pre-check: st.admin == "maint" is reported
 --   assert(b:drain(member))
