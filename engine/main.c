@@ -135,6 +135,7 @@ static void preload(lua_State *L) {
                 { "rr.loop", luaopen_rr_loop },       { "rr.systemd", luaopen_rr_systemd },
                 { "rr.http", luaopen_rr_http },       { "rr.proc", luaopen_rr_proc },
                 { "rr.log", luaopen_rr_log },         { "rr.fs", luaopen_rr_fs },
+                { "rr.socket", luaopen_rr_socket },
                 { NULL, NULL },
         };
         luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);

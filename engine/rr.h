@@ -113,6 +113,7 @@ int luaopen_rr_http(lua_State *L);
 int luaopen_rr_proc(lua_State *L);
 int luaopen_rr_log(lua_State *L);
 int luaopen_rr_fs(lua_State *L);
+int luaopen_rr_socket(lua_State *L);
 
 /* Engine life cycle, for main.c. */
 /* Creates the loop; SIGPIPE is ignored from here on (a closed stdout makes writes fail with
