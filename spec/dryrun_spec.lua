@@ -72,3 +72,26 @@ describe("dry run", function()
     assert.matches("pre%-restart health check would fail", res.stdout)
   end)
 end)
+
+describe("dryrun.run when the manager cannot load a unit", function()
+  it("counts a problem for that service and goes on with the next", function()
+    local dryrun = require("rr.dryrun")
+    local p = platform.new({ { name = "db" } })
+    p:start()
+    local db = assert(require("rr.services").validate(p.services_table, "services")).by_name.db
+    -- a template without its instance: past the engine's own name check, refused by LoadUnit
+    local bad = { name = "tmpl", unit = "rrtmpl@.service", depends = {}, stabilize = 0,
+      health = { kind = "systemd", timeout = 1, retries = 0, interval = 1 } }
+    local lines = {}
+    local ok, problems = pcall(dryrun.run, { order = { bad, db }, manager = platform.manager(),
+      state_root = p.state_root, opts = { user = true }, out = function(line) lines[#lines + 1] = line end })
+    p:teardown()
+    assert.is_true(ok, problems)
+    assert.equal(1, problems)
+    local text = table.concat(lines, "\n")
+    assert.matches("\n%s+✘ cannot load the unit: cannot load rrtmpl@%.service: Unit name rrtmpl@%.service is "
+      .. "missing the instance name%. %(org%.freedesktop%.DBus%.Error%.InvalidArgs%)\n", text)
+    assert.matches("\n 2%. db ", text)
+    assert.matches("Dry run done: 1 problem%(s%)", text)
+  end)
+end)
