@@ -64,6 +64,21 @@ describe("dry run", function()
     assert.matches("daemon%-reload first", res.stdout)
   end)
 
+  it("refuses a deploy into a service without a working_dir as the run does: exit 2, same message", function()
+    local release = p.dir .. "/release"
+    assert(fs.mkdir_p(release, 493))
+    local args = { "--service", "db", "--deploy", "--deploy-path", release }
+    local res = dry(p, args)
+    assert.equal(2, res.exit_code, res.stdout .. res.stderr)
+    assert.equal("rrengine: --deploy: none of the selected services has a working_dir to deploy into\n", res.stderr)
+    assert.equal("", res.stdout)
+    local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--events", p.events_file }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+    assert.equal(2, run.exit_code, run.stdout .. run.stderr)
+    assert.equal(res.stderr, run.stderr)
+  end)
+
   it("exits 1 when a service would fail its pre-check", function()
     p:control("api", { status = 500 })
     local res = dry(p, { "--service", "api" })
