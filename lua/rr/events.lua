@@ -158,20 +158,26 @@ function events:emit(name, fields)
   return ev
 end
 
+-- Waits for the hooks' task at most timeout seconds; then cancels it.
+local function wait_drained(drainer, timeout)
+  local timer <close> = rr.spawn(rr.sleep, timeout)
+  if rr.wait_any(drainer, timer) ~= drainer then
+    drainer:cancel()
+    rr.wait(drainer)
+  end
+end
+
 -- stream:close(): lets the hooks take what is queued (at most drain_timeout seconds; then the
 -- rest is dropped and counted in a WARNING), then syncs and closes the log. Events emitted
 -- from now on go to the log (until it is closed) and the view, no longer to the hooks.
 function events:close()
   self.closing = true
   local drainer = self.drainer
+  local waited, werr = true, nil
   if drainer then
-    local timer = rr.spawn(rr.sleep, self.drain_timeout)
-    if rr.wait_any(drainer, timer) ~= drainer then
-      drainer:cancel()
-      rr.wait(drainer)
-    end
-    timer:cancel()
-    rr.wait(timer)
+    -- a wait that raises (the engine exiting: os.exit in a task) still closes the log
+    waited, werr = pcall(wait_drained, drainer, self.drain_timeout)
+    if not waited then drainer:cancel() end
     self.drainer = nil
   end
   if self.dropped > 0 then
@@ -188,6 +194,7 @@ function events:close()
     self.file:close()
     self.file = nil
   end
+  if not waited then error(werr, 0) end
 end
 
 return events
