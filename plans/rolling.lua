@@ -1,10 +1,8 @@
 -- rrengine plans/rolling.lua: restart the platform (or chosen services) in dependency order,
 -- with health gates and automatic rollback. `--help` for the options.
-local rr = require("rr")
 local cli = require("rr.cli")
 local rolling = require("rr.rolling")
 local ui = require("rr.ui")
-local fs = require("rr.fs")
 
 local function die(code, msg)
   io.stderr:write("rrengine: ", msg, "\n")
@@ -31,34 +29,14 @@ local run_opts = {
 }
 
 if opts.dry_run then
-  local dryrun = require("rr.dryrun")
-  local services = require("rr.services")
-  local dag = require("rr.dag")
+  -- the run's own preparation: every check that refuses a run (exit 2) refuses the dry run
+  local prep, perr = rolling.prepare(run_opts)
+  if not prep then die(rolling.EXIT_USAGE, perr) end
   local systemd = require("rr.systemd")
-  local platform, errs = services.load(opts.services_file)
-  if not platform then die(rolling.EXIT_USAGE, table.concat(errs, "\nrrengine: ")) end
-  local order, oerr = dag.order(platform.services, opts.service_names)
-  if not order then die(rolling.EXIT_USAGE, oerr) end
-  if opts.deploy then
-    local st = fs.stat(opts.deploy_path, true)
-    if not st or st.type ~= "dir" then die(rolling.EXIT_USAGE, ("deploy path %s is not a directory"):format(opts.deploy_path)) end
-  end
-  -- the hook scripts the run would load: a broken one is the same exit 2 as in the run
-  local hooks = require("rr.hooks")
-  for _, path in ipairs(opts.hook_files or {}) do
-    local ok, herr = hooks.load(path)
-    if not ok then die(rolling.EXIT_USAGE, herr) end
-  end
-  for _, svc in ipairs(order) do
-    if svc.hooks then
-      local ok, herr = hooks.load(svc.hooks)
-      if not ok then die(rolling.EXIT_USAGE, ("service %q: %s"):format(svc.name, herr)) end
-    end
-  end
   local manager, merr = (opts.user and systemd.user or systemd.system)()
   if not manager then die(rolling.EXIT_FAILED, merr) end
-  local problems = dryrun.run({ order = order, manager = manager, state_root = rolling.state_root(opts.user),
-    opts = opts, out = function(line) io.stdout:write(line, "\n") end })
+  local problems = require("rr.dryrun").run({ order = prep.order, manager = manager,
+    state_root = rolling.state_root(opts.user), opts = opts, out = function(line) io.stdout:write(line, "\n") end })
   os.exit(problems > 0 and rolling.EXIT_FAILED or rolling.EXIT_OK)
 end
 

@@ -276,39 +276,36 @@ describe("rr.deploy", function()
       assert.is_false(fs.exists(state .. "/deploy.json"))
     end)
 
-    describe("half way", function()
-      local immutable
-
-      after_each(function()
-        if immutable then proc.run({ "chattr", "-i", immutable }) end
-        immutable = nil
-      end)
-
-      it("undoes the partial deploy before returning: the working dir is as it was", function()
-        platform_fixture()
-        -- An immutable file (chattr +i) stops even root: rsync copies everything else, fails
-        -- to rename over this one and exits 23. The dry run cannot see it coming.
-        write(dst .. "/lib/locked.js", "old\n")
-        run({ "touch", "-d", "2020-01-01", dst .. "/lib/locked.js" })
-        write(src .. "/lib/locked.js", "new\n")
-        if not proc.run({ "chattr", "+i", dst .. "/lib/locked.js" }, { capture = true }) then
-          pending("chattr +i is not supported on this file system")
-          return
-        end
-        immutable = dst .. "/lib/locked.js"
-        local before = tree(dst)
-        local record, err, partial = deploy.apply{ source = src, target = dst, state_dir = state }
-        assert.is_nil(record)
-        assert.matches("rsync failed: rsync exited with code 23", err)
-        assert.matches("Operation not permitted", err)
-        assert.matches("partial deploy was undone", err)
-        -- rsync really had changed files before it failed
-        assert.is_true(contains(partial.created, "lib/new.js"))
-        assert.is_true(contains(partial.replaced, "app.js"))
-        assert.equal("undone", partial.state)
-        assert.same(before, tree(dst))
-        assert.equal("undone", assert(deploy.load(state)).state)
-      end)
+    it("undoes the partial deploy before returning, when rsync fails half way: the working dir is as it was", function()
+      platform_fixture()
+      -- A directory rsync cannot write into, which its dry run (it creates nothing) cannot see:
+      -- mode 0555, in the release too (so that rsync -a leaves it so), and the deploy run by an
+      -- engine without CAP_DAC_OVERRIDE (root otherwise writes anywhere). rsync copies the
+      -- rest, fails to create its temp file there and exits 23.
+      write(dst .. "/locked/f.js", "old\n")
+      run({ "touch", "-d", "2020-01-01", dst .. "/locked/f.js" })
+      write(src .. "/locked/f.js", "new\n")
+      run({ "chmod", "0555", dst .. "/locked", src .. "/locked" })
+      local before = tree(dst)
+      local script = ([[
+        local cjson = require("cjson")
+        local record, err, partial = require("rr.deploy").apply{ source = %q, target = %q, state_dir = %q }
+        io.write(cjson.encode({ applied = record ~= nil, err = err or "",
+          partial = partial and { created = partial.created, replaced = partial.replaced, state = partial.state } }))
+      ]]):format(src, dst, state)
+      local res = run({ "setpriv", "--inh-caps=-dac_override,-dac_read_search",
+        "--bounding-set=-dac_override,-dac_read_search", engine, "-e", script })
+      local out = require("cjson").decode(res.stdout)
+      assert.is_false(out.applied)
+      assert.matches("rsync failed: rsync exited with code 23", out.err)
+      assert.matches("Permission denied", out.err)
+      assert.matches("partial deploy was undone", out.err)
+      -- rsync really had changed files before it failed
+      assert.is_true(contains(out.partial.created, "lib/new.js"))
+      assert.is_true(contains(out.partial.replaced, "app.js"))
+      assert.equal("undone", out.partial.state)
+      assert.same(before, tree(dst))
+      assert.equal("undone", assert(deploy.load(state)).state)
     end)
   end)
 

@@ -66,11 +66,49 @@ describe("dry run", function()
     assert.matches("daemon%-reload first", res.stdout)
   end)
 
+  it("refuses a deploy into a service without a working_dir as the run does: exit 2, same message", function()
+    local release = p.dir .. "/release"
+    assert(fs.mkdir_p(release, 493))
+    local args = { "--service", "db", "--deploy", "--deploy-path", release }
+    local res = dry(p, args)
+    assert.equal(2, res.exit_code, res.stdout .. res.stderr)
+    assert.equal("rrengine: --deploy: none of the selected services has a working_dir to deploy into\n", res.stderr)
+    assert.equal("", res.stdout)
+    local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--events", p.events_file }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+    assert.equal(2, run.exit_code, run.stdout .. run.stderr)
+    assert.equal(res.stderr, run.stderr)
+  end)
+
   it("exits 1 when a service would fail its pre-check", function()
     p:control("api", { status = 500 })
     local res = dry(p, { "--service", "api" })
     p:control("api", nil)
     assert.equal(1, res.exit_code)
     assert.matches("pre%-restart health check would fail", res.stdout)
+  end)
+end)
+
+describe("dryrun.run when the manager cannot load a unit", function()
+  it("counts a problem for that service and goes on with the next", function()
+    local dryrun = require("rr.dryrun")
+    local p = platform.new({ { name = "db" } })
+    p:start()
+    local db = assert(require("rr.services").validate(p.services_table, "services")).by_name.db
+    -- a template without its instance: past the engine's own name check, refused by LoadUnit
+    local bad = { name = "tmpl", unit = "rrtmpl@.service", depends = {}, stabilize = 0,
+      health = { kind = "systemd", timeout = 1, retries = 0, interval = 1 } }
+    local lines = {}
+    local ok, problems = pcall(dryrun.run, { order = { bad, db }, manager = platform.manager(),
+      state_root = p.state_root, opts = { user = true }, out = function(line) lines[#lines + 1] = line end })
+    p:teardown()
+    assert.is_true(ok, problems)
+    assert.equal(1, problems)
+    local text = table.concat(lines, "\n")
+    assert.matches("\n%s+✘ cannot load the unit: cannot load rrtmpl@%.service: Unit name rrtmpl@%.service is "
+      .. "missing the instance name%. %(org%.freedesktop%.DBus%.Error%.InvalidArgs%)\n", text)
+    assert.matches("\n 2%. db ", text)
+    assert.matches("Dry run done: 1 problem%(s%)", text)
   end)
 end)

@@ -1,4 +1,5 @@
--- Health checks with DESIGN.md's semantics, against real fixture services in the sandbox.
+-- Health checks (healthy, not ready, unhealthy; deadline, retries, unit signals), against real
+-- fixture services in the sandbox.
 local rr = require("rr")
 local health = require("rr.health")
 local units = require("spec.support.units")
@@ -87,6 +88,65 @@ describe("health.check", function()
     assert.is_nil(ok)
     assert.matches("unit is ", why)
     assert.is_true(rr.now() - t0 < 5)
+  end)
+
+  -- A unit that stays "activating": Type=notify, and its process never says READY=1.
+  local function activating()
+    local name = ("rrhc-%d-%d.service"):format(require("rr.fs").getpid(), #started + 1)
+    units.write(name, { type = "notify", exec = { "/bin/sleep", "1000" } })
+    assert(m:daemon_reload())
+    local u = assert(m:unit(name))
+    started[#started + 1] = name
+    -- the start job goes on in systemd after this wait gives up
+    local ok, _, code = u:start({ timeout = 0.1 })
+    assert.is_nil(ok)
+    assert.equal("wait-timeout", code)
+    assert.equal("activating", u:get("ActiveState"))
+    return u
+  end
+
+  it("health = systemd at its deadline names the state the unit is stuck in", function()
+    local u = activating()
+    local ok, why = health.check(u, { kind = "systemd", timeout = 1, retries = 0, interval = 1 })
+    assert.is_nil(ok)
+    assert.equal("unit still activating after 1s", why)
+  end)
+
+  it("an HTTP check of a unit stuck activating fails at its deadline with the last answer", function()
+    local u = activating()
+    local ok, why = health.check(u, { kind = "http", url = ("http://127.0.0.1:%d/health"):format(units.free_port()),
+      timeout = 1, retries = 0, interval = 0.2 })
+    assert.is_nil(ok)
+    assert.equal("not healthy after 1s (last answer: connection refused)", why)
+  end)
+
+  -- A second connection, closed while the check waits on it: the wait fails with a D-Bus
+  -- error ("closed"), which the check reports as such (not as a state, not as a timeout).
+  local function closed_while_waiting(u_on_main, hc)
+    local m2 = assert(require("rr.systemd").user())
+    local u = assert(m2:unit(u_on_main:name()))
+    local closer = rr.spawn(function()
+      rr.sleep(0.2)
+      m2:close()
+    end)
+    local ok, why = health.check(u, hc)
+    rr.wait(closer)
+    return ok, why
+  end
+
+  it("health = systemd reports a D-Bus error while it waits as a D-Bus error", function()
+    local u = activating()
+    local ok, why = closed_while_waiting(u, { kind = "systemd", timeout = 30, retries = 0, interval = 1 })
+    assert.is_nil(ok)
+    assert.equal(("cannot watch %s: the connection to the user manager was closed (closed)"):format(u:name()), why)
+  end)
+
+  it("an HTTP check reports a D-Bus error of its unit watch at once, not at the deadline", function()
+    local u, hc = fixture({ warmup = 60 })
+    hc.timeout = 30
+    local ok, why = closed_while_waiting(u, hc)
+    assert.is_nil(ok)
+    assert.equal(("cannot watch %s: the connection to the user manager was closed (closed)"):format(u:name()), why)
   end)
 
   it("health = systemd passes when the unit is active and fails when it is not", function()

@@ -204,3 +204,40 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
     assert.is_nil(state.read_pointer(p.state_root, "api", "last"))
   end)
 end)
+
+-- A unit name that gets past the engine's own check but that the manager refuses to load
+-- (a template without its instance; services.lua validation would refuse it, a table built in
+-- Lua need not go through it): m:unit() returns nil, err, code, and every helper reports it.
+describe("the REPL's helpers and rr.status when the manager cannot load a unit", function()
+  local repl = require("rr.repl")
+  local status = require("rr.status")
+  local svc = { name = "tmpl", unit = "rrtmpl@.service", depends = {}, stabilize = 0,
+    health = { kind = "systemd", timeout = 1, retries = 0, interval = 1 } }
+  local saved
+  setup(function()
+    saved = { manager = repl.env.manager, platform = repl.env.platform, user = repl.env.user }
+    repl.env.user = true
+    repl.env.manager = platform.manager()
+    repl.env.platform = { services = { svc }, by_name = { tmpl = svc } }
+  end)
+  teardown(function()
+    repl.env.manager, repl.env.platform, repl.env.user = saved.manager, saved.platform, saved.user
+  end)
+
+  it("status.collect reports the load failure in the row", function()
+    local rows = status.collect(platform.manager(), { svc })
+    assert.equal(1, #rows)
+    assert.equal("unknown", rows[1].health)
+    assert.equal("?", rows[1].active)
+    assert.equal("cannot load rrtmpl@.service: Unit name rrtmpl@.service is missing the instance name.",
+      rows[1].detail)
+    assert.matches("tmpl%s+rrtmpl@%.service%s+%?%s+%?%s+%-%s+unknown %(cannot load", status.format(rows))
+  end)
+
+  it("health(name) says unhealthy and why, without a Lua error", function()
+    local ok, kind, detail = pcall(repl.helpers.health, "tmpl")
+    assert.is_true(ok, kind)
+    assert.equal("unhealthy", kind)
+    assert.equal("cannot load rrtmpl@.service: Unit name rrtmpl@.service is missing the instance name.", detail)
+  end)
+end)

@@ -1,6 +1,8 @@
 -- rr.deploy: a code deploy (rsync from a deploy path into a service's working dir) that can
--- be undone exactly, later, by another process (DESIGN.md, "The restart flow of one
--- service", step 3, and "Rollback").
+-- be undone exactly, later, by another process: a rollback undoes the deploy, not the
+-- service's own writes (files the deploy created are removed, files it replaced or deleted
+-- come back byte-identical, files the service writes at run time are left alone). The
+-- README's "What one restart does", step 3, and "Rollback".
 --
 -- How the undo is made exact:
 --   * rsync --backup --backup-dir=<state_dir>/backup moves every file the deploy REPLACES or
@@ -21,7 +23,7 @@
 -- back. Every other file is left alone: what the service wrote at run time (logs, caches, a
 -- SQLite file) stays as it is.
 --
--- Decisions (asserted in spec/deploy_spec.lua; docs/scripting/deploy-snapshot.md has them all):
+-- Decisions (asserted in spec/deploy_spec.lua; docs/scripting.md, "rr.deploy", has the API):
 --   * An rsync failure (exit code != 0, e.g. 23 "partial transfer") undoes the partial
 --     deploy at once: apply returns nil, err, record and the working dir is as it was.
 --   * A file the deploy replaced and the service then rewrote in place comes back as it was

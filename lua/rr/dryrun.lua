@@ -27,10 +27,15 @@ function dryrun.run(p)
     out("")
     out(("%2d. %s (%s)%s"):format(i, svc.name, svc.unit,
       #svc.depends > 0 and ("  after " .. list(svc.depends)) or ""))
-    local unit = p.manager:unit(svc.unit)
-    local props, err = unit:properties()
-    if not props then
-      problem("cannot read the unit: " .. tostring(err))
+    local unit, uerr, ucode = p.manager:unit(svc.unit)
+    local props, err, code
+    if unit then
+      props, err, code = unit:properties()
+    end
+    if not unit then
+      problem(("cannot load the unit: %s (%s)"):format(tostring(uerr), tostring(ucode)))
+    elseif not props then
+      problem(("cannot read the unit: %s (%s)"):format(tostring(err), tostring(code)))
     elseif props.LoadState ~= "loaded" then
       problem(("unit is %s"):format(props.LoadState))
     else

@@ -1,4 +1,4 @@
--- Health checks with DESIGN.md's semantics.
+-- Health checks: one service's health, now, within a deadline.
 --
 -- Every HTTP probe answer is one of three kinds:
 --   healthy    2xx (and the body matches expect_body, when set)
@@ -92,8 +92,15 @@ local function http_check(hc, deadline, on_probe)
   end
 end
 
+-- A wait on the unit that failed for another reason than its timeout (the connection to the
+-- manager closed or lost, a D-Bus error): the check cannot see the unit any more.
+local function watch_failed(unit, err, code)
+  return ("cannot watch %s: %s%s"):format(unit:name(), tostring(err), code and (" (%s)"):format(code) or "")
+end
+
 -- Runs fn() while watching the unit: returns fn's results, or nil, reason as soon as the unit
--- reaches a failed/inactive state (a PropertiesChanged signal, not a probe).
+-- reaches a failed/inactive state (a PropertiesChanged signal, not a probe) or the watch
+-- itself fails (without it a unit that dies would go unseen until the deadline).
 local function while_unit_alive(unit, deadline, fn)
   local result
   local worker, watcher
@@ -102,9 +109,13 @@ local function while_unit_alive(unit, deadline, fn)
     if watcher then watcher:cancel() end
   end)
   watcher = rr.spawn(function()
-    local ok, state = unit:wait_state({ "failed", "inactive" }, math.max(deadline - rr.now(), 0.001))
+    -- true, state | nil, "timeout", state (the deadline: the worker says why) | nil, err, code
+    local ok, a, b = unit:wait_state({ "failed", "inactive" }, math.max(deadline - rr.now(), 0.001))
     if ok then
-      result = table.pack(nil, ("unit is %s"):format(state))
+      result = table.pack(nil, ("unit is %s"):format(a))
+      worker:cancel()
+    elseif a ~= "timeout" then
+      result = table.pack(nil, watch_failed(unit, a, b))
       worker:cancel()
     end
   end)
@@ -128,16 +139,22 @@ function health.check(unit, hc, opts)
     return true, { detail = "no health check configured" }
   end
   if hc.kind == "systemd" then
-    local ok, state = unit:wait_state({ "active", "failed", "inactive" }, timeout)
-    if ok and state == "active" then
+    -- true, state | nil, "timeout", state | nil, err, code (a D-Bus error)
+    local ok, a, b = unit:wait_state({ "active", "failed", "inactive" }, timeout)
+    if ok and a == "active" then
       return true, { detail = "unit is active" }
     elseif ok then
-      return nil, ("unit is %s"):format(state)
+      return nil, ("unit is %s"):format(a)
+    elseif a == "timeout" then
+      return nil, ("unit still %s after %gs"):format(tostring(b), timeout)
     end
-    return nil, ("unit still %s after %gs"):format(tostring(state), timeout)
+    return nil, watch_failed(unit, a, b)
   end
-  local props = unit:properties()
-  if props and (props.ActiveState == "failed" or props.ActiveState == "inactive") then
+  local props, perr, pcode = unit:properties()
+  if not props then
+    return nil, ("cannot read %s: %s%s"):format(unit:name(), tostring(perr), pcode and (" (%s)"):format(pcode) or "")
+  end
+  if props.ActiveState == "failed" or props.ActiveState == "inactive" then
     return nil, ("unit is %s"):format(props.ActiveState)
   end
   return while_unit_alive(unit, deadline, function()

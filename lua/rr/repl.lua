@@ -88,7 +88,9 @@ end
 
 function helpers.health(name)
   local svc = service(name)
-  local ok, info = health.check(manager():unit(svc.unit), svc.health)
+  local unit, err = manager():unit(svc.unit)
+  if not unit then return "unhealthy", err end
+  local ok, info = health.check(unit, svc.health)
   return ok and "healthy" or "unhealthy", ok and info.detail or info
 end
 

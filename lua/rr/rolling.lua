@@ -48,8 +48,11 @@ local function usage_error(msg)
   return summary_of({ exit_code = rolling.EXIT_USAGE, error = msg })
 end
 
--- Loads the platform and everything the run needs before anything is touched; a problem here
--- is a configuration error (exit 2).
+-- rolling.prepare(opts) -> prep | nil, message: loads the platform and everything the run
+-- needs before anything is touched (services file, order, deploy path, hook scripts); a problem
+-- here is a configuration error (exit 2). opts as rolling.run's. The dry run calls it too, so
+-- that both refuse exactly the same things with the same words.
+-- prep = { platform, order, names, global_hooks, hooks = { [name] = set }, own_hooks = { [name] = set } }
 local function prepare(opts)
   local platform, errs
   if opts.platform then
@@ -106,6 +109,7 @@ local function prepare(opts)
   return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service,
     own_hooks = own }
 end
+rolling.prepare = prepare
 
 -- Why a service that never started was skipped. `blocked` is dag.blocked_by's map of the
 -- failed services (computed once for all: a run may skip thousands).

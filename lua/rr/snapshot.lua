@@ -1,7 +1,8 @@
 -- rr.snapshot: known-good snapshots of a unit's definition (the unit file, its drop-ins, the
 -- files its EnvironmentFile= names), so that rollback restores the definition that last
--- worked, not the operator's edit that broke it (DESIGN.md, "The restart flow of one
--- service", step 2, and "Rollback"; issue 7).
+-- worked, not the operator's edit that broke it: an operator who edited the unit file before
+-- the run expects rollback to bring back the version that worked, not to copy the broken edit
+-- onto itself. The README's "What one restart does", step 2, and "Rollback".
 --
 -- On disk, per service, in <state_root>/snapshots/<service>/:
 --     000007-<run>/            one complete snapshot: the stored copies and manifest.json
@@ -14,9 +15,11 @@
 -- A SIGKILL between any two steps leaves `current` naming the old complete snapshot or the
 -- new complete one; .tmp and .trash dirs are never read and are removed by the next capture.
 --
--- Decisions (docs/scripting/deploy-snapshot.md has them all):
+-- Decisions (docs/scripting.md, "rr.snapshot", has the API):
 --   * capture stores a candidate; promote makes it the known-good one. The flow promotes
---     once a definition is known good (DESIGN.md step 2).
+--     once a definition is known good: a flow of the service succeeded with it or, on the
+--     service's first run, its pre-check passed and systemd runs what is on disk
+--     (NeedDaemonReload=no).
 --   * A symlinked unit file or drop-in is stored as the bytes systemd reads through it;
 --     restore writes through the link (which stays a link) while it leads to the same
 --     regular file as at capture, and otherwise replaces the link with the file.

@@ -9,8 +9,11 @@ function status.collect(manager, list)
   local tasks = {}
   for i, svc in ipairs(list) do
     tasks[i] = rr.spawn(function()
-      local unit = manager:unit(svc.unit)
-      local props, err = unit:properties()
+      local unit, err = manager:unit(svc.unit)
+      local props
+      if unit then
+        props, err = unit:properties()
+      end
       if not props then
         return { name = svc.name, unit = svc.unit, active = "?", sub = "?", health = "unknown", detail = err }
       end
