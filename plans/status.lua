@@ -1,5 +1,6 @@
 -- rrengine plans/status.lua [--services FILE] [--user] [--json]: every service's unit state and
--- health, checked concurrently. Exit 0 when all are healthy, 1 otherwise.
+-- health, checked concurrently. Exit 0 when all are healthy, 1 otherwise, 4 when a killed run
+-- is not resolved (it is shown first).
 local cli = require("rr.cli")
 local systemd = require("rr.systemd")
 local status = require("rr.status")
@@ -19,11 +20,20 @@ local opts, platform = cli.plan_start({ ... }, spec)
 local manager, merr = (opts.user and systemd.user or systemd.system)()
 if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
 local rows = status.collect(manager, platform.services)
+-- a run that was killed mid-way comes first: its services may be half done
+local journal = require("rr.journal")
+local dead = journal.interrupted(require("rr.state").root(opts.user))
 if opts.json then
-  io.write(require("cjson").encode(rows), "\n")
+  local out = require("cjson").encode(rows)
+  io.write(out, "\n")
 else
+  if dead then
+    for _, line in ipairs(journal.describe(dead)) do io.write("!! ", line, "\n") end
+    io.write("\n")
+  end
   io.write(status.format(rows), "\n")
 end
+if dead then os.exit(4) end
 for _, r in ipairs(rows) do
   if r.health ~= "healthy" then os.exit(1) end
 end

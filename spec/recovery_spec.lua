@@ -98,6 +98,14 @@ describe("an engine killed mid-run", function()
     assert.matches("api: left in phase", res.stderr)
     assert.matches("plans/rolling.lua %-%-recover %-%-services " .. p.services_file:gsub("%p", "%%%0") .. " %-%-user",
       res.stderr)
+    -- the read-only views show it first
+    local dry = p:cli({ "--dry-run" })
+    assert.equal(1, dry.exit_code, dry.stdout .. dry.stderr)
+    assert.matches("^!! an earlier run was interrupted", dry.stdout)
+    local stres = select(3, require("rr.proc").run({ helpers.engine, "plans/status.lua", "--user", "--services",
+      p.services_file }, { env = { XDG_STATE_HOME = p.xdg_state } }))
+    assert.equal(4, stres.exit_code, stres.stdout .. stres.stderr)
+    assert.matches("^!! an earlier run was interrupted", stres.stdout)
     local rb = p:cli({ "--service", "api" }, { plan = "plans/rollback.lua" })
     assert.equal(4, rb.exit_code, rb.stdout .. rb.stderr)
     assert.matches("%-%-recover", rb.stderr)

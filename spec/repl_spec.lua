@@ -35,7 +35,7 @@ describe("the REPL", function()
 
   local function banner(file)
     return ("rrengine REPL: 2 services from %s (user manager). Try status(), health(name), restart(name), "
-      .. "rollback(name), events(), journal(name).\n"):format(file)
+      .. "rollback(name), recover(), events(), journal(name).\n"):format(file)
   end
 
   it("loads the services (RRENGINE_SERVICES, RRENGINE_USER) and shows the status of every one", function()
@@ -69,7 +69,7 @@ describe("the REPL", function()
     local res = repl('restart("api")\nrestart("nosuch")\nprint("still here")\n')
     assert.equal(0, res.exit_code, res.stderr)
     assert.matches("\n[^\n]*plan: 1 service%(s%) in order: api\n", res.stdout)
-    assert.matches("\n[^\n]*✔ api%s+restart ok %([%d.]+ m?s%)\n", res.stdout)
+    assert.matches("\n[^\n]*✔ api%s+restart ok %([%d.]+ m?s%)  %[1/1%]\n", res.stdout)
     assert.matches("\n[^\n]*ok: api restarted %([%d.]+ m?s%)\n", res.stdout)
     assert.equal('rrengine: unknown service "nosuch"\n', res.stderr)
     assert.matches("\n[^\n]*still here\n", res.stdout)

@@ -21,6 +21,14 @@ function dryrun.run(p)
   local selected = {}
   for _, svc in ipairs(p.order) do selected[svc.unit] = true end
 
+  -- a killed run first: the real run would refuse (exit 4) until it is resolved
+  local dead = p.state_root and require("rr.journal").interrupted(p.state_root)
+  if dead then
+    for _, line in ipairs(require("rr.journal").describe(dead)) do out("!! " .. line) end
+    out("!! the run below would refuse (exit 4) until that is resolved")
+    out("")
+    problems = problems + 1
+  end
   out(("Dry run: %d service(s), in this order. Nothing will be changed.%s"):format(#p.order,
     opts.force and " (--force: no health checks, no stabilization)" or ""))
   for i, svc in ipairs(p.order) do

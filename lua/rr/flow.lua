@@ -573,7 +573,7 @@ end }
 -- apply: daemon-reload when systemd's copy is stale, then reload or restart (a failed reload
 -- falls back to a restart). Decided now, after the deploy and the migration, from the
 -- definition as it is: a release that changed an environment file needs a restart.
-STEPS[#STEPS + 1] = { name = "apply", fn = function(self)
+STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self)
   local svc, def = self.svc, self.def
   local props = self.props
   if def.stale then
@@ -613,7 +613,7 @@ STEPS[#STEPS + 1] = { name = "apply", fn = function(self)
 end }
 
 -- verify: post-check, stabilization, final check.
-STEPS[#STEPS + 1] = { name = "verify", skip_with_force = true, fn = function(self)
+STEPS[#STEPS + 1] = { name = "verify", shows_own_steps = true, skip_with_force = true, fn = function(self)
   local method = self.method
   self:step("post-check")
   local ok, err = self:check("post")
@@ -637,7 +637,7 @@ end }
 
 -- commit: this definition is now the known-good one (unless --force skipped the checks that
 -- would have shown it works); the deploy becomes the last good one.
-STEPS[#STEPS + 1] = { name = "commit", fn = function(self)
+STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(self)
   local ctx, svc = self.ctx, self.svc
   if ctx.opts.force then
     self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
@@ -693,7 +693,7 @@ function Run:go()
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
       -- the journal first: what is announced has been recorded
       self:journal({ phase = st.name })
-      self:step(st.name)
+      if not st.shows_own_steps then self:step(st.name) end
       local ok, reason = st.fn(self)
       if not ok then
         return self:fail(reason)

@@ -1,7 +1,8 @@
 -- The REPL's helpers (`rrengine -i [--user] [--services FILE]`): an operator in an emergency
 -- types short calls. main.c calls repl.start(args) with the arguments after -i; the helpers
 -- become globals, and every one goes through the same code as the plans.
---   status()                 state and health of every service
+--   status()                 state and health of every service (a killed run first)
+--   recover([opts])          resolve a killed run, as plans/rolling.lua --recover
 --   health("sso.api")        one service's health check, now
 --   restart("sso.api", {deploy_path = "/tmp/deploy/sso-api"})   the full flow, with rollback
 --   rollback("sso.api")      back to the known-good definition (and undo the last deploy;
@@ -83,7 +84,27 @@ function helpers.services_file(path)
 end
 
 function helpers.status()
+  -- a run that was killed mid-way comes first: its services may be half done
+  local journal = require("rr.journal")
+  local dead = journal.interrupted(require("rr.state").root(env.user))
+  if dead then
+    for _, line in ipairs(journal.describe(dead)) do print("!! " .. line) end
+    print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
+  end
   print(status.format(status.collect(manager(), platform().services)))
+end
+
+-- recover([{resume = true} | {abandon = true}]) -> text: as plans/rolling.lua --recover
+-- (--resume, --abandon) on the REPL's manager.
+function helpers.recover(opts)
+  opts = opts or {}
+  local s = rolling.run({ recover = not opts.abandon, resume = opts.resume, abandon = opts.abandon,
+    user = env.user, services_file = env.file, manager = manager(), ui = require("rr.ui").new({}) })
+  local text = s.message or ""
+  if s.exit_code ~= 0 then
+    text = text .. (text ~= "" and "\n" or "") .. ("exit %d: %s"):format(s.exit_code, tostring(s.error))
+  end
+  return text
 end
 
 function helpers.health(name)
@@ -197,7 +218,7 @@ function repl.start(args)
 
   if fs.stat(env.file) then
     local ok, perr = pcall(platform)
-    print(ok and ("rrengine REPL: %d services from %s (%s manager). Try status(), health(name), restart(name), rollback(name), events(), journal(name).")
+    print(ok and ("rrengine REPL: %d services from %s (%s manager). Try status(), health(name), restart(name), rollback(name), recover(), events(), journal(name).")
       :format(#env.platform.services, env.file, env.user and "user" or "system") or ("rrengine REPL: " .. perr))
   else
     print("rrengine REPL: no " .. env.file .. " here; services_file(path) loads one.")
