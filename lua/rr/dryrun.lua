@@ -93,6 +93,21 @@ function dryrun.run(p)
             svc.working_dir, svc.migrate_rollback and (", migrate_rollback: " .. table.concat(svc.migrate_rollback, " ")) or ""))
         end
       end
+      local b = svc.group and p.balancers and p.balancers[svc.group]
+      if b then
+        local server = svc.balancer_server or svc.name
+        local st, berr = b:state({ name = svc.name, server = server })
+        if not st then
+          problem(("cannot reach the balancer (%s): %s"):format(b:describe(), tostring(berr)))
+        elseif st.admin == "maint" then
+          problem(("%s is in maintenance at %s (set outside this run): the run would not touch it"):format(server,
+            b:describe()))
+        else
+          local g = p.platform.groups[svc.group]
+          out(("     drain: %s at %s (now %s, %s session(s)), wait up to %gs; back in rotation after the post-check")
+            :format(server, b:describe(), tostring(st.admin), tostring(st.sessions), g.drain_timeout or 30))
+        end
+      end
       if def.stale then
         out(("     daemon-reload first (%s)"):format(props.NeedDaemonReload and "NeedDaemonReload=yes"
           or "a drop-in systemd has not loaded yet"))
@@ -117,9 +132,61 @@ function dryrun.run(p)
       end
     end
   end
+  dryrun.schedule(p, out)
   out("")
   out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
   return problems, warnings
+end
+
+-- The schedule: the waves of services that may run together (dependencies allowing), each
+-- group's budget, and the longest dependency chain (what bounds the run with enough --parallel).
+function dryrun.schedule(p, out)
+  if not p.platform then return end
+  local dag = require("rr.dag")
+  local names = {}
+  for i, svc in ipairs(p.order) do names[i] = svc.name end
+  local waves = dag.layers(p.platform.services, names)
+  local chain = dag.chain_lengths(p.platform.services, names)
+  if not waves or not chain then return end
+  local parallel = p.opts.parallel
+  out("")
+  out(("Schedule (--parallel %s): a service starts once its dependencies are done, the longest remaining "
+    .. "chain first"):format(parallel == 0 and "0, no limit" or tostring(parallel or 1)))
+  for i, wave in ipairs(waves) do
+    local w = {}
+    for _, svc in ipairs(wave) do w[#w + 1] = svc.name end
+    out(("   %d. %s"):format(i, list(w)))
+  end
+  for name, g in pairs(p.platform.groups or {}) do
+    out(("   group %s: %d member(s), at most %d down at once (max_unavailable %s)%s"):format(name, #g.members,
+      g.max_unavailable_count or 1, tostring(g.max_unavailable or 1),
+      g.balancer and (", drained at " .. (p.balancers[name] and p.balancers[name]:describe() or "its balancer")) or ""))
+  end
+  -- the critical path: from the service with the longest chain, always the dependent with the longest chain
+  local by_name, start = {}, nil
+  for _, svc in ipairs(p.order) do
+    by_name[svc.name] = svc
+    if not start or chain[svc.name] > chain[start] then start = svc.name end
+  end
+  local dependents = {}
+  for _, svc in ipairs(p.order) do
+    for _, d in ipairs(svc.depends or {}) do
+      dependents[d] = dependents[d] or {}
+      table.insert(dependents[d], svc.name)
+    end
+  end
+  local path, at = {}, start
+  while at do
+    path[#path + 1] = at
+    local next_name
+    for _, d in ipairs(dependents[at] or {}) do
+      if chain[d] and (not next_name or chain[d] > chain[next_name]) then next_name = d end
+    end
+    at = next_name
+  end
+  if #path > 0 then
+    out(("   critical path (%d services one after another): %s"):format(#path, table.concat(path, " -> ")))
+  end
 end
 
 return dryrun
