@@ -274,6 +274,13 @@ static void repl_eval(lua_State *L, const char *line) {
                 status = docall(L, 0, LUA_MULTRET);
                 if (status == LUA_OK) {
                         int n = lua_gettop(L) - base + 1;
+                        /* A line may return any number of values, which may leave no free slot. */
+                        if (n > 0 && !lua_checkstack(L, 1)) {
+                                lua_pop(L, n);
+                                lua_pushliteral(L, "too many results to print");
+                                report(L, LUA_ERRRUN);
+                                return;
+                        }
                         if (n > 0) {
                                 lua_getglobal(L, "print");
                                 lua_insert(L, -1 - n);
