@@ -1,4 +1,4 @@
--- Specs for rr.systemd (engine/systemd.c) against a real systemd user manager.
+-- Specs for rr.systemd (engine/systemd*.c) against a real systemd user manager.
 --
 --   spec/support/sandbox run -- env RRENGINE_ROOT=$PWD ./rrengine /usr/bin/busted spec/systemd_spec.lua
 --
