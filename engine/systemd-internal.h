@@ -2,7 +2,7 @@
  *
  *   systemd.c        the module (rr.systemd.user/system) and the manager class
  *   systemd-unit.c   the unit class: handles, properties, waits, reset-failed, kill
- *   systemd-job.c    unit jobs (u:start, u:stop, ...): the job op and its methods
+ *   systemd-job.c    unit jobs (u:start, u:stop, ..., u:wait_job): the job op, its escalation
  *   systemd-ops.c    manager connections and the op machinery every request runs on
  *   systemd-bus.c    D-Bus values: to Lua, and as canonical text for comparisons
  *
@@ -85,11 +85,21 @@ typedef struct UnitType {
 
 typedef struct SdOp SdOp;
 
+/* A job that systemd still ran when a caller stopped waiting for it (a timeout): its result,
+ * once its JobRemoved comes, is kept for a later u:wait_job(). */
+typedef struct JobRecord {
+        struct JobRecord *next;
+        char *job;    /* the job's object path */
+        char *verb;   /* "start", "stop", ... for messages */
+        char *result; /* from its JobRemoved; NULL while it runs */
+} JobRecord;
+
 typedef struct Manager {
         unsigned n_ref;
         sd_bus *bus; /* NULL once closed */
         sd_bus_slot *job_removed, *props_changed, *disconnected;
         SdOp *ops;   /* every pending op */
+        JobRecord *jobs;
         bool user;
         bool lost;   /* the connection dropped */
 } Manager;
@@ -109,7 +119,7 @@ struct SdOp {
         Manager *m;                /* a reference */
         SdOp *prev, *next;         /* in m->ops while pending */
         bool linked, finished, failed;
-        sd_bus_slot *calls[2];     /* method calls in flight */
+        sd_bus_slot *calls[3];     /* method calls in flight */
         sd_event_source *timer;
         char *error, *error_name;  /* failed: push() returns nil, error, error_name */
 };
@@ -136,6 +146,14 @@ Manager *manager_ref(Manager *m);
 Manager *manager_unref(Manager *m);
 /* Close the connection: pending ops fail, the bus leaves the loop. Idempotent. */
 void manager_close(Manager *m);
+/* Keep the result of job (of kind verb) when its JobRemoved comes (for manager_take_job()).
+ * A job kept already stays as it is. 0 or -ENOMEM. */
+int manager_keep_job(Manager *m, const char *job, const char *verb);
+/* The record of a job kept by manager_keep_job(), taken off the manager (free it with
+ * job_record_free()), or NULL. */
+JobRecord *manager_take_job(Manager *m, const char *job);
+/* Frees a record; NULL is fine. */
+void job_record_free(JobRecord *r);
 
 /* ---- systemd-ops.c: ops ---- */
 
@@ -163,7 +181,8 @@ int sdop_call(SdOp *o, unsigned idx, sd_bus_message_handler_t cb, uint64_t timeo
 int sdop_get_all(SdOp *o, sd_bus_message_handler_t cb, const char *path, const char *type_iface, unsigned *pending);
 /* In a reply callback: which of o's calls this reply answers (its slot is dropped), or -1. */
 int sdop_take_call(SdOp *o, sd_bus_message *reply);
-/* Arm o's deadline (its type's timeout()), `seconds` from now (negative: none). */
+/* Arm o's deadline (its type's timeout()), `seconds` from now (negative: none), in place of the
+ * one it had. */
 int sdop_set_timeout(SdOp *o, double seconds);
 
 /* Start an op for a manager method that answers with nothing we need (daemon-reload,

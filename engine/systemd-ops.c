@@ -49,7 +49,62 @@ Manager *manager_unref(Manager *m) {
         if (--m->n_ref > 0)
                 return NULL;
         manager_close(m);
+        while (m->jobs) {
+                JobRecord *r = m->jobs;
+                m->jobs = r->next;
+                job_record_free(r);
+        }
         free(m);
+        return NULL;
+}
+
+/* Frees a record; NULL is fine. */
+void job_record_free(JobRecord *r) {
+        if (!r)
+                return;
+        free(r->job);
+        free(r->verb);
+        free(r->result);
+        free(r);
+}
+
+/* The record of job, or NULL. */
+static JobRecord *manager_find_job(Manager *m, const char *job) {
+        for (JobRecord *r = m->jobs; r; r = r->next)
+                if (streq(r->job, job))
+                        return r;
+        return NULL;
+}
+
+/* Keep the result of job when its JobRemoved comes (see systemd-internal.h). */
+int manager_keep_job(Manager *m, const char *job, const char *verb) {
+        JobRecord *r;
+
+        if (manager_find_job(m, job))
+                return 0;
+        r = calloc(1, sizeof *r);
+        if (!r)
+                return -ENOMEM;
+        r->job = strdup(job);
+        r->verb = strdup(verb);
+        if (!r->job || !r->verb) {
+                job_record_free(r);
+                return -ENOMEM;
+        }
+        r->next = m->jobs;
+        m->jobs = r;
+        return 0;
+}
+
+/* The record of a kept job, taken off the manager, or NULL. */
+JobRecord *manager_take_job(Manager *m, const char *job) {
+        for (JobRecord **p = &m->jobs; *p; p = &(*p)->next)
+                if (streq((*p)->job, job)) {
+                        JobRecord *r = *p;
+                        *p = r->next;
+                        r->next = NULL;
+                        return r;
+                }
         return NULL;
 }
 
@@ -246,6 +301,8 @@ static int sdop_timer_fired(sd_event_source *src, uint64_t usec, void *userdata)
  * from sd_event_add_time_relative(): that counts from the loop's cached time of its last wake-up,
  * which is stale after Lua code ran for a while, and the deadline would come early. */
 int sdop_set_timeout(SdOp *o, double seconds) {
+        /* Safe inside the timer's own callback: sd-event keeps a source alive while it dispatches. */
+        o->timer = sd_event_source_disable_unref(o->timer);
         if (seconds < 0)
                 return 0;
         return sd_event_add_time(rr_loop_event(), &o->timer, CLOCK_MONOTONIC, rr_deadline_usec(seconds), 1000,
@@ -254,15 +311,19 @@ int sdop_set_timeout(SdOp *o, double seconds) {
 
 /* ---- the connection ---- */
 
-/* JobRemoved(id, job, unit, result): hand it to the ops waiting for jobs. */
+/* JobRemoved(id, job, unit, result): keep it for a kept job, hand it to the ops waiting for jobs. */
 static int on_job_removed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
         Manager *m = userdata;
         const char *job, *unit, *result;
+        JobRecord *kept;
         uint32_t id;
 
         (void) ret_error;
         if (sd_bus_message_read(msg, "uoss", &id, &job, &unit, &result) < 0)
                 return 0;
+        kept = manager_find_job(m, job);
+        if (kept && !kept->result)
+                kept->result = strdup(result); /* out of memory: a later wait says the result is lost */
         /* A handler may finish its own op (unlinking it), never another one. */
         for (SdOp *o = m->ops, *next; o; o = next) {
                 next = o->next;

@@ -54,6 +54,17 @@ local function write_unit(base, service, unit, opts)
   return name
 end
 
+-- A fixture service (spec/support/fixture.c) whose shutdown takes stop_delay seconds after
+-- SIGTERM, as a service draining its connections does (TimeoutStopSec= stays at its 90 s).
+local function slow_stopper(base, stop_delay, extra_service)
+  local units = require("spec.support.units")
+  local name = unit_name(base)
+  units.fixture_unit(name, units.free_port(), { type = "notify", stop_delay = stop_delay,
+    extra_service = extra_service })
+  written[name] = true
+  return name
+end
+
 local function sleeper(base, extra, unit)
   local service = { "ExecStart=/bin/sleep 1000" }
   for _, l in ipairs(extra or {}) do service[#service + 1] = l end
@@ -381,17 +392,81 @@ describe("rr.systemd", function()
       assert.are_not.equal(pid, u:get("MainPID"))
     end)
 
-    it("takes a job mode and a wait timeout; the job goes on after the timeout", function()
+    it("takes a job mode and a timeout: a start past it returns ETIMEDOUT and the job, wait_job waits for it", function()
       local u = load(sleeper("slowstart", { "ExecStartPre=/bin/sleep 1" }))
       local t0 = rr.now()
-      local ok, err, code = u:start("replace", { timeout = 0.2 })
+      local ok, err, code, job, escalated = u:start("replace", { timeout = 0.2 })
       assert.is_nil(ok)
-      assert.equal("wait-timeout", code)
-      assert.matches("no result within 0%.2 s", err)
+      assert.equal("ETIMEDOUT", code)
+      assert.matches("^/org/freedesktop/systemd1/job/%d+$", job)
+      assert.is_nil(escalated)
+      assert.equal(("start of %s: not done within 0.2 s; systemd is still running the job %s"):format(
+        u:name(), job), err)
       assert.is_true(rr.now() - t0 < 0.9)
-      assert.same({ true, "active" }, { u:wait_state("active", 10) })
+      assert.equal("activating", u:get("ActiveState"))
+      assert.same({ true, "done", "success" }, { u:wait_job(job) })
+      assert.equal("active", u:get("ActiveState"))
       -- opts in place of the mode
       assert.is_true((u:stop{ timeout = 10 }))
+    end)
+
+    it("keeps the result of a job that ended before wait_job was called, for one wait", function()
+      local u = load(sleeper("keptresult", { "ExecStartPre=/bin/sleep 0.5" }))
+      local ok, _, code, job = u:restart{ timeout = 0.1 }
+      assert.is_nil(ok)
+      assert.equal("ETIMEDOUT", code)
+      assert.same({ true, "active" }, { u:wait_state("active", 10) })
+      assert.same({ true, "done", "success" }, { u:wait_job(job, { timeout = 10 }) })
+      local again, err, again_code = u:wait_job(job)
+      assert.is_nil(again)
+      assert.equal("ENOENT", again_code)
+      assert.matches("job /org/freedesktop/systemd1/job/%d+ is gone: it ended before the wait", err)
+      assert(u:stop())
+    end)
+
+    it("says a job it does not know is gone", function()
+      local u = load(sleeper("nosuchjob"))
+      local ok, err, code = u:wait_job("/org/freedesktop/systemd1/job/4000000000")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+      assert.matches("is gone", err)
+    end)
+
+    it("escalates a stop that outlasts its timeout: SIGKILL to the unit's processes, then the stop's real end", function()
+      local u = load(slow_stopper("slowstop", 30))
+      assert(u:start())
+      local pid = u:get("MainPID")
+      assert.is_true(pid > 0)
+      local t0 = rr.now()
+      local ok, result, unit_result, escalated = u:stop{ timeout = 0.5 }
+      assert.is_true(ok, tostring(result))
+      assert.equal("done", result)
+      assert.equal("SIGKILL", escalated)
+      -- systemd saw its main process killed by a signal, as after its own stop timeout
+      assert.equal("signal", unit_result)
+      assert.is_true(rr.now() - t0 < 20, "waited for the fixture's 30 s shutdown")
+      assert.equal("failed", u:get("ActiveState"))
+      assert.equal(0, u:get("MainPID"))
+      assert.is_nil(io.open("/proc/" .. pid .. "/stat"), "the fixture still runs")
+      assert(u:reset_failed())
+      assert.equal("inactive", u:get("ActiveState"))
+    end)
+
+    it("returns ETIMEDOUT, the job and the escalation when a stop outlasts the SIGKILL and the grace", function()
+      -- ExecStopPost= runs once the main process died of the SIGKILL: the stop goes on 2 s more.
+      local u = load(slow_stopper("slowpost", 30, { "ExecStopPost=/bin/sleep 2" }))
+      assert(u:start())
+      local ok, err, code, job, escalated = u:stop{ timeout = 0.3, grace = 0.3 }
+      assert.is_nil(ok)
+      assert.equal("ETIMEDOUT", code)
+      assert.matches("^/org/freedesktop/systemd1/job/%d+$", job)
+      assert.equal("SIGKILL", escalated)
+      assert.equal(("stop of %s: not done within 0.3 s, nor 0.3 s after SIGKILL to every process of the unit; "
+        .. "systemd is still running the job %s"):format(u:name(), job), err)
+      assert.equal("deactivating", u:get("ActiveState"))
+      assert.same({ true, "done", "signal" }, { u:wait_job(job) })
+      assert.equal("failed", u:get("ActiveState"))
+      assert(u:reset_failed())
     end)
 
     it("runs 50 restarts from 50 tasks at once", function()
@@ -448,6 +523,11 @@ describe("rr.systemd", function()
       assert.has_error(function() u:restart("sideways") end)
       assert.has_error(function() u:restart("replace", { timeout = -1 }) end)
       assert.has_error(function() u:restart("replace", { tiemout = 1 }) end)
+      assert.has_error(function() u:stop{ grace = -1 } end)
+      assert.has_error(function() u:stop{ grace = "1" } end)
+      assert.has_error(function() u:wait_job("/org/freedesktop/systemd1/unit/x") end)
+      assert.has_error(function() u:wait_job(42) end)
+      assert.has_error(function() u:wait_job() end)
       assert.has_error(function() u:restart(42) end)
       assert.has_error(function() m:unit("no spaces.service") end)
       assert.has_error(function() m:unit("nosuffix") end)
