@@ -4,6 +4,10 @@ local fs = require("rr.fs")
 
 local engine = os.getenv("RR_ENGINE") or arg[-1]
 
+local function proc_run(argv)
+  return require("rr.proc").run(argv, { timeout = 60 })
+end
+
 describe("rr.loop tasks", function()
   it("runs 100 tasks sleeping 0.2 s concurrently", function()
     local t0 = rr.now()
@@ -95,6 +99,55 @@ describe("rr.loop tasks", function()
     local ok, err = rr.wait(t)
     assert.is_false(ok)
     assert.matches("cannot wait for itself", err)
+  end)
+
+  -- Lua gives a coroutine and the main thread only a small stack: every value a task hands
+  -- over (its arguments, its results) must be given room first.
+  it("delivers every one of 5000 results of a task through rr.wait", function()
+    local t = rr.spawn(function()
+      local values = {}
+      for i = 1, 5000 do values[i] = i end
+      rr.sleep(0)
+      return table.unpack(values)
+    end)
+    local r = table.pack(rr.wait(t))
+    assert.equal(5001, r.n)
+    assert.is_true(r[1])
+    for i = 1, 5000 do
+      assert.equal(i, r[i + 1])
+    end
+    local again = table.pack(t:result())
+    assert.equal(5001, again.n)
+    assert.equal(5000, again[5001])
+  end)
+
+  it("hands 5000 arguments to a task", function()
+    local args = {}
+    for i = 1, 5000 do args[i] = i end
+    local t = rr.spawn(function(...)
+      local n, sum = select("#", ...), 0
+      for i = 1, n do sum = sum + select(i, ...) end
+      return n, sum
+    end, table.unpack(args))
+    assert.same({ true, 5000, 5000 * 5001 // 2 }, { rr.wait(t) })
+  end)
+
+  it("finishes 3000 failing tasks waited for as one list from the top level", function()
+    -- rr.wait{...} fills the waiting thread's stack with the tasks; each failure's traceback is
+    -- then built beside them.
+    local res, err = proc_run({ engine, "-e", [[
+      local rr = require("rr")
+      local tasks = {}
+      for i = 1, 3000 do tasks[i] = rr.spawn(function() rr.sleep(0) error("task " .. i, 0) end) end
+      local results = rr.wait(tasks)
+      local bad = 0
+      for i, r in ipairs(results) do
+        if r[1] ~= false or not r[2]:find("^task " .. i .. "\n") then bad = bad + 1 end
+      end
+      print(#results, bad)
+    ]] })
+    assert.is_truthy(res, err)
+    assert.equal("3000\t0\n", res.stdout)
   end)
 
   it("keeps rr.now monotonic", function()

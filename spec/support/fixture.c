@@ -5,7 +5,7 @@
  *   fixture --port N [--host 127.0.0.1] [--status CODE] [--warmup S] [--listen-delay S]
  *           [--hang] [--delay-ms MS] [--exit-after S] [--exit-code N] [--body TEXT]
  *           [--version-file PATH] [--write-file PATH] [--control-file PATH] [--notify]
- *           [--big-body BYTES] [--port-file PATH]
+ *           [--big-body BYTES] [--port-file PATH] [--stop-delay S]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,6 +58,7 @@ struct config {
         double warmup;
         double listen_delay;
         double exit_after;
+        double stop_delay;    /* SIGTERM/SIGINT: exit this long after (a slow shutdown) */
         const char *version_file;
         const char *write_file;
         const char *control_file;
@@ -106,6 +107,7 @@ struct server {
         int64_t listen_at;            /* when to bind (after --listen-delay) */
         int64_t ready_at;             /* end of --warmup; set when listening */
         int64_t exit_at;              /* --exit-after deadline, or -1 */
+        int64_t stop_at;              /* --stop-delay: when a stop signal's exit is due, or -1 */
         int64_t accept_resume;        /* after EMFILE: when to accept again, or -1 */
         struct conn **conns;
         size_t n_conns, cap_conns;
@@ -654,6 +656,14 @@ static void server_signal(struct server *s) {
                         write_file_note(s, "reloaded");
                         if (s->cfg.notify)
                                 (void) sd_notify(0, "READY=1");
+                } else if (s->cfg.stop_delay > 0) {
+                        /* A slow shutdown: keep serving, exit (0) later; more signals change nothing. */
+                        if (s->stop_at >= 0)
+                                continue;
+                        log_line("%s: exiting in %g s", strsignal((int) si.ssi_signo), s->cfg.stop_delay);
+                        if (s->cfg.notify)
+                                (void) sd_notify(0, "STOPPING=1");
+                        s->stop_at = now_ms() + (int64_t) (s->cfg.stop_delay * 1000);
                 } else {
                         log_line("%s: exiting", strsignal((int) si.ssi_signo));
                         if (s->cfg.notify)
@@ -731,6 +741,7 @@ static int server_run(struct server *s) {
                 if (s->listen_fd < 0)
                         NEAREST(s->listen_at);
                 NEAREST(s->exit_at);
+                NEAREST(s->stop_at);
                 NEAREST(s->accept_resume);
                 for (size_t i = 0; i < s->n_conns; i++)
                         if (s->conns[i]->state == CONN_WAITING)
@@ -776,6 +787,11 @@ static int server_run(struct server *s) {
                         server_inotify(s);
                 if (s->quit)
                         break;
+                if (s->stop_at >= 0 && now >= s->stop_at) {
+                        log_line("--stop-delay: exiting");
+                        s->exit_status = 0;
+                        break;
+                }
                 if (s->exit_at >= 0 && now >= s->exit_at) {
                         log_line("--exit-after: exiting with status %d", s->now.exit_code);
                         s->exit_status = s->now.exit_code;
@@ -832,7 +848,7 @@ static void usage(FILE *f) {
                 "               [--listen-delay S] [--hang] [--delay-ms MS] [--exit-after S]\n"
                 "               [--exit-code N] [--body TEXT] [--version-file PATH]\n"
                 "               [--write-file PATH] [--control-file PATH] [--notify]\n"
-                "               [--big-body BYTES] [--port-file PATH]\n");
+                "               [--big-body BYTES] [--port-file PATH] [--stop-delay S]\n");
 }
 
 /* Parse argv into cfg. Returns 0, or -EINVAL after printing why. */
@@ -840,7 +856,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
         enum {
                 OPT_PORT = 256, OPT_HOST, OPT_STATUS, OPT_WARMUP, OPT_LISTEN_DELAY, OPT_HANG,
                 OPT_DELAY_MS, OPT_EXIT_AFTER, OPT_EXIT_CODE, OPT_BODY, OPT_VERSION_FILE,
-                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_HELP,
+                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_STOP_DELAY, OPT_HELP,
         };
         static const struct option options[] = {
                 { "port", required_argument, NULL, OPT_PORT },
@@ -859,6 +875,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                 { "notify", no_argument, NULL, OPT_NOTIFY },
                 { "big-body", required_argument, NULL, OPT_BIG_BODY },
                 { "port-file", required_argument, NULL, OPT_PORT_FILE },
+                { "stop-delay", required_argument, NULL, OPT_STOP_DELAY },
                 { "help", no_argument, NULL, OPT_HELP },
                 {}
         };
@@ -928,6 +945,9 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                 case OPT_PORT_FILE:
                         cfg->port_file = optarg;
                         break;
+                case OPT_STOP_DELAY:
+                        r = parse_seconds(optarg, &cfg->stop_delay);
+                        break;
                 case OPT_HELP:
                         usage(stdout);
                         return 1;
@@ -949,7 +969,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
 }
 
 int main(int argc, char **argv) {
-        struct server s = { .listen_fd = -1, .signal_fd = -1, .inotify_fd = -1, .accept_resume = -1 };
+        struct server s = { .listen_fd = -1, .signal_fd = -1, .inotify_fd = -1, .accept_resume = -1, .stop_at = -1 };
         struct rlimit rl;
         sigset_t mask;
         int64_t start;
