@@ -255,7 +255,8 @@ typedef struct WatchOp {
 
 static int watch_read(WatchOp *w);
 
-/* wait_state: true, state | nil, "timeout", state; wait_change: props, changed | nil, "timeout". */
+/* wait_state: true, state | nil, message, "ETIMEDOUT", state; wait_change: props, changed | nil,
+ * message, "ETIMEDOUT": the one failure form, the state seen last as the extra value. */
 static int watch_push(lua_State *L, SdOp *o) {
         WatchOp *w = (WatchOp *) o;
         lua_Integer k = 0;
@@ -264,9 +265,13 @@ static int watch_push(lua_State *L, SdOp *o) {
         if (!w->change) {
                 if (w->timed_out) {
                         lua_pushnil(L);
-                        lua_pushliteral(L, "timeout");
+                        if (w->state)
+                                lua_pushfstring(L, "%s is still %s at the timeout", w->name, w->state);
+                        else
+                                lua_pushfstring(L, "%s: no state seen before the timeout", w->name);
+                        lua_pushliteral(L, "ETIMEDOUT");
                         lua_pushstring(L, w->state); /* nil when none was seen */
-                        return 3;
+                        return 4;
                 }
                 lua_pushboolean(L, 1);
                 lua_pushstring(L, w->state);
@@ -274,8 +279,9 @@ static int watch_push(lua_State *L, SdOp *o) {
         }
         if (w->timed_out) {
                 lua_pushnil(L);
-                lua_pushliteral(L, "timeout");
-                return 2;
+                lua_pushfstring(L, "%s: no change of the watched properties before the timeout", w->name);
+                lua_pushliteral(L, "ETIMEDOUT");
+                return 3;
         }
         n = bus_push_props(L, w->replies, ELEMENTSOF(w->replies), w->name);
         if (n != 1)
@@ -591,7 +597,7 @@ static int watch_start(lua_State *L, WatchOp *w, double timeout) {
         return rr_op_await(L, &w->base.op);
 }
 
-/* u:wait_state(states[, timeout]) -> true, state | nil, "timeout", state | nil, err, code */
+/* u:wait_state(states[, timeout]) -> true, state | nil, message, "ETIMEDOUT", state | nil, err, code */
 static int unit_l_wait_state(lua_State *L) {
         Unit *u = check_unit(L, 1);
         double timeout = opt_timeout(L, 3);
@@ -606,7 +612,7 @@ static int unit_l_wait_state(lua_State *L) {
         return watch_start(L, w, timeout);
 }
 
-/* u:wait_change(properties[, timeout[, since]]) -> props, changed_names | nil, "timeout" | nil, err, code
+/* u:wait_change(properties[, timeout[, since]]) -> props, changed_names | nil, message, "ETIMEDOUT" | nil, err, code
  * Returns once one of the named properties differs from since[name] (or, without it, from its
  * value when the wait began). */
 static int unit_l_wait_change(lua_State *L) {

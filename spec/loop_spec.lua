@@ -40,12 +40,54 @@ describe("rr.loop tasks", function()
     assert.equal("failed", bad:status())
   end)
 
-  it("wait returns one table per task when given several", function()
+  it("wait returns one table per task when given a list, whatever its length", function()
     local a = rr.spawn(function() return 1 end)
     local b = rr.spawn(function() error("no") end)
-    local ra, rb = rr.wait(a, b)
-    assert.same({ true, 1, n = 2 }, ra)
-    assert.is_false(rb[1])
+    local r = rr.wait({ a, b })
+    assert.same({ true, 1, n = 2 }, r[1])
+    assert.is_false(r[2][1])
+    local one = rr.spawn(function() return 2 end)
+    assert.same({ { true, 2, n = 2 } }, rr.wait({ one }))
+  end)
+
+  it("wait of one task gives its outcome; several tasks must be a list (one shape per form)", function()
+    assert.same({ true, 7 }, { rr.wait(rr.spawn(function() return 7 end)) })
+    local a, b = rr.spawn(function() end), rr.spawn(function() end)
+    assert.has_error(function() rr.wait(a, b) end, "rr.wait: give several tasks as a list: rr.wait{t1, t2, ...}")
+    rr.wait({ a, b })
+  end)
+
+  it("join gives a task's outcome in the failure form of every primitive, the code from its status", function()
+    assert.same({ true, 3 }, { rr.join(rr.spawn(function() return 3 end)) })
+    local failed = table.pack(rr.join(rr.spawn(function() error("no way", 0) end)))
+    assert.same({ nil, "no way", "EFAILED" }, { failed[1], failed[2], failed[3] })
+    local t = rr.spawn(function() rr.sleep(5) end)
+    t:cancel()
+    local _, msg, code = rr.join(t)
+    assert.equal("ECANCELED", code, msg)
+  end)
+
+  it("race: the first to finish wins, the others are cancelled and gone before it returns", function()
+    local slow
+    local i, v = rr.race({
+      function() slow = rr.current(); rr.sleep(5) end,
+      function() rr.sleep(0.01); return "fast" end,
+    })
+    assert.equal(2, i)
+    assert.equal("fast", v)
+    assert.equal("canceled", slow:status())
+    assert.same({ nil, "timed out after 0.02s", "ETIMEDOUT" }, { rr.race({ function() rr.sleep(5) end }, 0.02) })
+    local _, err, code = rr.race({ function() error("broken", 0) end, function() rr.sleep(5) end })
+    assert.equal("broken", err)
+    assert.equal("EFAILED", code)
+    -- the caller cancelled: its children go with it
+    local child
+    local outer = rr.spawn(function() rr.race({ function() child = rr.current(); rr.sleep(5) end }) end)
+    rr.sleep(0.01)
+    outer:cancel()
+    rr.wait(outer)
+    rr.sleep(0.01)
+    assert.equal("canceled", child:status())
   end)
 
   it("cancels a waiting task: its wait raises 'canceled' and <close> runs", function()
@@ -77,7 +119,7 @@ describe("rr.loop tasks", function()
     local order = {}
     local a = rr.spawn(function() order[#order + 1] = "a1"; coroutine.yield(); order[#order + 1] = "a2" end)
     local b = rr.spawn(function() order[#order + 1] = "b1"; coroutine.yield(); order[#order + 1] = "b2" end)
-    rr.wait(a, b)
+    rr.wait({ a, b })
     assert.same({ "a1", "b1", "a2", "b2" }, order)
   end)
 

@@ -203,7 +203,7 @@ function Run:stabilize()
     local p, err, code = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" },
       math.max(deadline - rr.now(), 0.001), base)
     if not p then
-      if err == "timeout" or code == "ETIMEDOUT" then return nil end -- it stayed put
+      if code == "ETIMEDOUT" then return nil end -- it stayed put
       return "cannot watch the unit: " .. tostring(err)
     end
     if p.ActiveState ~= "active" then
