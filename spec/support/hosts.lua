@@ -27,13 +27,51 @@
 -- as when a machine goes down.
 local proc = require("rr.proc")
 local fs = require("rr.fs")
+local rr = require("rr")
 local units = require("spec.support.units")
-local spawn_until = require("spec.support.haproxy").spawn_until
 
 local hosts = {}
 
 local SSHD = "/usr/sbin/sshd"
 hosts.sandbox = units.root .. "/spec/support/sandbox"
+
+-- Spawn argv (rr.proc.spawn's opts, on_line taken) and wait until one of its output lines matches
+-- pattern, at most timeout seconds: the line is the signal, not a time. Returns the process
+-- handle and the pattern's captures; raises with what it printed when it exits first or never
+-- prints the line.
+function hosts.spawn_until(argv, pattern, timeout, opts)
+  local lines, found = {}, nil
+  local gate = rr.spawn(function() rr.sleep(timeout) end)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.capture = false
+  o.on_line = function(_, line)
+    if #lines < 200 then lines[#lines + 1] = line end
+    if not found then
+      local caps = table.pack(line:match(pattern))
+      if caps[1] ~= nil then
+        found = caps
+        gate:cancel()
+      end
+    end
+  end
+  local p, err = proc.spawn(argv, o)
+  if not p then
+    gate:cancel()
+    error(("cannot start %s: %s"):format(argv[1], err), 2)
+  end
+  local exited = rr.spawn(function() return p:wait() end)
+  rr.wait_any(gate, exited)
+  gate:cancel()
+  exited:cancel()
+  if not found then
+    p:close()
+    error(("%s did not print %q within %g s:\n%s"):format(table.concat(argv, " "), pattern, timeout,
+      table.concat(lines, "\n")), 2)
+  end
+  return p, found
+end
+local spawn_until = hosts.spawn_until
 
 -- Run argv; raise with its output when it fails.
 local function run(argv, what, opts)
