@@ -1,5 +1,5 @@
--- Specs for hosts: test hosts (spec/support/hosts.lua) and the remote manager (rr.systemd.remote:
--- sd-bus over ssh to systemd-stdio-bridge),
+-- Specs for hosts: test hosts (spec/support/hosts.lua), the remote manager (rr.systemd.remote:
+-- sd-bus over ssh to systemd-stdio-bridge) and rr.remote (commands, rsync, the per-host lock),
 -- against real sshd servers and real user managers, one sandbox per host.
 --
 --   spec/support/run-specs ./rrengine spec/hosts_spec.lua
@@ -9,6 +9,7 @@ local rr = require("rr")
 local proc = require("rr.proc")
 local fs = require("rr.fs")
 local systemd = require("rr.systemd")
+local remote = require("rr.remote")
 local hosts = require("spec.support.hosts")
 local units = require("spec.support.units")
 
@@ -183,6 +184,148 @@ describe("hosts", function()
       assert.matches("^the connection to the user manager on h3 was lost", err)
       assert.equal("ECONNRESET", code)
       assert.equal("rr.systemd.manager (user on h3, connection lost)", tostring(m))
+    end)
+  end)
+
+  describe("rr.remote", function()
+    local ARGS = { "a b", "  two  spaces ", "it's", "'", "''", "\"dq\"", "$HOME", "${HOME}", "$(id -u)", "`id -u`",
+                   "line1\nline2", "\n", "*", "?", "[a]", "~", "~root", "", "--", "-n", "-e", "\\", "\\n", "a;b",
+                   "a|b", "a&b", "<x>", "#c", "tab\there", "\r", "é", "%s", "!" }
+
+    it("passes every argument to the host byte for byte", function()
+      local argv = { "printf", "%s\\n" }
+      for _, a in ipairs(ARGS) do argv[#argv + 1] = a end
+      local res, err, r = remote.run("h1", argv, { ssh_config = hs[1].ssh_config })
+      assert(res, said(err, r))
+      assert.equal(table.concat(ARGS, "\n") .. "\n", res.stdout)
+    end)
+
+    it("runs in a directory and with variables on the host, quoted the same way", function()
+      local dir = hs[1].dir .. "/it's a $dir"
+      assert(fs.mkdir_p(dir))
+      local res, err, r = remote.run("h1", { "sh", "-c", "pwd; printf '%s\\n' \"$RR_X\"" },
+        { ssh_config = hs[1].ssh_config, cwd = dir, env = { RR_X = "x 'y' $z" } })
+      assert(res, said(err, r))
+      assert.equal(dir .. "\nx 'y' $z\n", res.stdout)
+    end)
+
+    it("builds one ssh argv: the config, no terminal, never a prompt, the quoted line after --", function()
+      assert.same({ "ssh", "-F", "/c f", "-x", "-T", "-o", "BatchMode=yes", "--", "web1", "exec 'ls' '-l' 'a b'" },
+        remote.command("web1", { "ls", "-l", "a b" }, { ssh_config = "/c f" }))
+      assert.equal("'it'\\''s'", remote.quote("it's"))
+      assert.has_error(function() remote.command("-oProxyCommand=x", { "true" }) end)
+      assert.has_error(function() remote.command("h1", {}) end)
+      assert.has_error(function() remote.run("h1", { "true" }, { cwdd = "/" }) end)
+    end)
+
+    it("says how a remote command failed: its exit code, its timeout (killed on the host too), no host", function()
+      local cfg = hs[1].ssh_config
+      local res, err, r = remote.run("h1", { "sh", "-c", "exit 3" }, { ssh_config = cfg })
+      assert.is_nil(res)
+      assert.equal("sh on h1 exited with code 3", err)
+      assert.equal(3, r.exit_code)
+
+      local pidfile = hs[1].dir .. "/sleeper.pid"
+      res, err, r = remote.run("h1", { "sh", "-c", "echo $$ > \"$1\"; exec sleep 1000", "sh", pidfile },
+        { ssh_config = cfg, timeout = 0.5 })
+      assert.is_nil(res)
+      assert.equal("sh on h1 timed out after 0.5 s (killed)", err)
+      assert.is_true(r.timed_out)
+      -- Gone on the host, not only here: ssh ends when the command does.
+      local pid = assert(fs.read(pidfile)):match("%d+")
+      local gone, gerr, gr = remote.run("h1", { "kill", "-0", pid }, { ssh_config = cfg })
+      assert.is_nil(gone, "the remote sleep still runs")
+      assert.equal(1, gr.exit_code, gerr)
+
+      res, err, r = remote.run("nosuchhost.invalid", { "true" }, { ssh_config = cfg })
+      assert.is_nil(res)
+      assert.matches("^cannot reach nosuchhost%.invalid: ssh: Could not resolve hostname", err)
+      assert.is_true(r.unreachable)
+    end)
+
+    it("copies with rsync over ssh both ways, whatever the paths and the config's path hold", function()
+      local h = hs[1]
+      -- rsync splits -e itself: a config path with a space and a quote must survive it.
+      local cfg = h.dir .. "/it's a config"
+      assert(fs.copy_atomic(h.ssh_config, cfg))
+      local src = h.dir .. "/src 'q' $x"
+      assert(fs.mkdir_p(src .. "/sub dir"))
+      assert(fs.write_atomic(src .. "/sub dir/f'1 $y.txt", "one\n"))
+      assert(fs.write_atomic(src .. "/plain", "two\n"))
+      local dst = h.dir .. "/dst \"d\" `x` *"
+      local res, err, r = run(remote.rsync_argv("h1", { "-a" }, src .. "/", dst, { ssh_config = cfg }))
+      assert(res, said(err, r))
+      -- One machine: the host's files are ours to look at.
+      assert.equal("one\n", fs.read(dst .. "/sub dir/f'1 $y.txt"))
+      assert.equal("two\n", fs.read(dst .. "/plain"))
+
+      local back = h.dir .. "/back"
+      res, err, r = run(remote.rsync_argv("h1", { "-a" }, dst .. "/", back, { ssh_config = cfg, pull = true }))
+      assert(res, said(err, r))
+      assert.equal("one\n", fs.read(back .. "/sub dir/f'1 $y.txt"))
+    end)
+
+    describe("lock", function()
+      it("refuses a second locker at once, naming the holder; unlock frees it", function()
+        local cfg = hs[2].ssh_config
+        local lock <close> = assert(remote.lock("h2", { ssh_config = cfg, user = true, holder = "run A pid=1" }))
+        assert.is_true(lock:held())
+        assert.equal(hs[2].env.XDG_STATE_HOME .. "/rrengine/run.lock", lock:path())
+        assert.equal("run A pid=1\n", fs.read(lock:path()))
+
+        local again, err, code, holder = remote.lock("h2", { ssh_config = cfg, user = true })
+        assert.is_nil(again)
+        assert.equal("EWOULDBLOCK", code)
+        assert.equal("h2 is locked by: run A pid=1", err)
+        assert.equal("run A pid=1", holder)
+
+        -- Another host has a lock of its own.
+        local other <close> = assert(remote.lock("h1", { ssh_config = hs[1].ssh_config, user = true }))
+
+        assert.is_true(lock:unlock())
+        assert.is_false(lock:held())
+        local next_one <close> = assert(remote.lock("h2", { ssh_config = cfg, user = true }))
+        assert.matches("^host=%S+ pid=" .. fs.getpid() .. " since=", next_one:holder())
+      end)
+
+      it("dies with the engine that holds it", function()
+        local h = hs[2]
+        local script = h.dir .. "/locker.lua"
+        -- The child takes both through $RR_SSH_CONFIG, as a plan run with -H would.
+        assert(fs.write_atomic(script, [[
+          local lock = assert(require("rr.remote").lock(arg[1], { user = true }))
+          local m = assert(require("rr.systemd").remote(arg[1], { user = true }))
+          print("locked by " .. require("rr.fs").getpid() .. " " .. m:host())
+          require("rr").sleep(600)
+        ]]))
+        local child, caps = hosts.spawn_until({ ENGINE, script, h.name }, "^locked by (%d+) h2$", 20,
+          { env = { RR_SSH_CONFIG = h.ssh_config } })
+        local pid = caps[1]
+
+        local lock, err, code = remote.lock("h2", { ssh_config = h.ssh_config, user = true })
+        assert.is_nil(lock)
+        assert.equal("EWOULDBLOCK", code)
+        assert.matches("^h2 is locked by: host=%S+ pid=" .. pid .. " since=", err)
+
+        child:kill("KILL")
+        child:wait()
+        child:close()
+        -- Freed without anyone unlocking it: flock waits for the kernel to release it.
+        local freed <close>, ferr = remote.lock("h2", { ssh_config = h.ssh_config, user = true, wait = 20 })
+        assert(freed, ferr)
+      end)
+
+      it("says why a lock file cannot be had", function()
+        local lock, err, code = remote.lock("h1", { ssh_config = hs[1].ssh_config, path = "/proc/nope/run.lock" })
+        assert.is_nil(lock)
+        assert.equal("ENOENT", code)
+        assert.matches("^cannot lock h1: .*/proc/nope", err)
+
+        lock, err, code = remote.lock("nosuchhost.invalid", { ssh_config = hs[1].ssh_config })
+        assert.is_nil(lock)
+        assert.equal("EHOSTUNREACH", code)
+        assert.matches("^cannot lock nosuchhost%.invalid: cannot reach", err)
+      end)
     end)
   end)
 end)
