@@ -647,8 +647,12 @@ static char *ssh_why(SshLink *l) {
                                 *p = ' ';
                 return out;
         }
+        /* ssh's own failures exit 255; a client of a shared connection (ControlMaster) says nothing
+         * when the master gives up on the host: its own stderr is gone. */
         if (l->exited && l->exit_signal)
                 (void) asprintf(&out, "ssh was killed by signal %d", l->exit_signal);
+        else if (l->exited && l->exit_code == 255)
+                out = strdup("ssh exited with code 255 (its connection failed or was closed)");
         else if (l->exited)
                 (void) asprintf(&out, "ssh exited with code %d", l->exit_code);
         return out;

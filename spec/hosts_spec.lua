@@ -157,6 +157,22 @@ describe("hosts", function()
       assert.has_error(function() systemd.remote("h1", { bus_path = 1 }) end)
     end)
 
+    it("fails the pending ops of a host that stops answering once ssh gives up on it", function()
+      -- The hosts' ssh config gives up after ServerAliveCountMax (3) unanswered probes 2 s apart.
+      local h = hs[3]
+      local m <close> = assert(systemd.remote(h.name, { user = true, ssh_config = h.ssh_config }))
+      local u = assert(m:unit(UNIT))
+      local wait = rr.spawn(function() return u:wait_state("failed") end)
+      h:freeze()
+      local i, ok, v, err, code = rr.race({ function() return rr.wait(wait) end }, 30)
+      h:thaw()
+      assert(i, tostring(ok))
+      assert.is_true(ok)
+      assert.is_nil(v)
+      assert.matches("^the connection to the user manager on h3 was lost", err)
+      assert.equal("ECONNRESET", code)
+    end)
+
     it("fails every pending op of a host that drops, at once and clearly, and the ones after", function()
       local h = hs[3]
       local m <close> = assert(systemd.remote(h.name, { user = true, ssh_config = h.ssh_config }))

@@ -10,6 +10,7 @@
 --   -- h.port, h.sshd_pid, h.manager_pid
 --   h:write_unit("x.service", { exec = { "/bin/sleep", "1000" } })   -- units.render's opts
 --   h:kill()                            -- the host drops: its sshd and its manager die
+--   h:freeze(), h:thaw()                -- the host stops answering (sshd stopped), and again
 --   hosts.stop(hs)                      -- every host stopped and cleaned up (idempotent)
 --
 -- A test host is a sandboxed user manager (spec/support/sandbox start DIR) plus its own sshd
@@ -112,8 +113,8 @@ local function signal(sig, pids)
   proc.run(argv, { timeout = 10 })
 end
 
--- Stop pid and everything below it, then kill it all (see the top of the file).
-local function kill_tree(pid)
+-- Stop pid and everything below it (see the top of the file); the PIDs stopped.
+local function stop_tree(pid)
   pid = tostring(pid)
   signal("STOP", { pid })
   local all, seen, level = { pid }, { [pid] = true }, { pid }
@@ -131,7 +132,12 @@ local function kill_tree(pid)
     signal("STOP", next_level)
     level = next_level
   end
-  signal("KILL", all)
+  return all
+end
+
+-- Stop pid and everything below it, then kill it all.
+local function kill_tree(pid)
+  signal("KILL", stop_tree(pid))
 end
 
 -- The variables a sandbox start printed (NAME=value lines).
@@ -234,6 +240,19 @@ local function kill_host(h)
   end
 end
 
+-- The host stops answering (a network that drops every packet, a machine that hangs): its sshd
+-- and every process below it are stopped; connections stay open and silent. thaw() lets them go on.
+local function freeze_host(h)
+  if h.sshd and not h.frozen then h.frozen = stop_tree(h.sshd:pid()) end
+end
+
+local function thaw_host(h)
+  if h.frozen then
+    signal("CONT", h.frozen)
+    h.frozen = nil
+  end
+end
+
 -- Kill the host, then let the sandbox clean up what is left of it. Idempotent.
 local function stop_host(h)
   kill_host(h)
@@ -259,7 +278,8 @@ function hosts.start(n)
     local known, config = {}, {}
     for i = 1, n do
       local h = { name = "h" .. i, dir = base .. "/h" .. i, user = user, ssh_config = base .. "/ssh_config",
-                  write_unit = write_unit, kill = kill_host, stop = stop_host }
+                  write_unit = write_unit, kill = kill_host, stop = stop_host, freeze = freeze_host,
+                  thaw = thaw_host }
       list[i] = h
       local res = run({ hosts.sandbox, "start", h.dir }, "sandbox start " .. h.dir, { timeout = 60 })
       h.env = parse_env(res.stdout)
