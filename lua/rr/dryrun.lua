@@ -125,6 +125,7 @@ function dryrun.run(p)
       if #implicit > 0 then
         warn("systemd will also restart " .. list(implicit) .. ": they depend on this unit")
       end
+      dryrun.check_ordering(p, svc, props, warn)
       if not opts.force then
         local hc = svc.health
         out(("     then: health check (%s, timeout %gs, retries %d), stabilize %gs"):format(
@@ -136,6 +137,36 @@ function dryrun.run(p)
   out("")
   out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
   return problems, warnings
+end
+
+-- services.lua's `depends` against the unit's own ordering: a declared dependency the unit
+-- does not order itself After= (at boot, or on a manual start, systemd may start them in any
+-- order), and a unit of the platform the unit orders itself after or requires that `depends`
+-- does not list (rrengine may restart this service before that one).
+function dryrun.check_ordering(p, svc, props, warn)
+  if not p.platform then return end
+  local after, pulls = {}, {}
+  for _, u in ipairs(props.After or {}) do after[u] = true end
+  for _, field in ipairs({ "Requires", "Wants", "BindsTo", "Requisite" }) do
+    for _, u in ipairs(props[field] or {}) do pulls[u] = field end
+  end
+  local declared = {}
+  for _, dep in ipairs(svc.depends or {}) do
+    local d = p.platform.by_name[dep]
+    if d then
+      declared[d.unit] = true
+      if not after[d.unit] then
+        warn(("depends on %s, but %s has no After=%s: outside rrengine, systemd may start them in any order")
+          :format(dep, svc.unit, d.unit))
+      end
+    end
+  end
+  for _, other in ipairs(p.platform.services) do
+    if other.unit ~= svc.unit and not declared[other.unit] and (after[other.unit] and pulls[other.unit]) then
+      warn(("%s has %s= and After=%s, but services.lua does not list %s in its depends: rrengine may restart "
+        .. "it first"):format(svc.unit, pulls[other.unit], other.unit, other.name))
+    end
+  end
 end
 
 -- The schedule: the waves of services that may run together (dependencies allowing), each

@@ -657,6 +657,20 @@ end }
 STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self)
   local svc, def = self.svc, self.def
   local props = self.props
+  if def.changed then
+    -- systemd's own check, before the daemon-reload makes a typo the running definition (and,
+    -- once healthy, the known good one: systemd ignores an unknown key with a warning)
+    local findings = flow.verify_definition(self.ctx, def)
+    if #findings > 0 then
+      self:emit("DEFINITION_INVALID", { findings = findings })
+      local text = findings[1] .. (#findings > 1 and (" (and %d more)"):format(#findings - 1) or "")
+      if not self.ctx.opts.force then
+        return nil, "the changed definition does not pass systemd-analyze verify: " .. text
+          .. " (fix it, or --force to go on anyway)"
+      end
+      self:emit("WARNING", { warning = "--force: going on with a definition systemd-analyze finds fault with: " .. text })
+    end
+  end
   if def.stale then
     self:step("daemon-reload")
     self.touched.unit = true
@@ -746,6 +760,44 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
 end }
 
 flow.STEPS = STEPS
+
+-- flow.verify_definition(ctx, def) -> { finding, ... }: what `systemd-analyze verify` says about
+-- the unit's own files (its lines that name one of them; other units' problems are not this
+-- service's), or the verifier's failure itself. Empty: nothing found.
+function flow.verify_definition(ctx, def)
+  local unit_file
+  local ours = {}
+  for _, f in ipairs(def.current) do
+    ours[#ours + 1] = f.path
+    if f.role == "unit" then unit_file = f.path end
+  end
+  if not unit_file then return {} end
+  local argv = { "systemd-analyze" }
+  if ctx.user then argv[#argv + 1] = "--user" end
+  argv[#argv + 1] = "verify"
+  argv[#argv + 1] = unit_file
+  local res, _, r = proc.run(argv, { timeout = 60 })
+  local out = res or (type(r) == "table" and r) or nil
+  if not out then
+    return {} -- no verifier here (not installed): nothing to say, the flow goes on
+  end
+  local findings = {}
+  for line in ((out.stderr or "") .. "\n" .. (out.stdout or "")):gmatch("[^\n]+") do
+    for _, path in ipairs(ours) do
+      if line:sub(1, #path + 1) == path .. ":" then
+        findings[#findings + 1] = line
+        break
+      end
+    end
+  end
+  if #findings == 0 and not res and out.exit_code and out.exit_code ~= 0 then
+    local first = (out.stderr or ""):match("[^\n]+")
+    if first and not first:find("RuntimeDirectory", 1, true) then
+      findings[1] = ("systemd-analyze verify: %s"):format(first)
+    end
+  end
+  return findings
+end
 
 -- flow.hashes(files) -> { [path] = sha256 | false (absent) }
 function flow.hashes(files)
