@@ -230,7 +230,7 @@ local function phases(p, events_path, f, offset, t0, t1)
 end
 
 -- job.run{ p, method = "sequential"|"parallel"|"shell", parallel = N, m = manager, root, dir,
---   manager_pid } -> result table (see run.lua for the fields it prints).
+--   manager_pid, wrap = {argv words before the engine's} } -> result table (see run.lua for the fields it prints).
 function job.run(o)
   local p = o.p
   local tag = ("%s-%s"):format(p.label, o.method)
@@ -241,6 +241,7 @@ function job.run(o)
     argv[#argv + 1] = "/bin/bash"
     argv[#argv + 1] = p.script
   else
+    for _, a in ipairs(o.wrap or {}) do argv[#argv + 1] = a end
     for _, a in ipairs({ o.root .. "/rrengine", o.root .. "/plans/rolling.lua", "--user",
       "--services", p.services_file, "--events", events }) do argv[#argv + 1] = a end
     if o.method == "parallel" then

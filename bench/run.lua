@@ -48,6 +48,11 @@ end
 local FANOUT = env_int("RR_BENCH_FANOUT", 1000)
 local PARALLEL = env_int("RR_BENCH_PARALLEL", 1000)
 local ROUNDS = env_int("RR_BENCH_ROUNDS", 5)
+-- A profiler around the engine of the measured sequential runs, e.g.
+-- RR_BENCH_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" (figures then mean
+-- nothing; the verification still holds).
+local WRAP = {}
+for w in (os.getenv("RR_BENCH_WRAP") or ""):gmatch("%S+") do WRAP[#WRAP + 1] = w end
 
 local m
 local prefix = ("rrb%d"):format(fs.getpid())
@@ -89,26 +94,42 @@ local function start_all(p)
   end
 end
 
-local function cleanup()
-  if not m then return end
+-- Stop p's units, remove their files, daemon-reload: the next section's manager has only its
+-- own units (systemd's job times grow with the number of units loaded).
+local function teardown(p)
   local tasks = {}
-  for _, p in ipairs(platforms) do
-    for _, u in ipairs(p.units) do
-      tasks[#tasks + 1] = rr.spawn(function()
-        local unit = m:unit(u.unit)
-        if unit then
-          unit:stop({ timeout = 20 })
-          unit:reset_failed()
-        end
-      end)
-    end
+  for _, u in ipairs(p.units) do
+    tasks[#tasks + 1] = rr.spawn(function()
+      local unit = m:unit(u.unit)
+      if unit then
+        unit:stop({ timeout = 20 })
+        unit:reset_failed()
+      end
+    end)
   end
   if #tasks > 0 then rr.wait(tasks) end
-  for _, p in ipairs(platforms) do
-    for _, u in ipairs(p.units) do units.remove(u.unit) end
-  end
+  for _, u in ipairs(p.units) do units.remove(u.unit) end
   m:daemon_reload()
-  platforms = {}
+  for k, q in ipairs(platforms) do
+    if q == p then table.remove(platforms, k) break end
+  end
+end
+
+-- Generate a platform, load it and start every unit.
+local function setup(o)
+  local t0 = rr.now()
+  local p = platform.generate({ label = o.label, n = o.n, delay = o.delay, dir = dir, prefix = prefix })
+  platforms[#platforms + 1] = p
+  assert(m:daemon_reload())
+  lib.progress("%s: starting %d units", p.label, p.n)
+  start_all(p)
+  lib.progress("%s: setup took %.1f s", p.label, rr.now() - t0)
+  return p
+end
+
+local function cleanup()
+  if not m then return end
+  while #platforms > 0 do teardown(platforms[#platforms]) end
   if dir then fs.remove_tree(dir) end
 end
 
@@ -187,10 +208,11 @@ end
 -- ---------------------------------------------------------------------------------------
 -- The whole job
 
-local function run_one(p, method)
+local function run_one(p, method, measured)
   lib.progress("%s: %s", p.label, method)
   return job.run({ p = p, method = method, parallel = PARALLEL, m = m, root = ROOT, dir = dir,
-    manager_pid = tonumber(os.getenv("RR_SANDBOX_PID") or "") })
+    manager_pid = tonumber(os.getenv("RR_SANDBOX_PID") or ""),
+    wrap = measured and method == "sequential" and WRAP or nil })
 end
 
 local function bench_size(p)
@@ -209,7 +231,7 @@ local function bench_size(p)
   results[p.label] = res
   for _, mth in ipairs(METHODS) do
     if interrupted() then return end
-    local r = run_one(p, mth[1])
+    local r = run_one(p, mth[1], true)
     res[mth[1]] = r
     job_row(mth[2] or ("rrengine --parallel %d (no limit)"):format(PARALLEL), r)
   end
@@ -237,6 +259,7 @@ end
 -- One round: every endpoint probed at once (rr.health.probe over rr.http); seconds, failures.
 local function fanout_round(p)
   local tasks = {}
+  local c0 = job.cpu_ns(fs.getpid())
   local t0 = rr.now()
   for i, u in ipairs(p.units) do
     tasks[i] = rr.spawn(health.probe, { url = u.url }, 10)
@@ -245,16 +268,19 @@ local function fanout_round(p)
   for _, r in ipairs(rr.wait(tasks)) do
     if not (r[1] and r[2] == "healthy") then fails = fails + 1 end
   end
-  return rr.now() - t0, fails
+  local dt = rr.now() - t0
+  local c1 = job.cpu_ns(fs.getpid())
+  return dt, fails, c0 and c1 and (c1 - c0) / 1e9
 end
 
 local function bench_fanout(p)
   print(("health fan-out: %d endpoints (%d fixture servers, one endpoint each), rr.health.probe"):format(p.n, p.n))
-  local rounds, fails = {}, 0
+  local rounds, cpus, fails = {}, {}, 0
   for k = 1, ROUNDS do
     lib.progress("fan-out round %d", k)
-    local dt, f = fanout_round(p)
+    local dt, f, cpu = fanout_round(p)
     rounds[k] = dt
+    cpus[#cpus + 1] = cpu
     fails = fails + f
   end
   -- Each endpoint alone, one after another: the slowest single answer is the floor of a round.
@@ -269,6 +295,12 @@ local function bench_fanout(p)
   lib.row("", 46, { "median", "min", "max" }, { 12, 12, 12 })
   lib.row(("one round, all %d at once (%d rounds)"):format(p.n, ROUNDS), 46,
     { ms(lib.median(rounds)) .. " ms", ms(lib.min(rounds)) .. " ms", ms(lib.max(rounds)) .. " ms" }, { 12, 12, 12 })
+  if #cpus > 0 then
+    lib.row("  engine CPU in that round", 46,
+      { ms(lib.median(cpus)) .. " ms", ms(lib.min(cpus)) .. " ms", ms(lib.max(cpus)) .. " ms" }, { 12, 12, 12 })
+    lib.row("  engine CPU per probe", 46, { ms(lib.median(cpus) / p.n) .. " ms", ms(lib.min(cpus) / p.n) .. " ms",
+      ms(lib.max(cpus) / p.n) .. " ms" }, { 12, 12, 12 })
+  end
   lib.row("each endpoint alone, one after another", 46,
     { ms(lib.median(single)) .. " ms", ms(lib.min(single)) .. " ms", ms(slowest) .. " ms" }, { 12, 12, 12 })
   print(("  a round takes %.1fx the slowest single endpoint (%s ms vs %s ms); sequential probes would take %s"
@@ -278,7 +310,7 @@ local function bench_fanout(p)
     print(("    !! %d probes were not healthy"):format(fails))
   end
   print()
-  results.fanout = { round = lib.median(rounds), slowest = slowest }
+  results.fanout = { round = lib.median(rounds), slowest = slowest, cpu = lib.median(cpus) }
   lib.flush()
 end
 
@@ -420,33 +452,23 @@ local function main()
   header()
   m = assert(systemd.user())
   dir = assert(fs.mkdtemp("/tmp/rrbench."))
-  for _, s in ipairs(SIZES) do
-    platforms[#platforms + 1] = platform.generate({ label = ("n%d"):format(s.n), n = s.n, delay = s.delay,
-      dir = dir, prefix = prefix })
-  end
-  local big
-  if FANOUT > 0 then
-    big = platform.generate({ label = ("n%d"):format(FANOUT), n = FANOUT, delay = 0, dir = dir, prefix = prefix })
-    platforms[#platforms + 1] = big
-  end
-  lib.progress("wrote %d platforms; daemon-reload", #platforms)
-  assert(m:daemon_reload())
-  for _, p in ipairs(platforms) do
-    lib.progress("starting %d units of %s", p.n, p.label)
-    start_all(p)
-  end
-  lib.progress("setup took %.1f s", rr.now() - t_start)
-  for k = 1, #SIZES do
+  for _, sz in ipairs(SIZES) do
     if interrupted() then break end
-    if not lib.section("whole job " .. platforms[k].label, function() bench_size(platforms[k]) end) then
-      failures = failures + 1
-    end
+    local ok = lib.section(("whole job N=%d"):format(sz.n), function()
+      local p = setup({ label = ("n%d"):format(sz.n), n = sz.n, delay = sz.delay })
+      bench_size(p)
+      teardown(p)
+    end)
+    if not ok then failures = failures + 1 end
   end
-  if big and not interrupted() then
-    if not lib.section("fan-out", function() bench_fanout(big) end) then failures = failures + 1 end
-    if not interrupted() and not lib.section("N=1000 job", function() bench_big_job(big) end) then
-      failures = failures + 1
-    end
+  if FANOUT > 0 and not interrupted() then
+    local ok = lib.section("fan-out and N=" .. FANOUT, function()
+      local p = setup({ label = ("n%d"):format(FANOUT), n = FANOUT, delay = 0 })
+      bench_fanout(p)
+      if not interrupted() then bench_big_job(p) end
+      teardown(p)
+    end)
+    if not ok then failures = failures + 1 end
   end
   if not interrupted() and not lib.section("load", function() bench_load(FANOUT > 0 and FANOUT or 1000) end) then
     failures = failures + 1
