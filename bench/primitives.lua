@@ -1,7 +1,8 @@
--- bench/run.lua: rrengine's benchmark (`make bench`). Runs inside spec/support/sandbox (a
--- private, real systemd user manager) with the engine as the interpreter:
+-- bench/primitives.lua: the earlier benchmark of rrengine's primitives, kept to run by hand
+-- (`make bench` runs bench/run.lua, the whole job, instead). Runs inside spec/support/sandbox
+-- (a private, real systemd user manager) with the engine as the interpreter:
 --
---   spec/support/sandbox run -- ./rrengine bench/run.lua
+--   spec/support/sandbox run -- ./rrengine bench/primitives.lua
 --
 -- Three figures, each against a baseline measured in the same run on the same units and
 -- servers (bench/README.md explains what each number means and how it is taken):
@@ -19,7 +20,7 @@
 -- The repository root (bench/..), for spec.support.units and bench.lib.
 local function repo_root()
   local src = debug.getinfo(1, "S").source
-  local path = src:sub(1, 1) == "@" and src:sub(2) or "bench/run.lua"
+  local path = src:sub(1, 1) == "@" and src:sub(2) or "bench/primitives.lua"
   if path:sub(1, 1) ~= "/" then path = (os.getenv("PWD") or ".") .. "/" .. path end
   local dir = path:match("^(.*)/bench/[^/]+$")
   return dir or "."
