@@ -739,6 +739,10 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
   local ctx, svc = self.ctx, self.svc
   if ctx.opts.force then
     self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
+  elseif self.def and self.def.known and not self.def.changed then
+    -- the definition that ran is the known good one already: nothing to store (a snapshot costs
+    -- a dozen fsyncs, the largest part of the engine's own time per service)
+    self.known_good_kept = true
   else
     local cur = self.unit:properties() or self.props
     local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
