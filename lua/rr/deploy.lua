@@ -257,9 +257,15 @@ local function mount_of(path)
   return best
 end
 
+-- path made absolute (from the current directory).
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return (fs.realpath(".") or ".") .. "/" .. path
+end
+
 -- path itself or its nearest existing parent (the state dir may not exist yet).
 local function nearest_existing(path)
-  local p = path
+  local p = absolute(path)
   while not fs.stat(p, true) do
     local parent = p:match("^(.*)/[^/]*$")
     if parent == nil or parent == p then return "/" end
@@ -387,6 +393,14 @@ local function check_apply_opts(opts)
   if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
     error("rr.deploy.apply: timeout must be a number of seconds", 3)
   end
+  if opts.state_root ~= nil then
+    if type(opts.state_root) ~= "string" or opts.state_root == "" then
+      error("rr.deploy.apply: state_root must be a path (string)", 3)
+    end
+    if not inside(strip_slash(opts.state_dir), strip_slash(opts.state_root)) then
+      error(("rr.deploy.apply: state_dir %s is not under state_root %s"):format(opts.state_dir, opts.state_root), 3)
+    end
+  end
 end
 
 -- Resolves a directory argument: its real path, or nil, err when it is not a directory.
@@ -437,6 +451,7 @@ end
 
 -- The real path a directory will have once created: its nearest existing parent resolved.
 local function future_real(path)
+  path = absolute(path)
   local base = nearest_existing(path)
   local real = fs.realpath(base) or base
   local rest = path:sub(#base + 1)
@@ -480,8 +495,9 @@ function deploy.apply(opts)
     return nil, ("deploy source %s and working dir %s overlap"):format(source, target)
   end
 
-  local state_dir = strip_slash(opts.state_dir)
-  local state_root = opts.state_root and strip_slash(opts.state_root) or implied_root(state_dir)
+  -- Absolute: rsync reads a relative --backup-dir from the working dir, not from here.
+  local state_dir = strip_slash(absolute(opts.state_dir))
+  local state_root = opts.state_root and strip_slash(absolute(opts.state_root)) or implied_root(state_dir)
   local real_state = future_real(state_dir)
   if inside(real_state, target) or inside(real_state, source) then
     return nil, ("the deploy state dir %s is inside %s: rsync would copy or delete it")
