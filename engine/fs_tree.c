@@ -75,16 +75,18 @@ static int rel_under(const char *root, const char *path, char **ret_root, const 
 }
 
 void rr_fs_check_under(lua_State *L, const char *root, const char *path, bool may_be_root) {
-        _cleanup_(freep) char *r = NULL, *p = NULL;
+        char *r = NULL, *p = NULL;
         const char *rel;
         int k = rel_under(root, path, &r, &rel, &p);
+        bool outside = k < 0 || (!may_be_root && rel[0] == '\0');
 
+        /* freed by hand: luaL_error does not return, so no _cleanup_ would run */
+        free(r);
+        free(p);
         if (k == -ENOMEM)
                 luaL_error(L, "out of memory");
-        if (k < 0 || (!may_be_root && rel[0] == '\0')) {
-                lua_pushfstring(L, "%s is not %sunder %s", path, may_be_root ? "" : "strictly ", root);
-                lua_error(L); /* misuse: the caller computed a path outside its own root */
-        }
+        if (outside) /* misuse: the caller computed a path outside its own root */
+                luaL_error(L, "%s is not %sunder %s", path, may_be_root ? "" : "strictly ", root);
 }
 
 int rr_fs_open_dir(const char *root, const char *dir, mode_t create_mode, char **ret_at) {
