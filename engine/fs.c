@@ -883,7 +883,10 @@ static int lock_write_pid(int fd) {
                         continue;
                 if (k <= 0) {
                         int r = k < 0 ? -errno : -EIO;
-                        (void) ftruncate(fd, 0);
+                        /* best effort: a half-written PID must not name a stranger; the write's
+                         * own error is what the caller reports */
+                        if (ftruncate(fd, 0) < 0)
+                                r = r == -EIO ? -errno : r;
                         return r;
                 }
                 done += (size_t) k;
