@@ -727,9 +727,13 @@ local function one_line_error(path, message)
   return path .. ": " .. message
 end
 
+-- Seconds a services file may take to load (wall clock): the instruction limit
+-- does not see time spent inside C calls, such as a slow string.find in a loop.
+services.LOAD_TIMEOUT = 10
+
 -- Loads and validates a services file. Returns the platform (see validate),
 -- or nil, problems: every validation problem, or one line for a file that
--- cannot be read, does not compile, or fails while running.
+-- cannot be read, does not compile, fails while running, or runs too long.
 function services.load(path)
   if type(path) ~= "string" then
     error("rr.services.load: path must be a string, got " .. type(path), 2)
@@ -754,14 +758,12 @@ function services.load(path)
   local chunk, syntax_err = load(source, "@" .. path, "t", sandbox_env())
   if not chunk then return nil, { one_line_error(path, syntax_err) } end
 
-  -- Run in a coroutine of its own, so that the instruction limit hook does not
-  -- disturb the caller's hooks (a task's, a debugger's).
-  local runner = coroutine.create(chunk)
-  debug.sethook(runner, function()
-    error(("runs more than %d instructions (an endless loop?)"):format(LOAD_INSTRUCTION_LIMIT), 2)
-  end, "", LOAD_INSTRUCTION_LIMIT)
-  local ok, result = coroutine.resume(runner)
-  if not ok then return nil, { one_line_error(path, result) } end
+  -- A task of its own, bounded in instructions and time (rr.chunk).
+  local ok, result, code = require("rr.chunk").run(chunk,
+    { instructions = LOAD_INSTRUCTION_LIMIT, seconds = services.LOAD_TIMEOUT, name = path })
+  if not ok then
+    return nil, { code == "ETIMEDOUT" and result or one_line_error(path, result) }
+  end
   return services.validate(result, path)
 end
 
