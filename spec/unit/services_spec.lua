@@ -85,6 +85,11 @@ describe("rr.services", function()
       assert.equal("hooks/sso.lua", by_name["sso.api"].hooks)
       assert.equal(true, by_name["sso.api"].reload)
       assert.equal("http", by_name["sso.api"].health.kind)
+      local group = platform.groups["search.api"]
+      assert.same({ "search.api.1", "search.api.2", "search.api.3" }, group.members)
+      assert.equal(1, group.max_unavailable_count)
+      assert.same({ haproxy = "/run/haproxy/admin.sock", backend = "search_api" }, group.balancer)
+      assert.equal("search.api.2", by_name["search.api.2"].balancer_server)
     end)
 
     it("reports a missing file in one line", function()
