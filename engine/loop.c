@@ -162,21 +162,41 @@ static void push_task(lua_State *L, RrTask *t) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
 }
 
+/* Slots task_finish() needs on the main thread: its stack is that of whichever C function runs
+ * the loop now (rr.wait{...} at the top level may have filled it), so room is made before a task
+ * is resumed or finished, where a failure leaves no task half-finished. Not an error raised on
+ * the main thread: it may not be the running one. */
+#define TASK_FINISH_SLOTS 10
+
+static bool finish_room(void) {
+        return lua_checkstack(S.L, TASK_FINISH_SLOTS);
+}
+
 /* Finish a task whose coroutine returned or raised; the outcome (nres values or the error
- * value) is at the top of co. Stores it in uservalue 2, wakes joiners, drops the coroutine. */
+ * value) is at the top of co. Stores it in uservalue 2, wakes joiners, drops the coroutine.
+ * The caller made TASK_FINISH_SLOTS of room on the main thread (finish_room()). */
 static void task_finish(RrTask *t, TaskState state, int nres) {
         lua_State *L = S.L;
         lua_State *co = t->co;
 
+        /* The results go into their table on co, which holds them: the main thread has room for a
+         * few values, not for any number a task may return. */
+        if (state == TASK_DONE && !lua_checkstack(co, 2)) {
+                lua_settop(co, 0);
+                lua_pushfstring(co, "task returned too many values (%d)", nres);
+                state = TASK_FAILED;
+        }
         push_task(L, t); /* ud */
-        lua_createtable(L, nres, 1); /* ud results */
         if (state == TASK_DONE) {
-                lua_xmove(co, L, nres); /* ud results v1..vn */
+                lua_createtable(co, nres, 1);           /* co: v1..vn results */
+                lua_insert(co, -1 - nres);              /* co: results v1..vn */
                 for (int i = nres; i >= 1; i--)
-                        lua_rawseti(L, -1 - i, i); /* table is below the i values left */
-                lua_pushinteger(L, nres);
-                lua_setfield(L, -2, "n");
+                        lua_rawseti(co, -1 - i, i);     /* the table is below the i values left */
+                lua_pushinteger(co, nres);
+                lua_setfield(co, -2, "n");
+                lua_xmove(co, L, 1);                    /* ud results */
         } else {
+                lua_createtable(L, 1, 1); /* ud results */
                 /* The error value is at co's top. A string gets the coroutine's traceback. */
                 if (lua_type(co, -1) == LUA_TSTRING) {
                         const char *msg = lua_tostring(co, -1);
@@ -260,19 +280,25 @@ static bool exit_pending(void) {
 }
 
 /* Resume the tasks that are ready now; those made ready meanwhile wait for the next turn, so a
- * task that keeps yielding cannot starve the loop. */
-static void run_ready(void) {
+ * task that keeps yielding cannot starve the loop. -ENOMEM when the main thread's stack cannot
+ * grow (the queue is left as it was). */
+static int run_ready(void) {
         RrTask *last = S.ready_tail;
 
         while (S.ready_head && !exit_pending()) {
-                RrTask *t = ready_pop();
-                bool was_last = t == last;
+                RrTask *t;
+                bool was_last;
 
+                if (!finish_room())
+                        return -ENOMEM;
+                t = ready_pop();
+                was_last = t == last;
                 if (t->state == TASK_READY || t->state == TASK_WAITING)
                         task_resume(t);
                 if (was_last)
                         break;
         }
+        return 0;
 }
 
 /* One turn: run what is ready, then wait for and dispatch one event (not when more work
@@ -280,7 +306,11 @@ static void run_ready(void) {
 static int loop_turn(const bool *stop) {
         int r;
 
-        run_ready();
+        r = run_ready();
+        if (r < 0) {
+                fprintf(stderr, "rrengine: no stack space to finish a task\n");
+                return r;
+        }
         if ((stop ? *stop : S.live == 0) || S.ready_head || exit_pending())
                 return 0;
         r = sd_event_run(S.event, UINT64_MAX);
@@ -397,6 +427,9 @@ static RrTask *task_spawn(lua_State *L, int nargs) {
         luaL_checktype(L, -1 - nargs, LUA_TFUNCTION);
         t = task_new(L);                /* fn args ud */
         co = lua_newthread(L);          /* fn args ud co */
+        /* A new thread has LUA_MINSTACK slots: the arguments need theirs. */
+        if (!lua_checkstack(co, nargs + 1))
+                luaL_error(L, "too many arguments for a task (%d)", nargs);
         lua_setiuservalue(L, -2, 1);    /* fn args ud */
         lua_insert(L, -2 - nargs);      /* ud fn args */
         lua_xmove(L, co, nargs + 1);    /* ud */
@@ -673,9 +706,11 @@ static int loop_interrupts(lua_State *L) {
         return 1;
 }
 
-static void task_cancel(RrTask *t) {
+/* Returns -ENOMEM (nothing changed) when a task that never started cannot be finished: no
+ * room on the main thread's stack. */
+static int task_cancel(RrTask *t) {
         if (task_finished(t) || t->cancel)
-                return;
+                return 0;
         t->cancel = true;
         switch (t->state) {
         case TASK_WAITING:
@@ -689,6 +724,10 @@ static void task_cancel(RrTask *t) {
         case TASK_READY:
                 if (lua_status(t->co) == LUA_OK && lua_gettop(t->co) == t->nargs + 1) {
                         /* Never started: it finishes as canceled without running. */
+                        if (!finish_room()) {
+                                t->cancel = false;
+                                return -ENOMEM;
+                        }
                         lua_settop(t->co, 0);
                         lua_pushliteral(t->co, "canceled");
                         task_finish(t, TASK_CANCELED, 0);
@@ -698,11 +737,13 @@ static void task_cancel(RrTask *t) {
         default:
                 break; /* running: its next wait point raises */
         }
+        return 0;
 }
 
 /* task:cancel() */
 static int task_l_cancel(lua_State *L) {
-        task_cancel(check_task(L, 1));
+        if (task_cancel(check_task(L, 1)) < 0)
+                return luaL_error(L, "no stack space to cancel the task");
         return 0;
 }
 
@@ -732,7 +773,8 @@ static int task_l_tostring(lua_State *L) {
 
 /* __close: leaving the scope of a task cancels it if it still runs. */
 static int task_l_close(lua_State *L) {
-        task_cancel(check_task(L, 1));
+        if (task_cancel(check_task(L, 1)) < 0)
+                return luaL_error(L, "no stack space to cancel the task");
         return 0;
 }
 
@@ -934,11 +976,11 @@ void rr_loop_shutdown(lua_State *L) {
                 }
                 for (int i = 1; i <= n; i++) {
                         lua_rawgeti(ML, -1, i);
-                        task_cancel(luaL_checkudata(ML, -1, TASK_MT));
+                        (void) task_cancel(luaL_checkudata(ML, -1, TASK_MT));
                         lua_pop(ML, 1);
                 }
                 lua_pop(ML, 1);
-                run_ready();
+                (void) run_ready();
         }
 }
 

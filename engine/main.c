@@ -69,6 +69,7 @@ static int msghandler(lua_State *L) {
         return 1;
 }
 
+/* lua_pcall() with msghandler() below the function and its arguments. */
 static int docall(lua_State *L, int narg, int nres) {
         int base = lua_gettop(L) - narg;
         int r;
@@ -130,6 +131,7 @@ static void set_paths(lua_State *L) {
         lua_pop(L, 1);
 }
 
+/* The rr.* modules of the engine, for require(). */
 static void preload(lua_State *L) {
         static const luaL_Reg modules[] = {
                 { "rr.loop", luaopen_rr_loop },       { "rr.systemd", luaopen_rr_systemd },
@@ -171,7 +173,9 @@ static int os_exit(lua_State *L) {
         exit(code);
 }
 
-/* rrengine.root(): where the Lua library and plans live. */
+/* The globals a script sees besides Lua's own: `arg` as lua.c sets it (the script at 0, its
+ * arguments at 1.., what came before it at negative indices), and os.exit() replaced by
+ * os_exit(). Where the library and plans live is in the registry ("rr.root", set_paths()). */
 static void install_globals(lua_State *L, char **argv, int script) {
         int argc = 0;
         while (argv[argc])
@@ -190,6 +194,8 @@ static void install_globals(lua_State *L, char **argv, int script) {
         lua_pop(L, 1);
 }
 
+/* Call a loaded chunk (status: how loading went) with the nargs arguments above it; report an
+ * error. */
 static int run_chunk(lua_State *L, int status, int nargs) {
         if (status == LUA_OK)
                 status = docall(L, nargs, 0);
@@ -221,6 +227,7 @@ static int load_script(lua_State *L, const char *path) {
         return luaL_loadfile(L, path);
 }
 
+/* Load and run the script at path with the script's arguments. */
 static int run_script(lua_State *L, const char *path) {
         int nargs, status;
         status = load_script(L, path);
@@ -242,6 +249,7 @@ static struct {
         bool eof;
 } repl;
 
+/* readline's line handler: the line typed (NULL at end of input), for repl_run() to evaluate. */
 static void repl_line(char *line) {
         repl.have_line = true;
         if (!line) {
@@ -251,6 +259,7 @@ static void repl_line(char *line) {
         repl.line = line;
 }
 
+/* stdin is readable: readline reads what is there and may complete a line. */
 static int repl_input(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
         (void) src;
         (void) fd;
@@ -260,6 +269,7 @@ static int repl_input(sd_event_source *src, int fd, uint32_t revents, void *user
         return 0;
 }
 
+/* Evaluate one REPL line and print what it returns. */
 static void repl_eval(lua_State *L, const char *line) {
         int status;
         /* An expression first (so `status()` and `1+1` print), else a statement. */
@@ -275,6 +285,13 @@ static void repl_eval(lua_State *L, const char *line) {
                 status = docall(L, 0, LUA_MULTRET);
                 if (status == LUA_OK) {
                         int n = lua_gettop(L) - base + 1;
+                        /* A line may return any number of values, which may leave no free slot. */
+                        if (n > 0 && !lua_checkstack(L, 1)) {
+                                lua_pop(L, n);
+                                lua_pushliteral(L, "too many results to print");
+                                report(L, LUA_ERRRUN);
+                                return;
+                        }
                         if (n > 0) {
                                 lua_getglobal(L, "print");
                                 lua_insert(L, -1 - n);
@@ -326,6 +343,8 @@ static bool repl_helpers(lua_State *L, char **args, int nargs) {
         return status == LUA_OK;
 }
 
+/* The REPL: read lines with readline while the loop runs tasks, until end of input, SIGTERM or
+ * SIGHUP, or os.exit(); returns the exit code. */
 static int repl_run(lua_State *L, char **args, int nargs) {
         _cleanup_(freep) char *history = NULL;
         sd_event_source *src = NULL;

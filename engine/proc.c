@@ -168,6 +168,7 @@ static int line_token_close(lua_State *L) {
         return 0;
 }
 
+/* line_trampoline's continuation after the callback waited: nothing is left to do. */
 static int line_trampoline_k(lua_State *L, int status, lua_KContext ctx) {
         (void) L;
         (void) status;
@@ -270,6 +271,8 @@ static void stream_lines(Stream *st, const char *buf, size_t n) {
         }
 }
 
+/* Keep output for res.stdout / res.stderr, up to max_capture bytes (the rest is dropped and
+ * marked truncated). */
 static void stream_capture(Stream *st, const char *buf, size_t n) {
         size_t room = st->proc->max_capture - st->capture_len;
 
@@ -342,6 +345,8 @@ static bool stream_read(Stream *st, int max_reads) {
         return st->eof;
 }
 
+/* A pipe is readable: read a few chunks (bounded, so that other sources get their turn), pause
+ * reading when too many on_line calls are pending. */
 static int stream_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Stream *st = userdata;
 
@@ -384,6 +389,7 @@ static ssize_t write_nosigpipe(int fd, const void *buf, size_t len) {
         return n;
 }
 
+/* Done with the child's stdin: close the pipe, free the data. Idempotent. */
 static void stdin_close(Proc *p) {
         p->stdin_source = sd_event_source_disable_unref(p->stdin_source);
         if (p->stdin_fd >= 0)
@@ -409,6 +415,7 @@ static void stdin_pump(Proc *p) {
         stdin_close(p);
 }
 
+/* The child's stdin takes more. */
 static int stdin_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         (void) s;
         (void) fd;
@@ -419,6 +426,7 @@ static int stdin_io(sd_event_source *s, int fd, uint32_t revents, void *userdata
 
 /* ---- exit and timeout ---- */
 
+/* The process exited: record how, collect what it wrote, finish it. */
 static int child_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
         Proc *p = userdata;
 
@@ -453,6 +461,7 @@ static int child_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
         return 0;
 }
 
+/* opts.timeout passed: TERM to the group, then KILL kill_grace seconds later. */
 static int timer_fired(sd_event_source *s, uint64_t usec, void *userdata) {
         Proc *p = userdata;
 
@@ -472,12 +481,14 @@ static int timer_fired(sd_event_source *s, uint64_t usec, void *userdata) {
 
 /* ---- life cycle ---- */
 
+/* A stream not yet connected to a pipe. */
 static void stream_init(Stream *st, Proc *p, const char *name) {
         st->proc = p;
         st->name = name;
         st->fd = -1;
 }
 
+/* Release a stream's pipe, source and buffers. */
 static void stream_free(Stream *st) {
         st->source = sd_event_source_disable_unref(st->source);
         if (st->fd >= 0)
@@ -521,10 +532,12 @@ static void handle_forget(lua_State *L, Proc *p) {
         lua_pop(L, 1);
 }
 
+/* The process handle at idx, open or closed. */
 static Box *check_box(lua_State *L, int idx) {
         return luaL_checkudata(L, idx, PROCESS_MT);
 }
 
+/* The process of the open handle at idx; raises when it was closed. */
 static Proc *check_proc(lua_State *L, int idx) {
         Box *b = check_box(L, idx);
         if (!b->proc)
@@ -534,6 +547,7 @@ static Proc *check_proc(lua_State *L, int idx) {
 
 /* ---- results ---- */
 
+/* Push what was captured of a stream ("" without capture). */
 static void push_capture(lua_State *L, const Stream *st) {
         lua_pushlstring(L, st->capture ? st->capture : "", st->capture_len);
 }
@@ -582,6 +596,7 @@ static int push_result(lua_State *L, Proc *p) {
         return 3;
 }
 
+/* RrOp.push of a wait: the result, or nil, message when the handle was closed meanwhile. */
 static int wait_push(lua_State *L, RrOp *op) {
         WaitOp *w = (WaitOp *) op;
 
@@ -593,6 +608,7 @@ static int wait_push(lua_State *L, RrOp *op) {
         return push_result(L, w->proc);
 }
 
+/* RrOp.release of a wait: off the process's list of waiters, freed. */
 static void wait_release(RrOp *op) {
         WaitOp *w = (WaitOp *) op;
 
@@ -605,7 +621,8 @@ static void wait_release(RrOp *op) {
         free(w);
 }
 
-/* Wait for the process of the handle at idx (which the caller keeps on its stack). */
+/* Wait for p to finish and push its result; the caller keeps p's handle on its stack meanwhile
+ * (the handle owns p). */
 static int proc_wait(lua_State *L, Proc *p) {
         WaitOp *w;
 
@@ -636,6 +653,7 @@ typedef struct SpawnArgs {
         int on_line_idx; /* stack index of the callback, 0 without */
 } SpawnArgs;
 
+/* An environment variable name: not empty, no '=' and no NUL byte. */
 static bool env_name_ok(const char *s, size_t len) {
         return len > 0 && strlen(s) == len && !strchr(s, '=');
 }
@@ -867,7 +885,6 @@ static int do_spawn(const SpawnArgs *a, int in_fd, int out_fd, int err_fd, pid_t
         return r;
 }
 
-/* Spawn from the arguments at 1 and 2; pushes the handle (1 result) or nil, message, code. */
 /* Can `path` be executed: 0, or the errno exec would give. */
 static int exec_error(const char *path) {
         struct stat st;
@@ -915,6 +932,7 @@ static int program_error(const SpawnArgs *a) {
         return worst;
 }
 
+/* Spawn from the arguments at 1 and 2; pushes the handle (1 result) or nil, message, code. */
 static int spawn(lua_State *L) {
         _cleanup_(closep) int in_child = -1, out_child = -1, err_child = -1;
         sd_event *e = rr_loop_event();
@@ -1135,6 +1153,7 @@ static int process_l_close(lua_State *L) {
         return 0;
 }
 
+/* tostring(p): "rr.proc.process PID (NAME, running)" or how it ended. */
 static int process_l_tostring(lua_State *L) {
         Box *b = check_box(L, 1);
         Proc *p = b->proc;
@@ -1172,6 +1191,7 @@ static const luaL_Reg proc_functions[] = {
         { NULL, NULL },
 };
 
+/* require("rr.proc"): spawn and run; the process class. */
 int luaopen_rr_proc(lua_State *L) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
         main_L = lua_tothread(L, -1);

@@ -112,3 +112,28 @@ describe("dryrun.run when the manager cannot load a unit", function()
     assert.matches("Dry run done: 1 problem%(s%)", text)
   end)
 end)
+
+describe("the dry run checks depends against the units' own ordering", function()
+  local p
+  setup(function()
+    p = platform.new({
+      { name = "db", http = true },
+      { name = "api", http = true, depends = { "db" } },           -- no After= for its dependency
+      { name = "web", http = true },                                 -- orders itself after api, undeclared
+    })
+    -- web's unit wants api and orders itself after it; services.lua does not say so
+    require("spec.support.helpers").edit(p.by_name.web.unit_path, "%[Unit%]",
+      "[Unit]\nWants=" .. p.by_name.api.unit .. "\nAfter=" .. p.by_name.api.unit)
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  it("warns where services.lua and the unit files disagree, and still plans the run", function()
+    local res = dry(p, {})
+    assert.matches("depends on db, but " .. p.by_name.api.unit:gsub("%p", "%%%0") .. " has no After=", res.stdout)
+    assert.matches(p.by_name.web.unit:gsub("%p", "%%%0") .. " has Wants= and After=" .. p.by_name.api.unit:gsub("%p", "%%%0")
+      .. ", but services.lua does not list api in its depends", res.stdout)
+    assert.matches("Schedule %(%-%-parallel 1%)", res.stdout)
+    assert.matches("critical path %(2 services one after another%): db %-> api", res.stdout)
+  end)
+end)

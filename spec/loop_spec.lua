@@ -4,6 +4,10 @@ local fs = require("rr.fs")
 
 local engine = os.getenv("RR_ENGINE") or arg[-1]
 
+local function proc_run(argv)
+  return require("rr.proc").run(argv, { timeout = 60 })
+end
+
 describe("rr.loop tasks", function()
   it("runs 100 tasks sleeping 0.2 s concurrently", function()
     local t0 = rr.now()
@@ -36,12 +40,54 @@ describe("rr.loop tasks", function()
     assert.equal("failed", bad:status())
   end)
 
-  it("wait returns one table per task when given several", function()
+  it("wait returns one table per task when given a list, whatever its length", function()
     local a = rr.spawn(function() return 1 end)
     local b = rr.spawn(function() error("no") end)
-    local ra, rb = rr.wait(a, b)
-    assert.same({ true, 1, n = 2 }, ra)
-    assert.is_false(rb[1])
+    local r = rr.wait({ a, b })
+    assert.same({ true, 1, n = 2 }, r[1])
+    assert.is_false(r[2][1])
+    local one = rr.spawn(function() return 2 end)
+    assert.same({ { true, 2, n = 2 } }, rr.wait({ one }))
+  end)
+
+  it("wait of one task gives its outcome; several tasks must be a list (one shape per form)", function()
+    assert.same({ true, 7 }, { rr.wait(rr.spawn(function() return 7 end)) })
+    local a, b = rr.spawn(function() end), rr.spawn(function() end)
+    assert.has_error(function() rr.wait(a, b) end, "rr.wait: give several tasks as a list: rr.wait{t1, t2, ...}")
+    rr.wait({ a, b })
+  end)
+
+  it("join gives a task's outcome in the failure form of every primitive, the code from its status", function()
+    assert.same({ true, 3 }, { rr.join(rr.spawn(function() return 3 end)) })
+    local failed = table.pack(rr.join(rr.spawn(function() error("no way", 0) end)))
+    assert.same({ nil, "no way", "EFAILED" }, { failed[1], failed[2], failed[3] })
+    local t = rr.spawn(function() rr.sleep(5) end)
+    t:cancel()
+    local _, msg, code = rr.join(t)
+    assert.equal("ECANCELED", code, msg)
+  end)
+
+  it("race: the first to finish wins, the others are cancelled and gone before it returns", function()
+    local slow
+    local i, v = rr.race({
+      function() slow = rr.current(); rr.sleep(5) end,
+      function() rr.sleep(0.01); return "fast" end,
+    })
+    assert.equal(2, i)
+    assert.equal("fast", v)
+    assert.equal("canceled", slow:status())
+    assert.same({ nil, "timed out after 0.02s", "ETIMEDOUT" }, { rr.race({ function() rr.sleep(5) end }, 0.02) })
+    local _, err, code = rr.race({ function() error("broken", 0) end, function() rr.sleep(5) end })
+    assert.equal("broken", err)
+    assert.equal("EFAILED", code)
+    -- the caller cancelled: its children go with it
+    local child
+    local outer = rr.spawn(function() rr.race({ function() child = rr.current(); rr.sleep(5) end }) end)
+    rr.sleep(0.01)
+    outer:cancel()
+    rr.wait(outer)
+    rr.sleep(0.01)
+    assert.equal("canceled", child:status())
   end)
 
   it("cancels a waiting task: its wait raises 'canceled' and <close> runs", function()
@@ -73,7 +119,7 @@ describe("rr.loop tasks", function()
     local order = {}
     local a = rr.spawn(function() order[#order + 1] = "a1"; coroutine.yield(); order[#order + 1] = "a2" end)
     local b = rr.spawn(function() order[#order + 1] = "b1"; coroutine.yield(); order[#order + 1] = "b2" end)
-    rr.wait(a, b)
+    rr.wait({ a, b })
     assert.same({ "a1", "b1", "a2", "b2" }, order)
   end)
 
@@ -95,6 +141,55 @@ describe("rr.loop tasks", function()
     local ok, err = rr.wait(t)
     assert.is_false(ok)
     assert.matches("cannot wait for itself", err)
+  end)
+
+  -- Lua gives a coroutine and the main thread only a small stack: every value a task hands
+  -- over (its arguments, its results) must be given room first.
+  it("delivers every one of 5000 results of a task through rr.wait", function()
+    local t = rr.spawn(function()
+      local values = {}
+      for i = 1, 5000 do values[i] = i end
+      rr.sleep(0)
+      return table.unpack(values)
+    end)
+    local r = table.pack(rr.wait(t))
+    assert.equal(5001, r.n)
+    assert.is_true(r[1])
+    for i = 1, 5000 do
+      assert.equal(i, r[i + 1])
+    end
+    local again = table.pack(t:result())
+    assert.equal(5001, again.n)
+    assert.equal(5000, again[5001])
+  end)
+
+  it("hands 5000 arguments to a task", function()
+    local args = {}
+    for i = 1, 5000 do args[i] = i end
+    local t = rr.spawn(function(...)
+      local n, sum = select("#", ...), 0
+      for i = 1, n do sum = sum + select(i, ...) end
+      return n, sum
+    end, table.unpack(args))
+    assert.same({ true, 5000, 5000 * 5001 // 2 }, { rr.wait(t) })
+  end)
+
+  it("finishes 3000 failing tasks waited for as one list from the top level", function()
+    -- rr.wait{...} fills the waiting thread's stack with the tasks; each failure's traceback is
+    -- then built beside them.
+    local res, err = proc_run({ engine, "-e", [[
+      local rr = require("rr")
+      local tasks = {}
+      for i = 1, 3000 do tasks[i] = rr.spawn(function() rr.sleep(0) error("task " .. i, 0) end) end
+      local results = rr.wait(tasks)
+      local bad = 0
+      for i, r in ipairs(results) do
+        if r[1] ~= false or not r[2]:find("^task " .. i .. "\n") then bad = bad + 1 end
+      end
+      print(#results, bad)
+    ]] })
+    assert.is_truthy(res, err)
+    assert.equal("3000\t0\n", res.stdout)
   end)
 
   it("keeps rr.now monotonic", function()

@@ -246,7 +246,7 @@ describe("rr.socket", function()
         assert(http.get("http://127.0.0.1:" .. ok_server.port .. "/health"))
         order[#order + 1] = "http"
       end)
-      rr.wait(reader, getter)
+      rr.wait({ reader, getter })
       assert.same({ "http", "read ETIMEDOUT" }, order)
     end)
 

@@ -1,18 +1,26 @@
--- Specs for rr.systemd (engine/systemd.c) against a real systemd user manager.
+-- Specs for rr.systemd (engine/systemd*.c) against a real systemd user manager.
 --
 --   spec/support/sandbox run -- env RRENGINE_ROOT=$PWD ./rrengine /usr/bin/busted spec/systemd_spec.lua
 --
--- Needs the engine as the interpreter (rr.systemd is C) and the sandbox's variables: outside a
--- sandbox every test is pending, so that no spec ever touches the caller's own user manager.
+-- Needs the engine as the interpreter (rr.systemd is C) and the sandbox's variables. Without
+-- them the suite fails, touching nothing: a suite that skips itself when the module does not
+-- load would hide a broken module, and outside a sandbox no spec may touch the caller's own
+-- user manager.
 local ok_rr, rr = pcall(require, "rr")
 local ok_sd, systemd = pcall(require, "rr.systemd")
 
 local UNIT_DIR = os.getenv("RR_SANDBOX_UNIT_DIR")
 local ENGINE = os.getenv("RR_ENGINE") or (arg and arg[-1])
 
-if not (ok_rr and ok_sd and UNIT_DIR and UNIT_DIR ~= "" and systemd.user) then
+if not (ok_rr and ok_sd and UNIT_DIR and UNIT_DIR ~= "" and type(systemd.user) == "function") then
   describe("rr.systemd", function()
-    pending("needs the rrengine interpreter inside spec/support/sandbox")
+    it("runs with the rrengine interpreter inside spec/support/sandbox", function()
+      assert(ok_rr, "require('rr') failed: " .. tostring(rr))
+      assert(ok_sd, "require('rr.systemd') failed: " .. tostring(systemd))
+      assert(type(systemd.user) == "function", "rr.systemd has no user() function")
+      assert(UNIT_DIR and UNIT_DIR ~= "", "RR_SANDBOX_UNIT_DIR is not set: run this spec through "
+        .. "spec/support/run-specs (a sandboxed user manager), never against your own")
+    end)
   end)
   return
 end
@@ -42,6 +50,17 @@ local function write_unit(base, service, unit, opts)
   lines[#lines + 1] = "[Service]"
   for _, l in ipairs(service) do lines[#lines + 1] = l end
   write_file(UNIT_DIR .. "/" .. name, table.concat(lines, "\n") .. "\n")
+  written[name] = true
+  return name
+end
+
+-- A fixture service (spec/support/fixture.c) whose shutdown takes stop_delay seconds after
+-- SIGTERM, as a service draining its connections does (TimeoutStopSec= stays at its 90 s).
+local function slow_stopper(base, stop_delay, extra_service)
+  local units = require("spec.support.units")
+  local name = unit_name(base)
+  units.fixture_unit(name, units.free_port(), { type = "notify", stop_delay = stop_delay,
+    extra_service = extra_service })
   written[name] = true
   return name
 end
@@ -135,7 +154,7 @@ describe("rr.systemd", function()
     end)
 
     it("reports a manager it cannot reach", function()
-      if not ENGINE then return pending("engine path unknown") end
+      assert(ENGINE, "the engine's path is unknown: set RR_ENGINE (spec/support/run-specs does)")
       local empty = os.tmpname()
       os.remove(empty)
       assert(os.execute("mkdir -m 0700 " .. shell_quote(empty)))
@@ -149,8 +168,9 @@ describe("rr.systemd", function()
     end)
 
     it("works through the session bus too (sender-matched signals)", function()
-      if not ENGINE then return pending("engine path unknown") end
-      if not os.getenv("DBUS_SESSION_BUS_ADDRESS") then return pending("no session bus") end
+      assert(ENGINE, "the engine's path is unknown: set RR_ENGINE (spec/support/run-specs does)")
+      assert(os.getenv("DBUS_SESSION_BUS_ADDRESS"), "DBUS_SESSION_BUS_ADDRESS is not set: the sandbox "
+        .. "provides a session bus (dbus-user-session, `make deps`); without it this path goes untested")
       local name = sleeper("viabus")
       assert(m:daemon_reload())
       -- No systemd/private in this XDG_RUNTIME_DIR: the engine falls back to the session bus.
@@ -372,17 +392,81 @@ describe("rr.systemd", function()
       assert.are_not.equal(pid, u:get("MainPID"))
     end)
 
-    it("takes a job mode and a wait timeout; the job goes on after the timeout", function()
+    it("takes a job mode and a timeout: a start past it returns ETIMEDOUT and the job, wait_job waits for it", function()
       local u = load(sleeper("slowstart", { "ExecStartPre=/bin/sleep 1" }))
       local t0 = rr.now()
-      local ok, err, code = u:start("replace", { timeout = 0.2 })
+      local ok, err, code, job, escalated = u:start("replace", { timeout = 0.2 })
       assert.is_nil(ok)
-      assert.equal("wait-timeout", code)
-      assert.matches("no result within 0%.2 s", err)
+      assert.equal("ETIMEDOUT", code)
+      assert.matches("^/org/freedesktop/systemd1/job/%d+$", job)
+      assert.is_nil(escalated)
+      assert.equal(("start of %s: not done within 0.2 s; systemd is still running the job %s"):format(
+        u:name(), job), err)
       assert.is_true(rr.now() - t0 < 0.9)
-      assert.same({ true, "active" }, { u:wait_state("active", 10) })
+      assert.equal("activating", u:get("ActiveState"))
+      assert.same({ true, "done", "success" }, { u:wait_job(job) })
+      assert.equal("active", u:get("ActiveState"))
       -- opts in place of the mode
       assert.is_true((u:stop{ timeout = 10 }))
+    end)
+
+    it("keeps the result of a job that ended before wait_job was called, for one wait", function()
+      local u = load(sleeper("keptresult", { "ExecStartPre=/bin/sleep 0.5" }))
+      local ok, _, code, job = u:restart{ timeout = 0.1 }
+      assert.is_nil(ok)
+      assert.equal("ETIMEDOUT", code)
+      assert.same({ true, "active" }, { u:wait_state("active", 10) })
+      assert.same({ true, "done", "success" }, { u:wait_job(job, { timeout = 10 }) })
+      local again, err, again_code = u:wait_job(job)
+      assert.is_nil(again)
+      assert.equal("ENOENT", again_code)
+      assert.matches("job /org/freedesktop/systemd1/job/%d+ is gone: it ended before the wait", err)
+      assert(u:stop())
+    end)
+
+    it("says a job it does not know is gone", function()
+      local u = load(sleeper("nosuchjob"))
+      local ok, err, code = u:wait_job("/org/freedesktop/systemd1/job/4000000000")
+      assert.is_nil(ok)
+      assert.equal("ENOENT", code)
+      assert.matches("is gone", err)
+    end)
+
+    it("escalates a stop that outlasts its timeout: SIGKILL to the unit's processes, then the stop's real end", function()
+      local u = load(slow_stopper("slowstop", 30))
+      assert(u:start())
+      local pid = u:get("MainPID")
+      assert.is_true(pid > 0)
+      local t0 = rr.now()
+      local ok, result, unit_result, escalated = u:stop{ timeout = 0.5 }
+      assert.is_true(ok, tostring(result))
+      assert.equal("done", result)
+      assert.equal("SIGKILL", escalated)
+      -- systemd saw its main process killed by a signal, as after its own stop timeout
+      assert.equal("signal", unit_result)
+      assert.is_true(rr.now() - t0 < 20, "waited for the fixture's 30 s shutdown")
+      assert.equal("failed", u:get("ActiveState"))
+      assert.equal(0, u:get("MainPID"))
+      assert.is_nil(io.open("/proc/" .. pid .. "/stat"), "the fixture still runs")
+      assert(u:reset_failed())
+      assert.equal("inactive", u:get("ActiveState"))
+    end)
+
+    it("returns ETIMEDOUT, the job and the escalation when a stop outlasts the SIGKILL and the grace", function()
+      -- ExecStopPost= runs once the main process died of the SIGKILL: the stop goes on 2 s more.
+      local u = load(slow_stopper("slowpost", 30, { "ExecStopPost=/bin/sleep 2" }))
+      assert(u:start())
+      local ok, err, code, job, escalated = u:stop{ timeout = 0.3, grace = 0.3 }
+      assert.is_nil(ok)
+      assert.equal("ETIMEDOUT", code)
+      assert.matches("^/org/freedesktop/systemd1/job/%d+$", job)
+      assert.equal("SIGKILL", escalated)
+      assert.equal(("stop of %s: not done within 0.3 s, nor 0.3 s after SIGKILL to every process of the unit; "
+        .. "systemd is still running the job %s"):format(u:name(), job), err)
+      assert.equal("deactivating", u:get("ActiveState"))
+      assert.same({ true, "done", "signal" }, { u:wait_job(job) })
+      assert.equal("failed", u:get("ActiveState"))
+      assert(u:reset_failed())
     end)
 
     it("runs 50 restarts from 50 tasks at once", function()
@@ -439,6 +523,11 @@ describe("rr.systemd", function()
       assert.has_error(function() u:restart("sideways") end)
       assert.has_error(function() u:restart("replace", { timeout = -1 }) end)
       assert.has_error(function() u:restart("replace", { tiemout = 1 }) end)
+      assert.has_error(function() u:stop{ grace = -1 } end)
+      assert.has_error(function() u:stop{ grace = "1" } end)
+      assert.has_error(function() u:wait_job("/org/freedesktop/systemd1/unit/x") end)
+      assert.has_error(function() u:wait_job(42) end)
+      assert.has_error(function() u:wait_job() end)
       assert.has_error(function() u:restart(42) end)
       assert.has_error(function() m:unit("no spaces.service") end)
       assert.has_error(function() m:unit("nosuffix") end)
@@ -505,10 +594,11 @@ describe("rr.systemd", function()
       local u = load(sleeper("waittimeout"))
       assert(u:start())
       local t0 = rr.now()
-      local ok, err, state = u:wait_state("failed", 0.3)
+      local ok, err, code, state = u:wait_state("failed", 0.3)
       local elapsed = rr.now() - t0
       assert.is_nil(ok)
-      assert.equal("timeout", err)
+      assert.equal("ETIMEDOUT", code)
+      assert.matches("is still active at the timeout", err)
       assert.equal("active", state)
       assert.is_true(elapsed >= 0.29 and elapsed < 3)
     end)
@@ -575,7 +665,10 @@ describe("rr.systemd", function()
       assert(u:start())
       local since = assert(u:properties())
       local t0 = rr.now()
-      assert.same({ nil, "timeout" }, { u:wait_change({ "ActiveState", "MainPID", "NRestarts" }, 0.3, since) })
+      local r = { u:wait_change({ "ActiveState", "MainPID", "NRestarts" }, 0.3, since) }
+      assert.is_nil(r[1])
+      assert.equal("ETIMEDOUT", r[3])
+      assert.matches("no change of the watched properties", r[2])
       assert.is_true(rr.now() - t0 >= 0.29)
     end)
   end)

@@ -316,7 +316,8 @@ cli.rolling_spec = {
       help = "append events (JSON lines) here (default: /var/log/rrengine/events.jsonl, "
         .. "with --user $XDG_STATE_HOME/rrengine/events.jsonl)" },
     { name = "parallel", type = "number", value = "N", default = 1,
-      help = "restart up to N services at once, never one before its dependencies" },
+      help = "restart up to N services at once (0: no limit), never one before its dependencies; "
+        .. "a replica group's max_unavailable always applies too" },
     { name = "continue-on-error",
       help = "when a service fails, go on, skipping only the services that depend on it" },
     { name = "json", help = "print one JSON summary on stdout at the end (progress goes to stderr)" },
@@ -375,8 +376,8 @@ function cli.check_rolling(opts)
       :format(opts.recover and "recover" or "abandon")
   end
   local parallel = opts.parallel
-  if parallel ~= nil and (math.type(parallel) ~= "integer" or parallel < 1) then
-    return nil, ("--parallel must be an integer >= 1, got %s"):format(tostring(parallel))
+  if parallel ~= nil and (math.type(parallel) ~= "integer" or parallel < 0) then
+    return nil, ("--parallel must be an integer >= 0 (0: no limit), got %s"):format(tostring(parallel))
   end
   return true
 end

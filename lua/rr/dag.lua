@@ -576,6 +576,28 @@ function dag.scheduler(services, selected)
   }
 end
 
+-- The longest remaining dependency chain of each selected service: how many selected services
+-- (itself included) lie on the longest path from it through its dependents. The scheduler
+-- starts the ready service with the longest chain first, so the critical path never waits
+-- behind a leaf. Returns { [name] = length }, or nil, err as dag.order. O(N + E).
+function dag.chain_lengths(services, selected)
+  check_services(services, 2)
+  local plan, err = prepare(services, selected, 2)
+  if not plan then return nil, err end
+  local chain, out = {}, {}
+  for k = #plan.order, 1, -1 do
+    local i = plan.order[k]
+    local longest = 0
+    for _, j in ipairs(plan.dependents_of[i]) do
+      if chain[j] > longest then longest = chain[j] end
+    end
+    local own = (plan.wanted == nil or plan.wanted[i]) and 1 or 0
+    chain[i] = longest + own
+    if own == 1 then out[services[i].name] = chain[i] end
+  end
+  return out
+end
+
 -- The restart order grouped in waves for display (`--dry-run --parallel N`):
 -- wave 1 holds the services with no selected prerequisite, wave k those whose
 -- prerequisites are all in earlier waves, the last one at wave k - 1. Within a

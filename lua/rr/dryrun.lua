@@ -93,6 +93,21 @@ function dryrun.run(p)
             svc.working_dir, svc.migrate_rollback and (", migrate_rollback: " .. table.concat(svc.migrate_rollback, " ")) or ""))
         end
       end
+      local b = svc.group and p.balancers and p.balancers[svc.group]
+      if b then
+        local server = svc.balancer_server or svc.name
+        local st, berr = b:state({ name = svc.name, server = server })
+        if not st then
+          problem(("cannot reach the balancer (%s): %s"):format(b:describe(), tostring(berr)))
+        elseif st.admin == "maint" then
+          problem(("%s is in maintenance at %s (set outside this run): the run would not touch it"):format(server,
+            b:describe()))
+        else
+          local g = p.platform.groups[svc.group]
+          out(("     drain: %s at %s (now %s, %s session(s)), wait up to %gs; back in rotation after the post-check")
+            :format(server, b:describe(), tostring(st.admin), tostring(st.sessions), g.drain_timeout or 30))
+        end
+      end
       if def.stale then
         out(("     daemon-reload first (%s)"):format(props.NeedDaemonReload and "NeedDaemonReload=yes"
           or "a drop-in systemd has not loaded yet"))
@@ -110,6 +125,7 @@ function dryrun.run(p)
       if #implicit > 0 then
         warn("systemd will also restart " .. list(implicit) .. ": they depend on this unit")
       end
+      dryrun.check_ordering(p, svc, props, warn)
       if not opts.force then
         local hc = svc.health
         out(("     then: health check (%s, timeout %gs, retries %d), stabilize %gs"):format(
@@ -117,9 +133,91 @@ function dryrun.run(p)
       end
     end
   end
+  dryrun.schedule(p, out)
   out("")
   out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
   return problems, warnings
+end
+
+-- services.lua's `depends` against the unit's own ordering: a declared dependency the unit
+-- does not order itself After= (at boot, or on a manual start, systemd may start them in any
+-- order), and a unit of the platform the unit orders itself after or requires that `depends`
+-- does not list (rrengine may restart this service before that one).
+function dryrun.check_ordering(p, svc, props, warn)
+  if not p.platform then return end
+  local after, pulls = {}, {}
+  for _, u in ipairs(props.After or {}) do after[u] = true end
+  for _, field in ipairs({ "Requires", "Wants", "BindsTo", "Requisite" }) do
+    for _, u in ipairs(props[field] or {}) do pulls[u] = field end
+  end
+  local declared = {}
+  for _, dep in ipairs(svc.depends or {}) do
+    local d = p.platform.by_name[dep]
+    if d then
+      declared[d.unit] = true
+      if not after[d.unit] then
+        warn(("depends on %s, but %s has no After=%s: outside rrengine, systemd may start them in any order")
+          :format(dep, svc.unit, d.unit))
+      end
+    end
+  end
+  for _, other in ipairs(p.platform.services) do
+    if other.unit ~= svc.unit and not declared[other.unit] and (after[other.unit] and pulls[other.unit]) then
+      warn(("%s has %s= and After=%s, but services.lua does not list %s in its depends: rrengine may restart "
+        .. "it first"):format(svc.unit, pulls[other.unit], other.unit, other.name))
+    end
+  end
+end
+
+-- The schedule: the waves of services that may run together (dependencies allowing), each
+-- group's budget, and the longest dependency chain (what bounds the run with enough --parallel).
+function dryrun.schedule(p, out)
+  if not p.platform then return end
+  local dag = require("rr.dag")
+  local names = {}
+  for i, svc in ipairs(p.order) do names[i] = svc.name end
+  local waves = dag.layers(p.platform.services, names)
+  local chain = dag.chain_lengths(p.platform.services, names)
+  if not waves or not chain then return end
+  local parallel = p.opts.parallel
+  out("")
+  out(("Schedule (--parallel %s): a service starts once its dependencies are done, the longest remaining "
+    .. "chain first"):format(parallel == 0 and "0, no limit" or tostring(parallel or 1)))
+  for i, wave in ipairs(waves) do
+    local w = {}
+    for _, svc in ipairs(wave) do w[#w + 1] = svc.name end
+    out(("   %d. %s"):format(i, list(w)))
+  end
+  for name, g in pairs(p.platform.groups or {}) do
+    out(("   group %s: %d member(s), at most %d down at once (max_unavailable %s)%s"):format(name, #g.members,
+      g.max_unavailable_count or 1, tostring(g.max_unavailable or 1),
+      g.balancer and (", drained at " .. (p.balancers[name] and p.balancers[name]:describe() or "its balancer")) or ""))
+  end
+  -- the critical path: from the service with the longest chain, always the dependent with the longest chain
+  local by_name, start = {}, nil
+  for _, svc in ipairs(p.order) do
+    by_name[svc.name] = svc
+    if not start or chain[svc.name] > chain[start] then start = svc.name end
+  end
+  local dependents = {}
+  for _, svc in ipairs(p.order) do
+    for _, d in ipairs(svc.depends or {}) do
+      dependents[d] = dependents[d] or {}
+      table.insert(dependents[d], svc.name)
+    end
+  end
+  local path, at = {}, start
+  while at do
+    path[#path + 1] = at
+    local next_name
+    for _, d in ipairs(dependents[at] or {}) do
+      if chain[d] and (not next_name or chain[d] > chain[next_name]) then next_name = d end
+    end
+    at = next_name
+  end
+  if #path > 0 then
+    out(("   critical path (%d services one after another): %s"):format(#path, table.concat(path, " -> ")))
+  end
 end
 
 return dryrun

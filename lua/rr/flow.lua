@@ -142,19 +142,29 @@ end
 -- Runs a unit job and reports it as an event; true | nil, err.
 function Run:job(method)
   local t0 = rr.now()
-  -- start_timeout / stop_timeout bound how long we wait for the job (systemd's own timeouts
-  -- still apply inside it); nil waits as long as systemd takes.
-  local timeout = method == "stop" and self.svc.stop_timeout or self.svc.start_timeout
-  local ok, err, job_result, unit_result = self.unit[method](self.unit, "replace", timeout and { timeout = timeout } or nil)
+  -- start_timeout bounds the jobs that start the unit, stop_timeout the stop (never the start's:
+  -- a slow stop is systemd's TimeoutStopSec to bound); systemd's own timeouts apply inside. Past
+  -- rrengine's limit a stop is escalated (every process of the unit killed) and still waited for.
+  local timeout
+  if method == "stop" then timeout = self.svc.stop_timeout else timeout = self.svc.start_timeout end
+  local r = table.pack(self.unit[method](self.unit, "replace", timeout and { timeout = timeout } or nil))
   local fields = { method = method, duration_ms = ms(rr.now() - t0) }
-  if ok then
-    fields.result = err
+  if r[1] then
+    fields.result = r[2]
+    fields.unit_result = r[3]
+    fields.escalated = r[4] -- "SIGKILL": the stop outlived stop_timeout
     self:emit("UNIT_JOB_DONE", fields)
     return true
   end
-  fields.error, fields.job_result, fields.unit_result = err, job_result, unit_result
+  fields.error = r[2]
+  if r[3] == "ETIMEDOUT" then
+    -- systemd still runs the job (its path in r[4]): the next job on the unit replaces it
+    fields.job_result, fields.job, fields.escalated = "timeout", r[4], r[5]
+  else
+    fields.job_result, fields.unit_result, fields.escalated = r[3], r[4], r[5]
+  end
   self:emit("UNIT_JOB_FAILED", fields)
-  return nil, err
+  return nil, r[2]
 end
 
 function Run:daemon_reload()
@@ -193,7 +203,7 @@ function Run:stabilize()
     local p, err, code = self.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" },
       math.max(deadline - rr.now(), 0.001), base)
     if not p then
-      if err == "timeout" or code == "ETIMEDOUT" then return nil end -- it stayed put
+      if code == "ETIMEDOUT" then return nil end -- it stayed put
       return "cannot watch the unit: " .. tostring(err)
     end
     if p.ActiveState ~= "active" then
@@ -328,6 +338,17 @@ function Run:rollback(reason)
     ok, err = self:check("rollback")
     if not ok then problem("health after rollback: " .. err) end
   end
+  if self.touched.drained then
+    if #problems == 0 then
+      -- healthy on the old version: only now back in rotation
+      local eok, eerr = self:enable("healthy again after the rollback")
+      if not eok then problem(eerr) end
+    else
+      local b, member = self:balancer()
+      self:emit("WARNING", { warning = ("%s stays out of rotation at %s: it is not healthy"):format(member.server,
+        b:describe()) })
+    end
+  end
   self:hook("on_rollback", self.svc, { reason = reason, ok = #problems == 0 })
 
   if #problems == 0 then
@@ -355,6 +376,31 @@ function Run:undo_deploy()
   self:emit("DEPLOY_UNDONE", { target = record.target })
   state.deploy_undone(self.ctx.state_root, self.svc.name, record.state_dir)
   self.touched.deploy = nil
+  return true
+end
+
+-- The load balancer in front of this service, when its group has one: b, member, group.
+function Run:balancer()
+  local g = self.svc.group and self.ctx.platform and self.ctx.platform.groups
+    and self.ctx.platform.groups[self.svc.group]
+  local b = g and self.ctx.balancers and self.ctx.balancers[self.svc.group]
+  if not b then return nil end
+  return b, { name = self.svc.name, server = self.svc.balancer_server or self.svc.name }, g
+end
+
+-- Puts a drained member back in rotation -> true | nil, message.
+function Run:enable(why)
+  if not self.touched.drained then return true end
+  local b, member = self:balancer()
+  if not b then return true end
+  local ok, err = b:enable(member)
+  if not ok then
+    self:emit("BALANCER_FAILED", { action = "enable", server = member.server, error = err })
+    return nil, ("cannot put %s back in rotation at %s: %s"):format(member.server, b:describe(), tostring(err))
+  end
+  self.touched.drained = nil
+  self:journal({ drained = false })
+  self:emit("BALANCER_ENABLE", { server = member.server, balancer = b:describe(), reason = why })
   return true
 end
 
@@ -446,6 +492,17 @@ STEPS[#STEPS + 1] = { name = "inspect", fn = function(self)
     return nil, ("unit %s is %s"):format(self.svc.unit, tostring(props.LoadState))
   end
   self.props = props
+  local b, member = self:balancer()
+  if b then
+    -- a member someone took out of rotation is reported, never silently put back
+    local st, berr = b:state(member)
+    if not st then
+      return nil, ("cannot read %s at %s: %s"):format(member.server, b:describe(), tostring(berr))
+    end
+    if st.admin == "maint" then
+      return nil, ("%s is in maintenance at %s (set outside this run): not touched"):format(member.server, b:describe())
+    end
+  end
   local vetoed, why = self:hook("before_restart", self.svc)
   if vetoed == false then
     self.veto = "vetoed by hook: " .. why
@@ -570,12 +627,50 @@ STEPS[#STEPS + 1] = { name = "migrate", when = function(self) return self.svc.mi
   return true
 end }
 
+-- drain: a replica behind a load balancer leaves the rotation before it goes down, and its
+-- requests in flight end (sessions reach 0, or the group's drain_timeout passes).
+STEPS[#STEPS + 1] = { name = "drain", when = function(self) return self:balancer() ~= nil end, fn = function(self)
+  local b, member, group = self:balancer()
+  local t0 = rr.now()
+  local ok, err = b:drain(member)
+  if not ok then
+    self:emit("BALANCER_FAILED", { action = "drain", server = member.server, error = err })
+    return nil, ("cannot drain %s at %s: %s"):format(member.server, b:describe(), tostring(err))
+  end
+  self.touched.drained = true
+  self:journal({ drained = true })
+  local timeout = group.drain_timeout or 30
+  local drained, derr = b:wait_drained(member, timeout)
+  local left
+  if not drained then
+    local st = b:state(member)
+    left = st and st.sessions or nil
+  end
+  self:emit("BALANCER_DRAIN", { server = member.server, balancer = b:describe(), duration_ms = ms(rr.now() - t0),
+    sessions_left = left, timed_out = not drained or nil, note = not drained and tostring(derr) or nil })
+  return true
+end }
+
 -- apply: daemon-reload when systemd's copy is stale, then reload or restart (a failed reload
 -- falls back to a restart). Decided now, after the deploy and the migration, from the
 -- definition as it is: a release that changed an environment file needs a restart.
 STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self)
   local svc, def = self.svc, self.def
   local props = self.props
+  if def.changed then
+    -- systemd's own check, before the daemon-reload makes a typo the running definition (and,
+    -- once healthy, the known good one: systemd ignores an unknown key with a warning)
+    local findings = flow.verify_definition(self.ctx, def)
+    if #findings > 0 then
+      self:emit("DEFINITION_INVALID", { findings = findings })
+      local text = findings[1] .. (#findings > 1 and (" (and %d more)"):format(#findings - 1) or "")
+      if not self.ctx.opts.force then
+        return nil, "the changed definition does not pass systemd-analyze verify: " .. text
+          .. " (fix it, or --force to go on anyway)"
+      end
+      self:emit("WARNING", { warning = "--force: going on with a definition systemd-analyze finds fault with: " .. text })
+    end
+  end
   if def.stale then
     self:step("daemon-reload")
     self.touched.unit = true
@@ -621,6 +716,9 @@ STEPS[#STEPS + 1] = { name = "verify", shows_own_steps = true, skip_with_force =
     return nil, "unhealthy after " .. method .. ": " .. err
   end
   self:journal({ verified = true })
+  -- healthy on the new version: back in rotation, then stabilized while serving
+  ok, err = self:enable("post-check passed")
+  if not ok then return nil, err end
   ok, err = self:stabilize()
   if not ok then
     return nil, "unstable after " .. method .. ": " .. err
@@ -641,6 +739,10 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
   local ctx, svc = self.ctx, self.svc
   if ctx.opts.force then
     self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
+  elseif self.def and self.def.known and not self.def.changed then
+    -- the definition that ran is the known good one already: nothing to store (a snapshot costs
+    -- a dozen fsyncs, the largest part of the engine's own time per service)
+    self.known_good_kept = true
   else
     local cur = self.unit:properties() or self.props
     local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
@@ -662,6 +764,44 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
 end }
 
 flow.STEPS = STEPS
+
+-- flow.verify_definition(ctx, def) -> { finding, ... }: what `systemd-analyze verify` says about
+-- the unit's own files (its lines that name one of them; other units' problems are not this
+-- service's), or the verifier's failure itself. Empty: nothing found.
+function flow.verify_definition(ctx, def)
+  local unit_file
+  local ours = {}
+  for _, f in ipairs(def.current) do
+    ours[#ours + 1] = f.path
+    if f.role == "unit" then unit_file = f.path end
+  end
+  if not unit_file then return {} end
+  local argv = { "systemd-analyze" }
+  if ctx.user then argv[#argv + 1] = "--user" end
+  argv[#argv + 1] = "verify"
+  argv[#argv + 1] = unit_file
+  local res, _, r = proc.run(argv, { timeout = 60 })
+  local out = res or (type(r) == "table" and r) or nil
+  if not out then
+    return {} -- no verifier here (not installed): nothing to say, the flow goes on
+  end
+  local findings = {}
+  for line in ((out.stderr or "") .. "\n" .. (out.stdout or "")):gmatch("[^\n]+") do
+    for _, path in ipairs(ours) do
+      if line:sub(1, #path + 1) == path .. ":" then
+        findings[#findings + 1] = line
+        break
+      end
+    end
+  end
+  if #findings == 0 and not res and out.exit_code and out.exit_code ~= 0 then
+    local first = (out.stderr or ""):match("[^\n]+")
+    if first and not first:find("RuntimeDirectory", 1, true) then
+      findings[1] = ("systemd-analyze verify: %s"):format(first)
+    end
+  end
+  return findings
+end
 
 -- flow.hashes(files) -> { [path] = sha256 | false (absent) }
 function flow.hashes(files)
@@ -795,11 +935,13 @@ function flow.recover(ctx, svc, entry)
   end
   self.touched.migrated = entry.migration == "finished"
   self.touched.unit = UNIT_TOUCHED[entry.phase] or false
+  self.touched.drained = entry.drained or nil
 
   if entry.verified and entry.phase ~= "rollback" then
     self.method = "restart"
     self:step("post-check")
     local ok, err = self:check("recovery")
+    if ok then ok, err = self:enable("healthy on the new version after the interruption") end
     if ok then ok, err = self:stabilize() end
     if ok and svc.stabilize > 0 then ok, err = self:check("final") end
     if ok then
@@ -831,6 +973,8 @@ function flow.recover(ctx, svc, entry)
     end
   end
   local ok, err = self:undo_deploy()
+  if not ok then return failed(err, flow.ROLLBACK_FAILED) end
+  ok, err = self:enable("the unit was never touched")
   if not ok then return failed(err, flow.ROLLBACK_FAILED) end
   local action = entry.deploy_record and "deploy_undone" or "nothing_to_undo"
   self:emit("RECOVERY_SUCCESS", { action = action, duration_ms = ms(rr.now() - self.t0) })

@@ -102,29 +102,23 @@ end
 -- reaches a failed/inactive state (a PropertiesChanged signal, not a probe) or the watch
 -- itself fails (without it a unit that dies would go unseen until the deadline).
 local function while_unit_alive(unit, deadline, fn)
-  local result
-  local worker, watcher
-  worker = rr.spawn(function()
-    result = table.pack(fn())
-    if watcher then watcher:cancel() end
-  end)
-  watcher = rr.spawn(function()
-    -- true, state | nil, "timeout", state (the deadline: the worker says why) | nil, err, code
-    local ok, a, b = unit:wait_state({ "failed", "inactive" }, math.max(deadline - rr.now(), 0.001))
-    if ok then
-      result = table.pack(nil, ("unit is %s"):format(a))
-      worker:cancel()
-    elseif a ~= "timeout" then
-      result = table.pack(nil, watch_failed(unit, a, b))
-      worker:cancel()
-    end
-  end)
-  local ok, err = rr.wait(worker)
-  rr.wait(watcher)
-  if not ok and not result then
-    return nil, "health check failed: " .. tostring(err)
+  -- The worker ends by the deadline; the watcher waits a little longer, so that at the deadline
+  -- the worker's own answer ("not healthy after Ns") is the one reported. The first to end wins
+  -- and the other is cancelled with the race.
+  local i, a, b = rr.race({
+    fn,
+    function()
+      -- true, state | nil, message, "ETIMEDOUT", state | nil, err, code
+      local ok, x, y = unit:wait_state({ "failed", "inactive" }, math.max(deadline - rr.now(), 0.001) + 1)
+      if ok then return nil, ("unit is %s"):format(x) end
+      if y == "ETIMEDOUT" then return nil, "health check did not end by its deadline" end
+      return nil, watch_failed(unit, x, y)
+    end,
+  })
+  if i == nil then
+    return nil, "health check failed: " .. tostring(a)
   end
-  return table.unpack(result, 1, result.n)
+  return a, b
 end
 
 -- health.check(unit, hc, opts) -> true, info | nil, reason
@@ -139,21 +133,23 @@ function health.check(unit, hc, opts)
     return true, { detail = "no health check configured" }
   end
   if hc.kind == "systemd" then
-    -- true, state | nil, "timeout", state | nil, err, code (a D-Bus error)
-    local ok, a, b = unit:wait_state({ "active", "failed", "inactive" }, timeout)
+    -- true, state | nil, message, "ETIMEDOUT", state | nil, err, code (a D-Bus error)
+    local ok, a, b, state = unit:wait_state({ "active", "failed", "inactive" }, timeout)
     if ok and a == "active" then
       return true, { detail = "unit is active" }
     elseif ok then
       return nil, ("unit is %s"):format(a)
-    elseif a == "timeout" then
-      return nil, ("unit still %s after %gs"):format(tostring(b), timeout)
+    elseif b == "ETIMEDOUT" then
+      return nil, ("unit still %s after %gs"):format(tostring(state), timeout)
     end
     return nil, watch_failed(unit, a, b)
   end
-  local props, perr, pcode = unit:properties()
-  if not props then
+  -- one property, not the unit's ~250: this runs before and after every restart
+  local active, perr, pcode = unit:get("ActiveState")
+  if not active then
     return nil, ("cannot read %s: %s%s"):format(unit:name(), tostring(perr), pcode and (" (%s)"):format(pcode) or "")
   end
+  local props = { ActiveState = active }
   if props.ActiveState == "failed" or props.ActiveState == "inactive" then
     return nil, ("unit is %s"):format(props.ActiveState)
   end

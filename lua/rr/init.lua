@@ -9,7 +9,15 @@ local loop = require("rr.loop")
 local rr = {}
 
 rr.spawn = loop.spawn
-rr.wait = loop.wait
+
+-- rr.wait(task) -> ok, results... | rr.wait{t1, t2, ...} -> { table.pack(ok, ...), ... }: one
+-- shape per form, whatever the number of tasks (several tasks are always a list).
+function rr.wait(...)
+  if select("#", ...) > 1 then
+    error("rr.wait: give several tasks as a list: rr.wait{t1, t2, ...}", 2)
+  end
+  return loop.wait(...)
+end
 rr.wait_any = loop.wait_any
 rr.sleep = loop.sleep
 rr.now = loop.now

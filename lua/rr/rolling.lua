@@ -11,6 +11,8 @@ local events = require("rr.events")
 local flow = require("rr.flow")
 local state = require("rr.state")
 local journal = require("rr.journal")
+local balancer = require("rr.balancer")
+local health = require("rr.health")
 
 local rolling = {}
 
@@ -106,10 +108,36 @@ local function prepare(opts)
       own[svc.name] = hooks.set({ h })
     end
   end
+  -- the balancers of the selected services' groups (opened: a bad script is a configuration
+  -- error; HAProxy is reached only once the run has its lock)
+  local balancers = {}
+  for _, svc in ipairs(order) do
+    local g = svc.group and platform.groups and platform.groups[svc.group]
+    if g and g.balancer and not balancers[g.name or svc.group] then
+      local b, berr = balancer.open(g, nil)
+      if not b then return nil, ("group %q: %s"):format(svc.group, tostring(berr)) end
+      balancers[svc.group] = b
+    end
+  end
   return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service,
-    own_hooks = own }
+    own_hooks = own, balancers = balancers }
 end
 rolling.prepare = prepare
+
+-- Checks that every balancer the run needs answers, before anything is touched -> true |
+-- nil, message.
+local function reach_balancers(prep)
+  for _, svc in ipairs(prep.order) do
+    local b = svc.group and prep.balancers[svc.group]
+    if b then
+      local st, err = b:state({ name = svc.name, server = svc.balancer_server or svc.name })
+      if not st then
+        return nil, ("cannot reach the balancer of group %q (%s): %s"):format(svc.group, b:describe(), tostring(err))
+      end
+    end
+  end
+  return true
+end
 
 -- Why a service that never started was skipped. `blocked` is dag.blocked_by's map of the
 -- failed services (computed once for all: a run may skip thousands).
@@ -223,7 +251,9 @@ function rolling.run(opts)
     return usage_error(err)
   end
   local view = opts.ui
-  local parallel = math.max(1, math.floor(opts.parallel or 1))
+  -- --parallel 0: no limit (group budgets still apply)
+  local parallel = math.floor(opts.parallel or 1)
+  if parallel <= 0 then parallel = math.huge end
   local state_root = opts.state_root or rolling.state_root(opts.user)
 
   local manager, opened = opts.manager, nil
@@ -263,6 +293,11 @@ function rolling.run(opts)
       .. ": recovery needs it; check the services by hand, then --abandon" })
   end
 
+  if not opts.abandon then
+    local bok, berr = reach_balancers(prep)
+    if not bok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = berr }) end
+  end
+
   local events_file = opts.events_file
   if events_file == nil then events_file = rolling.default_events_file(opts.user) end
   local stream, eerr = events.open({
@@ -278,7 +313,7 @@ function rolling.run(opts)
   local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
 
   local ctx = {
-    manager = manager, events = stream, state_root = state_root, user = opts.user,
+    manager = manager, events = stream, state_root = state_root, user = opts.user, balancers = prep.balancers,
     services_file = opts.services_file, resume = opts.resume,
     platform = prep.platform,
     opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
@@ -316,17 +351,29 @@ function rolling.run(opts)
   -- Which definitions systemd has not loaded yet, seen before any flow's daemon-reload hides
   -- it: a later service's unknown edit must not become its known-good definition.
   ctx.initially_stale = {}
-  for _, svc in ipairs(prep.order) do
-    local unit = manager:unit(svc.unit)
-    local props = unit and unit:properties()
-    if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props, opts.user) > 0) then
-      ctx.initially_stale[svc.name] = true
-    end
+  -- read at once for all services (a few at a time): one after another, it was most of the
+  -- start-up of a large platform
+  local scan = {}
+  for i = 1, math.min(32, #prep.order) do
+    scan[i] = rr.spawn(function()
+      for k = i, #prep.order, 32 do
+        local svc = prep.order[k]
+        local unit = manager:unit(svc.unit)
+        local need = unit and unit:get("NeedDaemonReload")
+        local fragment = unit and unit:get("FragmentPath")
+        local dropins = unit and unit:get("DropInPaths")
+        if need or (fragment and #flow.unlisted_dropins(svc, { FragmentPath = fragment, DropInPaths = dropins },
+            opts.user) > 0) then
+          ctx.initially_stale[svc.name] = true
+        end
+      end
+    end)
   end
+  if #scan > 0 then rr.wait(scan) end
 
   local order_names = {}
   for i, svc in ipairs(prep.order) do order_names[i] = svc.name end
-  stream:emit("PLAN_START", { order = order_names, parallel = parallel, force = opts.force or nil,
+  stream:emit("PLAN_START", { order = order_names, parallel = parallel == math.huge and 0 or parallel, force = opts.force or nil,
     deploy = opts.deploy and opts.deploy_path or nil, user = opts.user or nil, pid = fs.getpid and fs.getpid() or nil })
 
   -- before_plan may stop the whole run before anything is touched (a change freeze).
@@ -370,22 +417,99 @@ function rolling.run(opts)
   end
   rr.on_signal(on_signal)
   if view and view.begin then
-    view:begin({ order = order_names, parallel = parallel, history = require("rr.ui").history(events_file or nil) })
+    local groups
+    for name, g in pairs(prep.platform.groups or {}) do
+      groups = groups or {}
+      groups[name] = { members = #g.members, budget = g.max_unavailable_count }
+    end
+    view:begin({ order = order_names, parallel = parallel, groups = groups,
+      history = require("rr.ui").history(events_file or nil) })
   end
   local stop_ticker = view and view:start_ticker() or function() end
 
   local sched = assert(dag.scheduler(prep.platform.services, prep.names))
-  local done, started = {}, {}
+  local chain = assert(dag.chain_lengths(prep.platform.services, prep.names))
+  local position = {}
+  for i, svc in ipairs(prep.order) do position[svc.name] = i end
+  local done, taken, launched = {}, {}, {}
+  local pool = {} -- ready and not launched, the best candidate last
+  local waiting = {} -- [name] = why a ready service waits (a group's budget)
   local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, run = stream.run,
     events_file = events_file or nil }
+  -- the longest remaining dependency chain first, then declaration order
+  local function better(a, b)
+    if chain[a.name] ~= chain[b.name] then return chain[a.name] > chain[b.name] end
+    return position[a.name] < position[b.name]
+  end
+  local function pool_add(svc)
+    local lo, hi = 1, #pool + 1
+    while lo < hi do
+      local mid = (lo + hi) // 2
+      if better(svc, pool[mid]) then lo = mid + 1 else hi = mid end
+    end
+    table.insert(pool, lo, svc)
+  end
+  -- A group's members down right now: those in flight, and those not healthy (one look each).
+  local function group_room(svc)
+    local g = svc.group and prep.platform.groups and prep.platform.groups[svc.group]
+    if not g then return true end
+    local budget = g.max_unavailable_count or 1
+    local down, names = 0, {}
+    for _, e in ipairs(inflight) do
+      if e.svc.group == svc.group then down = down + 1; names[#names + 1] = e.svc.name .. " (in flight)" end
+    end
+    if down >= budget then
+      return nil, ("group %s: %d/%d down, the budget is %d: %s"):format(svc.group, down, #g.members, budget,
+        table.concat(names, ", "))
+    end
+    for _, name in ipairs(g.members) do
+      local m = prep.platform.by_name[name]
+      local busy = false
+      for _, e in ipairs(inflight) do if e.svc.name == name then busy = true break end end
+      if name ~= svc.name and not busy then
+        local unit = manager:unit(m.unit)
+        local kind = unit and health.snapshot(unit, m.health) or "unhealthy"
+        if kind ~= "healthy" then
+          down = down + 1
+          names[#names + 1] = name .. " (" .. kind .. ")"
+          if down >= budget then
+            return nil, ("group %s: %d/%d down, the budget is %d: %s"):format(svc.group, down, #g.members, budget,
+              table.concat(names, ", "))
+          end
+        end
+      end
+    end
+    return true
+  end
+  local function launch_ready()
+    for _, svc in ipairs(sched:ready(done, taken)) do
+      taken[svc.name] = true
+      pool_add(svc)
+    end
+    local i = #pool
+    while i >= 1 and #inflight < parallel do
+      local svc = pool[i]
+      local room, why = group_room(svc)
+      if ctx.interrupted or ctx.aborted_by then return end
+      if room then
+        table.remove(pool, i)
+        waiting[svc.name] = nil
+        launched[svc.name] = true
+        inflight[#inflight + 1] = { svc = svc, task = rr.spawn(flow.run, ctx, svc) }
+      else
+        if waiting[svc.name] ~= why then
+          waiting[svc.name] = why
+          stream:emit("SERVICE_WAITING", { service = svc.name, unit = svc.unit, reason = why })
+        end
+      end
+      i = i - 1
+      if i > #pool then i = #pool end
+    end
+  end
 
   while true do
     if not ctx.interrupted and not ctx.aborted_by then
-      for _, svc in ipairs(sched:ready(done, started, parallel - #inflight)) do
-        if #inflight >= parallel then break end
-        started[svc.name] = true
-        inflight[#inflight + 1] = { svc = svc, task = rr.spawn(flow.run, ctx, svc) }
-      end
+      launch_ready()
     end
     if #inflight == 0 then break end
     local tasks = {}
@@ -396,11 +520,11 @@ function rolling.run(opts)
       if e.task == task then entry = table.remove(inflight, i) break end
     end
     local name = entry.svc.name
-    j:finished(name, outcome == flow.SUCCESS)
     if not tok then
       -- flow.run catches its own errors; this is a bug in the runner's reach, still contained.
       outcome, ferr = flow.FAILED, "internal error: " .. tostring(outcome)
     end
+    j:finished(name, outcome == flow.SUCCESS)
     if outcome == flow.SUCCESS then
       done[name] = true
       s.succeeded[#s.succeeded + 1] = name
@@ -420,8 +544,9 @@ function rolling.run(opts)
 
   local blocked = assert(dag.blocked_by(prep.platform.services, s.failed))
   for _, svc in ipairs(prep.order) do
-    if not started[svc.name] then
-      local reason = skip_reason(svc, ctx, blocked)
+    if not launched[svc.name] then
+      local reason = waiting[svc.name] and not ctx.interrupted and not ctx.aborted_by
+        and ("never had room in its group's budget (" .. waiting[svc.name] .. ")") or skip_reason(svc, ctx, blocked)
       s.skipped[#s.skipped + 1] = svc.name
       stream:emit("SERVICE_SKIPPED", { service = svc.name, unit = svc.unit, reason = reason })
     end

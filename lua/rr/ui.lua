@@ -109,6 +109,18 @@ function ui:draw_live()
     parts[#parts + 1] = ("%s: %s %.1fs"):format(name, s.step, now - s.since)
   end
   table.sort(parts)
+  -- replica groups: how many members are down now against the group's size
+  local groups = self.progress and self.progress.groups
+  if groups then
+    local down = {}
+    for _, st in pairs(self.inflight) do
+      if st.group and groups[st.group] then down[st.group] = (down[st.group] or 0) + 1 end
+    end
+    local gparts = {}
+    for g, n in pairs(down) do gparts[#gparts + 1] = ("%s %d/%d down"):format(g, n, groups[g].members) end
+    table.sort(gparts)
+    if #gparts > 0 then parts[#parts + 1] = table.concat(gparts, ", ") end
+  end
   local head = self:progress_text()
   local text = #parts > 0 and ("  ▸ " .. table.concat(parts, "  |  ")) or ""
   if head ~= "" then text = head .. text end
@@ -145,7 +157,7 @@ end
 function ui:begin(info)
   local order = info.order or {}
   self.progress = { order = order, total = #order, done = 0, finished = {}, took = {},
-    parallel = info.parallel, history = info.history or {}, t0 = rr.now() }
+    parallel = info.parallel, history = info.history or {}, t0 = rr.now(), groups = info.groups }
 end
 
 function ui:line(text)
@@ -164,7 +176,7 @@ end
 function ui:step(svc, step)
   local s = self.inflight[svc.name]
   if not s then
-    s = { since = rr.now() }
+    s = { since = rr.now(), group = svc.group }
     self.inflight[svc.name] = s
   end
   s.step = step
@@ -201,6 +213,13 @@ local SHOW = {
       deploy_undone = "deploy undone (the unit was not touched)", nothing_to_undo = "nothing had changed" }
     return ("✔ %-22s recovered: %s (%s)"):format(ev.service, what[ev.action] or tostring(ev.action), fmt_ms(ev.duration_ms))
   end,
+  BALANCER_DRAIN = function(ev)
+    return ("  %-22s drained at %s (%s%s)"):format(ev.service, tostring(ev.balancer), fmt_ms(ev.duration_ms),
+      ev.timed_out and (", %s session(s) left at the drain timeout"):format(tostring(ev.sessions_left)) or "")
+  end,
+  BALANCER_ENABLE = function(ev) return ("  %-22s back in rotation (%s)"):format(ev.service, tostring(ev.reason)) end,
+  BALANCER_FAILED = function(ev) return ("!! %-21s balancer %s failed: %s"):format(ev.service, ev.action, tostring(ev.error)) end,
+  SERVICE_WAITING = function(ev) return ("  %-22s waits: %s"):format(ev.service, ev.reason) end,
   RECOVERY_FAILED = function(ev) return ("!! %-21s not recovered: %s"):format(ev.service, ev.error) end,
   RUN_ABANDONED = function(ev)
     return ("forgot interrupted run %s (in flight: %s)"):format(tostring(ev.abandoned_run),

@@ -5,7 +5,7 @@
  *   fixture --port N [--host 127.0.0.1] [--status CODE] [--warmup S] [--listen-delay S]
  *           [--hang] [--delay-ms MS] [--exit-after S] [--exit-code N] [--body TEXT]
  *           [--version-file PATH] [--write-file PATH] [--control-file PATH] [--notify]
- *           [--big-body BYTES] [--port-file PATH]
+ *           [--big-body BYTES] [--port-file PATH] [--stop-delay S] [--ready-file PATH]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,10 +58,12 @@ struct config {
         double warmup;
         double listen_delay;
         double exit_after;
+        double stop_delay;    /* SIGTERM/SIGINT: exit this long after (a slow shutdown) */
         const char *version_file;
         const char *write_file;
         const char *control_file;
         const char *port_file;
+        const char *ready_file;
         bool notify;
         struct behaviour base;
 };
@@ -106,6 +108,7 @@ struct server {
         int64_t listen_at;            /* when to bind (after --listen-delay) */
         int64_t ready_at;             /* end of --warmup; set when listening */
         int64_t exit_at;              /* --exit-after deadline, or -1 */
+        int64_t stop_at;              /* --stop-delay: when a stop signal's exit is due, or -1 */
         int64_t accept_resume;        /* after EMFILE: when to accept again, or -1 */
         struct conn **conns;
         size_t n_conns, cap_conns;
@@ -334,11 +337,11 @@ static void write_file_note(struct server *s, const char *what) {
                 log_line("Failed to append to %s: %s", s->cfg.write_file, strerror(-r));
 }
 
-/* Write the bound port to --port-file atomically (temp file, rename). */
-static int write_port_file(const char *path, int port) {
+/* Replace path's content with text atomically (temp file, rename). */
+static int write_file_atomic(const char *path, const char *text) {
         _cleanup_free_ char *tmp = NULL;
-        char buf[16];
-        int n, r = 0;
+        size_t len = strlen(text);
+        int r = 0;
         _cleanup_close_ int fd = -1;
 
         if (asprintf(&tmp, "%s.tmp.%d", path, (int) getpid()) < 0)
@@ -346,14 +349,30 @@ static int write_port_file(const char *path, int port) {
         fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0644);
         if (fd < 0)
                 return -errno;
-        n = snprintf(buf, sizeof buf, "%d\n", port);
-        if (write(fd, buf, (size_t) n) != n)
+        if (write(fd, text, len) != (ssize_t) len)
                 r = errno > 0 ? -errno : -EIO;
         if (r == 0 && rename(tmp, path) < 0)
                 r = -errno;
         if (r < 0)
                 unlink(tmp);
         return r;
+}
+
+/* Write the bound port to --port-file. */
+static int write_port_file(const char *path, int port) {
+        char buf[16];
+
+        snprintf(buf, sizeof buf, "%d\n", port);
+        return write_file_atomic(path, buf);
+}
+
+/* Write to --ready-file the CLOCK_MONOTONIC microsecond from which /health stops answering 503
+ * (the ms boundary ready_at), so that a benchmark knows the healthy moment exactly. */
+static int write_ready_file(const char *path, int64_t ready_at_ms) {
+        char buf[64];
+
+        snprintf(buf, sizeof buf, "ready_us=%" PRId64 " pid=%d\n", ready_at_ms * 1000, (int) getpid());
+        return write_file_atomic(path, buf);
 }
 
 /* Bind and listen on host:port; on success the fd is in s->listen_fd. */
@@ -403,6 +422,11 @@ static int server_listen(struct server *s) {
         s->listen_fd = fd;
         fd = -1;        /* ownership handed to s */
         s->ready_at = now_ms() + (int64_t) (s->cfg.warmup * 1000);
+        if (s->cfg.ready_file) {
+                r = write_ready_file(s->cfg.ready_file, s->ready_at);
+                if (r < 0)
+                        log_line("Failed to write %s: %s", s->cfg.ready_file, strerror(-r));
+        }
         if (s->cfg.notify) {
                 r = sd_notify(0, "READY=1\nSTATUS=listening");
                 if (r < 0)
@@ -654,6 +678,14 @@ static void server_signal(struct server *s) {
                         write_file_note(s, "reloaded");
                         if (s->cfg.notify)
                                 (void) sd_notify(0, "READY=1");
+                } else if (s->cfg.stop_delay > 0) {
+                        /* A slow shutdown: keep serving, exit (0) later; more signals change nothing. */
+                        if (s->stop_at >= 0)
+                                continue;
+                        log_line("%s: exiting in %g s", strsignal((int) si.ssi_signo), s->cfg.stop_delay);
+                        if (s->cfg.notify)
+                                (void) sd_notify(0, "STOPPING=1");
+                        s->stop_at = now_ms() + (int64_t) (s->cfg.stop_delay * 1000);
                 } else {
                         log_line("%s: exiting", strsignal((int) si.ssi_signo));
                         if (s->cfg.notify)
@@ -731,6 +763,7 @@ static int server_run(struct server *s) {
                 if (s->listen_fd < 0)
                         NEAREST(s->listen_at);
                 NEAREST(s->exit_at);
+                NEAREST(s->stop_at);
                 NEAREST(s->accept_resume);
                 for (size_t i = 0; i < s->n_conns; i++)
                         if (s->conns[i]->state == CONN_WAITING)
@@ -776,6 +809,11 @@ static int server_run(struct server *s) {
                         server_inotify(s);
                 if (s->quit)
                         break;
+                if (s->stop_at >= 0 && now >= s->stop_at) {
+                        log_line("--stop-delay: exiting");
+                        s->exit_status = 0;
+                        break;
+                }
                 if (s->exit_at >= 0 && now >= s->exit_at) {
                         log_line("--exit-after: exiting with status %d", s->now.exit_code);
                         s->exit_status = s->now.exit_code;
@@ -832,7 +870,8 @@ static void usage(FILE *f) {
                 "               [--listen-delay S] [--hang] [--delay-ms MS] [--exit-after S]\n"
                 "               [--exit-code N] [--body TEXT] [--version-file PATH]\n"
                 "               [--write-file PATH] [--control-file PATH] [--notify]\n"
-                "               [--big-body BYTES] [--port-file PATH]\n");
+                "               [--big-body BYTES] [--port-file PATH] [--stop-delay S]\n"
+                "               [--ready-file PATH]\n");
 }
 
 /* Parse argv into cfg. Returns 0, or -EINVAL after printing why. */
@@ -840,7 +879,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
         enum {
                 OPT_PORT = 256, OPT_HOST, OPT_STATUS, OPT_WARMUP, OPT_LISTEN_DELAY, OPT_HANG,
                 OPT_DELAY_MS, OPT_EXIT_AFTER, OPT_EXIT_CODE, OPT_BODY, OPT_VERSION_FILE,
-                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_HELP,
+                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_STOP_DELAY, OPT_READY_FILE, OPT_HELP,
         };
         static const struct option options[] = {
                 { "port", required_argument, NULL, OPT_PORT },
@@ -859,6 +898,8 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                 { "notify", no_argument, NULL, OPT_NOTIFY },
                 { "big-body", required_argument, NULL, OPT_BIG_BODY },
                 { "port-file", required_argument, NULL, OPT_PORT_FILE },
+                { "stop-delay", required_argument, NULL, OPT_STOP_DELAY },
+                { "ready-file", required_argument, NULL, OPT_READY_FILE },
                 { "help", no_argument, NULL, OPT_HELP },
                 {}
         };
@@ -928,6 +969,12 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                 case OPT_PORT_FILE:
                         cfg->port_file = optarg;
                         break;
+                case OPT_STOP_DELAY:
+                        r = parse_seconds(optarg, &cfg->stop_delay);
+                        break;
+                case OPT_READY_FILE:
+                        cfg->ready_file = optarg;
+                        break;
                 case OPT_HELP:
                         usage(stdout);
                         return 1;
@@ -949,7 +996,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
 }
 
 int main(int argc, char **argv) {
-        struct server s = { .listen_fd = -1, .signal_fd = -1, .inotify_fd = -1, .accept_resume = -1 };
+        struct server s = { .listen_fd = -1, .signal_fd = -1, .inotify_fd = -1, .accept_resume = -1, .stop_at = -1 };
         struct rlimit rl;
         sigset_t mask;
         int64_t start;

@@ -235,7 +235,7 @@ local FIXTURE_OPTS = {
   { "exit_after", "--exit-after" }, { "exit_code", "--exit-code" }, { "body", "--body" },
   { "version_file", "--version-file" }, { "write_file", "--write-file" },
   { "control_file", "--control-file" }, { "big_body", "--big-body" },
-  { "port_file", "--port-file" },
+  { "port_file", "--port-file" }, { "stop_delay", "--stop-delay" },
 }
 
 -- The argv of a fixture on port with opts (see units.fixture_unit).
@@ -257,7 +257,7 @@ end
 
 -- Write a unit running the fixture on port. opts: the fixture's options in
 -- snake_case (status, warmup, listen_delay, hang, delay_ms, exit_after, exit_code,
--- body, version_file, write_file, control_file, big_body, port_file, host, args),
+-- body, version_file, write_file, control_file, big_body, port_file, stop_delay, host, args),
 -- type ("simple" default; "notify" adds --notify), reload (default true),
 -- env_file, extra_unit, extra_service, log, description.
 -- Returns the unit file's path and the health URL.

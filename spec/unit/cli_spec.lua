@@ -180,9 +180,10 @@ describe("rr.cli", function()
         { cli.parse_rolling({ "--service", "a,b", "--deploy", "--deploy-path", "/tmp/d" }) })
     end)
 
-    it("requires --parallel to be an integer >= 1", function()
-      assert.same({ nil, "--parallel must be an integer >= 1, got 0" }, { cli.parse_rolling({ "--parallel", "0" }) })
-      assert.same({ nil, "--parallel must be an integer >= 1, got 1.5" }, { cli.parse_rolling({ "--parallel=1.5" }) })
+    it("requires --parallel to be an integer >= 0 (0: no limit)", function()
+      assert.equal(0, assert(cli.parse_rolling({ "--parallel", "0" })).parallel)
+      assert.same({ nil, "--parallel must be an integer >= 0 (0: no limit), got -1" }, { cli.parse_rolling({ "--parallel=-1" }) })
+      assert.same({ nil, "--parallel must be an integer >= 0 (0: no limit), got 1.5" }, { cli.parse_rolling({ "--parallel=1.5" }) })
       assert.same({ nil, 'option --parallel expects a number, got "many"' },
         { cli.parse_rolling({ "--parallel", "many" }) })
       assert.equal(8, assert(cli.parse_rolling({ "--parallel", "8" })).parallel)
