@@ -172,6 +172,27 @@ static RrTask *ready_pop(void) {
         return t;
 }
 
+/* Take t out of the ready queue (a task that finishes without running: cancelled before it
+ * started). Its ref is about to go, so the queue must not keep a pointer the collector frees. */
+static void ready_remove(RrTask *t) {
+        RrTask *prev = NULL;
+
+        if (!t->queued)
+                return;
+        for (RrTask *i = S.ready_head; i; prev = i, i = i->next)
+                if (i == t) {
+                        if (prev)
+                                prev->next = t->next;
+                        else
+                                S.ready_head = t->next;
+                        if (S.ready_tail == t)
+                                S.ready_tail = prev;
+                        break;
+                }
+        t->next = NULL;
+        t->queued = false;
+}
+
 void rr_op_complete(RrOp *op) {
         if (op->done)
                 return;
@@ -268,6 +289,7 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
         lua_pop(L, 1);
 
         S.live--;
+        ready_remove(t);
         luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
         t->ref = LUA_NOREF; /* the userdata may be collected from here on: do not touch t */
 }

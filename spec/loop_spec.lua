@@ -67,6 +67,19 @@ describe("rr.loop tasks", function()
     assert.equal("ECANCELED", code, msg)
   end)
 
+  it("a task cancelled before it ever ran leaves the ready queue (collected, never touched again)", function()
+    -- found by ASan: a never-started task finished as cancelled stayed queued, was collected,
+    -- and the next scheduler turn read it
+    for _ = 1, 200 do
+      local t = rr.spawn(function() end)
+      t:cancel()
+    end
+    collectgarbage()
+    collectgarbage()
+    local after = rr.spawn(function() return "still scheduling" end)
+    assert.same({ true, "still scheduling" }, { rr.wait(after) })
+  end)
+
   it("race: the first to finish wins, the others are cancelled and gone before it returns", function()
     local slow
     local i, v = rr.race({
