@@ -26,6 +26,7 @@ local run_opts = {
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
   accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
   recover = opts.recover, resume = opts.resume, abandon = opts.abandon, argv = { ... },
+  canary_only = opts.canary_only, promote = opts.promote,
 }
 
 if opts.dry_run then

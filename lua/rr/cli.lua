@@ -327,6 +327,10 @@ cli.rolling_spec = {
       help = "go on when a unit's definition changed on disk (NeedDaemonReload) and no known good "
         .. "snapshot exists, although rollback cannot restore the earlier definition" },
     { name = "journal", help = "also send every event to the systemd journal (SYSLOG_IDENTIFIER=rrengine)" },
+    { name = "canary-only",
+      help = "roll each replica group's canary members, soak them, and stop there (the state directory "
+        .. "records it; --promote rolls the rest later)" },
+    { name = "promote", help = "roll the rest of the groups whose canary was held by --canary-only, with its release" },
     { name = "recover",
       help = "resolve a run that was killed: finish each service it left in flight on the new version "
         .. "when it is healthy, else roll it back (definition and code)" },
@@ -362,8 +366,12 @@ function cli.check_rolling(opts)
   end
   -- One deploy directory goes into one working_dir; without a single --service
   -- it would be copied over every service's code.
-  if opts.deploy and (opts.service_names == nil or #opts.service_names ~= 1) then
-    return nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)"
+  if opts.deploy and (opts.service_names == nil or #opts.service_names == 0) then
+    return nil, "--deploy needs --service (the service whose working_dir receives the code, or the "
+      .. "replicas of one group)"
+  end
+  if opts.canary_only and opts.promote then
+    return nil, "--canary-only and --promote contradict each other (hold the canary, or roll the rest)"
   end
   if opts.recover and opts.abandon then
     return nil, "--recover and --abandon contradict each other (resolve the killed run, or forget it)"

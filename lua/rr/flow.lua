@@ -842,7 +842,7 @@ function Run:go()
   end
   self:emit("SERVICE_RESTART_SUCCESS", { method = self.method, duration_ms = ms(rr.now() - self.t0) })
   self:hook("on_success", self.svc, { method = self.method })
-  return flow.SUCCESS, nil, { method = self.method }
+  return flow.SUCCESS, nil, { method = self.method, deploy_record = self.touched.deploy }
 end
 
 flow.is_cancel = rr.is_cancel
