@@ -39,7 +39,8 @@ function platform.manager()
 end
 
 -- defs: list of { name, depends, health = "systemd" | nil, http = bool, code = bool,
---   reload = bool, migrate = argv, migrate_rollback = argv, stabilize = s, fixture = {opts},
+--   reload = bool, migrate = argv, migrate_rollback = argv, migrate_timeout = s, deploy_timeout = s,
+--   stabilize = s, fixture = {opts},
 --   env_file = bool, type = "notify"|nil, health_opts = {timeout=, retries=, interval=} }
 function platform.new(defs, opts)
   opts = opts or {}
@@ -83,6 +84,7 @@ function platform.new(defs, opts)
     })
     local entry = { name = d.name, unit = s.unit, depends = d.depends, reload = d.reload,
       working_dir = s.working_dir, migrate = d.migrate, migrate_rollback = d.migrate_rollback,
+      migrate_timeout = d.migrate_timeout, deploy_timeout = d.deploy_timeout,
       stabilize = d.stabilize or 0, hooks = d.hooks, deploy_delete = d.deploy_delete }
     if d.http then
       entry.health = { url = s.url, timeout = 5, retries = 1, interval = 0.2 }
