@@ -29,6 +29,9 @@
  * own copy of their write ends until it collects the unit, so end of file is not the signal)
  * and, once every on_line and on_start call returned, the caller wakes.
  *
+ * Whether the program ran is told by the main process's exit status, not by the start job
+ * alone (see run_never_started()).
+ *
  * On the timeout, the unit is stopped (StopUnit: SIGTERM to its cgroup, SIGKILL after the grace)
  * and waited for. When the calling task is canceled (or the op is dropped for any other reason
  * before the end), a StopUnit is sent without waiting for its answer: release() cannot wait. */
@@ -402,6 +405,18 @@ static const char *signal_name(int sig) {
         return buf;
 }
 
+/* Did the program never run? Its start job failed, and either no process was made or the one
+ * made exited with one of systemd's own statuses for a step before the program (200-245: CHDIR,
+ * EXEC, USER, ..., systemd.exec(5)). Not the start job's result alone: a program that exits at
+ * once can end before its start job and fail it, having run. */
+static bool run_never_started(const RunOp *r) {
+        if (!r->start_result || streq(r->start_result, "done"))
+                return false;
+        if (r->exec_code == 0)
+                return true;
+        return r->exec_code == CLD_EXITED && r->exec_status >= 200 && r->exec_status <= 245;
+}
+
 /* The run is over and every callback returned: wake the caller. */
 static void run_maybe_finish(RunOp *r) {
         if (r->ended && !r->base.finished && rr_output_idle(&r->out))
@@ -489,7 +504,8 @@ static void run_job_removed(SdOp *o, const char *job, const char *result) {
                         sdop_fail(o, NULL, "out of memory");
                         return;
                 }
-                if (streq(result, "done") && r->on_start)
+                /* The unit's properties came before its job's end: run_never_started() knows. */
+                if (r->on_start && !run_never_started(r))
                         rr_output_call(&r->out, push_start_args, r);
         } else if (r->stop_job && !r->stop_ended && streq(job, r->stop_job))
                 r->stop_ended = true;
@@ -597,8 +613,8 @@ static void push_start_failure(lua_State *L, RunOp *r) {
                 luaL_addvalue(&b);
         }
         if (r->exec_code == CLD_EXITED) {
-                /* systemd's own exit statuses of a child that never ran the program (203 EXEC, 200
-                 * CHDIR, 217 USER, ...): systemd.exec(5), "Process Exit Codes". */
+                /* systemd's own (203 EXEC, 200 CHDIR, 217 USER, ...): systemd.exec(5), "Process
+                 * Exit Codes". */
                 lua_pushfstring(L, ", exit status %d", (int) r->exec_status);
                 luaL_addvalue(&b);
         }
@@ -614,7 +630,7 @@ static int run_push(lua_State *L, SdOp *o) {
         bool killed = r->exec_code == CLD_KILLED || r->exec_code == CLD_DUMPED;
 
         luaL_checkstack(L, 8, NULL);
-        if (!timed_out && !streq(r->start_result, "done")) {
+        if (!timed_out && run_never_started(r)) {
                 lua_pushnil(L);
                 push_start_failure(L, r);
                 lua_pushstring(L, streq(r->start_result, "canceled") ? "ECANCELED" : "ENOEXEC");

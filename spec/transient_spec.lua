@@ -104,6 +104,19 @@ describe("m:run", function()
     assert.equal("exit-code", r.result)
   end)
 
+  it("a program that exits at once ran: its exit code, and on_start, even when it beat its start job", function()
+    -- Type=exec: the start job ends once the program runs; one that exits first fails the job
+    -- (a race systemd decides each time), having run all the same
+    for _ = 1, 20 do
+      local started = false
+      local res, err, code, r = m:run({ "sh", "-c", "exit 3" }, { on_start = function() started = true end })
+      assert.is_nil(res)
+      assert.equal("EEXIT", code, err)
+      assert.equal(3, r.exit_code)
+      assert.is_true(started)
+    end
+  end)
+
   it("killed by a signal: nil, message, ESIGNAL, res", function()
     local res, err, code, r = m:run({ "sh", "-c", "kill -KILL $$" })
     assert.is_nil(res)
@@ -180,6 +193,26 @@ describe("m:run", function()
     assert.equal("ENOENT", code)
     res, err, code = m:run({ "true" }, { cwd = dir .. "/not-exec" })
     assert.equal("ENOTDIR", code, err)
+  end)
+
+  it("says when the manager refuses the unit", function()
+    -- systemd takes no environment assignment longer than ARG_MAX
+    local res, err, code = m:run({ "true" }, { env = { BIG = string.rep("x", 4 * 1024 * 1024) } })
+    assert.is_nil(res)
+    assert.matches("^cannot run true: ", err)
+    assert.equal("EINVAL", code)
+  end)
+
+  it("says when the program cannot start after all: the unit's start job failed", function()
+    -- executable by its mode, but not a program: execve() fails in the unit (systemd's 203/EXEC)
+    helpers.write(dir .. "/junk", "\0\1\2\3 not a program\n", helpers.mode("755"))
+    local started = false
+    local res, err, code = m:run({ dir .. "/junk" }, { on_start = function() started = true end })
+    assert.is_nil(res)
+    assert.matches("^cannot run " .. dir:gsub("%p", "%%%0") .. "/junk: its unit rrengine%-run%-%x+%.service failed to start", err)
+    assert.matches("exit status 203", err)
+    assert.equal("ENOEXEC", code)
+    assert.is_false(started)
   end)
 
   it("raises on misuse", function()
