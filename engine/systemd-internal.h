@@ -5,6 +5,7 @@
  *   systemd-job.c    unit jobs (u:start, u:stop, ..., u:wait_job): the job op, its escalation
  *   systemd-ops.c    manager connections and the op machinery every request runs on
  *   systemd-bus.c    D-Bus values: to Lua, and as canonical text for comparisons
+ *   systemd-run.c    m:run(): a command as a transient service unit, its output read as rr.proc's
  *
  * A manager connection (Manager) is one sd-bus connection attached to the sd-event loop and
  * subscribed to the manager's signals (Subscribe()). Every request is an asynchronous method
@@ -241,6 +242,11 @@ int unit_l_load(lua_State *L);
 Unit *check_unit(lua_State *L, int idx);
 /* Creates the rr.systemd.unit class. */
 void unit_class_new(lua_State *L);
+
+/* ---- systemd-run.c ---- */
+
+/* m:run(argv[, opts]) -> res | nil, message, CODE, res | nil, message, CODE */
+int manager_l_run(lua_State *L);
 
 /* ---- systemd-job.c ---- */
 

@@ -436,10 +436,24 @@ local function rsync_argv(record, extra, with_backup)
   return argv
 end
 
--- proc.run, telling on_spawn(pid, what) the PID while the process runs (the run journal keeps
--- it: a later run must know that an rsync of a dead run may still be writing); on_spawn may
--- return a function called once the process has ended.
-local function run_tracked(argv, opts, on_spawn)
+-- Runs rsync -> proc.run's returns. With a manager, as a transient unit of it (rr.systemd's
+-- m:run): a timeout then ends every process rsync started, wherever it went. on_spawn(pid, what)
+-- hears the (main) PID while it runs (the run journal keeps it: a later run must know that an
+-- rsync of a dead run may still be writing) and may return a function called once it has ended.
+local function run_tracked(argv, opts, on_spawn, manager)
+  if manager then
+    local o, ended = { name_prefix = "rrengine-rsync" }, nil
+    for k, v in pairs(opts) do o[k] = v end
+    if on_spawn then
+      o.on_start = function(unit, pid)
+        if pid then ended = on_spawn(pid, table.concat(argv, " ") .. ", as unit " .. unit) end
+      end
+    end
+    local res, err, code, r = manager:run(argv, o)
+    if ended then ended() end
+    if res then return res end
+    return nil, err, r or code -- the result when rsync ran, else why it could not start
+  end
   if not on_spawn then return proc.run(argv, opts) end
   local p, err, code = proc.spawn(argv, opts)
   if not p then return nil, err, code end
@@ -561,7 +575,7 @@ function deploy.apply(opts)
     max_capture = MAX_LISTING,
     timeout = opts.timeout,
     on_line = opts.on_line,
-  }, opts.on_spawn)
+  }, opts.on_spawn, opts.manager)
   local out = res or (type(rres) == "table" and rres) or nil
   if res then
     -- What rsync reports it did replaces the prediction.

@@ -2,7 +2,6 @@
 -- daemon-reload, reload or restart, post-check, stabilization, success — and rollback when the
 -- new version is not healthy. The steps are the table STEPS below, in order.
 local rr = require("rr")
-local proc = require("rr.proc")
 local fs = require("rr.fs")
 local health = require("rr.health")
 local snapshot = require("rr.snapshot")
@@ -410,28 +409,33 @@ function Run:journal(fields)
   if j then j:update(self.svc.name, fields) end
 end
 
--- Runs a migration command in working_dir, each output line an event ->
--- res | nil, message, CODE, res (rr.proc.run's shape). The process is in the run journal while
--- it runs: a later run must not act on this service while a migration of a dead run goes on.
+-- Runs a migration command in working_dir as a transient unit of the manager (rr.systemd's
+-- m:run), each output line an event -> res | nil, message, CODE[, res]. A unit, not a child
+-- process: everything the command starts stays in the unit's cgroup, so the timeout and a
+-- cancelled flow end all of it, a process that left its group (setsid, a daemon) included. The
+-- unit's main process is in the run journal while it runs: a later run must not act on this
+-- service while a migration of a dead run goes on.
 function Run:run_command(argv, output_event)
-  local p, serr, scode = proc.spawn(argv, {
-    cwd = self.svc.working_dir,
+  local svc, j = self.svc, self.ctx.run_journal
+  local pid
+  local res, err, code, r = self.ctx.manager:run(argv, {
+    cwd = svc.working_dir,
     -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
-    timeout = self.svc.migrate_timeout or 1800,
+    timeout = svc.migrate_timeout or 1800,
+    -- rrengine-migration-sso.api-<random>.service, rrengine-migration-rollback-...
+    name_prefix = ("rrengine-%s-%s"):format((output_event:lower():gsub("_output$", ""):gsub("_", "-")),
+      (svc.name:gsub("[^%w:_.-]", "_"))):sub(1, 200),
     on_line = function(stream, line)
       self:emit(output_event, { stream = stream, line = line })
     end,
+    on_start = function(unit, main_pid)
+      pid = main_pid
+      if j and pid then j:child(svc.name, pid, table.concat(argv, " ") .. ", as unit " .. unit) end
+    end,
   })
-  if not p then return nil, serr, scode end
-  local process <close> = p -- a cancelled flow kills the group on the way out
-  local pid = p:pid()
-  local j = self.ctx.run_journal
-  if j then j:child(self.svc.name, pid, table.concat(argv, " ")) end
-  local res, err, r = p:wait()
-  if j then j:child_done(self.svc.name, pid) end
+  if j and pid then j:child_done(svc.name, pid) end
   if res then return res end
-  if type(r) == "table" then return nil, err, "EEXIT", r end
-  return nil, err, r
+  return nil, err, code, r
 end
 
 -- Ends the flow with a failure, undoing what the steps touched: a full rollback once the unit
@@ -580,7 +584,7 @@ STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opt
     -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
     -- the same second: a release must land whole, so compare contents.
     checksum = true,
-    state_dir = record_dir, timeout = svc.deploy_timeout or 1800,
+    state_dir = record_dir, timeout = svc.deploy_timeout or 1800, manager = ctx.manager,
     on_spawn = ctx.run_journal and function(pid, what)
       ctx.run_journal:child(svc.name, pid, what)
       return function() ctx.run_journal:child_done(svc.name, pid) end

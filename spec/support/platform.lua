@@ -44,7 +44,8 @@ function platform.manager()
 end
 
 -- defs: list of { name, depends, health = "systemd" | nil, http = bool, code = bool,
---   reload = bool, migrate = argv, migrate_rollback = argv, stabilize = s, fixture = {opts},
+--   reload = bool, migrate = argv, migrate_rollback = argv, migrate_timeout = s, deploy_timeout = s,
+--   stabilize = s, fixture = {opts},
 --   env_file = bool, type = "notify"|nil, health_opts = {timeout=, retries=, interval=},
 --   group = NAME, balancer_server = NAME }
 -- opts: groups = { [NAME] = { max_unavailable =, balancer =, drain_timeout = } }.
@@ -90,6 +91,7 @@ function platform.new(defs, opts)
     })
     local entry = { name = d.name, unit = s.unit, depends = d.depends, reload = d.reload,
       working_dir = s.working_dir, migrate = d.migrate, migrate_rollback = d.migrate_rollback,
+      migrate_timeout = d.migrate_timeout, deploy_timeout = d.deploy_timeout,
       stabilize = d.stabilize or 0, hooks = d.hooks, deploy_delete = d.deploy_delete, group = d.group,
       balancer_server = d.balancer_server }
     if d.http then
