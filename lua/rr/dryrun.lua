@@ -188,10 +188,24 @@ function dryrun.schedule(p, out)
     for _, svc in ipairs(wave) do w[#w + 1] = svc.name end
     out(("   %d. %s"):format(i, list(w)))
   end
+  local canary = require("rr.canary")
   for name, g in pairs(p.platform.groups or {}) do
     out(("   group %s: %d member(s), at most %d down at once (max_unavailable %s)%s"):format(name, #g.members,
       g.max_unavailable_count or 1, tostring(g.max_unavailable or 1),
-      g.balancer and (", drained at " .. (p.balancers[name] and p.balancers[name]:describe() or "its balancer")) or ""))
+      g.balancer and (", drained at " .. (p.balancers and p.balancers[name] and p.balancers[name]:describe()
+        or "its balancer")) or ""))
+    if g.canary then
+      local held = p.state_root and canary.held(p.state_root, name)
+      if held then
+        out(("     canary held: %s passed at %s (run %s), %d of %d members on the new release; "
+          .. "promote: rrengine plans/rolling.lua --promote"):format(table.concat(held.canaries or {}, ", "),
+          tostring(held.passed_at), tostring(held.run), #(held.canaries or {}), #g.members))
+      else
+        out(("     canary: %s first, soaked %gs%s, then the rest (a failed canary is rolled back, the rest untouched)")
+          :format(table.concat(canary.members(g, nil), ", "), g.canary.soak or 0,
+            g.canary.analysis and (" with the analysis " .. g.canary.analysis) or ""))
+      end
+    end
   end
   -- the critical path: from the service with the longest chain, always the dependent with the longest chain
   local by_name, start = {}, nil

@@ -219,6 +219,15 @@ local SHOW = {
   end,
   BALANCER_ENABLE = function(ev) return ("  %-22s back in rotation (%s)"):format(ev.service, tostring(ev.reason)) end,
   BALANCER_FAILED = function(ev) return ("!! %-21s balancer %s failed: %s"):format(ev.service, ev.action, tostring(ev.error)) end,
+  CANARY_START = function(ev)
+    return ("◆ canary of %s: %s on the new release, soaking %gs"):format(ev.group, table.concat(ev.canaries or {}, ", "),
+      ev.soak or 0)
+  end,
+  CANARY_PASSED = function(ev) return ("◆ canary of %s passed (%s)"):format(ev.group, fmt_ms(ev.duration_ms)) end,
+  CANARY_FAILED = function(ev)
+    return ("!! canary of %s FAILED: %s — rolling the canaries back; the rest is not touched"):format(ev.group,
+      tostring(ev.error))
+  end,
   SERVICE_WAITING = function(ev) return ("  %-22s waits: %s"):format(ev.service, ev.reason) end,
   RECOVERY_FAILED = function(ev) return ("!! %-21s not recovered: %s"):format(ev.service, ev.error) end,
   RUN_ABANDONED = function(ev)
