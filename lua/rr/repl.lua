@@ -348,8 +348,8 @@ function repl.event_line(ev)
   end
   table.sort(rest)
   for _, k in ipairs(rest) do parts[#parts + 1] = value_text(k, ev[k]) end
-  return ("%-23s  %-24s %-20s %s"):format(ts, tostring(ev.event), tostring(ev.service or "-"), table.concat(parts, " "))
-    :gsub("%s+$", "")
+  return (("%-23s  %-24s %-20s %s"):format(ts, tostring(ev.event), tostring(ev.service or "-"),
+    table.concat(parts, " ")):gsub("%s+$", ""))
 end
 
 -- The last n lines of a file (at most its last 4 MiB are read).
