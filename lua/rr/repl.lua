@@ -321,7 +321,7 @@ local function value_text(k, v)
     text = (v == "" or v:find("[%s\"=]")) and ('"' .. v:gsub('[\\"]', "\\%0"):gsub("\n", "\\n") .. '"') or v
   elseif type(v) == "table" then
     local ok, encoded = pcall(cjson.encode, v)
-    text = ok and encoded or tostring(v)
+    text = ok and encoded:gsub("\\/", "/") or tostring(v) -- JSON, without cjson's "\/" for "/"
   elseif type(v) == "number" then
     text = tostring(math.tointeger(v) or v) -- the log's 3 is decoded as 3.0
   elseif v == cjson.null then
@@ -339,12 +339,14 @@ end
 function repl.event_line(ev)
   local ts = type(ev.ts) == "string" and #ev.ts >= 19 and (ev.ts:sub(1, 10) .. " " .. ev.ts:sub(12, 23)) or tostring(ev.ts)
   local parts, seen = {}, {}
+  -- an empty list (no files removed) says nothing
+  local function says(v) return v ~= nil and not (type(v) == "table" and next(v) == nil) end
   for _, k in ipairs(FIRST) do
-    if ev[k] ~= nil then parts[#parts + 1], seen[k] = value_text(k, ev[k]), true end
+    if says(ev[k]) then parts[#parts + 1], seen[k] = value_text(k, ev[k]), true end
   end
   local rest = {}
-  for k in pairs(ev) do
-    if type(k) == "string" and not seen[k] and not HIDDEN[k] then rest[#rest + 1] = k end
+  for k, v in pairs(ev) do
+    if type(k) == "string" and not seen[k] and not HIDDEN[k] and says(v) then rest[#rest + 1] = k end
   end
   table.sort(rest)
   for _, k in ipairs(rest) do parts[#parts + 1] = value_text(k, ev[k]) end
