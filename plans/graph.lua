@@ -1,4 +1,4 @@
--- rrengine plans/graph.lua [--services FILE] [--dot | --svg]: the restart order and the dependency
+-- rrengine plans/graph.lua [--services FILE | --user] [--dot | --svg]: the restart order and the dependency
 -- waves (what --parallel can run together); --dot prints Graphviz, --svg runs Graphviz's dot.
 local cli = require("rr.cli")
 local dag = require("rr.dag")
@@ -9,7 +9,10 @@ local spec = {
   examples = { { "rrengine plans/graph.lua --svg > graph.svg", "draw the dependencies (needs Graphviz's dot)" },
                 { "rrengine plans/graph.lua --dot", "the dependencies as a Graphviz digraph" } },
   options = {
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
+        .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
+    { name = "user", help = "look for the services file of your user manager (see --services)" },
     { name = "dot", help = "Graphviz output" },
     { name = "svg", help = "an SVG picture of the dependencies, drawn by Graphviz's dot (package graphviz)" },
     { name = "help", short = "h", help = "show this help" },

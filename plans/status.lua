@@ -10,7 +10,9 @@ local spec = {
   summary = "Unit state and health of every service, one look each, all at once.",
   examples = { { "rrengine plans/status.lua --user", "status of the platform on your user manager" } },
   options = {
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
+        .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
     { name = "user", help = "talk to your user service manager" },
     { name = "json", help = "one JSON array on stdout" },
     { name = "help", short = "h", help = "show this help" },

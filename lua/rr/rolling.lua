@@ -28,12 +28,67 @@ rolling.EXIT_INTERRUPTED = 130
 rolling.state_root = state.root
 rolling.default_events_file = state.events_file
 
+-- What the summary's per-service detail needs from the run's events (rolling.run hands each
+-- event here, whatever the view): the plan's order, the method each flow used, how long it took,
+-- why a service was skipped. seen = { order = {names}, by = { [name] = { method, duration_ms, reason } } }
+local function note(seen, ev)
+  local what, name = ev.event, ev.service
+  if what == "PLAN_START" then
+    for _, n in ipairs(ev.order or {}) do seen.order[#seen.order + 1] = n end
+    return
+  end
+  if not name then return end
+  local d = seen.by[name] or {}
+  seen.by[name] = d
+  if what == "UNIT_RELOAD" or what == "UNIT_RESTART" then
+    d.method = what == "UNIT_RELOAD" and "reload" or "restart"
+  elseif what == "RELOAD_FALLBACK" then
+    d.method = "restart"
+  elseif what == "SERVICE_RESTART_SUCCESS" or what == "SERVICE_RESTART_FAILED" or what == "RECOVERY_SUCCESS"
+      or what == "RECOVERY_FAILED" then
+    d.method, d.duration_ms = ev.method or d.method, ev.duration_ms
+  elseif what == "SERVICE_SKIPPED" then
+    d.reason = ev.reason
+  end
+end
+
+-- summary.services: one entry per service the run decided about, in the plan's order:
+-- { name, outcome = "succeeded" | "failed" | "rolled_back" | "rollback_failed" | "skipped",
+--   method = "reload" | "restart" | nil (the flow never got that far), duration_ms = its flow's |
+--   nil, error = why it failed or was skipped | nil }.
+local function per_service(s)
+  local seen = s.seen or { order = {}, by = {} }
+  local outcome, names = {}, {}
+  -- a later list is the more precise word: rolled_back and rollback_failed are failed too
+  for _, pair in ipairs({ { s.succeeded, "succeeded" }, { s.failed, "failed" }, { s.rolled_back, "rolled_back" },
+      { s.rollback_failed, "rollback_failed" }, { s.skipped, "skipped" } }) do
+    for _, name in ipairs(pair[1] or {}) do
+      if outcome[name] == nil then names[#names + 1] = name end
+      outcome[name] = pair[2]
+    end
+  end
+  local position = {}
+  for i, name in ipairs(seen.order) do position[name] = position[name] or i end
+  for i, name in ipairs(names) do position[name] = position[name] or (#seen.order + i) end
+  table.sort(names, function(a, b) return position[a] < position[b] end)
+  local list = {}
+  for i, name in ipairs(names) do
+    local d = seen.by[name] or {}
+    local err = s.errors and s.errors[name]
+    if err == nil and outcome[name] == "skipped" then err = d.reason end
+    list[i] = { name = name, outcome = outcome[name], method = d.method, duration_ms = d.duration_ms,
+      error = err ~= nil and tostring(err) or nil }
+  end
+  return list
+end
+
 local function summary_of(s)
   return {
     success = s.exit_code == 0,
     exit_code = s.exit_code,
     error = s.error,
     interrupted = s.interrupted or false,
+    services = per_service(s),
     services_succeeded = s.succeeded or {},
     services_failed = s.failed or {},
     services_rolled_back = s.rolled_back or {},
@@ -318,10 +373,11 @@ function rolling.run(opts)
 
   local events_file = opts.events_file
   if events_file == nil then events_file = rolling.default_events_file(opts.user) end
+  local seen = { order = {}, by = {} } -- the summary's per-service detail (note)
   local stream, eerr = events.open({
     path = events_file or nil, journal = opts.journal, hooks = prep.global_hooks,
     service_hooks = function(name) return prep.own_hooks[name] end,
-    view = view and function(ev) view:event(ev) end,
+    view = function(ev) note(seen, ev); if view then view:event(ev) end end,
   })
   if not stream then
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = eerr })
@@ -356,7 +412,7 @@ function rolling.run(opts)
     recovery = rolling.recover(ctx, prep, dead)
     if not opts.resume or recovery.exit_code ~= rolling.EXIT_OK and recovery.exit_code ~= rolling.EXIT_FAILED
         or #recovery.remaining == 0 then
-      recovery.run, recovery.events_file = stream.run, events_file or nil
+      recovery.run, recovery.events_file, recovery.seen = stream.run, events_file or nil, seen
       recovery.duration_ms = math.floor((rr.now() - t0) * 1000 + 0.5)
       return summary_of(recovery)
     end
@@ -453,7 +509,7 @@ function rolling.run(opts)
   local pool = {} -- ready and not launched, the best candidate last
   local waiting = {} -- [name] = why a ready service waits (a group's budget)
   local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, run = stream.run,
-    events_file = events_file or nil }
+    events_file = events_file or nil, seen = seen }
   -- the longest remaining dependency chain first, then declaration order
   local function better(a, b)
     if chain[a.name] ~= chain[b.name] then return chain[a.name] > chain[b.name] end
