@@ -789,6 +789,10 @@ function rolling.run(opts)
     for _, key in ipairs({ "succeeded", "failed", "rolled_back", "rollback_failed" }) do
       for i, n in ipairs(recovery[key]) do table.insert(s[key], i, n) end
     end
+    s.errors = s.errors or {}
+    for n, e in pairs(recovery.errors or {}) do
+      if s.errors[n] == nil then s.errors[n] = e end
+    end
   end
   local summary = summary_of(s)
   local hok, herr = prep.global_hooks:call("after_plan", summary)
