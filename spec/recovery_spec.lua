@@ -102,7 +102,7 @@ describe("an engine killed mid-run", function()
     local dry = p:cli({ "--dry-run" })
     assert.equal(1, dry.exit_code, dry.stdout .. dry.stderr)
     assert.matches("^!! an earlier run was interrupted", dry.stdout)
-    local stres = select(3, require("rr.proc").run({ helpers.engine, "plans/status.lua", "--user", "--services",
+    local stres = select(4, require("rr.proc").run({ helpers.engine, "plans/status.lua", "--user", "--services",
       p.services_file }, { env = { XDG_STATE_HOME = p.xdg_state } }))
     assert.equal(4, stres.exit_code, stres.stdout .. stres.stderr)
     assert.matches("^!! an earlier run was interrupted", stres.stdout)

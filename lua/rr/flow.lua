@@ -784,7 +784,7 @@ function flow.verify_definition(ctx, def)
   if ctx.user then argv[#argv + 1] = "--user" end
   argv[#argv + 1] = "verify"
   argv[#argv + 1] = unit_file
-  local res, _, r = proc.run(argv, { timeout = 60 })
+  local res, _, _, r = proc.run(argv, { timeout = 60 })
   local out = res or (type(r) == "table" and r) or nil
   if not out then
     return {} -- no verifier here (not installed): nothing to say, the flow goes on
