@@ -56,7 +56,16 @@ describe("an engine killed mid-run", function()
 
   -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step`. Returns the
   -- result and whether it was killed there.
-  local function kill_at(step, args, service, pattern)
+  local function journal()
+    local text = fs.read(p.state_root .. "/run.journal")
+    return text and cjson.decode(text)
+  end
+
+  -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step` (or a line
+  -- matches `pattern`); with `ready(journal)`, only once the run journal satisfies it (a
+  -- migration's unit is journaled once systemd gave its main PID, which may come after its
+  -- first output line). Returns the result and whether it was killed there.
+  local function kill_at(step, args, service, pattern, ready)
     local killed, handle = false, nil
     pattern = pattern or ("^%S+%s+" .. (service or "api") .. "%s+" .. step)
     local res = p:cli(args, {
@@ -64,16 +73,14 @@ describe("an engine killed mid-run", function()
       on_line = function(_, line)
         if not killed and line:match(pattern) then
           killed = true
+          -- the journal is a file: nothing signals its change, so look for a bounded while
+          local deadline = require("rr").now() + 5
+          while ready and not ready(journal()) and require("rr").now() < deadline do require("rr").sleep(0.01) end
           handle:kill("KILL")
         end
       end,
     })
     return res, killed
-  end
-
-  local function journal()
-    local text = fs.read(p.state_root .. "/run.journal")
-    return text and cjson.decode(text)
   end
 
   -- The service ended all-old or all-new, healthy, its process running what is on disk.
@@ -228,7 +235,9 @@ describe("an engine killed mid-run", function()
 
     it("a migration still running from the dead run blocks recovery of its service until it ends", function()
       local res, killed = kill_at(nil, { "--service", "api", "--deploy", "--deploy-path", release }, nil,
-        "api%s+| migrating")
+        "api%s+| migrating", function(j)
+          return j and j.services.api and j.services.api.children and #j.services.api.children > 0
+        end)
       assert.is_true(killed, res.stdout)
       local j = assert(journal())
       assert.equal("started", j.services.api.migration)

@@ -6,6 +6,7 @@ local fs = require("rr.fs")
 local health = require("rr.health")
 local snapshot = require("rr.snapshot")
 local deploy = require("rr.deploy")
+local proc = require("rr.proc")
 local state = require("rr.state")
 
 local flow = {}
@@ -837,7 +838,7 @@ function Run:go()
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
       -- the journal first: what is announced has been recorded
       self:journal({ phase = st.name })
-      if not st.shows_own_steps then self:step(st.name) end
+      if st.shows_own_steps then self.current_step = st.name else self:step(st.name) end
       local ok, reason = st.fn(self)
       if not ok then
         return self:fail(reason)
