@@ -286,3 +286,38 @@ describe("an engine killed mid-run", function()
     end)
   end)
 end)
+
+describe("the manual steps of a failed rollback", function()
+  local p, release
+  setup(function()
+    -- the migration breaks the service for good: it writes a file the deploy did not create
+    -- (the service's own state, which an undo leaves alone), so the old code is unhealthy too
+    p = platform.new({ { name = "api", http = true, code = true,
+      migrate = { "sh", "-c", "echo status=500 > api.control" } } })
+    p:start()
+    release = p.dir .. "/release"
+    helpers.write(release .. "/version", "v2\n")
+  end)
+  teardown(function() p:teardown() end)
+
+  it("list only what is still to do, as commands that work when pasted", function()
+    local res = p:cli({ "--service", "api", "--deploy", "--deploy-path", release })
+    assert.equal(3, res.exit_code, res.stdout .. res.stderr)
+    local ev = assert(p:last_event("ROLLBACK_FAILED", "api"))
+    local steps = table.concat(ev.manual_steps, "\n")
+    assert.not_matches("%-%-deploy%-record", steps, "the deploy was undone already: its undo is not a step")
+    assert.not_matches("cp %-p", steps, "the definition is the known good one: nothing to copy back")
+    assert.matches("^systemctl %-%-user stop " .. p.by_name.api.unit:gsub("%p", "%%%0"), ev.manual_steps[1])
+    assert.matches("daemon%-reload && { systemctl %-%-user reset%-failed", steps)
+    -- the steps an operator pastes, pasted (here: the fix first, as a human would)
+    os.remove(p.by_name.api.working_dir .. "/api.control")
+    for _, step in ipairs(ev.manual_steps) do
+      if step:match("^systemctl") then
+        local argv = { "sh", "-c", step }
+        local ok, err, _, r = require("rr.proc").run(argv)
+        assert.is_truthy(ok, "a manual step failed: " .. step .. ": " .. tostring(err) .. " " .. tostring(r and r.stderr))
+      end
+    end
+    assert.equal("active", p:props("api").ActiveState)
+  end)
+end)
