@@ -73,8 +73,14 @@ check-asan: rrengine-asan build/fixture
 check-valgrind: all
 	$(Q)RR_VALGRIND=1 spec/support/run-specs ./rrengine $(SPEC)
 
-bench: all
+# The whole job, timed: see bench/README.md. build/benchtime reports a child's rusage in µs.
+bench: all build/benchtime
 	$(Q)spec/support/sandbox run -- ./rrengine bench/run.lua
+
+build/benchtime: bench/benchtime.c Makefile
+	@mkdir -p build
+	@echo "  CC      $@"
+	$(Q)$(CC) -std=gnu11 $(WARNINGS) $(CFLAGS) -o $@ $<
 
 demo: deps all
 	$(Q)./demo/run

@@ -1,5 +1,5 @@
 -- EXAMPLE platform definition: not a real deployment. It shows the shape of a
--- services file (DESIGN.md "services.lua"): replace the units, URLs and paths
+-- services file (the README's "services.lua" and rrengine-services(5)): replace the units, URLs and paths
 -- with your platform's own. spec/unit/services_spec.lua checks that it
 -- validates, so it stays a correct example.
 --
@@ -19,12 +19,26 @@
 --   hooks           hook script (relative paths: from this file's directory)
 --   deploy_delete   rsync --delete on deploy (files missing from the deploy go)
 --   start_timeout / stop_timeout   seconds to wait for the unit's start/stop job
+--   group           the replica group the service belongs to (see `groups`)
+--   balancer_server its server name at the group's balancer (default: its name)
 -- `defaults` applies to every service that does not say otherwise.
+--
+-- `groups` names sets of replicas: at most `max_unavailable` of them (a count or
+-- "N%" of the members) are down at once, whatever --parallel says; with a
+-- `balancer` (HAProxy's admin socket and backend, or a Lua script), each member
+-- is drained before its restart and put back once it is healthy again.
 
 return {
   defaults = {
     health = { timeout = 30, retries = 3, interval = 1 },
     stabilize = 30,
+  },
+
+  groups = {
+    -- Three replicas behind HAProxy (backend "search_api", servers named as
+    -- the services): one restarts at a time, without traffic.
+    ["search.api"] = { max_unavailable = 1, drain_timeout = 30,
+                       balancer = { haproxy = "/run/haproxy/admin.sock", backend = "search_api" } },
   },
 
   services = {
@@ -53,6 +67,14 @@ return {
       depends = { "sso.api", "files.api" },
       health = { url = "http://localhost:8080/healthz", timeout = 15 },
       stabilize = 15 },
+
+    -- Replicas of one API: a template unit, one instance per port.
+    { name = "search.api.1", unit = "lilith-search-api@1.service", kind = "api", group = "search.api",
+      depends = { "sso.api" }, health = { url = "http://localhost:3201/health" } },
+    { name = "search.api.2", unit = "lilith-search-api@2.service", kind = "api", group = "search.api",
+      depends = { "sso.api" }, health = { url = "http://localhost:3202/health" } },
+    { name = "search.api.3", unit = "lilith-search-api@3.service", kind = "api", group = "search.api",
+      depends = { "sso.api" }, health = { url = "http://localhost:3203/health" } },
 
     -- ML pipeline: the model server loads its weights for minutes (its
     -- readiness endpoint answers 503 meanwhile), the worker needs it ready.

@@ -1,28 +1,26 @@
--- bench/run.lua: rrengine's benchmark (`make bench`). Runs inside spec/support/sandbox (a
--- private, real systemd user manager) with the engine as the interpreter:
+-- bench/run.lua: `make bench` — the whole job, timed, against a shell loop in the same run.
+-- Runs inside spec/support/sandbox (a private, real systemd user manager) with the engine as
+-- the interpreter:
 --
 --   spec/support/sandbox run -- ./rrengine bench/run.lua
 --
--- Three figures, each against a baseline measured in the same run on the same units and
--- servers (bench/README.md explains what each number means and how it is taken):
---   1. restarting 50 fixture units: rr.systemd sequential and concurrent vs
---      `systemctl --user restart UNIT` run 50 times in a row;
---   2. 200 HTTP health probes (/health and /slow?ms=50): rr.http from 200 tasks vs
---      200 sequential `curl` processes;
---   3. detection latency: from the moment a warming-up fixture turns healthy to the moment
---      rr.health.check returns, vs a fixed 1 s polling loop on the same fixture.
+-- For each size (20 services, delay 0.2 s; 60, 0.2 s; 300, 0.05 s) it generates a platform of
+-- fixture units in a 4-layer dependency graph (bench/platform.lua) and runs, one after the
+-- other: a shell loop (systemctl restart + curl every 50 ms, in topological order),
+-- `rrengine plans/rolling.lua` sequential, and the same with --parallel. Each run is checked
+-- against systemd's timestamps and the fixtures' own ready times (bench/job.lua). Then a
+-- 1000-endpoint health fan-out, the whole job at N=1000 (peak RSS), and loading a 1000-service
+-- file. bench/README.md says what every figure means. It never asserts on timing.
 --
--- It never asserts on timing. It stops and removes every unit it wrote, even after an error.
--- Knobs (environment): RR_BENCH_UNITS (50), RR_BENCH_ROUNDS (3), RR_BENCH_PROBES (200),
--- RR_BENCH_SERVERS (10), RR_BENCH_SLOW_MS (50), RR_BENCH_UNIT_TYPE (simple | notify).
+-- Knobs (environment): RR_BENCH_SIZES ("20:0.2,60:0.2,300:0.05"), RR_BENCH_FANOUT (1000),
+-- RR_BENCH_PARALLEL (1000: the --parallel value that stands for "no limit"),
+-- RR_BENCH_ROUNDS (3: fan-out rounds), RR_BENCH_BIG (1: also the whole job at N=RR_BENCH_FANOUT).
 
--- The repository root (bench/..), for spec.support.units and bench.lib.
 local function repo_root()
   local src = debug.getinfo(1, "S").source
   local path = src:sub(1, 1) == "@" and src:sub(2) or "bench/run.lua"
   if path:sub(1, 1) ~= "/" then path = (os.getenv("PWD") or ".") .. "/" .. path end
-  local dir = path:match("^(.*)/bench/[^/]+$")
-  return dir or "."
+  return path:match("^(.*)/bench/[^/]+$") or "."
 end
 local ROOT = repo_root()
 package.path = ROOT .. "/?.lua;" .. package.path
@@ -35,75 +33,42 @@ local fs = require("rr.fs")
 local health = require("rr.health")
 local units = require("spec.support.units")
 local lib = require("bench.lib")
+local platform = require("bench.platform")
+local job = require("bench.job")
 
 local function env_int(name, default)
   local v = tonumber(os.getenv(name) or "")
   return v and math.tointeger(v) or default
 end
 
-local N_UNITS = env_int("RR_BENCH_UNITS", 50)
+local SIZES = {}
+for n, d in (os.getenv("RR_BENCH_SIZES") or "20:0.2,60:0.2,300:0.05"):gmatch("(%d+):([%d.]+)") do
+  SIZES[#SIZES + 1] = { n = tonumber(n), delay = tonumber(d) }
+end
+local FANOUT = env_int("RR_BENCH_FANOUT", 1000)
+local PARALLEL = env_int("RR_BENCH_PARALLEL", 1000)
 local ROUNDS = env_int("RR_BENCH_ROUNDS", 3)
-local N_PROBES = env_int("RR_BENCH_PROBES", 200)
-local N_SERVERS = math.min(env_int("RR_BENCH_SERVERS", 10), N_UNITS)
-local SLOW_MS = env_int("RR_BENCH_SLOW_MS", 50)
-local UNIT_TYPE = os.getenv("RR_BENCH_UNIT_TYPE") or "simple"
--- Warmups of the detection-latency trials, in seconds. Their fractional parts are spread
--- over [0, 1) so that the fixed 1 s poller meets every phase (its lag depends on where the
--- healthy moment falls between two of its probes); four fall inside rr.health's fast-probe
--- first second, four after it, where its probes have backed off.
-local WARMUPS = { 0.15, 0.45, 0.75, 0.95, 1.35, 1.65, 2.25, 2.85 }
--- The health table of the latency trials: the DESIGN.md defaults (interval 1 s).
-local HC = { kind = "http", timeout = 15, retries = 3, interval = 1 }
+-- The whole job at N=RR_BENCH_FANOUT too (1000 units: about 2 minutes more here), for its peak RSS.
+local BIG = os.getenv("RR_BENCH_BIG") == "1"
+-- A profiler around the engine of the measured sequential runs, e.g.
+-- RR_BENCH_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" (figures then mean
+-- nothing; the verification still holds).
+local WRAP = {}
+for w in (os.getenv("RR_BENCH_WRAP") or ""):gmatch("%S+") do WRAP[#WRAP + 1] = w end
 
--- curl must reach 127.0.0.1 directly, as rr.http does (it ignores proxy variables).
-local NO_PROXY_ENV = { http_proxy = false, HTTP_PROXY = false, https_proxy = false,
-  HTTPS_PROXY = false, all_proxy = false, ALL_PROXY = false }
+local m
+local prefix = ("rrb%d"):format(fs.getpid())
+local dir -- scratch directory: services files, scripts, ready files, event logs
+local platforms = {} -- every generated platform, for the cleanup
+local failures = 0
+local results = {} -- label -> method -> result
 
-local m -- the user manager (rr.systemd)
-local created = {} -- unit names written into the sandbox, for the cleanup
-local restart_units = {} -- { name, port, url }
-local latency_units = {} -- { name, port, url, warmup }
-local failed_sections = 0
-local failed_operations = 0 -- restarts or probes that did not succeed (the figures are suspect)
-
--- Stop after ^C / SIGTERM: the section in flight raised "interrupted"; skip to the cleanup.
-local function interrupted()
-  return rr.interrupts() > 0
-end
-
--- The first line of an error (a task's error may carry a traceback).
-local function short(err)
-  return (tostring(err):match("^[^\n]*"))
-end
-
-local W_LABEL, W_COL = 46, 13
-
-local function first_line(s)
-  return (s or ""):match("^[^\n]*") or ""
-end
+local function interrupted() return rr.interrupts() > 0 end
+local function first_line(s) return (s or ""):match("^[^\n]*") or "" end
 
 -- ---------------------------------------------------------------------------------------
 -- Setup and cleanup
 
-local function write_units()
-  local pid = fs.getpid()
-  for i = 1, N_UNITS do
-    local name = ("rrbench%d-r%02d.service"):format(pid, i)
-    local port = units.free_port()
-    local _, url = units.fixture_unit(name, port, { type = UNIT_TYPE, notify = UNIT_TYPE == "notify" })
-    created[#created + 1] = name
-    restart_units[i] = { name = name, port = port, url = url }
-  end
-  for i, w in ipairs(WARMUPS) do
-    local name = ("rrbench%d-w%02d.service"):format(pid, i)
-    local port = units.free_port()
-    local _, url = units.fixture_unit(name, port, { notify = true, warmup = w, reload = false })
-    created[#created + 1] = name
-    latency_units[i] = { name = name, port = port, url = url, warmup = w }
-  end
-end
-
--- Wait until url answers 200 (at most `limit` seconds); true | nil, last error.
 local function wait_http_ok(url, limit)
   local deadline = rr.now() + limit
   local last
@@ -111,410 +76,386 @@ local function wait_http_ok(url, limit)
     local res, err = http.get(url, { timeout = 1 })
     if res and res.status == 200 then return true end
     last = res and ("HTTP " .. res.status) or err
-    rr.sleep(0.01)
+    rr.sleep(0.02)
   end
   return nil, last
 end
 
--- Start the restart units (all at once) and wait until each one serves /health.
-local function start_units()
+-- Start every unit of p at once, and wait until each answers 200.
+local function start_all(p)
   local tasks = {}
-  for i, u in ipairs(restart_units) do
+  for i, u in ipairs(p.units) do
     tasks[i] = rr.spawn(function()
-      local unit = assert(m:unit(u.name))
+      local unit = assert(m:unit(u.unit))
       assert(unit:start("replace"))
-      local p = assert(unit:properties())
-      if p.StartLimitIntervalUSec ~= 0 then
-        error(("%s: StartLimitIntervalUSec=%s, expected 0"):format(u.name, tostring(p.StartLimitIntervalUSec)))
-      end
-      assert(wait_http_ok(u.url, 10))
-      return true
+      assert(wait_http_ok(u.url, 30))
     end)
   end
   for i, r in ipairs(rr.wait(tasks)) do
-    if not r[1] then error(("cannot start %s: %s"):format(restart_units[i].name, tostring(r[2]))) end
+    if not r[1] then error(("cannot start %s: %s"):format(p.units[i].unit, tostring(r[2]))) end
   end
 end
 
-local function cleanup()
-  if not m then return end
+-- Stop p's units, remove their files, daemon-reload: the next section's manager has only its
+-- own units (systemd's job times grow with the number of units loaded).
+local function teardown(p)
   local tasks = {}
-  for _, name in ipairs(created) do
+  for _, u in ipairs(p.units) do
     tasks[#tasks + 1] = rr.spawn(function()
-      local u = m:unit(name)
-      if u then
-        u:stop({ timeout = 10 })
-        u:reset_failed()
+      local unit = m:unit(u.unit)
+      if unit then
+        unit:stop({ timeout = 20 })
+        unit:reset_failed()
       end
     end)
   end
   if #tasks > 0 then rr.wait(tasks) end
-  for _, name in ipairs(created) do units.remove(name) end
+  for _, u in ipairs(p.units) do units.remove(u.unit) end
   m:daemon_reload()
-  created = {}
-end
-
--- ---------------------------------------------------------------------------------------
--- 1. Unit restarts
-
--- CPU seconds (user + system) the sandbox's manager has used so far, from
--- /proc/$RR_SANDBOX_PID/stat (clock ticks: 10 ms resolution at 100 Hz); nil if unknown.
-local CLK_TCK
-local function manager_cpu()
-  local pid = os.getenv("RR_SANDBOX_PID")
-  if not pid or not pid:match("^%d+$") then return nil end
-  local stat = fs.read("/proc/" .. pid .. "/stat")
-  if not stat then return nil end
-  -- fields after the ")" that closes the command name: state is field 3, utime 14, stime 15
-  local rest = stat:match("^.*%)%s+(.*)$")
-  if not rest then return nil end
-  local f = {}
-  for w in rest:gmatch("%S+") do f[#f + 1] = w end
-  local utime, stime = tonumber(f[12]), tonumber(f[13])
-  if not utime or not stime then return nil end
-  if not CLK_TCK then
-    local res = proc.run({ "getconf", "CLK_TCK" }, { timeout = 10 })
-    CLK_TCK = res and tonumber(first_line(res.stdout)) or 100
+  for k, q in ipairs(platforms) do
+    if q == p then table.remove(platforms, k) break end
   end
-  return (utime + stime) / CLK_TCK
 end
 
--- Restarts every unit one after another with restart_one(unit) -> ok | nil, err; returns
--- seconds, failures, first error.
-local function one_by_one(restart_one)
-  local fails, first = 0, nil
+-- Generate a platform, load it and start every unit.
+local function setup(o)
   local t0 = rr.now()
-  for _, u in ipairs(restart_units) do
-    local ok, err = restart_one(u)
-    if not ok then
-      fails = fails + 1
-      first = first or err
-    end
-  end
-  return rr.now() - t0, fails, first
+  local p = platform.generate({ label = o.label, n = o.n, delay = o.delay, dir = dir, prefix = prefix })
+  platforms[#platforms + 1] = p
+  assert(m:daemon_reload())
+  lib.progress("%s: starting %d units", p.label, p.n)
+  start_all(p)
+  lib.progress("%s: setup took %.1f s", p.label, rr.now() - t0)
+  return p
 end
 
-local function rr_restart(u)
-  local unit, err = m:unit(u.name)
-  if not unit then return nil, err end
-  return unit:restart("replace")
-end
+-- The fan-out's servers: plain child processes (no units: starting 1000 units costs the manager
+-- most of a minute here, and a probe does not care who started its server).
+local servers = {}
 
--- Each method restarts every unit once and returns seconds, failures, first error.
-local restart_methods = {
-  systemctl = function()
-    return one_by_one(function(u)
-      return proc.run({ "systemctl", "--user", "restart", u.name }, { timeout = 60 })
-    end)
-  end,
-  sequential = function()
-    return one_by_one(rr_restart)
-  end,
-  concurrent = function()
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    local tasks = {}
-    for i, u in ipairs(restart_units) do
-      tasks[i] = rr.spawn(rr_restart, u)
-    end
-    local results = rr.wait(tasks)
-    local dt = rr.now() - t0
-    for _, r in ipairs(results) do
-      if not (r[1] and r[2]) then
-        fails = fails + 1
-        first = first or tostring(r[3] or r[2])
-      end
-    end
-    return dt, fails, first
-  end,
-}
-
-local function bench_restarts()
-  local order = { "systemctl", "sequential", "concurrent" }
-  local times = { systemctl = {}, sequential = {}, concurrent = {} }
-  local failures = { systemctl = 0, sequential = 0, concurrent = 0 }
-  local cpu = { systemctl = {}, sequential = {}, concurrent = {} }
-  local errors = {}
-  for round = 1, ROUNDS do
-    -- rotate the order each round: no method always runs first (or right after another)
-    for k = 0, #order - 1 do
-      local name = order[(k + round - 1) % #order + 1]
-      lib.progress("restarts round %d: %s", round, name)
-      local cpu0 = manager_cpu()
-      local dt, fails, first = restart_methods[name]()
-      local cpu1 = manager_cpu()
-      if cpu0 and cpu1 then cpu[name][#cpu[name] + 1] = (cpu1 - cpu0) * 1000 / N_UNITS end
-      times[name][#times[name] + 1] = dt * 1000 / N_UNITS
-      failures[name] = failures[name] + fails
-      if first and not errors[name] then errors[name] = first end
-    end
-  end
-  print(("unit restarts (%d build/fixture units, Type=%s, StartLimitIntervalSec=0, %d rounds)")
-    :format(N_UNITS, UNIT_TYPE, ROUNDS))
-  lib.row("", W_LABEL, { "median", "min", "ratio(med)", "ratio(min)", "manager CPU" },
-    { W_COL + 8, W_COL + 8, 11, 11, 19 })
-  local base_med, base_min = lib.median(times.systemctl), lib.min(times.systemctl)
-  local rows = {
-    { "systemctl", "systemctl --user restart, sequential (baseline)" },
-    { "sequential", "rr.systemd restart, sequential" },
-    { "concurrent", ("rr.systemd restart, concurrent (%d tasks)"):format(N_UNITS) },
-  }
-  for _, r in ipairs(rows) do
-    local med, min = lib.median(times[r[1]]), lib.min(times[r[1]])
-    local cols = { lib.ms(med) .. " ms/unit", lib.ms(min) .. " ms/unit", "", "",
-      #cpu[r[1]] > 0 and (lib.ms(lib.median(cpu[r[1]])) .. " ms/unit") or "-" }
-    if r[1] ~= "systemctl" then
-      cols[3] = lib.ratio(base_med, med)
-      cols[4] = lib.ratio(base_min, min)
-    end
-    lib.row(r[2], W_LABEL, cols, { W_COL + 8, W_COL + 8, 11, 11, 19 })
-  end
-  print(("  (per round, all %d units: baseline %s ms, sequential %s ms, concurrent %s ms — medians)")
-    :format(N_UNITS, lib.ms(lib.median(times.systemctl) * N_UNITS), lib.ms(lib.median(times.sequential) * N_UNITS),
-      lib.ms(lib.median(times.concurrent) * N_UNITS)))
-  for _, r in ipairs(rows) do
-    if failures[r[1]] > 0 then
-      failed_operations = failed_operations + failures[r[1]]
-      print(("  !! %s: %d failed restarts (first: %s)"):format(r[2], failures[r[1]], short(errors[r[1]])))
-    end
-  end
-  print()
-  lib.flush()
-end
-
--- ---------------------------------------------------------------------------------------
--- 2. Health probes
-
-local function probe_urls(path)
+local function spawn_servers(n)
   local list = {}
-  for i = 1, N_PROBES do
-    local u = restart_units[(i - 1) % N_SERVERS + 1]
-    list[i] = ("http://127.0.0.1:%d%s"):format(u.port, path)
+  for i = 1, n do
+    local pf = ("%s/fan-%04d.port"):format(dir, i)
+    servers[i] = assert(proc.spawn({ units.fixture_bin, "--port", "0", "--port-file", pf }, { capture = false }))
+    list[i] = { port_file = pf }
+  end
+  local deadline = rr.now() + 60
+  for _, s in ipairs(list) do
+    local text = fs.read(s.port_file)
+    while not text do
+      if rr.now() > deadline then error("fan-out servers did not start within 60 s") end
+      rr.sleep(0.01)
+      text = fs.read(s.port_file)
+    end
+    s.url = ("http://127.0.0.1:%d/health"):format(tonumber(text))
   end
   return list
 end
 
--- Each method probes every URL once; returns seconds, failures (not 200), first error.
-local probe_methods = {
-  curl = function(urls)
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    for _, url in ipairs(urls) do
-      local res, err = proc.run({ "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url },
-        { timeout = 30, env = NO_PROXY_ENV })
-      if not res or res.stdout ~= "200" then
-        fails = fails + 1
-        first = first or (res and ("HTTP " .. res.stdout) or err)
-      end
-    end
-    return rr.now() - t0, fails, first
-  end,
-  concurrent = function(urls)
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    local tasks = {}
-    for i, url in ipairs(urls) do
-      tasks[i] = rr.spawn(function() return http.get(url, { timeout = 30 }) end)
-    end
-    local results = rr.wait(tasks)
-    local dt = rr.now() - t0
-    for _, r in ipairs(results) do
-      local res = r[1] and r[2]
-      if not res or res.status ~= 200 then
-        fails = fails + 1
-        first = first or (res and ("HTTP " .. res.status) or tostring(r[3] or r[2]))
-      end
-    end
-    return dt, fails, first
-  end,
-  sequential = function(urls)
-    local fails, first = 0, nil
-    local t0 = rr.now()
-    for _, url in ipairs(urls) do
-      local res, err = http.get(url, { timeout = 30 })
-      if not res or res.status ~= 200 then
-        fails = fails + 1
-        first = first or (res and ("HTTP " .. res.status) or err)
-      end
-    end
-    return rr.now() - t0, fails, first
-  end,
+local function stop_servers()
+  for _, s in ipairs(servers) do s:close() end
+  servers = {}
+end
+
+local function cleanup()
+  stop_servers()
+  if not m then return end
+  while #platforms > 0 do teardown(platforms[#platforms]) end
+  if dir then fs.remove_tree(dir) end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- Printing
+
+local function ms(s) return s and lib.ms(s * 1000) or "-" end
+local function secs(s) return s and ("%.2f s"):format(s) or "-" end
+local function mb(kb) return kb and ("%.1f MB"):format(kb / 1024) or "-" end
+
+local function describe_problems(r)
+  if r.error then
+    failures = failures + 1
+    print("    !! run failed: " .. first_line(r.error))
+    io.stderr:write(r.error, "\n")
+  end
+  if r.problems and r.problems.count > 0 then
+    failures = failures + 1
+    print(("    !! NOT VERIFIED: %d problem(s) in systemd's timestamps:"):format(r.problems.count))
+    for _, line in ipairs(r.problems) do print("       " .. line) end
+  end
+end
+
+local METHODS = {
+  { "shell", "shell loop: systemctl restart + curl/50ms" },
+  { "sequential", "rrengine plans/rolling.lua (sequential)" },
+  { "parallel", nil }, -- label set at run time (--parallel N)
 }
 
-local function bench_probes(path, title, rows)
-  local urls = probe_urls(path)
-  local times, failures, errors = {}, {}, {}
-  for _, r in ipairs(rows) do
-    times[r[1]], failures[r[1]] = {}, 0
+local COLS = { 10, 10, 11, 11, 10, 10, 11, 9 }
+local function job_header()
+  lib.row("", 42, { "wall", "per svc", "overhead", "CPU", "CPU/svc", "peak RSS", "manager", "verified" }, COLS)
+  lib.row("", 42, { "", "", "per svc", "(child)", "", "", "CPU", "" }, COLS)
+end
+
+-- One row; overhead per service = (wall - the sum of every unit's stop-to-healthy time) / N,
+-- meaningful for one-at-a-time runs only.
+local function job_row(label, r)
+  local per = r.wall / r.n
+  local overhead = r.method ~= "parallel" and (r.wall - r.irreducible) / r.n or nil
+  lib.row(label, 42, {
+    secs(r.wall), ms(per) .. " ms", overhead and (ms(overhead) .. " ms") or "-",
+    r.cpu and ms(r.cpu) .. " ms" or "-", r.cpu and (ms(r.cpu / r.n) .. " ms") or "-",
+    mb(r.maxrss_kb), r.manager_cpu and ms(r.manager_cpu) .. " ms" or "-",
+    (r.error or r.problems.count > 0) and "NO" or "yes",
+  }, COLS)
+  r.overhead = overhead
+  describe_problems(r)
+  lib.flush()
+end
+
+local function phase_table(seq, par)
+  print("  where the time goes, from the event log (mean ms per service; ts has 1 ms steps):")
+  local rows = {
+    { "startup: spawn -> PLAN_START (total)", "startup" },
+    { "PLAN_START -> first service starts (total)", "first" },
+    { "pre-check (SERVICE_RESTART_START -> passed)", "pre" },
+    { "pre-check passed -> UNIT_RESTART (snapshot)", "def" },
+    { "restart job, as the engine waits for it", "job" },
+    { "restart job, systemd's stop -> active", "job_systemd" },
+    { "job done -> fixture healthy (exec + delay)", "to_ready" },
+    { "fixture healthy -> post-check passed (lag)", "lag" },
+    { "post-check -> SERVICE_RESTART_SUCCESS", "after_post" },
+    { "SUCCESS -> next service's START", "between" },
+    { "(sum of the rows above, incl. totals / N)", "sum" },
+    { "PLAN_END -> exit (total)", "shutdown" },
+  }
+  lib.row("", 46, { "sequential", "parallel" }, { 12, 12 })
+  for _, row in ipairs(rows) do
+    local a = seq and seq.phases and seq.phases[row[2]]
+    local b = par and par.phases and par.phases[row[2]]
+    lib.row(row[1], 46, { a and lib.ms(a) or "-", b and lib.ms(b) or "-" }, { 12, 12 })
   end
-  for round = 1, ROUNDS do
-    for k = 0, #rows - 1 do
-      local name = rows[(k + round - 1) % #rows + 1][1]
-      lib.progress("%s round %d: %s", path, round, name)
-      local dt, fails, first = probe_methods[name](urls)
-      times[name][#times[name] + 1] = dt * 1000
-      failures[name] = failures[name] + fails
-      if first and not errors[name] then errors[name] = first end
-    end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- The whole job
+
+local function run_one(p, method, measured)
+  lib.progress("%s: %s", p.label, method)
+  return job.run({ p = p, method = method, parallel = PARALLEL, m = m, root = ROOT, dir = dir,
+    manager_pid = tonumber(os.getenv("RR_SANDBOX_PID") or ""),
+    wrap = measured and method == "sequential" and WRAP or nil })
+end
+
+local function bench_size(p)
+  print(("whole job: %d services in 4 layers, each healthy %.2f s after it starts (HTTP 503 before),"
+    .. " stabilize = 0"):format(p.n, p.delay))
+  -- A first, unmeasured run: a service's first run snapshots its definition as the known good
+  -- one; every later run (the normal case) does not. It also proves the platform works.
+  lib.progress("%s: warm-up run (parallel)", p.label)
+  local warm = run_one(p, "parallel")
+  if warm.error or warm.problems.count > 0 then
+    describe_problems(warm)
+    error("warm-up run failed")
   end
-  print(("%s (%d probes over %d fixture servers, %d rounds)"):format(title, N_PROBES, N_SERVERS, ROUNDS))
-  lib.row("", W_LABEL, { "median", "min", "per probe", "ratio(med)", "ratio(min)" },
-    { W_COL, W_COL, W_COL, 11, 11 })
-  local base_med, base_min = lib.median(times.curl), lib.min(times.curl)
-  for _, r in ipairs(rows) do
-    local med, min = lib.median(times[r[1]]), lib.min(times[r[1]])
-    local cols = { lib.ms(med) .. " ms", lib.ms(min) .. " ms", lib.ms(med / N_PROBES) .. " ms" }
-    if r[1] ~= "curl" then
-      cols[4] = lib.ratio(base_med, med)
-      cols[5] = lib.ratio(base_min, min)
-    end
-    lib.row(r[2], W_LABEL, cols, { W_COL, W_COL, W_COL, 11, 11 })
+  job_header()
+  local res = {}
+  results[p.label] = res
+  for _, mth in ipairs(METHODS) do
+    if interrupted() then return end
+    local r = run_one(p, mth[1], true)
+    res[mth[1]] = r
+    job_row(mth[2] or ("rrengine --parallel %d (no limit)"):format(PARALLEL), r)
   end
-  for _, r in ipairs(rows) do
-    if failures[r[1]] > 0 then
-      failed_operations = failed_operations + failures[r[1]]
-      print(("  !! %s: %d probes without a 200 (first: %s)"):format(r[2], failures[r[1]], short(errors[r[1]])))
-    end
+  local shell, seq, par = res.shell, res.sequential, res.parallel
+  if shell and seq and shell.overhead and seq.overhead then
+    print(("  sequential: engine overhead %s ms/service vs the shell loop's %s ms (%s of it); wall %s"
+      .. " of the shell loop's"):format(lib.ms(seq.overhead * 1000), lib.ms(shell.overhead * 1000),
+      lib.ratio(1, shell.overhead / seq.overhead), lib.ratio(seq.wall, shell.wall)))
   end
+  if par and par.critical_path then
+    local bound = math.max(par.critical_path, par.manager_cpu or 0)
+    par.bound = bound
+    print(("  parallel: wall %s vs the DAG bound %s (critical path incl. job times %s, manager CPU %s):"
+      .. " %.2fx the bound"):format(secs(par.wall), secs(bound), secs(par.critical_path),
+      secs(par.manager_cpu), par.wall / bound))
+  end
+  phase_table(seq, par)
   print()
   lib.flush()
 end
 
 -- ---------------------------------------------------------------------------------------
--- 3. Detection latency
+-- Fan-out, N=1000, loading
 
--- The naive baseline: probe, and if not healthy sleep a fixed second, forever.
-local function fixed_poller(hc)
-  local deadline = rr.now() + hc.timeout
-  local probes = 0
-  while rr.now() < deadline do
-    local kind = health.probe(hc, 1)
-    probes = probes + 1
-    if kind == "healthy" then return rr.now(), probes end
-    rr.sleep(1)
+-- One round: every endpoint probed at once (rr.health.probe over rr.http); seconds, failures,
+-- the engine's CPU seconds in the round.
+local function fanout_round(list)
+  local tasks = {}
+  local c0 = job.cpu_ns(fs.getpid())
+  local t0 = rr.now()
+  for i, s in ipairs(list) do
+    tasks[i] = rr.spawn(health.probe, { url = s.url }, 10)
   end
-  return nil, probes
+  local fails = 0
+  for _, r in ipairs(rr.wait(tasks)) do
+    if not (r[1] and r[2] == "healthy") then fails = fails + 1 end
+  end
+  local dt = rr.now() - t0
+  local c1 = job.cpu_ns(fs.getpid())
+  return dt, fails, c0 and c1 and (c1 - c0) / 1e9
 end
 
--- One trial: start the unit (Type=notify: the job ends at READY=1, which the fixture sends
--- right after it started listening and set its warmup deadline), run rr.health.check and
--- the fixed poller at once on it; returns a record with both lags in ms.
-local function latency_trial(lu)
-  local u = assert(m:unit(lu.name))
-  local hc = { kind = HC.kind, url = lu.url, timeout = HC.timeout, retries = HC.retries, interval = HC.interval }
-  local ok, err = u:start("replace")
-  if not ok then return { warmup = lu.warmup, error = "start failed: " .. tostring(err) } end
-  local t_job = rr.now()
-  local rr_probes = 0
-  local checker = rr.spawn(function()
-    local hok, info = health.check(u, hc, { on_probe = function() rr_probes = rr_probes + 1 end })
-    return rr.now(), hok, info
-  end)
-  local poller = rr.spawn(fixed_poller, hc)
-  local props, perr = u:properties()
-  local results = rr.wait({ checker, poller })
-  u:stop({ timeout = 10 })
-  local rec = { warmup = lu.warmup }
-  if not props then
-    rec.error = "cannot read properties: " .. tostring(perr)
-    return rec
+local function bench_fanout(n)
+  lib.progress("fan-out: starting %d servers", n)
+  local list = spawn_servers(n)
+  print(("health fan-out: %d endpoints (%d fixture servers, one endpoint each), rr.health.probe"):format(n, n))
+  local rounds, cpus, fails = {}, {}, 0
+  for k = 1, ROUNDS do
+    lib.progress("fan-out round %d", k)
+    local dt, f, cpu = fanout_round(list)
+    rounds[k] = dt
+    cpus[#cpus + 1] = cpu
+    fails = fails + f
   end
-  -- The healthy moment. The fixture, right after listen(), sets its deadline
-  -- ready_at = now_ms() + (int64) (warmup * 1000) (CLOCK_MONOTONIC, truncated to whole ms),
-  -- sends READY=1, and answers 200 from the instant now_ms() >= ready_at: the ms boundary
-  -- ready_at itself. The manager records ActiveEnterTimestampMonotonic (µs, the same clock
-  -- as rr.now()) when it processes that READY=1, microseconds after listen(). So
-  -- healthy_at = floor_ms(ActiveEnter) + warmup_ms exactly, unless a ms boundary fell
-  -- between listen() and the manager's timestamp: then it was 1 ms earlier.
-  local active_us = props.ActiveEnterTimestampMonotonic or 0
-  local active = active_us / 1e6
-  if active_us <= 0 or active > t_job + 0.001 then
-    rec.note = "ActiveEnterTimestamp unusable; used the start job's return"
-    active_us = math.floor(t_job * 1e6)
-    active = t_job
+  -- Each endpoint alone, one after another: the slowest single answer is the floor of a round.
+  local single = {}
+  for i, s in ipairs(list) do
+    local t0 = rr.now()
+    local kind = health.probe({ url = s.url }, 10)
+    single[i] = rr.now() - t0
+    if kind ~= "healthy" then fails = fails + 1 end
   end
-  rec.exec_to_ready_ms = (active - (props.ExecMainStartTimestampMonotonic or 0) / 1e6) * 1000
-  local healthy_at = (active_us // 1000 + math.floor(lu.warmup * 1000)) / 1000
-  local c, p = results[1], results[2]
-  if not c[1] then
-    rec.error = "rr.health task failed: " .. tostring(c[2])
-  elseif not c[3] then
-    rec.error = "rr.health.check: " .. tostring(c[4])
-  else
-    rec.rr_ms = (c[2] - healthy_at) * 1000
-    rec.rr_probes = rr_probes
+  stop_servers()
+  local slowest = lib.max(single)
+  lib.row("", 46, { "median", "min", "max" }, { 12, 12, 12 })
+  lib.row(("one round, all %d at once (%d rounds)"):format(n, ROUNDS), 46,
+    { ms(lib.median(rounds)) .. " ms", ms(lib.min(rounds)) .. " ms", ms(lib.max(rounds)) .. " ms" }, { 12, 12, 12 })
+  if #cpus > 0 then
+    lib.row("  engine CPU in that round", 46,
+      { ms(lib.median(cpus)) .. " ms", ms(lib.min(cpus)) .. " ms", ms(lib.max(cpus)) .. " ms" }, { 12, 12, 12 })
+    lib.row("  engine CPU per probe", 46, { ms(lib.median(cpus) / n) .. " ms", ms(lib.min(cpus) / n) .. " ms",
+      ms(lib.max(cpus) / n) .. " ms" }, { 12, 12, 12 })
   end
-  if not p[1] then
-    rec.error = (rec.error and rec.error .. "; " or "") .. "poller failed: " .. tostring(p[2])
-  elseif not p[2] then
-    rec.error = (rec.error and rec.error .. "; " or "") .. "fixed poller never saw it healthy"
-  else
-    rec.naive_ms = (p[2] - healthy_at) * 1000
-    rec.naive_probes = p[3]
+  lib.row("each endpoint alone, one after another", 46,
+    { ms(lib.median(single)) .. " ms", ms(lib.min(single)) .. " ms", ms(slowest) .. " ms" }, { 12, 12, 12 })
+  print(("  a round takes %.1fx the slowest single endpoint (%s ms vs %s ms); one after another, all %d took %s ms")
+    :format(lib.median(rounds) / slowest, ms(lib.median(rounds)), ms(slowest), n, ms(lib.mean(single) * n)))
+  if fails > 0 then
+    failures = failures + 1
+    print(("    !! %d probes were not healthy"):format(fails))
   end
-  return rec
-end
-
-local function bench_latency()
-  print(("detection latency (Type=notify fixture, --warmup W; %d trials)")
-    :format(#WARMUPS))
-  print(("  rr.health.check with interval=%gs, timeout=%gs vs a fixed %gs polling loop, both started"
-    .. " on the same fixture as its start job returns"):format(HC.interval, HC.timeout, HC.interval))
-  lib.row("W (s)", 8, { "rr.health lag", "probes", "1 s poll lag", "probes" }, { 16, 8, 16, 8 })
+  print()
+  results.fanout = { round = lib.median(rounds), slowest = slowest, cpu = lib.median(cpus), n = n }
   lib.flush()
-  local recs = {}
-  for _, lu in ipairs(latency_units) do
-    if interrupted() then break end
-    local rec = latency_trial(lu)
-    recs[#recs + 1] = rec
-    lib.row(("%.2f"):format(rec.warmup), 8, {
-      rec.rr_ms and (lib.ms(rec.rr_ms) .. " ms") or "-", rec.rr_probes or "-",
-      rec.naive_ms and (lib.ms(rec.naive_ms) .. " ms") or "-", rec.naive_probes or "-",
-    }, { 16, 8, 16, 8 })
-    if rec.error then
-      failed_operations = failed_operations + 1
-      print("    !! " .. short(rec.error))
-    end
-    if rec.note then print("    (" .. rec.note .. ")") end
-    lib.flush()
+end
+
+local function bench_big_job(p)
+  print(("whole job at N=%d (delay 0): rrengine --parallel %d, a first run (it also snapshots every"
+    .. " definition)"):format(p.n, PARALLEL))
+  job_header()
+  local r = run_one(p, "parallel")
+  job_row(("rrengine --parallel %d"):format(PARALLEL), r)
+  if r.critical_path then
+    r.bound = math.max(r.critical_path, r.manager_cpu or 0)
+    print(("  DAG bound %s (critical path %s, manager CPU %s): wall %.2fx the bound"):format(secs(r.bound),
+      secs(r.critical_path), secs(r.manager_cpu), r.wall / r.bound))
   end
-  local function collect(pred)
-    local a, b = {}, {}
-    for _, r in ipairs(recs) do
-      if pred(r) then
-        if r.rr_ms then a[#a + 1] = r.rr_ms end
-        if r.naive_ms then b[#b + 1] = r.naive_ms end
+  phase_table(nil, r)
+  results.big = r
+  print()
+  lib.flush()
+end
+
+local LOAD_CODE = [[
+local rr = require("rr")
+local services = require("rr.services")
+local dag = require("rr.dag")
+local path = ...
+local t0 = rr.now()
+local p = assert(services.load(path))
+local t1 = rr.now()
+local order = assert(dag.order(p.services))
+local t2 = rr.now()
+io.write(("load_ms=%.3f order_ms=%.3f n=%d\n"):format((t1 - t0) * 1000, (t2 - t1) * 1000, #order))
+]]
+
+local function bench_load(n)
+  local path = ("%s/load-%d-services.lua"):format(dir, n)
+  local script = ("%s/load.lua"):format(dir)
+  platform.write_services_only(path, n)
+  assert(fs.write_atomic(script, LOAD_CODE))
+  print(("loading, validating and ordering a %d-service file (4 layers; a fresh engine each time, 5 runs)"):format(n))
+  local loads, orders, walls, rss = {}, {}, {}, {}
+  for k = 1, 5 do
+    local tf = ("%s/load.time"):format(dir)
+    local t0 = rr.now()
+    local res, err = proc.run({ ROOT .. "/build/benchtime", tf, ROOT .. "/rrengine", script, path },
+      { cwd = ROOT, timeout = 120 })
+    walls[k] = rr.now() - t0
+    if not res then
+      failures = failures + 1
+      print("    !! " .. tostring(err))
+      return
+    end
+    loads[k] = tonumber(res.stdout:match("load_ms=([%d.]+)"))
+    orders[k] = tonumber(res.stdout:match("order_ms=([%d.]+)"))
+    rss[k] = tonumber((fs.read(tf) or ""):match("maxrss_kb=(%d+)"))
+  end
+  lib.row("", 46, { "median", "min" }, { 12, 12 })
+  lib.row("services.load (read + validate)", 46, { lib.ms(lib.median(loads)) .. " ms", lib.ms(lib.min(loads)) .. " ms" },
+    { 12, 12 })
+  lib.row("dag.order", 46, { lib.ms(lib.median(orders)) .. " ms", lib.ms(lib.min(orders)) .. " ms" }, { 12, 12 })
+  lib.row("whole process (spawn to exit)", 46, { ms(lib.median(walls)) .. " ms", ms(lib.min(walls)) .. " ms" },
+    { 12, 12 })
+  lib.row("peak RSS of that process", 46, { mb(lib.median(rss)), mb(lib.min(rss)) }, { 12, 12 })
+  results.load = { load = lib.median(loads), order = lib.median(orders) }
+  print()
+  lib.flush()
+end
+
+-- ---------------------------------------------------------------------------------------
+-- Summary
+
+local function summary()
+  print("targets (figures, not assertions)")
+  local function line(what, value, target, ok)
+    lib.row(what, 60, { value, target, ok == nil and "-" or (ok and "met" or "NOT met") }, { 14, 12, 9 })
+  end
+  for _, s in ipairs(SIZES) do
+    local res = results[("n%d"):format(s.n)]
+    if res then
+      local seq, par, shell = res.sequential, res.parallel, res.shell
+      if seq and seq.overhead then
+        line(("N=%d sequential overhead per service"):format(s.n), lib.ms(seq.overhead * 1000) .. " ms", "<= 5 ms",
+          seq.overhead <= 0.005)
+      end
+      if shell and shell.overhead then
+        line(("N=%d   (shell loop, same measure)"):format(s.n), lib.ms(shell.overhead * 1000) .. " ms", "", nil)
+      end
+      if par and par.bound then
+        line(("N=%d parallel wall / max(critical path, manager CPU)"):format(s.n), ("%.2fx"):format(par.wall / par.bound),
+          "<= 1.15x", par.wall / par.bound <= 1.15)
+      end
+      for _, r in ipairs({ seq, par }) do
+        if r and r.cpu then
+          line(("N=%d %s engine CPU per service"):format(s.n, r.method), lib.ms(r.cpu / r.n * 1000) .. " ms", "<= 3 ms",
+            r.cpu / r.n <= 0.003)
+        end
       end
     end
-    return a, b
+  end
+  local big = results.big
+  if big then
+    line(("N=%d parallel engine CPU per service"):format(big.n), lib.ms(big.cpu / big.n * 1000) .. " ms", "<= 3 ms",
+      big.cpu / big.n <= 0.003)
+    line(("N=%d peak RSS (whole job)"):format(big.n), mb(big.maxrss_kb), "<= 16 MB", big.maxrss_kb <= 16 * 1024)
+    if big.bound then
+      line(("N=%d parallel wall / max(critical path, manager CPU)"):format(big.n), ("%.2fx"):format(big.wall / big.bound),
+        "<= 1.15x", big.wall / big.bound <= 1.15)
+    end
   end
   print()
-  lib.row("lag from healthy to seen", W_LABEL, { "median", "mean", "max", "ratio(med)" }, { W_COL, W_COL, W_COL, 11 })
-  local groups = {
-    { "all trials", function() return true end },
-    { "W < 1 s (rr.health's fast-probe second)", function(r) return r.warmup < 1 end },
-    { "W >= 1 s (probes backed off)", function(r) return r.warmup >= 1 end },
-  }
-  for _, g in ipairs(groups) do
-    local a, b = collect(g[2])
-    print("  " .. g[1])
-    lib.row("  fixed 1 s polling (baseline)", W_LABEL - 0,
-      { lib.ms(lib.median(b)) .. " ms", lib.ms(lib.mean(b)) .. " ms", lib.ms(lib.max(b)) .. " ms" },
-      { W_COL, W_COL, W_COL })
-    lib.row("  rr.health.check", W_LABEL,
-      { lib.ms(lib.median(a)) .. " ms", lib.ms(lib.mean(a)) .. " ms", lib.ms(lib.max(a)) .. " ms",
-        lib.ratio(lib.median(b), lib.median(a)) },
-      { W_COL, W_COL, W_COL, 11 })
-  end
-  local exec_ready = {}
-  for _, r in ipairs(recs) do
-    if r.exec_to_ready_ms then exec_ready[#exec_ready + 1] = r.exec_to_ready_ms end
-  end
-  print(("  (healthy moment = the fixture's own deadline, floor_ms(ActiveEnterTimestamp) + W, exact to"
-    .. " the ms boundary it flips on, or 1 ms earlier; exec to READY=1 took %s ms median)")
-    :format(lib.ms(lib.median(exec_ready))))
-  print()
-  lib.flush()
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -523,69 +464,71 @@ end
 local function header()
   local kernel = first_line(fs.read("/proc/sys/kernel/osrelease"))
   local sd = proc.run({ "systemctl", "--version" }, { timeout = 10 })
-  local curl = proc.run({ "curl", "--version" }, { timeout = 10 })
   local cpus = 0
   local info = fs.read("/proc/cpuinfo") or ""
   for _ in info:gmatch("\nprocessor%s*:") do cpus = cpus + 1 end
   if info:match("^processor%s*:") then cpus = cpus + 1 end
-  print("rrengine bench — sandboxed systemd user manager, 127.0.0.1 only")
-  print(("  kernel %s, %d CPUs, %s, %s"):format(kernel, cpus, first_line(sd and sd.stdout),
-    (first_line(curl and curl.stdout):match("^(curl %S+)") or "curl ?")))
+  local load = first_line(fs.read("/proc/loadavg"))
+  print("rrengine bench: the whole job, in a sandboxed systemd user manager, 127.0.0.1 only")
+  print(("  kernel %s, %d CPUs, %s, load average at start %s"):format(kernel, cpus, first_line(sd and sd.stdout),
+    load:match("^(%S+ %S+ %S+)") or "?"))
+  print("  CPU = user+sys from wait4() of the child (and its children); manager CPU from /proc/PID/schedstat of the"
+    .. " sandbox's systemd --user during the run")
   print()
   lib.flush()
-end
-
-local function run_section(name, fn)
-  if interrupted() then return end
-  if not lib.section(name, fn) then failed_sections = failed_sections + 1 end
 end
 
 local function main()
   local t_start = rr.now()
   header()
   m = assert(systemd.user())
-  lib.progress("writing %d restart units and %d latency units", N_UNITS, #WARMUPS)
-  write_units()
-  assert(m:daemon_reload())
-  start_units()
-
-  run_section("unit restarts", bench_restarts)
-  run_section("health probes", function()
-    -- the probe servers are the first N_SERVERS restart units: make sure they are up again
-    for i = 1, N_SERVERS do assert(wait_http_ok(restart_units[i].url, 10)) end
-    bench_probes("/health", "health probes, GET /health", {
-      { "curl", "curl, sequential processes (baseline)" },
-      { "concurrent", ("rr.http, concurrent (%d tasks)"):format(N_PROBES) },
-      { "sequential", "rr.http, sequential (one task)" },
-    })
-    if interrupted() then return end
-    bench_probes(("/slow?ms=%d"):format(SLOW_MS), ("slow probes, GET /slow?ms=%d"):format(SLOW_MS), {
-      { "curl", "curl, sequential processes (baseline)" },
-      { "concurrent", ("rr.http, concurrent (%d tasks)"):format(N_PROBES) },
-    })
-  end)
-  run_section("detection latency", bench_latency)
+  dir = assert(fs.mkdtemp("/tmp/rrbench."))
+  for _, sz in ipairs(SIZES) do
+    if interrupted() then break end
+    local ok = lib.section(("whole job N=%d"):format(sz.n), function()
+      local p = setup({ label = ("n%d"):format(sz.n), n = sz.n, delay = sz.delay })
+      bench_size(p)
+      teardown(p)
+    end)
+    if not ok then failures = failures + 1 end
+  end
+  if FANOUT > 0 and not interrupted() then
+    if not lib.section("fan-out", function() bench_fanout(FANOUT) end) then failures = failures + 1 end
+    stop_servers()
+  end
+  if BIG and FANOUT > 0 and not interrupted() then
+    local ok = lib.section("whole job N=" .. FANOUT, function()
+      local p = setup({ label = ("n%d"):format(FANOUT), n = FANOUT, delay = 0 })
+      bench_big_job(p)
+      teardown(p)
+    end)
+    if not ok then failures = failures + 1 end
+  end
+  if not interrupted() and not lib.section("load", function() bench_load(FANOUT > 0 and FANOUT or 1000) end) then
+    failures = failures + 1
+  end
+  summary()
   if interrupted() then
     print("interrupted: remaining figures skipped")
-    failed_sections = failed_sections + 1
+    failures = failures + 1
   end
   print(("total bench time %.1f s"):format(rr.now() - t_start))
 end
 
 local ok, err = xpcall(main, debug.traceback)
 if not ok then
-  print("bench failed: " .. tostring(err))
-  failed_sections = failed_sections + 1
+  print("bench failed: " .. first_line(tostring(err)))
+  io.stderr:write(tostring(err), "\n")
+  failures = failures + 1
 end
-lib.progress("cleanup: stopping and removing %d units", #created)
+lib.progress("cleanup")
 local cok, cerr = xpcall(cleanup, debug.traceback)
 if not cok then
   print("cleanup failed: " .. tostring(cerr))
-  failed_sections = failed_sections + 1
+  failures = failures + 1
 end
-if failed_sections > 0 or failed_operations > 0 then
-  print(("bench finished with errors: %d section(s) failed, %d operation(s) failed — figures above are"
-    .. " not reliable"):format(failed_sections, failed_operations))
+if failures > 0 then
+  print(("bench finished with %d failure(s): the figures marked above are not reliable"):format(failures))
 end
 io.stdout:flush()
-os.exit((failed_sections == 0 and failed_operations == 0) and 0 or 1)
+os.exit(failures == 0 and 0 or 1)

@@ -1,7 +1,9 @@
 /* rr.fs: the file operations the restart flow needs to snapshot definitions and undo a deploy
  * without ever losing a file: atomic writes and copies (temp file in the same directory, fsync,
- * rename, fsync of the directory), stat/list/remove, a recursive remove that never follows a
- * symlink, streaming comparison and SHA-256, and the run lock (flock) that names its holder.
+ * rename, fsync of the directory), stat/list, streaming comparison and SHA-256, free space, and
+ * the run lock (flock) that names its holder. Changing the tree (mkdir_p, remove, rename,
+ * remove_tree) and the `under` walk that never follows a symlink below the state root are in
+ * engine/fs_tree.c.
  *
  * These are quick local operations: plain blocking syscalls, no RrOp. Expected failures return
  * `nil, message, "ECODE"`; wrong argument types raise. */
@@ -14,41 +16,52 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
+#include <sys/statvfs.h>
 
 #include <openssl/evp.h>
 
-#include "rr.h"
+#include "fs.h"
 
 #define LOCK_MT "rr.fs.lock"
 #define SCRATCH_MT "rr.fs.scratch"
 #define COPY_CHUNK (128 * 1024)
-#define DEFAULT_DIR_MODE 0755
-
-static inline void closedirp(DIR **d) {
-        if (*d)
-                closedir(*d);
-}
 
 static inline void evp_md_ctx_freep(EVP_MD_CTX **c) {
         EVP_MD_CTX_free(*c);
 }
 
-/* Push `nil, "<what>: <strerror>", "ECODE"` for a negative errno r. */
-static int fail(lua_State *L, int r, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(lua_State *L, int r, const char *fmt, ...) {
+static int vfail(lua_State *L, int r, const char *fmt, va_list ap) {
         char what[1024];
-        va_list ap;
 
-        va_start(ap, fmt);
         vsnprintf(what, sizeof what, fmt, ap);
-        va_end(ap);
         return rr_push_fail(L, -r, "%s: %s", what, strerror(-r));
 }
 
-/* A path argument: a string without NUL bytes (the kernel would silently cut it there). */
-static const char *check_path(lua_State *L, int idx) {
+int rr_fs_fail(lua_State *L, int r, const char *fmt, ...) {
+        va_list ap;
+        int n;
+
+        va_start(ap, fmt);
+        n = vfail(L, r, fmt, ap);
+        va_end(ap);
+        return n;
+}
+
+int rr_fs_fail_at(lua_State *L, int r, const char *at, const char *fmt, ...) {
+        va_list ap;
+        int n;
+
+        if (r == -ELOOP && at)
+                return rr_push_fail(L, ELOOP, "%s is a symbolic link: refusing to write through it", at);
+        va_start(ap, fmt);
+        n = vfail(L, r, fmt, ap);
+        va_end(ap);
+        return n;
+}
+
+const char *rr_fs_check_path(lua_State *L, int idx) {
         size_t len;
         const char *p = luaL_checklstring(L, idx, &len);
         luaL_argcheck(L, strlen(p) == len, idx, "path contains a NUL byte");
@@ -56,16 +69,22 @@ static const char *check_path(lua_State *L, int idx) {
         return p;
 }
 
-/* An optional permission mode argument, or def. */
-static mode_t opt_mode(lua_State *L, int idx, mode_t def) {
-        long long m;
+const char *rr_fs_opt_under(lua_State *L, int idx) {
+        const char *root = NULL;
+        size_t len;
 
         if (lua_isnoneornil(L, idx))
-                return def;
-        m = rr_to_mode(L, idx);
-        luaL_argcheck(L, m >= 0, idx,
-                      "mode must be an integer such as tonumber(\"644\", 8), or an octal string such as \"0644\"");
-        return (mode_t) m;
+                return NULL;
+        luaL_checktype(L, idx, LUA_TTABLE);
+        if (lua_getfield(L, idx, "under") != LUA_TNIL) {
+                if (lua_type(L, -1) != LUA_TSTRING)
+                        luaL_error(L, "bad option 'under' (the state root: a directory path expected)");
+                root = lua_tolstring(L, -1, &len);
+                if (len == 0 || strlen(root) != len)
+                        luaL_error(L, "bad option 'under' (an empty path, or one with a NUL byte)");
+        }
+        lua_pop(L, 1); /* the string stays alive in the options table */
+        return root;
 }
 
 /* opts.mode: -1 when absent. */
@@ -137,9 +156,7 @@ static ssize_t read_full(int fd, void *buf, size_t n) {
         return (ssize_t) got;
 }
 
-/* Split path into its directory and last component (trailing slashes ignored). The last
- * component must be a real name: "/", "", "." and ".." give -EINVAL. */
-static int split_path(const char *path, char **ret_dir, char **ret_base) {
+int rr_fs_split_path(const char *path, char **ret_dir, char **ret_base) {
         _cleanup_(freep) char *copy = strdup(path), *dir = NULL, *base = NULL;
         char *slash;
         size_t len;
@@ -172,8 +189,7 @@ static int split_path(const char *path, char **ret_dir, char **ret_base) {
         return 0;
 }
 
-/* fsync a directory, so that a rename or unlink inside it survives a crash. */
-static int fsync_dir(const char *dir) {
+int rr_fs_fsync_dir(const char *dir) {
         _cleanup_(closep) int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 
         if (fd < 0)
@@ -225,9 +241,13 @@ static Scratch *scratch_new(lua_State *L) {
 
 /* ---- temp file + rename: the core of write_atomic and copy_atomic ---- */
 
+/* Everything happens relative to the target's directory, opened once: the temp file is created
+ * there (O_EXCL|O_NOFOLLOW: never through a symlink planted under its name) and renamed over
+ * the target there, so with `under` the directory checked is the one written. */
 typedef struct Atomic {
-        char *dir;  /* directory of the target */
-        char *tmp;  /* temp file path while it exists */
+        int dirfd;  /* directory of the target */
+        char *base; /* the target's name in it */
+        char *tmp;  /* the temp file's name in it while it exists */
         int fd;
 } Atomic;
 
@@ -235,41 +255,57 @@ static void atomic_done(Atomic *a) {
         if (a->fd >= 0)
                 close(a->fd);
         if (a->tmp)
-                (void) unlink(a->tmp);
+                (void) unlinkat(a->dirfd, a->tmp, 0);
+        if (a->dirfd >= 0)
+                close(a->dirfd);
         free(a->tmp);
-        free(a->dir);
-        *a = (Atomic) { .fd = -1 };
+        free(a->base);
+        *a = (Atomic) { .fd = -1, .dirfd = -1 };
 }
 
-/* Create the temp file ".<name>.XXXXXX" beside path (mode 0600 until atomic_commit). On
- * failure nothing is left to release. */
-static int atomic_begin(Atomic *a, const char *path) {
-        _cleanup_(freep) char *base = NULL;
+/* Create the temp file ".<name>.XXXXXX" beside path (mode 0600 until atomic_commit), its
+ * directory reached through under's walk when under is set (*at then names a symlink met, for
+ * -ELOOP). On failure nothing is left to release but *at. */
+static int atomic_begin(Atomic *a, const char *under, const char *path, char **at) {
+        static const char chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
         int r;
 
-        *a = (Atomic) { .fd = -1 };
-        r = split_path(path, &a->dir, &base);
+        *a = (Atomic) { .fd = -1, .dirfd = -1 };
+        r = rr_fs_open_parent(under, path, &a->base, at);
         if (r < 0)
                 return r;
-        if (asprintf(&a->tmp, "%s/.%s.XXXXXX", a->dir, base) < 0) {
+        a->dirfd = r;
+        if (asprintf(&a->tmp, ".%s.XXXXXX", a->base) < 0) {
                 a->tmp = NULL;
                 atomic_done(a);
                 return -ENOMEM;
         }
-        a->fd = mkostemp(a->tmp, O_CLOEXEC);
-        if (a->fd < 0) {
+        for (int attempt = 0; attempt < 100; attempt++) {
+                unsigned char rnd[6];
+                char *x = a->tmp + strlen(a->tmp) - 6;
+
+                if (getrandom(rnd, sizeof rnd, 0) != (ssize_t) sizeof rnd) {
+                        r = -EIO;
+                        break;
+                }
+                for (size_t i = 0; i < sizeof rnd; i++)
+                        x[i] = chars[rnd[i] % (sizeof chars - 1)];
+                a->fd = openat(a->dirfd, a->tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+                if (a->fd >= 0)
+                        return 0;
                 r = -errno;
-                free(a->tmp);
-                a->tmp = NULL; /* nothing to unlink */
-                atomic_done(a);
-                return r;
+                if (r != -EEXIST)
+                        break;
         }
-        return 0;
+        free(a->tmp);
+        a->tmp = NULL; /* nothing to unlink */
+        atomic_done(a);
+        return r;
 }
 
-/* Set owner and mode on the written temp file, fsync it, rename it over path, fsync the
+/* Set owner and mode on the written temp file, fsync it, rename it over the target, fsync the
  * directory. uid/gid -1: leave. Ownership first: chown clears set-id bits that fchmod sets. */
-static int atomic_commit(Atomic *a, const char *path, mode_t mode, uid_t uid, gid_t gid, bool owner_best_effort,
+static int atomic_commit(Atomic *a, mode_t mode, uid_t uid, gid_t gid, bool owner_best_effort,
                          const struct timespec *times) {
         int r;
 
@@ -290,18 +326,18 @@ static int atomic_commit(Atomic *a, const char *path, mode_t mode, uid_t uid, gi
         a->fd = -1;
         if (r < 0)
                 return -errno;
-        if (rename(a->tmp, path) < 0)
+        if (renameat(a->dirfd, a->tmp, a->dirfd, a->base) < 0)
                 return -errno;
         free(a->tmp);
         a->tmp = NULL; /* it is the target now */
-        return fsync_dir(a->dir);
+        return fsync(a->dirfd) < 0 ? -errno : 0;
 }
 
-/* The owner a replaced file keeps: that of the regular file at path, if any and not ours. */
-static void inherit_owner(const char *path, uid_t *uid, gid_t *gid, mode_t *mode) {
+/* The owner a replaced file keeps: that of the regular file being replaced, if any and not ours. */
+static void inherit_owner(const Atomic *a, uid_t *uid, gid_t *gid, mode_t *mode) {
         struct stat st;
 
-        if (lstat(path, &st) < 0 || !S_ISREG(st.st_mode))
+        if (fstatat(a->dirfd, a->base, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode))
                 return;
         if (*mode == (mode_t) -1)
                 *mode = st.st_mode & 07777;
@@ -311,11 +347,12 @@ static void inherit_owner(const char *path, uid_t *uid, gid_t *gid, mode_t *mode
                 *gid = st.st_gid;
 }
 
-/* fs.write_atomic(path, data, {mode=, uid=, gid=}) -> true | nil, err, code */
+/* fs.write_atomic(path, data, {mode=, uid=, gid=, under=}) -> true | nil, err, code */
 static int fs_write_atomic(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1), *under;
         size_t len;
         const char *data = luaL_checklstring(L, 2, &len);
+        _cleanup_(freep) char *at = NULL;
         long long m, u, g;
         mode_t mode;
         uid_t uid;
@@ -324,8 +361,9 @@ static int fs_write_atomic(lua_State *L) {
         Atomic a;
         int r;
 
-        if (!lua_isnoneornil(L, 3))
-                luaL_checktype(L, 3, LUA_TTABLE);
+        under = rr_fs_opt_under(L, 3);
+        if (under)
+                rr_fs_check_under(L, under, path, false);
         m = opt_field_mode(L, 3);
         u = opt_field_int(L, 3, "uid", 0, UINT32_MAX - 1);
         g = opt_field_int(L, 3, "gid", 0, UINT32_MAX - 1);
@@ -334,20 +372,19 @@ static int fs_write_atomic(lua_State *L) {
         gid = g >= 0 ? (gid_t) g : (gid_t) -1;
         explicit_owner = u >= 0 || g >= 0;
 
+        r = atomic_begin(&a, under, path, &at);
+        if (r < 0)
+                return rr_fs_fail_at(L, r, at, "cannot create a temporary file for %s", path);
         /* A replaced file keeps its mode and owner unless told otherwise. */
-        inherit_owner(path, &uid, &gid, &mode);
+        inherit_owner(&a, &uid, &gid, &mode);
         if (mode == (mode_t) -1)
                 mode = 0666 & ~current_umask();
-
-        r = atomic_begin(&a, path);
-        if (r < 0)
-                return fail(L, r, "cannot create a temporary file for %s", path);
         r = write_all(a.fd, data, len);
         if (r >= 0)
-                r = atomic_commit(&a, path, mode, uid, gid, !explicit_owner && geteuid() != 0, NULL);
+                r = atomic_commit(&a, mode, uid, gid, !explicit_owner && geteuid() != 0, NULL);
         atomic_done(&a);
         if (r < 0)
-                return fail(L, r, "cannot write %s", path);
+                return rr_fs_fail(L, r, "cannot write %s", path);
         lua_pushboolean(L, 1);
         return 1;
 }
@@ -375,9 +412,10 @@ static int open_regular(const char *path, struct stat *st) {
 }
 
 /* Copy src (a regular file, not a symlink) to dst through a temp file. mode, uid, gid: -1 keeps
- * src's; times: keep src's atime and mtime. *failed names the path an error is about. */
-static int copy_file_atomic(const char *src, const char *dst, long long mode, long long uid, long long gid,
-                            bool times, const char **failed) {
+ * src's; times: keep src's atime and mtime; under: see atomic_begin. *failed names the path an
+ * error is about. */
+static int copy_file_atomic(const char *src, const char *under, const char *dst, long long mode, long long uid,
+                            long long gid, bool times, const char **failed, char **at) {
         _cleanup_(freep) char *buf = NULL;
         _cleanup_(closep) int in = -1;
         struct timespec ts[2];
@@ -394,7 +432,7 @@ static int copy_file_atomic(const char *src, const char *dst, long long mode, lo
                 return -ENOMEM;
 
         *failed = dst;
-        r = atomic_begin(&a, dst);
+        r = atomic_begin(&a, under, dst, at);
         if (r < 0)
                 return r;
         for (;;) {
@@ -415,7 +453,7 @@ static int copy_file_atomic(const char *src, const char *dst, long long mode, lo
                 ts[1] = st.st_mtim;
                 /* The owner is src's; only a change needs fchown (which, unprivileged, may fail:
                  * then the copy is ours, as cp -p does). */
-                r = atomic_commit(&a, dst, mode >= 0 ? (mode_t) mode : st.st_mode & 07777,
+                r = atomic_commit(&a, mode >= 0 ? (mode_t) mode : st.st_mode & 07777,
                                   uid >= 0 ? (uid_t) uid : (st.st_uid != geteuid() ? st.st_uid : (uid_t) -1),
                                   gid >= 0 ? (gid_t) gid : (st.st_gid != getegid() ? st.st_gid : (gid_t) -1),
                                   uid < 0 && gid < 0 && geteuid() != 0, times ? ts : NULL);
@@ -424,9 +462,10 @@ static int copy_file_atomic(const char *src, const char *dst, long long mode, lo
         return r;
 }
 
-/* fs.copy_atomic(src, dst, {mode=, uid=, gid=, times=true}) -> true | nil, err, code */
+/* fs.copy_atomic(src, dst, {mode=, uid=, gid=, times=true, under=}) -> true | nil, err, code */
 static int fs_copy_atomic(lua_State *L) {
-        const char *src = check_path(L, 1), *dst = check_path(L, 2), *failed;
+        const char *src = rr_fs_check_path(L, 1), *dst = rr_fs_check_path(L, 2), *failed, *under;
+        _cleanup_(freep) char *at = NULL;
         long long m, u, g;
         bool times = true;
         int r;
@@ -440,21 +479,24 @@ static int fs_copy_atomic(lua_State *L) {
         m = opt_field_mode(L, 3);
         u = opt_field_int(L, 3, "uid", 0, UINT32_MAX - 1);
         g = opt_field_int(L, 3, "gid", 0, UINT32_MAX - 1);
+        under = rr_fs_opt_under(L, 3);
+        if (under)
+                rr_fs_check_under(L, under, dst, false);
 
-        r = copy_file_atomic(src, dst, m, u, g, times, &failed);
+        r = copy_file_atomic(src, under, dst, m, u, g, times, &failed, &at);
         if (r == -ELOOP && failed == src)
                 return rr_push_fail(L, ELOOP, "cannot copy %s: it is a symbolic link", src);
         if ((r == -EINVAL || r == -EISDIR) && failed == src)
                 return rr_push_fail(L, -r, "cannot copy %s: not a regular file", src);
         if (r < 0)
-                return fail(L, r, "cannot copy %s to %s (%s)", src, dst, failed == src ? "reading" : "writing");
+                return rr_fs_fail_at(L, r, at, "cannot copy %s to %s (%s)", src, dst, failed == src ? "reading" : "writing");
         lua_pushboolean(L, 1);
         return 1;
 }
 
 /* fs.read(path) -> string | nil, err, code */
 static int fs_read(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         Scratch *s = scratch_new(L);
         luaL_Buffer b;
         struct stat st;
@@ -462,7 +504,7 @@ static int fs_read(lua_State *L) {
 
         s->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
         if (s->fd < 0)
-                return fail(L, -errno, "cannot read %s", path);
+                return rr_fs_fail(L, -errno, "cannot read %s", path);
         /* A regular file is read into a buffer of its size + 1: the last byte is room for the
          * read that sees end of file, so the buffer never grows (or doubles) for it. */
         if (fstat(s->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
@@ -476,7 +518,7 @@ static int fs_read(lua_State *L) {
                         if (e == EINTR)
                                 continue;
                         scratch_release(s);
-                        return fail(L, -e, "cannot read %s", path); /* the buffer is dropped */
+                        return rr_fs_fail(L, -e, "cannot read %s", path); /* the buffer is dropped */
                 }
                 if (n == 0)
                         break;
@@ -502,12 +544,12 @@ static const char *type_name(mode_t m) {
 
 /* fs.stat(path [, follow]) -> {type=, mode=, size=, uid=, gid=, mtime=, ino=, dev=, nlink=} */
 static int fs_stat(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         bool follow = lua_toboolean(L, 2);
         struct stat st;
 
         if ((follow ? stat(path, &st) : lstat(path, &st)) < 0)
-                return fail(L, -errno, "cannot stat %s", path);
+                return rr_fs_fail(L, -errno, "cannot stat %s", path);
         lua_createtable(L, 0, 9);
         lua_pushstring(L, type_name(st.st_mode));
         lua_setfield(L, -2, "type");
@@ -532,7 +574,7 @@ static int fs_stat(lua_State *L) {
 
 /* fs.exists(path [, follow]) -> true | false (nothing there) | nil, err, code (cannot tell) */
 static int fs_exists(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         bool follow = lua_toboolean(L, 2);
         struct stat st;
 
@@ -544,59 +586,23 @@ static int fs_exists(lua_State *L) {
                 lua_pushboolean(L, 0);
                 return 1;
         }
-        return fail(L, -errno, "cannot stat %s", path);
+        return rr_fs_fail(L, -errno, "cannot stat %s", path);
 }
 
-/* fs.mkdir_p(path [, mode=0755]) -> true | nil, err, code */
-static int fs_mkdir_p(lua_State *L) {
-        const char *path = check_path(L, 1);
-        mode_t mode = opt_mode(L, 2, DEFAULT_DIR_MODE);
-        int r = rr_mkdir_p(path, mode);
-
-        if (r < 0)
-                return fail(L, r, "cannot create directory %s", path);
-        lua_pushboolean(L, 1);
-        return 1;
-}
-
-/* fs.remove(path) -> true | nil, err, code: a file, a symlink or an empty directory */
-static int fs_remove(lua_State *L) {
-        const char *path = check_path(L, 1);
-
-        if (unlink(path) < 0) {
-                if (errno != EISDIR)
-                        return fail(L, -errno, "cannot remove %s", path);
-                if (rmdir(path) < 0)
-                        return fail(L, -errno, "cannot remove %s", path);
-        }
-        lua_pushboolean(L, 1);
-        return 1;
-}
-
-/* fs.rename(from, to) -> true | nil, err, code (rename(2): atomic, same file system) */
-static int fs_rename(lua_State *L) {
-        const char *from = check_path(L, 1), *to = check_path(L, 2);
-
-        if (rename(from, to) < 0)
-                return fail(L, -errno, "cannot rename %s to %s", from, to);
-        lua_pushboolean(L, 1);
-        return 1;
-}
-
-/* fs.fsync_dir(path) -> true | nil, err, code */
+/* fs.rr_fs_fsync_dir(path) -> true | nil, err, code */
 static int fs_fsync_dir(lua_State *L) {
-        const char *path = check_path(L, 1);
-        int r = fsync_dir(path);
+        const char *path = rr_fs_check_path(L, 1);
+        int r = rr_fs_fsync_dir(path);
 
         if (r < 0)
-                return fail(L, r, "cannot fsync %s", path);
+                return rr_fs_fail(L, r, "cannot fsync %s", path);
         lua_pushboolean(L, 1);
         return 1;
 }
 
 /* fs.list(dir) -> { names sorted bytewise, without "." and ".." } | nil, err, code */
 static int fs_list(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         Scratch *s = scratch_new(L); /* scratch */
         lua_Integer n = 0;
         RrName *names;
@@ -604,7 +610,7 @@ static int fs_list(lua_State *L) {
 
         s->dir = opendir(path);
         if (!s->dir)
-                return fail(L, -errno, "cannot list %s", path);
+                return rr_fs_fail(L, -errno, "cannot list %s", path);
         lua_newtable(L); /* scratch unsorted */
         unsorted = lua_gettop(L);
         for (;;) {
@@ -615,7 +621,7 @@ static int fs_list(lua_State *L) {
                         if (errno != 0) {
                                 int e = errno;
                                 scratch_release(s);
-                                return fail(L, -e, "cannot list %s", path);
+                                return rr_fs_fail(L, -e, "cannot list %s", path);
                         }
                         break;
                 }
@@ -644,33 +650,33 @@ static int fs_list(lua_State *L) {
 
 /* fs.realpath(path) -> absolute path without symlinks, "." or ".." | nil, err, code */
 static int fs_realpath(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         _cleanup_(freep) char *r = realpath(path, NULL);
 
         if (!r)
-                return fail(L, -errno, "cannot resolve %s", path);
+                return rr_fs_fail(L, -errno, "cannot resolve %s", path);
         lua_pushstring(L, r);
         return 1;
 }
 
 /* fs.symlink(target, path) -> true | nil, err, code (target is stored as given) */
 static int fs_symlink(lua_State *L) {
-        const char *target = check_path(L, 1), *path = check_path(L, 2);
+        const char *target = rr_fs_check_path(L, 1), *path = rr_fs_check_path(L, 2);
 
         if (symlink(target, path) < 0)
-                return fail(L, -errno, "cannot create symlink %s", path);
+                return rr_fs_fail(L, -errno, "cannot create symlink %s", path);
         lua_pushboolean(L, 1);
         return 1;
 }
 
 /* fs.readlink(path) -> target | nil, err, code ("EINVAL": not a symlink) */
 static int fs_readlink(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         char buf[PATH_MAX];
         ssize_t n = readlink(path, buf, sizeof buf);
 
         if (n < 0)
-                return fail(L, -errno, "cannot read link %s", path);
+                return rr_fs_fail(L, -errno, "cannot read link %s", path);
         if ((size_t) n >= sizeof buf)
                 return rr_push_fail(L, ENAMETOOLONG, "cannot read link %s: target too long", path);
         lua_pushlstring(L, buf, (size_t) n);
@@ -688,183 +694,15 @@ static int fs_mkdtemp(lua_State *L) {
                         tmpdir = "/tmp";
                 r = asprintf(&tmpl, "%s/rrengine-XXXXXX", tmpdir);
         } else
-                r = asprintf(&tmpl, "%sXXXXXX", check_path(L, 1));
+                r = asprintf(&tmpl, "%sXXXXXX", rr_fs_check_path(L, 1));
         if (r < 0) {
                 tmpl = NULL; /* undefined after a failure */
-                return fail(L, -ENOMEM, "cannot create a temporary directory");
+                return rr_fs_fail(L, -ENOMEM, "cannot create a temporary directory");
         }
         if (!mkdtemp(tmpl))
-                return fail(L, -errno, "cannot create a directory from %s", tmpl);
+                return rr_fs_fail(L, -errno, "cannot create a directory from %s", tmpl);
         lua_pushstring(L, tmpl);
         return 1;
-}
-
-/* ---- remove_tree ---- */
-
-typedef struct RmCtx {
-        int error;        /* the first error, negative errno */
-        char *error_path; /* where it happened */
-} RmCtx;
-
-static void rm_record(RmCtx *c, int r, const char *dir, const char *name) {
-        if (c->error < 0)
-                return;
-        c->error = r;
-        if (name) {
-                if (asprintf(&c->error_path, "%s/%s", dir, name) < 0)
-                        c->error_path = NULL;
-        } else
-                c->error_path = strdup(dir);
-}
-
-/* Is name (in dirfd) a directory that is the root of a mount? Those are never descended. */
-static int is_mount_root(int dirfd, const char *name, dev_t parent_dev) {
-        struct statx sx;
-
-        if (statx(dirfd, name, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT, STATX_TYPE | STATX_INO, &sx) < 0)
-                return -errno;
-        if (sx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT)
-                return !!(sx.stx_attributes & STATX_ATTR_MOUNT_ROOT);
-        return makedev(sx.stx_dev_major, sx.stx_dev_minor) != parent_dev;
-}
-
-/* Remove everything inside the directory fd (consumed), never following a symlink and never
- * crossing into another mount. Keeps going after an error; the first one is recorded. */
-static void rm_children(int fd, const char *path, dev_t dev, RmCtx *c) {
-        _cleanup_(closedirp) DIR *d = fdopendir(fd);
-
-        if (!d) {
-                rm_record(c, -errno, path, NULL);
-                close(fd);
-                return;
-        }
-        for (;;) {
-                struct dirent *de;
-                bool is_dir;
-                int r;
-
-                errno = 0;
-                de = readdir(d);
-                if (!de) {
-                        if (errno != 0)
-                                rm_record(c, -errno, path, NULL);
-                        break;
-                }
-                if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-                        continue;
-                if (de->d_type == DT_UNKNOWN) {
-                        struct stat st;
-                        if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                                if (errno != ENOENT)
-                                        rm_record(c, -errno, path, de->d_name);
-                                continue;
-                        }
-                        is_dir = S_ISDIR(st.st_mode);
-                } else
-                        is_dir = de->d_type == DT_DIR;
-
-                if (is_dir) {
-                        _cleanup_(freep) char *sub = NULL;
-                        int subfd;
-
-                        r = is_mount_root(dirfd(d), de->d_name, dev);
-                        if (r != 0) {
-                                rm_record(c, r < 0 ? r : -EXDEV, path, de->d_name);
-                                continue;
-                        }
-                        subfd = openat(dirfd(d), de->d_name,
-                                       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-                        if (subfd < 0) {
-                                rm_record(c, -errno, path, de->d_name);
-                                continue;
-                        }
-                        if (asprintf(&sub, "%s/%s", path, de->d_name) < 0) {
-                                sub = NULL;
-                                close(subfd);
-                                rm_record(c, -ENOMEM, path, de->d_name);
-                                continue;
-                        }
-                        rm_children(subfd, sub, dev, c);
-                        r = unlinkat(dirfd(d), de->d_name, AT_REMOVEDIR);
-                } else
-                        r = unlinkat(dirfd(d), de->d_name, 0);
-                if (r < 0 && errno != ENOENT)
-                        rm_record(c, -errno, path, de->d_name);
-        }
-}
-
-/* Number of components of an absolute, canonical path ("/" has 0). */
-static int path_depth(const char *p) {
-        int n = 0;
-        for (; *p; p++)
-                if (*p == '/' && p[1] != '\0' && p[1] != '/')
-                        n++;
-        return n;
-}
-
-/* Remove the tree at dir/base (dir canonical, path as the caller wrote it). Returns 0 or a
- * negative errno; details of the first error inside the tree go to c. */
-static int remove_tree_at(const char *dir, const char *base, const char *path, RmCtx *c) {
-        _cleanup_(closep) int pfd = -1;
-        struct stat pst, st;
-        int fd, r;
-
-        pfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (pfd < 0 || fstat(pfd, &pst) < 0)
-                return -errno;
-        if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                return -errno;
-        if (!S_ISDIR(st.st_mode))
-                return unlinkat(pfd, base, 0) < 0 ? -errno : 0;
-
-        r = is_mount_root(pfd, base, pst.st_dev);
-        if (r != 0)
-                return r < 0 ? r : -EBUSY;
-        fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-        if (fd < 0)
-                return -errno;
-        rm_children(fd, path, st.st_dev, c);
-        if (c->error < 0)
-                return c->error;
-        return unlinkat(pfd, base, AT_REMOVEDIR) < 0 ? -errno : 0;
-}
-
-/* fs.remove_tree(path) -> true | nil, err, code: rm -r without following symlinks or crossing
- * mounts; refuses "/" and any path with fewer than 2 components once its parent is resolved. */
-static int fs_remove_tree(lua_State *L) {
-        const char *path = check_path(L, 1);
-        _cleanup_(freep) char *dir = NULL, *base = NULL, *canon = NULL, *where = NULL, *at = NULL;
-        RmCtx c = { 0 };
-        int r;
-
-        r = split_path(path, &dir, &base);
-        if (r == -ENOMEM)
-                return fail(L, r, "cannot remove %s", path);
-        if (r < 0)
-                return rr_push_fail(L, EPERM, "refusing to remove %s: not a removable path", path);
-        canon = realpath(dir, NULL);
-        if (!canon)
-                return fail(L, -errno, "cannot remove %s", path);
-        if (asprintf(&where, "%s%s%s", canon, strcmp(canon, "/") == 0 ? "" : "/", base) < 0) {
-                where = NULL;
-                return fail(L, -ENOMEM, "cannot remove %s", path);
-        }
-        if (path_depth(where) < 2)
-                return rr_push_fail(L, EPERM, "refusing to remove %s: fewer than 2 path components", where);
-
-        r = remove_tree_at(canon, base, path, &c);
-        at = c.error_path;
-        if (r == 0) {
-                lua_pushboolean(L, 1);
-                return 1;
-        }
-        if (r == -EBUSY && !at)
-                return rr_push_fail(L, EBUSY, "refusing to remove %s: it is a mount point", path);
-        if (r == -EXDEV)
-                return rr_push_fail(L, EXDEV, "cannot remove %s: %s is a mount point", path, at ? at : path);
-        if (at && strcmp(at, path) != 0)
-                return fail(L, r, "cannot remove %s (at %s)", path, at);
-        return fail(L, r, "cannot remove %s", path);
 }
 
 /* ---- comparison and digest ---- */
@@ -917,11 +755,11 @@ static int files_same(const char *a, const char *b, const char **failed) {
 
 /* fs.same(a, b) -> true | false | nil, err, code */
 static int fs_same(lua_State *L) {
-        const char *a = check_path(L, 1), *b = check_path(L, 2), *failed;
+        const char *a = rr_fs_check_path(L, 1), *b = rr_fs_check_path(L, 2), *failed;
         int r = files_same(a, b, &failed);
 
         if (r < 0)
-                return fail(L, r, "cannot compare %s", failed);
+                return rr_fs_fail(L, r, "cannot compare %s", failed);
         lua_pushboolean(L, r);
         return 1;
 }
@@ -961,13 +799,43 @@ static int file_sha256(const char *path, char out[static 65]) {
 
 /* fs.sha256(path) -> "hex digest" | nil, err, code */
 static int fs_sha256(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         char hex[65];
         int r = file_sha256(path, hex);
 
         if (r < 0)
-                return fail(L, r, "cannot hash %s", path);
+                return rr_fs_fail(L, r, "cannot hash %s", path);
         lua_pushstring(L, hex);
+        return 1;
+}
+
+/* ---- free space ---- */
+
+/* fs.statvfs(path) -> {size=, free=, avail=, bsize=, files=, ffree=} | nil, err, code: the file
+ * system that holds path (symlinks followed), in bytes; avail is what an unprivileged writer
+ * may still use (free less the blocks reserved for root), files/ffree count inodes (0 where the
+ * file system has no fixed number). */
+static int fs_statvfs(lua_State *L) {
+        const char *path = rr_fs_check_path(L, 1);
+        struct statvfs sv;
+        unsigned long bs;
+
+        if (statvfs(path, &sv) < 0)
+                return rr_fs_fail(L, -errno, "cannot read the free space of the file system of %s", path);
+        bs = sv.f_frsize ? sv.f_frsize : sv.f_bsize;
+        lua_createtable(L, 0, 6);
+        lua_pushinteger(L, (lua_Integer) (sv.f_blocks * bs));
+        lua_setfield(L, -2, "size");
+        lua_pushinteger(L, (lua_Integer) (sv.f_bfree * bs));
+        lua_setfield(L, -2, "free");
+        lua_pushinteger(L, (lua_Integer) (sv.f_bavail * bs));
+        lua_setfield(L, -2, "avail");
+        lua_pushinteger(L, (lua_Integer) bs);
+        lua_setfield(L, -2, "bsize");
+        lua_pushinteger(L, (lua_Integer) sv.f_files);
+        lua_setfield(L, -2, "files");
+        lua_pushinteger(L, (lua_Integer) sv.f_favail);
+        lua_setfield(L, -2, "ffree");
         return 1;
 }
 
@@ -1001,19 +869,28 @@ static pid_t lock_holder(int fd) {
         return (pid_t) v;
 }
 
-/* Record our PID: write first, then cut, so a reader sees one PID or another, never "". */
+/* Record our PID: write first, then cut, so a reader sees one PID or another, never "". A
+ * short write is retried, so that a file system that just filled up says ENOSPC; on failure
+ * the file is emptied (best effort): a partial PID would name another process. */
 static int lock_write_pid(int fd) {
         char buf[32];
         int n = snprintf(buf, sizeof buf, "%d\n", (int) getpid());
-        ssize_t k;
+        size_t done = 0;
 
-        do
-                k = pwrite(fd, buf, (size_t) n, 0);
-        while (k < 0 && errno == EINTR);
-        if (k < 0)
-                return -errno;
-        if (k != n)
-                return -EIO;
+        while (done < (size_t) n) {
+                ssize_t k = pwrite(fd, buf + done, (size_t) n - done, (off_t) done);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k <= 0) {
+                        int r = k < 0 ? -errno : -EIO;
+                        /* best effort: a half-written PID must not name a stranger; the write's
+                         * own error is what the caller reports */
+                        if (ftruncate(fd, 0) < 0)
+                                r = r == -EIO ? -errno : r;
+                        return r;
+                }
+                done += (size_t) k;
+        }
         if (ftruncate(fd, n) < 0)
                 return -errno;
         return 0;
@@ -1021,7 +898,7 @@ static int lock_write_pid(int fd) {
 
 /* fs.lock(path) -> lock | nil, "locked by pid N", "EWOULDBLOCK", N | nil, err, code */
 static int fs_lock(lua_State *L) {
-        const char *path = check_path(L, 1);
+        const char *path = rr_fs_check_path(L, 1);
         Lock *l;
         int r;
 
@@ -1040,7 +917,7 @@ static int fs_lock(lua_State *L) {
 
                 l->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
                 if (l->fd < 0)
-                        return fail(L, -errno, "cannot open lock file %s", path);
+                        return rr_fs_fail(L, -errno, "cannot open lock file %s", path);
                 if (flock(l->fd, LOCK_EX | LOCK_NB) == 0) {
                         if (fstat(l->fd, &a) < 0) {
                                 r = -errno;
@@ -1048,9 +925,11 @@ static int fs_lock(lua_State *L) {
                         }
                         if (lstat(path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
                                 r = lock_write_pid(l->fd);
-                                if (r < 0)
-                                        break;
-                                return 1;
+                                if (r >= 0)
+                                        return 1;
+                                close(l->fd);
+                                l->fd = -1;
+                                return rr_fs_fail(L, r, "cannot write our PID into the lock file %s", path);
                         }
                         r = -EAGAIN;
                         close(l->fd);
@@ -1080,7 +959,7 @@ static int fs_lock(lua_State *L) {
         }
         close(l->fd);
         l->fd = -1;
-        return fail(L, r, "cannot lock %s", path);
+        return rr_fs_fail(L, r, "cannot lock %s", path);
 }
 
 /* fs.getpid() -> our PID: what fs.lock writes into the lock file */
@@ -1165,18 +1044,19 @@ static const luaL_Reg fs_functions[] = {
         { "copy_atomic", fs_copy_atomic },
         { "stat", fs_stat },
         { "exists", fs_exists },
-        { "mkdir_p", fs_mkdir_p },
-        { "remove", fs_remove },
-        { "rename", fs_rename },
+        { "mkdir_p", rr_fs_mkdir_p },
+        { "remove", rr_fs_remove },
+        { "rename", rr_fs_rename },
         { "fsync_dir", fs_fsync_dir },
         { "list", fs_list },
         { "realpath", fs_realpath },
         { "symlink", fs_symlink },
         { "readlink", fs_readlink },
         { "mkdtemp", fs_mkdtemp },
-        { "remove_tree", fs_remove_tree },
+        { "remove_tree", rr_fs_remove_tree },
         { "same", fs_same },
         { "sha256", fs_sha256 },
+        { "statvfs", fs_statvfs },
         { "lock", fs_lock },
         { "getpid", fs_getpid },
         { "isatty", fs_isatty },

@@ -3,7 +3,10 @@
  * Tasks never run from inside an sd-event callback: a callback only completes an op, which puts
  * the waiting task on the ready queue; the scheduler resumes ready tasks between two
  * sd_event_run() turns. That keeps Lua out of sd-event's dispatch (sd_event_run() is not
- * reentrant) and lets a task block the loop in a nested turn when it cannot yield. */
+ * reentrant) and lets a task block the loop in a nested turn when it cannot yield.
+ *
+ * This file is the scheduler; bounded tasks are in loop-limits.c, rr.wait / rr.sleep in
+ * loop-wait.c (loop-internal.h lists what they share). */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdarg.h>
@@ -11,67 +14,19 @@
 #include <string.h>
 #include <time.h>
 
-#include "rr.h"
-
-#define TASK_MT "rr.task"
-
-typedef enum {
-        TASK_READY,
-        TASK_RUNNING,
-        TASK_WAITING,
-        TASK_DONE,
-        TASK_FAILED,
-        TASK_CANCELED,
-} TaskState;
+#include "loop-internal.h"
 
 static const char *const task_state_names[] = {
         [TASK_READY] = "ready",     [TASK_RUNNING] = "running", [TASK_WAITING] = "waiting",
         [TASK_DONE] = "done",       [TASK_FAILED] = "failed",   [TASK_CANCELED] = "canceled",
 };
 
-typedef struct JoinOp JoinOp;
-typedef struct JoinNode JoinNode;
+LoopShared loop_shared;
 
-typedef struct RrTask {
-        lua_State *co;      /* the coroutine; NULL once finished (results are in uservalue 2) */
-        int ref;            /* registry ref keeping the userdata alive until it finishes */
-        TaskState state;
-        int nargs;          /* arguments on co's stack for the first resume */
-        RrOp *op;           /* the op it waits on, while WAITING */
-        bool cancel;        /* raise "canceled" at the next wait point */
-        bool queued;
-        bool error_seen;    /* someone received its error (a join), or it was printed */
-        unsigned id;
-        struct RrTask *next; /* ready queue */
-        JoinNode *joiners;
-} RrTask;
-
-struct JoinNode {
-        JoinNode *next;
-        JoinOp *join;
-        RrTask *task;
-        int ref; /* keeps the task userdata alive while joined */
-};
-
-struct JoinOp {
-        RrOp op;
-        int n;
-        int remaining;
-        bool as_list; /* rr.wait{...}: one table of results */
-        bool any;     /* rr.wait_any: done at the first task that finishes */
-        JoinNode nodes[];
-};
-
-typedef struct SleepOp {
-        RrOp op;
-        sd_event_source *source;
-} SleepOp;
-
+/* The scheduler's own state; what the other loop files read of it is in loop_shared. */
 static struct {
         sd_event *event;
-        lua_State *L; /* main thread */
         RrTask *ready_head, *ready_tail;
-        RrTask *current;
         unsigned live;
         unsigned next_id;
         unsigned interrupts;
@@ -121,7 +76,7 @@ int rr_push_fail(lua_State *L, int errnum, const char *fmt, ...) {
         return 2;
 }
 
-static void ready_push(RrTask *t) {
+void ready_push(RrTask *t) {
         if (t->queued)
                 return;
         t->queued = true;
@@ -145,21 +100,33 @@ static RrTask *ready_pop(void) {
         return t;
 }
 
+/* Take t out of the ready queue (a task that finishes without running: cancelled before it
+ * started). Its ref is about to go, so the queue must not keep a pointer the collector frees. */
+static void ready_remove(RrTask *t) {
+        RrTask *prev = NULL;
+
+        if (!t->queued)
+                return;
+        for (RrTask *i = S.ready_head; i; prev = i, i = i->next)
+                if (i == t) {
+                        if (prev)
+                                prev->next = t->next;
+                        else
+                                S.ready_head = t->next;
+                        if (S.ready_tail == t)
+                                S.ready_tail = prev;
+                        break;
+                }
+        t->next = NULL;
+        t->queued = false;
+}
+
 void rr_op_complete(RrOp *op) {
         if (op->done)
                 return;
         op->done = true;
         if (op->task)
                 ready_push(op->task);
-}
-
-static bool task_finished(const RrTask *t) {
-        return t->state >= TASK_DONE;
-}
-
-/* Pushes the task userdata (alive: it holds its own ref until it finishes). */
-static void push_task(lua_State *L, RrTask *t) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
 }
 
 /* Slots task_finish() needs on the main thread: its stack is that of whichever C function runs
@@ -169,14 +136,14 @@ static void push_task(lua_State *L, RrTask *t) {
 #define TASK_FINISH_SLOTS 10
 
 static bool finish_room(void) {
-        return lua_checkstack(S.L, TASK_FINISH_SLOTS);
+        return lua_checkstack(loop_shared.L, TASK_FINISH_SLOTS);
 }
 
 /* Finish a task whose coroutine returned or raised; the outcome (nres values or the error
  * value) is at the top of co. Stores it in uservalue 2, wakes joiners, drops the coroutine.
  * The caller made TASK_FINISH_SLOTS of room on the main thread (finish_room()). */
-static void task_finish(RrTask *t, TaskState state, int nres) {
-        lua_State *L = S.L;
+void task_finish(RrTask *t, TaskState state, int nres) {
+        lua_State *L = loop_shared.L;
         lua_State *co = t->co;
 
         /* The results go into their table on co, which holds them: the main thread has room for a
@@ -219,16 +186,8 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
         t->co = NULL;
         t->state = state;
 
-        for (JoinNode *j = t->joiners, *next; j; j = next) {
-                next = j->next;
-                j->next = NULL;
-                j->task = NULL; /* unlinked; the node still holds its ref for push() */
-                if (--j->join->remaining == 0 || j->join->any)
-                        rr_op_complete(&j->join->op);
-        }
-        if (t->joiners)
+        if (task_wake_joiners(t))
                 t->error_seen = true;
-        t->joiners = NULL;
 
         if (state == TASK_FAILED && !t->error_seen) {
                 /* Nobody is waiting for it now: say it at once instead of losing it. */
@@ -241,36 +200,49 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
         lua_pop(L, 1);
 
         S.live--;
+        ready_remove(t);
         luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
         t->ref = LUA_NOREF; /* the userdata may be collected from here on: do not touch t */
 }
 
 static void task_resume(RrTask *t) {
-        RrTask *prev = S.current;
-        lua_State *from = prev ? prev->co : S.L;
+        RrTask *prev = loop_shared.current;
+        lua_State *from = prev ? prev->co : loop_shared.L;
         int nargs = t->nargs, nres = 0, r;
 
+        if (task_limit_hit(t, t->deadline > 0 ? rr_now() : 0)) {
+                task_end_at_limit(t); /* out of time while it waited or was ready */
+                return;
+        }
         t->nargs = 0;
         t->state = TASK_RUNNING;
-        S.current = t;
+        loop_shared.current = t;
         r = lua_resume(t->co, from, nargs, &nres);
-        S.current = prev;
+        loop_shared.current = prev;
 
         if (r == LUA_YIELD) {
                 lua_pop(t->co, nres);
-                if (t->op)
+                if (t->limit_hit != LIMIT_NONE)
+                        task_end_at_limit(t); /* its count hook, or a wait past the deadline, yielded */
+                else if (t->op)
                         t->state = TASK_WAITING;
                 else {
                         /* A plain coroutine.yield() inside a task: give the others a turn. */
                         t->state = TASK_READY;
+                        if (t->preempted) {
+                                /* Its count hook saw a stop signal: read it now, so that the
+                                 * handlers' tasks are queued before this one. */
+                                t->preempted = false;
+                                (void) sd_event_run(S.event, 0);
+                        }
                         ready_push(t);
                 }
         } else if (r == LUA_OK)
-                task_finish(t, TASK_DONE, nres);
+                task_finish_limited(t, TASK_DONE, nres);
         else
                 /* After an exit request every error is the unwinding it asked for, not a failure
                  * to report. */
-                task_finish(t, t->cancel || S.exit_requested ? TASK_CANCELED : TASK_FAILED, 0);
+                task_finish_limited(t, t->cancel || S.exit_requested ? TASK_CANCELED : TASK_FAILED, 0);
 }
 
 /* Nothing runs between an exit request and the shutdown that cancels every task: the caller of
@@ -350,7 +322,7 @@ static int push_and_release(lua_State *L, RrOp *op) {
 }
 
 static int await_continue(lua_State *L, int status, lua_KContext ctx) {
-        RrTask *t = S.current;
+        RrTask *t = loop_shared.current;
         RrOp *op;
 
         (void) status;
@@ -363,7 +335,7 @@ static int await_continue(lua_State *L, int status, lua_KContext ctx) {
 }
 
 int rr_op_await(lua_State *L, RrOp *op) {
-        RrTask *t = S.current;
+        RrTask *t = loop_shared.current;
 
         op->done = false;
         op->task = NULL;
@@ -371,6 +343,10 @@ int rr_op_await(lua_State *L, RrOp *op) {
                 if (t->cancel) {
                         op->release(op);
                         return luaL_error(L, "canceled");
+                }
+                if (task_limit_hit(t, t->deadline > 0 ? rr_now() : 0)) {
+                        op->release(op);
+                        return lua_yield(L, 0); /* task_resume() ends it */
                 }
                 op->task = t;
                 t->op = op;
@@ -392,6 +368,13 @@ int rr_op_await(lua_State *L, RrOp *op) {
                         op->release(op);
                         return luaL_error(L, "interrupted");
                 }
+                if (loop_shared.current && loop_shared.current->co &&
+                    task_limit_hit(loop_shared.current, loop_shared.current->deadline > 0 ? rr_now() : 0)) {
+                        /* A bounded task waiting where it cannot yield ran out of time. */
+                        op->release(op);
+                        push_limit_message(L, loop_shared.current, NULL);
+                        return lua_error(L);
+                }
                 if (loop_turn(&op->done) < 0) {
                         op->release(op);
                         return luaL_error(L, "event loop failed");
@@ -401,9 +384,15 @@ int rr_op_await(lua_State *L, RrOp *op) {
 }
 
 bool rr_canceled(lua_State *L, bool raise) {
-        RrTask *t = S.current;
-        bool canceled = exit_pending() || (t && t->co == L && t->cancel);
+        RrTask *t = loop_shared.current;
+        bool limit = t && t->co == L && task_limit_hit(t, t->deadline > 0 ? rr_now() : 0);
+        bool canceled = exit_pending() || (t && t->co == L && t->cancel) || limit;
 
+        if (canceled && raise && limit && !exit_pending() && !t->cancel) {
+                /* Past its deadline: no side effect it would never see (its next wait ends it). */
+                push_limit_message(L, t, NULL);
+                lua_error(L);
+        }
         if (canceled && raise)
                 luaL_error(L, exit_pending() ? "exiting (os.exit(%d) in a task)" : "canceled", S.exit_code);
         return canceled;
@@ -465,21 +454,23 @@ int rr_task_spawn(lua_State *L, int nargs) {
         return 0;
 }
 
-static RrTask *check_task(lua_State *L, int idx) {
-        return luaL_checkudata(L, idx, TASK_MT);
-}
-
-/* rr.spawn(fn, ...) -> task */
+/* rr.spawn(fn, ...) -> task. A task started by a task with a deadline has that deadline too:
+ * nothing a bounded hook starts outlives it. */
 static int loop_spawn(lua_State *L) {
         int nargs = lua_gettop(L) - 1;
+        RrTask *t;
+        int r;
 
         luaL_checktype(L, 1, LUA_TFUNCTION);
-        task_spawn(L, nargs); /* ud */
+        t = task_spawn(L, nargs); /* ud */
+        r = task_limits_inherit(t, loop_shared.current);
+        if (r < 0)
+                return luaL_error(L, "cannot add timer: %s", strerror(-r));
         return 1;
 }
 
 /* Pushes ok, results... of a finished task; returns the count. */
-static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
+int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
         int n;
 
         lua_pushboolean(L, t->state == TASK_DONE);
@@ -496,173 +487,6 @@ static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
         return n + 1;
 }
 
-static int join_push(lua_State *L, RrOp *op) {
-        JoinOp *j = (JoinOp *) op;
-
-        /* Room for one result per task plus the scratch slots below: callers may already have
-         * used the whole stack (rr.wait{...} pushed every task of the list). */
-        luaL_checkstack(L, j->n + 8, "too many tasks");
-
-        if (j->any) {
-                /* The first finished task in argument order, then its outcome. */
-                for (int i = 0; i < j->n; i++) {
-                        int top, n;
-                        lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
-                        top = lua_gettop(L);
-                        if (task_finished(check_task(L, top))) {
-                                n = push_outcome(L, check_task(L, top), top);
-                                return n + 1;
-                        }
-                        lua_pop(L, 1);
-                }
-                return 0; /* unreachable: completed only once a task finished */
-        }
-
-        if (j->n == 1 && !j->as_list) {
-                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[0].ref);
-                int n = push_outcome(L, check_task(L, -1), lua_gettop(L));
-                lua_remove(L, -1 - n);
-                return n;
-        }
-        if (j->as_list)
-                lua_createtable(L, j->n, 0);
-        for (int i = 0; i < j->n; i++) {
-                int top, n;
-                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
-                top = lua_gettop(L);
-                lua_createtable(L, 4, 1);
-                n = push_outcome(L, check_task(L, top), top); /* ud tbl ok ... */
-                for (int k = n; k >= 1; k--)
-                        lua_rawseti(L, top + 1, k);
-                lua_pushinteger(L, n);
-                lua_setfield(L, top + 1, "n");
-                lua_remove(L, top); /* ... tbl */
-                if (j->as_list)
-                        lua_rawseti(L, -2, i + 1);
-        }
-        return j->as_list ? 1 : j->n;
-}
-
-static void join_release(RrOp *op) {
-        JoinOp *j = (JoinOp *) op;
-
-        for (int i = 0; i < j->n; i++) {
-                JoinNode *node = &j->nodes[i];
-                if (node->task) {
-                        /* Still linked: the task has not finished. */
-                        for (JoinNode **p = &node->task->joiners; *p; p = &(*p)->next)
-                                if (*p == node) {
-                                        *p = node->next;
-                                        break;
-                                }
-                }
-                luaL_unref(S.L, LUA_REGISTRYINDEX, node->ref);
-        }
-        free(j);
-}
-
-/* rr.wait(t1, ...) -> ok, results... (one task) | one table.pack(ok, ...) per task
- * rr.wait{t1, ...} -> a list of table.pack(ok, ...) */
-static int join_tasks(lua_State *L, bool any) {
-        bool as_list = lua_istable(L, 1) && !luaL_testudata(L, 1, TASK_MT);
-        int n, base;
-        JoinOp *j;
-
-        if (as_list) {
-                n = (int) luaL_len(L, 1);
-                luaL_checkstack(L, n, "too many tasks");
-                for (int i = 1; i <= n; i++)
-                        lua_geti(L, 1, i);
-                base = 2;
-        } else {
-                n = lua_gettop(L);
-                base = 1;
-        }
-        if (n == 0 && !as_list)
-                return luaL_argerror(L, 1, "task expected");
-        for (int i = 0; i < n; i++) {
-                RrTask *t = check_task(L, base + i);
-                if (t == S.current && !task_finished(t))
-                        return luaL_error(L, "a task cannot wait for itself");
-        }
-
-        j = calloc(1, sizeof(JoinOp) + (size_t) n * sizeof(JoinNode));
-        if (!j)
-                return luaL_error(L, "out of memory");
-        j->op.push = join_push;
-        j->op.release = join_release;
-        j->n = n;
-        j->as_list = as_list && !any;
-        j->any = any;
-        for (int i = 0; i < n; i++) {
-                RrTask *t = check_task(L, base + i);
-                JoinNode *node = &j->nodes[i];
-                lua_pushvalue(L, base + i);
-                node->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-                node->join = j;
-                if (!task_finished(t)) {
-                        node->task = t;
-                        node->next = t->joiners;
-                        t->joiners = node;
-                        j->remaining++;
-                }
-        }
-        if (j->remaining == 0 || (any && j->remaining < n)) {
-                int r = join_push(L, &j->op);
-                join_release(&j->op);
-                return r;
-        }
-        return rr_op_await(L, &j->op);
-}
-
-static int loop_wait(lua_State *L) {
-        return join_tasks(L, false);
-}
-
-/* rr.wait_any(t1, ...) or rr.wait_any{...} -> the first task to finish, ok, results... */
-static int loop_wait_any(lua_State *L) {
-        return join_tasks(L, true);
-}
-
-static int sleep_push(lua_State *L, RrOp *op) {
-        (void) L;
-        (void) op;
-        return 0;
-}
-
-static void sleep_release(RrOp *op) {
-        SleepOp *s = (SleepOp *) op;
-        sd_event_source_disable_unref(s->source);
-        free(s);
-}
-
-static int sleep_fired(sd_event_source *src, uint64_t usec, void *userdata) {
-        (void) src;
-        (void) usec;
-        rr_op_complete(userdata);
-        return 0;
-}
-
-/* rr.sleep(seconds) */
-static int loop_sleep(lua_State *L) {
-        double secs = luaL_checknumber(L, 1);
-        SleepOp *s;
-        int r;
-
-        luaL_argcheck(L, secs >= 0 && secs < 1e9, 1, "seconds must be >= 0");
-        s = calloc(1, sizeof *s);
-        if (!s)
-                return luaL_error(L, "out of memory");
-        s->op.push = sleep_push;
-        s->op.release = sleep_release;
-        r = sd_event_add_time(S.event, &s->source, CLOCK_MONOTONIC, rr_deadline_usec(secs), 1000, sleep_fired, s);
-        if (r < 0) {
-                free(s);
-                return luaL_error(L, "cannot add timer: %s", strerror(-r));
-        }
-        return rr_op_await(L, &s->op);
-}
-
 /* rr.now() -> monotonic seconds */
 static int loop_now(lua_State *L) {
         lua_pushnumber(L, rr_now());
@@ -671,10 +495,10 @@ static int loop_now(lua_State *L) {
 
 /* rr.current() -> the running task, or nil at the top level */
 static int loop_current(lua_State *L) {
-        if (!S.current || S.current->ref == LUA_NOREF)
+        if (!loop_shared.current || loop_shared.current->ref == LUA_NOREF)
                 lua_pushnil(L);
         else
-                push_task(L, S.current);
+                push_task(L, loop_shared.current);
         return 1;
 }
 
@@ -730,7 +554,7 @@ static int task_cancel(RrTask *t) {
                         }
                         lua_settop(t->co, 0);
                         lua_pushliteral(t->co, "canceled");
-                        task_finish(t, TASK_CANCELED, 0);
+                        task_finish_limited(t, TASK_CANCELED, 0);
                 }
                 /* else a yielded task: its next wait point raises */
                 break;
@@ -795,7 +619,7 @@ static const char *stop_signal_name(int signo) {
  * handler task could be started (out of memory), the signal interrupts the top level: it is
  * never lost. */
 static int signal_fired(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        lua_State *L = S.L;
+        lua_State *L = loop_shared.L;
         int signo = (int) si->ssi_signo, n = 0, failed = 0;
 
         (void) src;
@@ -831,6 +655,8 @@ static const luaL_Reg task_methods[] = {
         { "status", task_l_status },
         { "result", task_l_result },
         { "id", task_l_id },
+        { "deadline", task_l_deadline },
+        { "max_instructions", task_l_max_instructions },
         { NULL, NULL },
 };
 
@@ -898,7 +724,7 @@ int rr_loop_init(lua_State *L) {
         r = sd_event_add_signal(S.event, &S.sighup, SIGHUP, signal_fired, NULL);
         if (r < 0)
                 return r;
-        S.L = L;
+        loop_shared.L = L;
         lua_newtable(L);
         S.handlers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         return 0;
@@ -935,8 +761,8 @@ void rr_loop_request_exit(int code) {
                 S.exit_code = code;
         }
         /* Its next wait raises, should it catch the error that unwinds it. */
-        if (S.current)
-                S.current->cancel = true;
+        if (loop_shared.current)
+                loop_shared.current->cancel = true;
 }
 
 bool rr_loop_exit_requested(int *code) {
@@ -960,7 +786,7 @@ void rr_loop_shutdown(lua_State *L) {
         /* Cancel everything, then let the canceled tasks unwind (their <close> handlers run). A
          * bounded number of turns: a task that swallows "canceled" in a loop must not hang us. */
         for (int round = 0; round < 100 && S.live > 0; round++) {
-                lua_State *ML = S.L;
+                lua_State *ML = loop_shared.L;
                 int n = 0;
                 lua_newtable(ML);
                 /* Collect live tasks from the registry refs reachable through the ready queue and

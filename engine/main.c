@@ -43,9 +43,11 @@ static const char usage_text[] =
         "\n"
         "REPL options (after -i):\n"
         "  --user            talk to your user service manager (default: $RRENGINE_USER=1)\n"
-        "  --services FILE   the services file (default: $RRENGINE_SERVICES, else ./services.lua)\n"
-        "In the REPL, Ctrl-C cancels the running line; during restart() it stops the run as in the\n"
-        "plan (the service in flight finishes or rolls back); rollback() always finishes.\n"
+        "  --services FILE   the services file (default: $RRENGINE_SERVICES, else ./services.lua, else\n"
+        "                    /etc/rrengine/services.lua; with --user $XDG_CONFIG_HOME/rrengine/services.lua)\n"
+        "In the REPL, help() lists the helpers and Tab completes. Ctrl-C cancels the running line;\n"
+        "during restart() it stops the run as in the plan (the service in flight finishes or rolls\n"
+        "back); rollback() asks first on a terminal, and always finishes.\n"
         "\n"
         "A plan's own options come after its name: rrengine plans/rolling.lua --help\n"
         "Exit codes: 0 ok, 1 error (plans: a service failed), 2 usage/configuration error,\n"
@@ -241,16 +243,31 @@ static int run_script(lua_State *L, const char *path) {
         return run_chunk(L, status, nargs);
 }
 
-/* ---- REPL: readline's callback interface on the loop, so tasks keep running at the prompt ---- */
+/* ---- REPL: readline's callback interface on the loop, so tasks keep running at the prompt ----
+ *
+ * stdin's io source only notes that input is there; readline reads it (rl_callback_read_char())
+ * back at the top level, in repl_wait_line(), never inside sd-event's dispatch: a key may run Lua
+ * (Tab asks rr.repl's complete() for candidates). */
 
 static struct {
-        char *line;
+        lua_State *L;
+        sd_event_source *src; /* stdin: enabled while readline waits for a line */
+        bool installed;       /* a readline handler (a prompt) is installed */
+        bool readable;        /* stdin has input for readline */
         bool have_line;
         bool eof;
-} repl;
+        bool asking;      /* repl_ask() waits for its answer */
+        char *line;       /* the line readline gave, for the caller to take */
+        int complete_ref; /* rr.repl's complete(), or LUA_NOREF */
+        char **cands;     /* the candidates of the completion under way */
+        size_t ncands, next;
+} repl = { .complete_ref = LUA_NOREF };
 
-/* readline's line handler: the line typed (NULL at end of input), for repl_run() to evaluate. */
+/* readline's line handler: the line typed (NULL at end of input), for the caller to take. The
+ * handler goes at once, so that readline shows no new prompt before the line has run. */
 static void repl_line(char *line) {
+        rl_callback_handler_remove();
+        repl.installed = false;
         repl.have_line = true;
         if (!line) {
                 repl.eof = true;
@@ -259,14 +276,183 @@ static void repl_line(char *line) {
         repl.line = line;
 }
 
-/* stdin is readable: readline reads what is there and may complete a line. */
+/* stdin is readable: noted for repl_wait_line(), which lets readline read it. */
 static int repl_input(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
         (void) src;
         (void) fd;
         (void) revents;
         (void) userdata;
-        rl_callback_read_char(); /* may call repl_line(); never runs Lua */
+        repl.readable = true;
         return 0;
+}
+
+/* Shows prompt and lets readline take keys until the next line. */
+static void repl_prompt(const char *prompt) {
+        rl_callback_handler_install(prompt, repl_line);
+        repl.installed = true;
+        sd_event_source_set_enabled(repl.src, SD_EVENT_ON);
+}
+
+/* No prompt, stdin not watched (while a line runs). */
+static void repl_unprompt(void) {
+        if (repl.installed)
+                rl_callback_handler_remove();
+        repl.installed = false;
+        sd_event_source_set_enabled(repl.src, SD_EVENT_OFF);
+}
+
+/* Runs the loop (tasks go on) until readline has a line or end of input, a stop signal or an
+ * exit request; readline reads stdin here, at the top level. Returns 0, or the loop's failure. */
+static int repl_wait_line(void) {
+        repl.have_line = false;
+        while (!repl.have_line) {
+                int r;
+                repl.readable = false;
+                r = rr_loop_run_until(&repl.readable);
+                if (r < 0)
+                        return r;
+                if (!repl.readable)
+                        return 0;
+                rl_callback_read_char(); /* may call repl_line(), or repl_complete() */
+        }
+        return 0;
+}
+
+static void free_candidates(void) {
+        for (size_t i = 0; i < repl.ncands; i++)
+                free(repl.cands[i]);
+        free(repl.cands);
+        repl.cands = NULL;
+        repl.ncands = repl.next = 0;
+}
+
+/* Protected: complete(line up to the cursor, word start) into repl.cands. Arguments: the word's
+ * start and end in rl_line_buffer. Returns true when readline's own file name completion is
+ * wanted (complete() returned nil). */
+static int collect_candidates(lua_State *L) {
+        lua_Integer start = lua_tointeger(L, 1), end = lua_tointeger(L, 2), n;
+
+        lua_rawgeti(L, LUA_REGISTRYINDEX, repl.complete_ref);
+        lua_pushlstring(L, rl_line_buffer, (size_t) end);
+        lua_pushinteger(L, start);
+        lua_call(L, 2, 1); /* candidates | nil */
+        if (lua_isnil(L, -1)) {
+                lua_pushboolean(L, 1);
+                return 1;
+        }
+        luaL_checktype(L, -1, LUA_TTABLE);
+        n = luaL_len(L, -1);
+        if (n <= 0) {
+                lua_pushboolean(L, 0);
+                return 1;
+        }
+        repl.cands = calloc((size_t) n, sizeof(char *));
+        if (!repl.cands)
+                return luaL_error(L, "out of memory");
+        for (lua_Integer i = 1; i <= n; i++) {
+                const char *c;
+                lua_rawgeti(L, -1, i); /* candidates c */
+                c = lua_tostring(L, -1);
+                if (c) {
+                        repl.cands[repl.ncands] = strdup(c);
+                        if (!repl.cands[repl.ncands])
+                                return luaL_error(L, "out of memory");
+                        repl.ncands++;
+                }
+                lua_pop(L, 1);
+        }
+        lua_pushboolean(L, 0);
+        return 1;
+}
+
+/* readline's generator over repl.cands: each candidate handed over (readline frees it). */
+static char *repl_candidate(const char *text, int state) {
+        char *c;
+        (void) text;
+        if (state == 0)
+                repl.next = 0;
+        if (repl.next >= repl.ncands)
+                return NULL;
+        c = repl.cands[repl.next];
+        repl.cands[repl.next++] = NULL;
+        return c;
+}
+
+/* Tab: the candidates of rr.repl's complete() for the text from start to end (the cursor). */
+static char **repl_complete(const char *text, int start, int end) {
+        lua_State *L = repl.L;
+        char **matches = NULL;
+        int status;
+
+        rl_attempted_completion_over = 1; /* readline's file names only when complete() asks */
+        rl_completion_append_character = '\0';
+        if (repl.complete_ref == LUA_NOREF || repl.asking)
+                return NULL;
+        lua_pushcfunction(L, collect_candidates);
+        lua_pushinteger(L, start);
+        lua_pushinteger(L, end);
+        status = docall(L, 2, 1); /* files? | err */
+        if (status != LUA_OK) {
+                /* a completion that fails completes nothing; the line stays as typed */
+                lua_pop(L, 1);
+                free_candidates();
+                rl_ding();
+                return NULL;
+        }
+        if (lua_toboolean(L, -1))
+                rl_attempted_completion_over = 0;
+        else if (repl.ncands > 0)
+                matches = rl_completion_matches(text, repl_candidate);
+        lua_pop(L, 1);
+        free_candidates();
+        return matches;
+}
+
+/* Pushes the string at the light userdata (protected: the caller frees it whatever happens). */
+static int push_line(lua_State *L) {
+        lua_pushstring(L, lua_touserdata(L, 1));
+        return 1;
+}
+
+/* rr.repl's ask(prompt) -> line | nil: a question answered at the terminal while the loop runs,
+ * not kept in the history. nil at end of input, on a stop signal (Ctrl-C), on an exit request,
+ * and when not called from a REPL line (a task cannot run the loop it runs in). */
+static int repl_ask(lua_State *L) {
+        const char *prompt = luaL_checkstring(L, 1);
+        bool main_thread = lua_pushthread(L) == 1;
+        char *line;
+        int r;
+
+        lua_pop(L, 1);
+        if (!main_thread || !repl.src || repl.installed || repl.asking) {
+                lua_pushnil(L);
+                return 1;
+        }
+        repl.asking = true;
+        repl.eof = false;
+        repl_prompt(prompt);
+        (void) repl_wait_line(); /* a loop failure is no answer; the REPL's own wait sees it again */
+        if (repl.installed) {
+                /* no answer (a signal, an exit): what was typed goes */
+                rl_free_line_state();
+                rl_crlf();
+        }
+        repl_unprompt();
+        repl.asking = false;
+        repl.eof = false; /* Ctrl-D answers "no"; the REPL goes on */
+        line = repl.line;
+        repl.line = NULL;
+        if (!line) {
+                lua_pushnil(L);
+                return 1;
+        }
+        lua_pushcfunction(L, push_line);
+        lua_pushlightuserdata(L, line);
+        r = lua_pcall(L, 1, 1, 0);
+        free(line);
+        if (r != LUA_OK)
+                return lua_error(L);
+        return 1;
 }
 
 /* Evaluate one REPL line and print what it returns. */
@@ -305,8 +491,9 @@ static void repl_eval(lua_State *L, const char *line) {
 }
 
 /* The REPL's helpers (status, restart, ...) when the library provides them:
- * require("rr.repl").start(args), args the REPL's own options (those after -i). Returns false
- * when the REPL must not start. */
+ * require("rr.repl").start(args), args the REPL's own options (those after -i). Before start(),
+ * the module gets ask() (repl_ask) and its complete() is kept for Tab. Returns false when the
+ * REPL must not start. */
 static bool repl_helpers(lua_State *L, char **args, int nargs) {
         int status;
 
@@ -327,6 +514,13 @@ static bool repl_helpers(lua_State *L, char **args, int nargs) {
                 lua_pop(L, 1);
                 return true; /* a library that installs its helpers when loaded */
         }
+        lua_pushcfunction(L, repl_ask);
+        lua_setfield(L, -2, "ask");
+        lua_getfield(L, -1, "complete"); /* M complete */
+        if (lua_isfunction(L, -1))
+                repl.complete_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        else
+                lua_pop(L, 1);
         lua_getfield(L, -1, "start"); /* M start */
         lua_remove(L, -2);            /* start */
         if (!lua_isfunction(L, -1)) {
@@ -347,27 +541,39 @@ static bool repl_helpers(lua_State *L, char **args, int nargs) {
  * SIGHUP, or os.exit(); returns the exit code. */
 static int repl_run(lua_State *L, char **args, int nargs) {
         _cleanup_(freep) char *history = NULL;
-        sd_event_source *src = NULL;
         const char *home = getenv("HOME");
         int r, code = EXIT_SUCCESS;
 
+        repl.L = L;
         if (!repl_helpers(L, args, nargs))
                 return rr_loop_exit_requested(NULL) ? EXIT_SUCCESS : 2;
 
         if (home && asprintf(&history, "%s/.rrengine_history", home) >= 0)
                 read_history(history);
+        rl_readline_name = "rrengine";
         rl_catch_signals = 0; /* signals arrive through sd-event */
-        r = sd_event_add_io(rr_loop_event(), &src, STDIN_FILENO, EPOLLIN, repl_input, NULL);
+        rl_attempted_completion_function = repl_complete;
+        /* Lua's operators and brackets end a word; '.', ':', '@' and '-' do not (rr.systemd,
+         * m:unit, service names such as api@1 or sso-api). */
+        rl_completer_word_break_characters = " \t\n\"'`<>=;|&{}()[],";
+        /* Inside a string, the word starts after its quote, and a unique match closes it:
+         * restart("sso.r<Tab> becomes restart("sso.redis" */
+        rl_completer_quote_characters = "\"'";
+        r = sd_event_add_io(rr_loop_event(), &repl.src, STDIN_FILENO, EPOLLIN, repl_input, NULL);
         if (r < 0) {
                 fprintf(stderr, "rrengine: cannot watch stdin: %s\n", strerror(-r));
                 return EXIT_FAILURE;
         }
-        rl_callback_handler_install("rr> ", repl_line);
         for (;;) {
                 int sig;
+                char *line;
 
-                repl.have_line = false;
-                rr_loop_run_until(&repl.have_line);
+                if (!repl.installed)
+                        repl_prompt("rr> ");
+                if (repl_wait_line() < 0) {
+                        code = EXIT_FAILURE; /* the loop said why */
+                        break;
+                }
                 if (rr_loop_exit_requested(NULL))
                         break; /* a task called os.exit() */
                 sig = rr_loop_take_interrupt();
@@ -376,29 +582,33 @@ static int repl_run(lua_State *L, char **args, int nargs) {
                         code = EXIT_INTERRUPTED;
                         break;
                 }
-                if (sig != 0) {
+                if (sig != 0 && !repl.eof) {
                         /* Ctrl-C at the prompt drops the line, as a shell does. */
-                        rl_free_line_state();
-                        rl_crlf();
-                        rl_replace_line("", 0);
-                        rl_on_new_line();
-                        rl_redisplay();
+                        free(repl.line);
+                        repl.line = NULL;
+                        if (repl.installed) {
+                                rl_free_line_state();
+                                rl_crlf();
+                                rl_replace_line("", 0);
+                                rl_on_new_line();
+                                rl_redisplay();
+                        }
                         continue;
                 }
                 if (repl.eof)
                         break;
                 if (!repl.have_line)
                         continue;
-                rl_callback_handler_remove();
-                sd_event_source_set_enabled(src, SD_EVENT_OFF);
-                if (*repl.line) {
-                        add_history(repl.line);
+                repl_unprompt();
+                line = repl.line;
+                repl.line = NULL;
+                if (*line) {
+                        add_history(line);
                         (void) rr_loop_take_quit_signal(); /* one a handler took at the prompt is old */
-                        repl_eval(L, repl.line);
+                        repl_eval(L, line);
                         (void) rr_loop_take_interrupt(); /* a Ctrl-C that canceled the line is spent */
                 }
-                free(repl.line);
-                repl.line = NULL;
+                free(line);
                 if (rr_loop_exit_requested(NULL))
                         break;
                 if (rr_loop_take_quit_signal() != 0) {
@@ -408,15 +618,19 @@ static int repl_run(lua_State *L, char **args, int nargs) {
                         code = EXIT_INTERRUPTED;
                         break;
                 }
-                sd_event_source_set_enabled(src, SD_EVENT_ON);
-                rl_callback_handler_install("rr> ", repl_line);
         }
-        rl_callback_handler_remove();
+        repl_unprompt();
+        free(repl.line);
+        repl.line = NULL;
         if (isatty(STDIN_FILENO))
                 putchar('\n');
         if (history)
                 write_history(history);
-        sd_event_source_disable_unref(src);
+        repl.src = sd_event_source_disable_unref(repl.src);
+        if (repl.complete_ref != LUA_NOREF) {
+                luaL_unref(L, LUA_REGISTRYINDEX, repl.complete_ref);
+                repl.complete_ref = LUA_NOREF;
+        }
         return code;
 }
 

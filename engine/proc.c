@@ -1,7 +1,8 @@
 /* rr.proc: child processes on the loop. A process is spawned from an argv array (never a
  * shell) with posix_spawnp() into a process group of its own, its stdout and stderr read through
- * non-blocking pipes (sd-event io sources), its exit seen through sd_event_add_child() (which
- * also reaps it), a timeout through a time source that signals the whole group.
+ * non-blocking pipes (output.c, which rr.systemd's m:run() shares), its exit seen through
+ * sd_event_add_child() (which also reaps it), a timeout through a time source that signals the
+ * whole group.
  *
  * Why posix_spawnp(): glibc implements it with clone(CLONE_VM|CLONE_VFORK) and reports a failed
  * exec (or dup2/chdir) as its return value through its own CLOEXEC channel, so "no such program"
@@ -26,37 +27,16 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include "output.h"
 #include "rr.h"
 
 #define PROCESS_MT "rr.proc.process"
-#define LINE_TOKEN_MT "rr.proc.line"
-#define LINE_MAX_BYTES (64 * 1024)  /* longer lines are delivered in pieces of this size */
-#define READ_CHUNK (64 * 1024)
-#define READS_PER_EVENT 4           /* then let other sources have a turn */
-#define FINAL_READS 64              /* bound the drain at exit (a grandchild may keep writing) */
-#define LINES_HIGH 4096             /* on_line calls pending: stop reading (the child blocks) */
-#define LINES_LOW 1024              /* ... and read again below this */
-#define DEFAULT_MAX_CAPTURE (1024 * 1024)
 #define DEFAULT_KILL_GRACE 2.0
 
 extern char **environ;
 
 typedef struct Proc Proc;
 typedef struct WaitOp WaitOp;
-
-/* One output pipe of a process. */
-typedef struct Stream {
-        Proc *proc;
-        const char *name; /* "stdout" or "stderr": what on_line receives */
-        int fd;           /* parent's read end, -1 once at end of file */
-        sd_event_source *source;
-        bool eof;
-        char *capture; /* up to max_capture bytes */
-        size_t capture_len, capture_size;
-        bool truncated;
-        char *line; /* the partial line (only with on_line) */
-        size_t line_len;
-} Stream;
 
 /* One caller waiting in p:wait() or proc.run(). */
 struct WaitOp {
@@ -69,14 +49,10 @@ struct Proc {
         pid_t pid; /* 0 until spawned */
         char *name; /* argv[0], for messages */
         sd_event_source *child_source, *timer_source, *stdin_source;
-        Stream out, err;
+        RrOutput output; /* stdout and stderr */
         int stdin_fd;
         char *stdin_data;
         size_t stdin_len, stdin_off;
-        bool capture, on_line;
-        size_t max_capture;
-        unsigned pending_lines; /* on_line tasks started and not yet returned */
-        bool paused;            /* reading stopped until the on_line tasks catch up */
         double timeout, kill_grace;
         double start, duration;
         bool exited;    /* seen by the child source (then reaped by sd-event) or reaped by us */
@@ -87,13 +63,11 @@ struct Proc {
         WaitOp *waiters;
 };
 
-/* The userdata: a box, created closed (proc NULL) before anything is acquired (liolib style). */
+/* The userdata: a box, created closed (proc NULL) before anything is acquired (liolib style).
+ * Its user value is the output's box (output.h), which holds on_line. */
 typedef struct Box {
         Proc *proc;
 } Box;
-
-static lua_State *main_L; /* loop callbacks run Lua on the main thread only */
-static int handles_ref = LUA_NOREF; /* weak table: lightuserdata Proc -> its Box userdata */
 
 /* "SIGTERM" for 15, "SIG99" for a number without a name (a static buffer). */
 static const char *signal_name(int sig) {
@@ -120,246 +94,17 @@ static int proc_signal(Proc *p, int sig) {
 
 /* Wake the waiters once the process is finished and its line callbacks have all returned. */
 static void proc_maybe_complete(Proc *p) {
-        if (!p->finished && p->exited && p->out.eof && p->err.eof)
+        if (!p->finished && p->exited && p->output.out.eof && p->output.err.eof)
                 p->finished = true;
-        if (!p->finished || p->pending_lines > 0)
+        if (!p->finished || !rr_output_idle(&p->output))
                 return;
         for (WaitOp *w = p->waiters; w; w = w->next)
                 rr_op_complete(&w->op);
 }
 
-/* Flow control for on_line: with too many calls pending, stop reading both pipes (the child
- * then blocks on a full pipe) instead of queueing tasks without bound. */
-static void proc_set_reading(Proc *p, bool on) {
-        p->paused = !on;
-        if (p->out.source)
-                (void) sd_event_source_set_enabled(p->out.source, on ? SD_EVENT_ON : SD_EVENT_OFF);
-        if (p->err.source)
-                (void) sd_event_source_set_enabled(p->err.source, on ? SD_EVENT_ON : SD_EVENT_OFF);
-}
-
-/* ---- output ---- */
-
-/* Push the handle of p on L (or nil while it is being finalized); never allocates. */
-static void push_handle(lua_State *L, Proc *p) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, handles_ref);
-        lua_rawgetp(L, -1, p);
-        lua_remove(L, -2);
-}
-
-/* __close of a line token: the on_line call it stands for is over (returned, raised, or its
- * task was canceled). Idempotent. */
-static int line_token_close(lua_State *L) {
-        bool *done = luaL_checkudata(L, 1, LINE_TOKEN_MT);
-        Box *b;
-
-        if (*done)
-                return 0;
-        *done = true;
-        lua_getiuservalue(L, 1, 1);
-        b = lua_touserdata(L, -1);
-        if (b && b->proc) {
-                Proc *p = b->proc;
-                p->pending_lines--;
-                if (p->paused && p->pending_lines <= LINES_LOW)
-                        proc_set_reading(p, true);
-                proc_maybe_complete(p);
-        }
-        return 0;
-}
-
-/* line_trampoline's continuation after the callback waited: nothing is left to do. */
-static int line_trampoline_k(lua_State *L, int status, lua_KContext ctx) {
-        (void) L;
-        (void) status;
-        (void) ctx;
-        return 0;
-}
-
-/* The body of an on_line task: on_line(stream, line). Upvalue 1 is a line token whose uservalue
- * is the process handle (kept alive by the task), whose uservalue is the callback. The token
- * is to-be-closed, so the call counts as done however it ends (the task's own error handling,
- * with the callback's traceback, is untouched), and lua_callk lets the callback wait. */
-static int line_trampoline(lua_State *L) {
-        lua_pushvalue(L, lua_upvalueindex(1)); /* stream line token */
-        lua_toclose(L, 3);
-        lua_getiuservalue(L, 3, 1);  /* stream line token h */
-        lua_getiuservalue(L, 4, 1);  /* stream line token h fn */
-        lua_pushvalue(L, 1);
-        lua_pushvalue(L, 2);         /* ... fn stream line */
-        lua_callk(L, 2, 0, 0, line_trampoline_k);
-        return 0;
-}
-
-typedef struct LineArgs {
-        Stream *st;
-        const char *line;
-        size_t len;
-} LineArgs;
-
-/* deliver_line's Lua part, in protected mode (a memory error must not unwind through sd-event):
- * the handle at 1, a LineArgs at 2. */
-static int deliver_line_protected(lua_State *L) {
-        const LineArgs *a = lua_touserdata(L, 2);
-
-        lua_settop(L, 1);                        /* h */
-        lua_newuserdatauv(L, sizeof(bool), 1);   /* h token */
-        *(bool *) lua_touserdata(L, -1) = false;
-        luaL_setmetatable(L, LINE_TOKEN_MT);
-        lua_insert(L, -2);                       /* token h */
-        lua_setiuservalue(L, -2, 1);             /* token */
-        lua_pushcclosure(L, line_trampoline, 1); /* fn */
-        lua_pushstring(L, a->st->name);          /* fn stream */
-        lua_pushlstring(L, a->line, a->len);     /* fn stream line */
-        if (rr_task_spawn(L, 2) < 0)
-                return luaL_error(L, "cannot start a task");
-        a->st->proc->pending_lines++;
-        return 0;
-}
-
-/* Start the task that calls on_line(stream, line). Runs inside a loop callback, on the main
- * thread; a line that cannot be delivered (out of memory) is dropped. */
-static void deliver_line(Stream *st, const char *line, size_t len) {
-        lua_State *L = main_L;
-        LineArgs a = { st, line, len };
-
-        if (!lua_checkstack(L, 8))
-                return;
-        /* Look the handle up before allocating anything: once it is on the stack, a garbage
-         * collection step cannot finalize it (and free st->proc) under us. */
-        push_handle(L, st->proc); /* h */
-        if (lua_isnil(L, -1)) {
-                lua_pop(L, 1); /* being finalized: nobody to tell */
-                return;
-        }
-        lua_pushcfunction(L, deliver_line_protected); /* h f */
-        lua_insert(L, -2);                            /* f h */
-        lua_pushlightuserdata(L, &a);                 /* f h a */
-        if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-                fprintf(stderr, "rrengine: %s: line dropped: %s\n", st->proc->name, lua_tostring(L, -1));
-                lua_pop(L, 1);
-        }
-}
-
-/* Split data into lines for on_line; a line longer than LINE_MAX_BYTES goes in pieces. */
-static void stream_lines(Stream *st, const char *buf, size_t n) {
-        while (n > 0) {
-                const char *nl = memchr(buf, '\n', n);
-                size_t take = nl ? (size_t) (nl - buf) : n;
-
-                while (take > 0) {
-                        size_t c;
-                        if (st->line_len == LINE_MAX_BYTES) {
-                                deliver_line(st, st->line, st->line_len);
-                                st->line_len = 0;
-                        }
-                        c = LINE_MAX_BYTES - st->line_len;
-                        if (c > take)
-                                c = take;
-                        memcpy(st->line + st->line_len, buf, c);
-                        st->line_len += c;
-                        buf += c;
-                        n -= c;
-                        take -= c;
-                }
-                if (nl) {
-                        deliver_line(st, st->line, st->line_len);
-                        st->line_len = 0;
-                        buf++;
-                        n--;
-                }
-        }
-}
-
-/* Keep output for res.stdout / res.stderr, up to max_capture bytes (the rest is dropped and
- * marked truncated). */
-static void stream_capture(Stream *st, const char *buf, size_t n) {
-        size_t room = st->proc->max_capture - st->capture_len;
-
-        if (n > room) {
-                n = room;
-                st->truncated = true;
-        }
-        if (n == 0)
-                return;
-        if (st->capture_len + n > st->capture_size) {
-                size_t size = st->capture_size ? st->capture_size : 4096;
-                char *q;
-                while (size < st->capture_len + n)
-                        size *= 2;
-                if (size > st->proc->max_capture)
-                        size = st->proc->max_capture;
-                q = realloc(st->capture, size);
-                if (!q) {
-                        st->truncated = true;
-                        return;
-                }
-                st->capture = q;
-                st->capture_size = size;
-        }
-        memcpy(st->capture + st->capture_len, buf, n);
-        st->capture_len += n;
-}
-
-/* The pipe is done (end of file, an error, or abandoned at exit): close it, flush the last
- * unterminated line. */
-static void stream_eof(Stream *st) {
-        if (st->eof)
-                return;
-        st->eof = true;
-        st->source = sd_event_source_disable_unref(st->source);
-        if (st->fd >= 0)
-                close(st->fd);
-        st->fd = -1;
-        if (st->line_len > 0) {
-                deliver_line(st, st->line, st->line_len);
-                st->line_len = 0;
-        }
-        free(st->line);
-        st->line = NULL;
-}
-
-/* Read up to max_reads chunks; true when the pipe has nothing more right now (or is done). */
-static bool stream_read(Stream *st, int max_reads) {
-        char buf[READ_CHUNK];
-
-        for (int i = 0; i < max_reads && !st->eof; i++) {
-                ssize_t n = read(st->fd, buf, sizeof buf);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno == EAGAIN)
-                                return true;
-                        stream_eof(st); /* EIO and friends: treat as the end */
-                        return true;
-                }
-                if (n == 0) {
-                        stream_eof(st);
-                        return true;
-                }
-                if (st->proc->capture)
-                        stream_capture(st, buf, (size_t) n);
-                if (st->proc->on_line)
-                        stream_lines(st, buf, (size_t) n);
-        }
-        return st->eof;
-}
-
-/* A pipe is readable: read a few chunks (bounded, so that other sources get their turn), pause
- * reading when too many on_line calls are pending. */
-static int stream_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        Stream *st = userdata;
-
-        (void) s;
-        (void) fd;
-        (void) revents;
-        for (int i = 0; i < READS_PER_EVENT && st->proc->pending_lines < LINES_HIGH; i++)
-                if (stream_read(st, 1))
-                        break;
-        if (st->proc->pending_lines >= LINES_HIGH && !st->proc->exited)
-                proc_set_reading(st->proc, false);
-        proc_maybe_complete(st->proc);
-        return 0;
+/* The output's progress(): a pipe ended or an on_line call returned. */
+static void output_progress(RrOutput *o) {
+        proc_maybe_complete((Proc *) ((char *) o - offsetof(Proc, output)));
 }
 
 /* ---- stdin ---- */
@@ -453,10 +198,7 @@ static int child_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
         stdin_close(p);
         /* What the process wrote is in the pipes now (a dying process closes its files before it
          * is reported). A pipe still open after that is held by a grandchild: do not wait for it. */
-        stream_read(&p->out, FINAL_READS);
-        stream_eof(&p->out);
-        stream_read(&p->err, FINAL_READS);
-        stream_eof(&p->err);
+        rr_output_drain(&p->output);
         proc_maybe_complete(p);
         return 0;
 }
@@ -481,23 +223,6 @@ static int timer_fired(sd_event_source *s, uint64_t usec, void *userdata) {
 
 /* ---- life cycle ---- */
 
-/* A stream not yet connected to a pipe. */
-static void stream_init(Stream *st, Proc *p, const char *name) {
-        st->proc = p;
-        st->name = name;
-        st->fd = -1;
-}
-
-/* Release a stream's pipe, source and buffers. */
-static void stream_free(Stream *st) {
-        st->source = sd_event_source_disable_unref(st->source);
-        if (st->fd >= 0)
-                close(st->fd);
-        st->fd = -1;
-        free(st->capture);
-        free(st->line);
-}
-
 /* Kill the group of a still-running process and reap it; release everything. Idempotent through
  * the box. Waiters still waiting are woken: their wait returns nil, "... closed". */
 static void proc_free(Proc *p) {
@@ -514,22 +239,13 @@ static void proc_free(Proc *p) {
         p->child_source = sd_event_source_disable_unref(p->child_source);
         p->timer_source = sd_event_source_disable_unref(p->timer_source);
         stdin_close(p);
-        stream_free(&p->out);
-        stream_free(&p->err);
+        rr_output_free(&p->output);
         for (WaitOp *w = p->waiters; w; w = w->next) {
                 w->proc = NULL;
                 rr_op_complete(&w->op);
         }
         free(p->name);
         free(p);
-}
-
-/* Drop p from the table of handles (before p is freed: its address may be reused). */
-static void handle_forget(lua_State *L, Proc *p) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, handles_ref);
-        lua_pushnil(L);
-        lua_rawsetp(L, -2, p);
-        lua_pop(L, 1);
 }
 
 /* The process handle at idx, open or closed. */
@@ -547,12 +263,8 @@ static Proc *check_proc(lua_State *L, int idx) {
 
 /* ---- results ---- */
 
-/* Push what was captured of a stream ("" without capture). */
-static void push_capture(lua_State *L, const Stream *st) {
-        lua_pushlstring(L, st->capture ? st->capture : "", st->capture_len);
-}
-
-/* Push what run() and wait() return: res, or nil, message, res. */
+/* Push what run() and wait() return: res, or nil, message, CODE, res (CODE: "ETIMEDOUT",
+ * "ESIGNAL" or "EEXIT"), the one failure form of every primitive (as rr.systemd's m:run). */
 static int push_result(lua_State *L, Proc *p) {
         luaL_checkstack(L, 6, NULL);
         lua_createtable(L, 0, 10); /* res */
@@ -565,16 +277,7 @@ static int push_result(lua_State *L, Proc *p) {
         }
         lua_pushboolean(L, p->timed_out);
         lua_setfield(L, -2, "timed_out");
-        push_capture(L, &p->out);
-        lua_setfield(L, -2, "stdout");
-        push_capture(L, &p->err);
-        lua_setfield(L, -2, "stderr");
-        lua_createtable(L, 0, 2);
-        lua_pushboolean(L, p->out.truncated);
-        lua_setfield(L, -2, "stdout");
-        lua_pushboolean(L, p->err.truncated);
-        lua_setfield(L, -2, "stderr");
-        lua_setfield(L, -2, "truncated");
+        rr_output_push(L, &p->output);
         lua_pushnumber(L, p->duration);
         lua_setfield(L, -2, "duration");
         lua_pushinteger(L, p->pid);
@@ -587,13 +290,16 @@ static int push_result(lua_State *L, Proc *p) {
                 char secs[32];
                 snprintf(secs, sizeof secs, "%g", p->timeout);
                 lua_pushfstring(L, "%s timed out after %s s (killed)", p->name, secs);
-        }
-        else if (p->signal != 0)
+                lua_pushliteral(L, "ETIMEDOUT");
+        } else if (p->signal != 0) {
                 lua_pushfstring(L, "%s killed by %s", p->name, signal_name(p->signal));
-        else
+                lua_pushliteral(L, "ESIGNAL");
+        } else {
                 lua_pushfstring(L, "%s exited with code %d", p->name, p->exit_code);
-        lua_rotate(L, -3, -1); /* nil message res */
-        return 3;
+                lua_pushliteral(L, "EEXIT");
+        }
+        lua_rotate(L, -4, -1); /* nil message CODE res */
+        return 4;
 }
 
 /* RrOp.push of a wait: the result, or nil, message when the handle was closed meanwhile. */
@@ -603,7 +309,8 @@ static int wait_push(lua_State *L, RrOp *op) {
         if (!w->proc) {
                 lua_pushnil(L);
                 lua_pushliteral(L, "process handle closed while waiting");
-                return 2;
+                lua_pushliteral(L, "EBADF");
+                return 3;
         }
         return push_result(L, w->proc);
 }
@@ -626,7 +333,7 @@ static void wait_release(RrOp *op) {
 static int proc_wait(lua_State *L, Proc *p) {
         WaitOp *w;
 
-        if (p->finished && p->pending_lines == 0)
+        if (p->finished && rr_output_idle(&p->output))
                 return push_result(L, p);
         w = calloc(1, sizeof *w);
         if (!w)
@@ -733,7 +440,7 @@ static void parse_args(lua_State *L, SpawnArgs *a) {
 
         memset(a, 0, sizeof *a);
         a->capture = true;
-        a->max_capture = DEFAULT_MAX_CAPTURE;
+        a->max_capture = RR_OUTPUT_DEFAULT_MAX_CAPTURE;
         a->kill_grace = DEFAULT_KILL_GRACE;
 
         luaL_checktype(L, 1, LUA_TTABLE);
@@ -961,34 +668,28 @@ static int spawn(lua_State *L) {
         b = lua_newuserdatauv(L, sizeof *b, 1);
         b->proc = NULL;
         luaL_setmetatable(L, PROCESS_MT);
-        if (a.on_line_idx) {
-                lua_pushvalue(L, a.on_line_idx);
-                lua_setiuservalue(L, -2, 1);
-        }
+        rr_output_new_box(L, a.on_line_idx, 0); /* h box */
+        lua_setiuservalue(L, -2, 1);            /* h */
         p = calloc(1, sizeof *p);
         if (!p)
                 return luaL_error(L, "out of memory");
+        rr_output_init(&p->output, NULL, a.capture, a.max_capture, output_progress);
         b->proc = p;
         p->stdin_fd = -1;
-        stream_init(&p->out, p, "stdout");
-        stream_init(&p->err, p, "stderr");
         p->exit_code = -1;
-        p->capture = a.capture;
-        p->max_capture = a.max_capture;
-        p->on_line = a.on_line_idx != 0;
         p->timeout = a.timeout;
         p->kill_grace = a.kill_grace;
         p->name = strdup(a.argv[0]);
         if (!p->name)
                 return luaL_error(L, "out of memory");
-        if (p->on_line) {
-                p->out.line = malloc(LINE_MAX_BYTES);
-                p->err.line = malloc(LINE_MAX_BYTES);
-                if (!p->out.line || !p->err.line)
-                        return luaL_error(L, "out of memory");
-        }
+        p->output.name = p->name;
+        lua_getiuservalue(L, -1, 1); /* h box */
+        r = rr_output_attach(L, -1, &p->output);
+        lua_pop(L, 1);               /* h */
+        if (r < 0)
+                return luaL_error(L, "out of memory");
 
-        if ((r = make_pipe(&p->out.fd, &out_child, true)) < 0 || (r = make_pipe(&p->err.fd, &err_child, true)) < 0 ||
+        if ((r = rr_output_pipes(&p->output, &out_child, &err_child)) < 0 ||
             (a.stdin_data && (r = make_pipe(&p->stdin_fd, &in_child, false)) < 0)) {
                 b->proc = NULL;
                 proc_free(p);
@@ -1014,20 +715,11 @@ static int spawn(lua_State *L) {
                 in_child = -1;
         }
 
-        /* Registered before any Lua allocation can run a finalizer that looks for it. */
-        lua_rawgeti(L, LUA_REGISTRYINDEX, handles_ref);
-        lua_pushvalue(L, -2);
-        lua_rawsetp(L, -2, p);
-        lua_pop(L, 1);
-
         /* WEXITED only: sd-event then watches a pidfd, and reaps the child after our callback. */
         r = sd_event_add_child(e, &p->child_source, p->pid, WEXITED, child_exited, p);
         if (r < 0)
                 goto fail;
-        r = sd_event_add_io(e, &p->out.source, p->out.fd, EPOLLIN, stream_io, &p->out);
-        if (r < 0)
-                goto fail;
-        r = sd_event_add_io(e, &p->err.source, p->err.fd, EPOLLIN, stream_io, &p->err);
+        r = rr_output_watch(&p->output);
         if (r < 0)
                 goto fail;
         if (a.timeout > 0) {
@@ -1055,7 +747,6 @@ static int spawn(lua_State *L) {
 
 fail:
         /* Cannot watch it: do not leave it running unwatched. */
-        handle_forget(L, p);
         b->proc = NULL;
         proc_free(p);
         return rr_push_fail(L, -r, "cannot watch %s: %s", a.argv[0], strerror(-r));
@@ -1148,7 +839,6 @@ static int process_l_close(lua_State *L) {
         if (!p)
                 return 0;
         b->proc = NULL;
-        handle_forget(L, p);
         proc_free(p);
         return 0;
 }
@@ -1193,23 +883,7 @@ static const luaL_Reg proc_functions[] = {
 
 /* require("rr.proc"): spawn and run; the process class. */
 int luaopen_rr_proc(lua_State *L) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-        main_L = lua_tothread(L, -1);
-        lua_pop(L, 1);
-
-        if (handles_ref == LUA_NOREF) {
-                lua_newtable(L);
-                lua_createtable(L, 0, 1);
-                lua_pushliteral(L, "v");
-                lua_setfield(L, -2, "__mode");
-                lua_setmetatable(L, -2);
-                handles_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        }
-        if (luaL_newmetatable(L, LINE_TOKEN_MT)) {
-                lua_pushcfunction(L, line_token_close);
-                lua_setfield(L, -2, "__close");
-        }
-        lua_pop(L, 1);
+        rr_output_open(L);
         if (luaL_newmetatable(L, PROCESS_MT)) {
                 luaL_setfuncs(L, process_meta, 0);
                 luaL_newlib(L, process_methods);

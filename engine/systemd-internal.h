@@ -6,6 +6,7 @@
  *   systemd-ops.c    manager connections (local, and remote over ssh) and the op machinery every
  *                    request runs on
  *   systemd-bus.c    D-Bus values: to Lua, and as canonical text for comparisons
+ *   systemd-run.c    m:run(): a command as a transient service unit, its output read as rr.proc's
  *
  * A manager connection (Manager) is one sd-bus connection attached to the sd-event loop and
  * subscribed to the manager's signals (Subscribe()). A remote one is the same connection carried
@@ -271,6 +272,11 @@ int unit_l_load(lua_State *L);
 Unit *check_unit(lua_State *L, int idx);
 /* Creates the rr.systemd.unit class. */
 void unit_class_new(lua_State *L);
+
+/* ---- systemd-run.c ---- */
+
+/* m:run(argv[, opts]) -> res | nil, message, CODE, res | nil, message, CODE */
+int manager_l_run(lua_State *L);
 
 /* ---- systemd-job.c ---- */
 

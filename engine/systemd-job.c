@@ -261,6 +261,18 @@ static void job_ended(JobOp *j) {
                 sdop_finish(&j->base);
                 return;
         }
+        /* A start, restart or reload that ended "done" left the unit running with Result=success
+         * (systemd resets it when the unit starts): no round trip to ask. A stop is asked: how
+         * the processes ended (signal, exit-code) is the news. */
+        if (!j->stop && j->job_result && streq(j->job_result, "done")) {
+                j->unit_result = strdup("success");
+                if (!j->unit_result) {
+                        sdop_fail(&j->base, NULL, "out of memory");
+                        return;
+                }
+                sdop_finish(&j->base);
+                return;
+        }
         r = sdop_call(&j->base, CALL_MAIN, job_unit_result_reply, 0, j->path, DBUS_PROPERTIES, "Get", "ss",
                       j->type->iface, "Result");
         if (r < 0)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "output.h"
 #include "systemd-internal.h"
 
 /* daemon-reload may take long on a big system; systemctl waits as long (DAEMON_RELOAD_TIMEOUT_SEC). */
@@ -448,6 +449,7 @@ static const luaL_Reg manager_methods[] = {
         { "unit", unit_l_load },
         { "daemon_reload", manager_l_daemon_reload },
         { "list_units", manager_l_list_units },
+        { "run", manager_l_run },
         { "scope", manager_l_scope },
         { "host", manager_l_host },
         { "close", manager_l_close },
@@ -485,6 +487,7 @@ void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_
 
 /* require("rr.systemd"): the user and system openers; the two classes. */
 int luaopen_rr_systemd(lua_State *L) {
+        rr_output_open(L); /* m:run() reads its command's output as rr.proc does */
         new_class(L, MANAGER_MT, manager_meta, manager_methods, NULL);
         unit_class_new(L);
         luaL_newlib(L, systemd_functions);

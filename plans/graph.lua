@@ -1,4 +1,4 @@
--- rrengine plans/graph.lua [--services FILE] [--dot | --svg]: the restart order and the dependency
+-- rrengine plans/graph.lua [--services FILE | --user] [--dot | --svg]: the restart order and the dependency
 -- waves (what --parallel can run together); --dot prints Graphviz, --svg runs Graphviz's dot.
 local cli = require("rr.cli")
 local dag = require("rr.dag")
@@ -9,7 +9,10 @@ local spec = {
   examples = { { "rrengine plans/graph.lua --svg > graph.svg", "draw the dependencies (needs Graphviz's dot)" },
                 { "rrengine plans/graph.lua --dot", "the dependencies as a Graphviz digraph" } },
   options = {
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
+        .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
+    { name = "user", help = "look for the services file of your user manager (see --services)" },
     { name = "dot", help = "Graphviz output" },
     { name = "svg", help = "an SVG picture of the dependencies, drawn by Graphviz's dot (package graphviz)" },
     { name = "help", short = "h", help = "show this help" },
@@ -39,10 +42,10 @@ if opts.dot then
 end
 if opts.svg then
   -- dot reads the graph on stdin: no temporary file, no shell.
-  local res, err, r = require("rr.proc").run({ "dot", "-Tsvg" }, { stdin = digraph(), timeout = 60 })
+  local res, err, code, r = require("rr.proc").run({ "dot", "-Tsvg" }, { stdin = digraph(), timeout = 60 })
   if not res then
-    if r == "ENOENT" then err = "--svg needs Graphviz's dot, which is not installed (apt-get install graphviz)" end
-    io.stderr:write("rrengine: ", err, type(r) == "table" and r.stderr ~= "" and (": " .. r.stderr:gsub("%s+$", "")) or "", "\n")
+    if code == "ENOENT" then err = "--svg needs Graphviz's dot, which is not installed (apt-get install graphviz)" end
+    io.stderr:write("rrengine: ", err, r and r.stderr ~= "" and (": " .. r.stderr:gsub("%s+$", "")) or "", "\n")
     os.exit(1)
   end
   io.write(res.stdout)

@@ -30,8 +30,9 @@ local spec = {
       help = "undo the deploy recorded in DIR (STATE/runs/RUN/SERVICE) instead of the one "
         .. "STATE/deploys/SERVICE.inflight or .last names" },
     { name = "no-code", key = "no_code", help = "restore the definition only; leave the code as it is" },
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua",
-      help = "the services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
+        .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
     { name = "user", help = "talk to your user service manager, as systemctl --user" },
     { name = "events", key = "events_file", type = "string", value = "FILE", help = "event log (default as plans/rolling.lua)" },
     { name = "force", help = "skip the health check after the start" },

@@ -9,9 +9,10 @@ local function die(code, msg)
   os.exit(code)
 end
 
-local opts, err = cli.parse_rolling({ ... })
+local opts, err, code = cli.parse_rolling({ ... })
 if not opts then
-  die(rolling.EXIT_USAGE, err .. " (try --help)")
+  -- a missing services file is no mistake on the command line: --help would not help
+  die(rolling.EXIT_USAGE, code == "ENOSERVICES" and err or err .. " (try --help)")
 end
 if opts.help then
   io.write(cli.rolling_usage())
@@ -26,6 +27,7 @@ local run_opts = {
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
   accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
   recover = opts.recover, resume = opts.resume, abandon = opts.abandon, argv = { ... },
+  canary_only = opts.canary_only, promote = opts.promote,
 }
 
 if opts.dry_run then
@@ -47,8 +49,20 @@ if summary.exit_code == rolling.EXIT_USAGE then
 end
 if opts.json then
   -- lua-cjson 2.1 writes an empty table as {}: the lists are written by hand so that an empty
-  -- list is [] for jq and friends.
+  -- list is [] for jq and friends. Each entry of `services` has all its keys, null when unknown
+  -- (a skipped service has no method), in one order.
   local cjson = require("cjson")
+  local function value(v)
+    if v == nil then return "null" end
+    return cjson.encode(v)
+  end
+  local function service(entry)
+    local fields = {}
+    for i, k in ipairs({ "name", "outcome", "method", "duration_ms", "error" }) do
+      fields[i] = cjson.encode(k) .. ":" .. value(entry[k])
+    end
+    return "{" .. table.concat(fields, ",") .. "}"
+  end
   local parts = {}
   local keys = {}
   for k in pairs(summary) do keys[#keys + 1] = k end
@@ -58,7 +72,7 @@ if opts.json then
     local text
     if type(v) == "table" then
       local items = {}
-      for i, item in ipairs(v) do items[i] = cjson.encode(item) end
+      for i, item in ipairs(v) do items[i] = k == "services" and service(item) or cjson.encode(item) end
       text = "[" .. table.concat(items, ",") .. "]"
     else
       text = cjson.encode(v)

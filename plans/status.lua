@@ -10,7 +10,9 @@ local spec = {
   summary = "Unit state and health of every service, one look each, all at once.",
   examples = { { "rrengine plans/status.lua --user", "status of the platform on your user manager" } },
   options = {
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua", help = "the services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
+        .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
     { name = "user", help = "talk to your user service manager" },
     { name = "json", help = "one JSON array on stdout" },
     { name = "help", short = "h", help = "show this help" },
@@ -32,6 +34,13 @@ else
     io.write("\n")
   end
   io.write(status.format(rows), "\n")
+  -- groups held after their canary (--canary-only): on purpose on two releases
+  local state_root = require("rr.state").root(opts.user)
+  for group, rec in pairs(require("rr.canary").all_held(state_root)) do
+    io.write(("group %s: canary held since %s: %s on the new release, the rest not yet "
+      .. "(rrengine plans/rolling.lua --promote)\n"):format(group, tostring(rec.passed_at),
+      table.concat(rec.canaries or {}, ", ")))
+  end
 end
 if dead then os.exit(4) end
 for _, r in ipairs(rows) do

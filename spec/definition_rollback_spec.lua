@@ -1,6 +1,7 @@
 -- Rollback to the last known good definition (issue 7): the operator edits the unit (or a
 -- drop-in, or its EnvironmentFile) before the run; the new definition fails; rollback brings
--- back the files that last worked, byte-identical, and the service is healthy again.
+-- back the files that last worked, byte-identical, and the service is healthy again. (The broken
+-- command is /bin/false: it passes systemd-analyze verify, and fails when the unit starts.)
 local fs = require("rr.fs")
 local units = require("spec.support.units")
 local platform = require("spec.support.platform")
@@ -22,7 +23,7 @@ describe("rollback to the last known good definition", function()
   it("restores a unit file whose ExecStart was broken before the run, byte-identical", function()
     local path = p.by_name.api.unit_path
     local good = fs.read(path)
-    edit(path, "ExecStart=%S+", "ExecStart=/nonexistent/bin/api-server")
+    edit(path, "ExecStart=%S+", "ExecStart=/bin/false")
     assert.is_true(p:props("api").NeedDaemonReload)
     local summary = p:run()
     assert.equal(1, summary.exit_code)
@@ -38,7 +39,7 @@ describe("rollback to the last known good definition", function()
 
   it("removes a drop-in added and daemon-reloaded by hand", function()
     local dropin = units.dropin(p.by_name.api.unit, "broken", {
-      Service = { "ExecStart=", "ExecStart=/nonexistent/bin/api-server" } })
+      Service = { "ExecStart=", "ExecStart=/bin/false" } })
     assert(platform.manager():daemon_reload())
     local summary = p:run()
     assert.equal(1, summary.exit_code)
@@ -61,7 +62,7 @@ describe("rollback to the last known good definition", function()
 
   it("rolls back a broken drop-in in a new .d directory that was never daemon-reloaded", function()
     local dropin = units.dropin(p.by_name.api.unit, "broken", {
-      Service = { "ExecStart=", "ExecStart=/nonexistent/bin/api-server" } })
+      Service = { "ExecStart=", "ExecStart=/bin/false" } })
     local summary = p:run()
     assert.equal(1, summary.exit_code)
     assert.same({ "api" }, summary.services_rolled_back)

@@ -418,6 +418,29 @@ describe("rr.deploy", function()
       assert.has_error(function() deploy.load(nil) end)
     end)
 
+    it("raises on a state_root that state_dir is not under (misuse)", function()
+      assert.has_error(function()
+        deploy.apply{ source = src, target = dst, state_dir = state, state_root = root .. "/elsewhere" }
+      end)
+      assert.has_error(function() deploy.apply{ source = src, target = dst, state_dir = state, state_root = 1 } end)
+      assert.is_false(fs.exists(state))
+    end)
+
+    it("takes a relative state dir: the backups land there, not in the working dir", function()
+      write(dst .. "/app.js", "v1\n")
+      write(src .. "/app.js", "v2 longer\n")
+      local cwd = assert(fs.realpath("."))
+      local _, up = cwd:gsub("/[^/]+", "")
+      local relative = ("../"):rep(up) .. state:sub(2)
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = relative })
+      assert.equal("/", record.state_dir:sub(1, 1)) -- made absolute: rsync reads a relative one from dst
+      assert.equal(state, fs.realpath(record.state_dir))
+      assert.is_true(fs.exists(state .. "/backup/app.js"))
+      assert.same({ "app.js" }, fs.list(dst))
+      assert.is_true(deploy.undo(record))
+      assert.equal("v1\n", fs.read(dst .. "/app.js"))
+    end)
+
     it("says when there is no record", function()
       local record, err = deploy.load(root .. "/none")
       assert.is_nil(record)
@@ -588,6 +611,128 @@ describe("rr.deploy", function()
       assert.has_error(function() deploy.prune(sr, "svc", { protect = "dir" }) end)
       assert.has_error(function() deploy.prune(sr, "svc", { protect = { 1 } }) end)
       assert.has_error(function() deploy.prune(nil, "svc") end)
+    end)
+  end)
+
+  describe("verified undo", function()
+    -- A release that replaces app.js (the working copy's bytes are known) and adds new.js.
+    local function small_deploy()
+      write(dst .. "/app.js", "console.log('v1')\n")
+      write(dst .. "/lib/keep.js", "unchanged\n")
+      run({ "ln", "-s", "app.js", dst .. "/current" })
+      write(src .. "/app.js", "console.log('v2') // the new release\n")
+      write(src .. "/lib/keep.js", "unchanged\n")
+      run({ "ln", "-s", "lib/keep.js", src .. "/current" })
+      write(src .. "/new.js", "new\n")
+      return tree(dst)
+    end
+
+    it("records the size and sha256 of what each backup stands for before rsync runs", function()
+      local before = small_deploy()
+      local on_disk
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, checksum = true,
+        -- rsync runs now: the record on disk must already hold the hashes
+        on_spawn = function() on_disk = assert(deploy.load(state)) end })
+      assert.equal("applying", on_disk.state)
+      for _, r in ipairs({ on_disk, record, assert(deploy.load(state)) }) do
+        local prior = {}
+        for _, e in ipairs(r.prior) do prior[e.path] = e end
+        assert.is_true(prior["app.js"].backup)
+        assert.equal(18, prior["app.js"].size)
+        assert.equal("integer", math.type(prior["app.js"].size))
+        assert.equal(before["app.js"]:match("(%x+)$"), prior["app.js"].sha256)
+        assert.equal("app.js", prior["current"].link)
+        assert.is_true(prior["current"].backup)
+        assert.is_nil(prior["new.js"])
+      end
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.same({ "app.js", "current" }, record.undo_report.restored)
+      assert.same({}, record.undo_report.bad_backups)
+    end)
+
+    it("never copies a backup that does not match the record over the working dir", function()
+      local before = small_deploy()
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, checksum = true })
+      local released = fs.read(dst .. "/app.js")
+      -- the backup is cut short (a full disk, a bad sector): it must not replace anything
+      write(state .. "/backup/app.js", "console.lo")
+      local ok, err = deploy.undo(record)
+      assert.is_nil(ok)
+      assert.matches(dst .. "/app.js cannot be restored: it is 37 of 18 bytes, and its backup " .. state
+        .. "/backup/app.js is 10 of 18 bytes; it was not touched, put its pre-deploy version back by hand (sha256 "
+        .. before["app.js"]:match("(%x+)$") .. ")", err, 1, true)
+      assert.equal(released, fs.read(dst .. "/app.js"))
+      assert.same({ { path = "app.js", reason = "37 of 18 bytes" } }, record.undo_report.not_restorable)
+      assert.same({ path = "app.js", reason = "10 of 18 bytes",
+        outcome = "the working dir's copy is not the original" }, record.undo_report.bad_backups[1])
+      -- the rest is undone all the same, and the record is not marked undone
+      assert.is_false(fs.exists(dst .. "/new.js"))
+      assert.equal(before["current"], tree(dst)["current"])
+      assert.equal("applied", record.state)
+      assert.equal("applied", assert(deploy.load(state)).state)
+      -- a backup of the right size with other bytes is refused too
+      write(state .. "/backup/app.js", ("x"):rep(18))
+      ok, err = deploy.undo(record)
+      assert.is_nil(ok)
+      assert.matches("is other bytes of the same size (sha256 differs)", err, 1, true)
+      -- once the backup is whole again, the undo finishes
+      write(state .. "/backup/app.js", "console.log('v1')\n")
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.equal("undone", assert(deploy.load(state)).state)
+    end)
+
+    it("leaves a file that still holds its pre-deploy bytes, whatever its backup, and says so", function()
+      local before = small_deploy()
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, checksum = true })
+      -- as after an rsync that failed before replacing app.js: the original is in place
+      write(dst .. "/app.js", "console.log('v1')\n")
+      fs.remove(state .. "/backup/app.js")
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+      assert.same({ "app.js" }, record.undo_report.intact)
+      assert.same({ "current" }, record.undo_report.restored)
+    end)
+
+    it("checks the result before it says the deploy is undone", function()
+      local before = small_deploy()
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, checksum = true })
+      -- the new app.js cannot be replaced (immutable): the restore fails, and so does the check
+      run({ "chattr", "+i", dst .. "/app.js" })
+      local ok, err = deploy.undo(record)
+      run({ "chattr", "-i", dst .. "/app.js" })
+      assert.is_nil(ok)
+      assert.matches("cannot put back " .. dst .. "/app.js from " .. state .. "/backup/app.js: ", err, 1, true)
+      assert.matches("after the undo " .. dst .. "/app.js is 37 of 18 bytes, not what it was before the deploy",
+        err, 1, true)
+      assert.equal("applied", record.state)
+      assert.is_true(deploy.undo(record))
+      assert.same(before, tree(dst))
+    end)
+
+    it("undoes a record written before hashes were recorded only when its rsync had finished", function()
+      local before = small_deploy()
+      local record = assert(deploy.apply{ source = src, target = dst, state_dir = state, checksum = true })
+      -- the record as an older rrengine wrote it: version 1, no hashes
+      local function as_version_1(r, rsync_finished)
+        local old = require("cjson").decode(require("cjson").encode(r))
+        old.version = 1
+        for _, e in ipairs(old.prior) do e.backup, e.size, e.sha256, e.link = nil, nil, nil, nil end
+        if not rsync_finished then old.applied_at, old.state = nil, "failed" end
+        write(state .. "/deploy.json", require("cjson").encode(old) .. "\n", 384)
+        return assert(deploy.load(state))
+      end
+      local failed = as_version_1(record, false)
+      local ok, err = deploy.undo(failed)
+      assert.is_nil(ok)
+      assert.matches(dst .. "/app.js cannot be restored: rsync failed, and the record has no hash to verify its backup",
+        err, 1, true)
+      assert.equal("console.log('v2') // the new release\n", fs.read(dst .. "/app.js"))
+      local applied = as_version_1(record, true)
+      assert.is_true(deploy.undo(applied))
+      assert.same(before, tree(dst))
+      assert.same({ "app.js", "current" }, applied.undo_report.unverified)
     end)
   end)
 

@@ -9,7 +9,7 @@ local engine = os.getenv("RR_ENGINE") or arg[-1]
 local function dry(p, args)
   local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--dry-run" }
   for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local res, _, r = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+  local res, _, _, r = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
   return res or r
 end
 
@@ -76,7 +76,7 @@ describe("dry run", function()
     assert.equal("", res.stdout)
     local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--events", p.events_file }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+    local _, _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
     assert.equal(2, run.exit_code, run.stdout .. run.stderr)
     assert.equal(res.stderr, run.stderr)
   end)
@@ -110,5 +110,30 @@ describe("dryrun.run when the manager cannot load a unit", function()
       .. "missing the instance name%. %(org%.freedesktop%.DBus%.Error%.InvalidArgs%)\n", text)
     assert.matches("\n 2%. db ", text)
     assert.matches("Dry run done: 1 problem%(s%)", text)
+  end)
+end)
+
+describe("the dry run checks depends against the units' own ordering", function()
+  local p
+  setup(function()
+    p = platform.new({
+      { name = "db", http = true },
+      { name = "api", http = true, depends = { "db" } },           -- no After= for its dependency
+      { name = "web", http = true },                                 -- orders itself after api, undeclared
+    })
+    -- web's unit wants api and orders itself after it; services.lua does not say so
+    require("spec.support.helpers").edit(p.by_name.web.unit_path, "%[Unit%]",
+      "[Unit]\nWants=" .. p.by_name.api.unit .. "\nAfter=" .. p.by_name.api.unit)
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  it("warns where services.lua and the unit files disagree, and still plans the run", function()
+    local res = dry(p, {})
+    assert.matches("depends on db, but " .. p.by_name.api.unit:gsub("%p", "%%%0") .. " has no After=", res.stdout)
+    assert.matches(p.by_name.web.unit:gsub("%p", "%%%0") .. " has Wants= and After=" .. p.by_name.api.unit:gsub("%p", "%%%0")
+      .. ", but services.lua does not list api in its depends", res.stdout)
+    assert.matches("Schedule %(%-%-parallel 1%)", res.stdout)
+    assert.matches("critical path %(2 services one after another%): db %-> api", res.stdout)
   end)
 end)

@@ -391,6 +391,118 @@ describe("rr.fs", function()
     end)
   end)
 
+  describe("under = root: nothing below the state root is followed through a symlink", function()
+    local root, outside
+
+    before_each(function()
+      -- the root itself is a symlink (an operator's state dir on another disk): that is fine
+      assert(fs.mkdir_p(dir .. "/disk/state", 448))
+      assert(fs.symlink(dir .. "/disk/state", dir .. "/state"))
+      root = dir .. "/state"
+      outside = dir .. "/outside"
+      assert(fs.mkdir_p(outside, 493))
+      assert(fs.mkdir_p(root .. "/real", 448))
+      assert(fs.symlink(outside, root .. "/runs"))
+    end)
+
+    local function refused(link, ok, err, code)
+      assert.is_nil(ok)
+      assert.equal("ELOOP", code)
+      assert.equal(link .. " is a symbolic link: refusing to write through it", err)
+      assert.same({}, assert(fs.list(outside)))
+    end
+
+    it("mkdir_p creates real directories below the root, the root through its link", function()
+      assert.is_true(fs.mkdir_p(root .. "/snapshots/svc/000001-r", 448, { under = root }))
+      assert.equal("dir", fs.stat(dir .. "/disk/state/snapshots/svc/000001-r").type)
+      assert.equal(448, fs.stat(root .. "/snapshots/svc").mode)
+      assert.is_true(fs.mkdir_p(root, 448, { under = root }))
+      -- a root that does not exist yet is created
+      assert.is_true(fs.mkdir_p(dir .. "/new-root/a", 448, { under = dir .. "/new-root" }))
+      refused(root .. "/runs", fs.mkdir_p(root .. "/runs/r1/svc", 448, { under = root }))
+      refused(root .. "/runs", fs.mkdir_p(root .. "/runs", 448, { under = root }))
+    end)
+
+    it("write_atomic and copy_atomic refuse a symlinked directory and a symlinked file", function()
+      refused(root .. "/runs", fs.write_atomic(root .. "/runs/deploy.json", "{}", { under = root }))
+      refused(root .. "/runs", fs.copy_atomic("/etc/hostname", root .. "/runs/copy", { under = root }))
+      -- the last component too: a planted run.journal -> elsewhere
+      assert(fs.write_atomic(outside .. "/../victim", "mine\n"))
+      assert(fs.symlink(dir .. "/victim", root .. "/run.journal"))
+      local ok, err, code = fs.write_atomic(root .. "/run.journal", "{}", { under = root })
+      assert.is_nil(ok)
+      assert.equal("ELOOP", code)
+      assert.matches("run.journal is a symbolic link: refusing to write through it", err)
+      assert.equal("mine\n", fs.read(dir .. "/victim"))
+      assert.equal("link", fs.stat(root .. "/run.journal").type)
+      -- no temporary file was left anywhere
+      assert.same({ "real", "run.journal", "runs" }, fs.list(root))
+      -- below real directories it writes as without the option
+      assert.is_true(fs.write_atomic(root .. "/real/x", "x", { under = root, mode = 384 }))
+      assert.is_true(fs.copy_atomic(root .. "/real/x", root .. "/real/y", { under = root }))
+      assert.equal("x", fs.read(dir .. "/disk/state/real/y"))
+    end)
+
+    it("rename, remove and remove_tree refuse a symlinked component", function()
+      assert(fs.write_atomic(outside .. "/svc.inflight", "/x\n"))
+      assert(fs.write_atomic(root .. "/real/a", "a"))
+      local function untouched()
+        assert.same({ "svc.inflight" }, fs.list(outside))
+      end
+      local ok, err, code = fs.rename(root .. "/runs/svc.inflight", root .. "/real/b", { under = root })
+      assert.is_nil(ok); assert.equal("ELOOP", code); assert.matches("/runs is a symbolic link", err)
+      untouched()
+      ok, err, code = fs.rename(root .. "/real/a", root .. "/runs/svc.last", { under = root })
+      assert.is_nil(ok); assert.equal("ELOOP", code); assert.matches("/runs is a symbolic link", err)
+      untouched()
+      ok, err, code = fs.remove(root .. "/runs/svc.inflight", { under = root })
+      assert.is_nil(ok); assert.equal("ELOOP", code); assert.matches("/runs is a symbolic link", err)
+      untouched()
+      ok, err, code = fs.remove_tree(root .. "/runs/svc.inflight", { under = root })
+      assert.is_nil(ok); assert.equal("ELOOP", code); assert.matches("/runs is a symbolic link", err)
+      untouched()
+      -- the same calls on real directories work
+      assert.is_true(fs.rename(root .. "/real/a", root .. "/real/b", { under = root }))
+      assert.is_true(fs.remove(root .. "/real/b", { under = root }))
+      assert(fs.write_atomic(root .. "/real/sub/x", "x", { under = root }) == nil)
+      assert(fs.mkdir_p(root .. "/real/sub", 448, { under = root }))
+      assert(fs.write_atomic(root .. "/real/sub/x", "x", { under = root }))
+      assert.is_true(fs.remove_tree(root .. "/real/sub", { under = root }))
+      assert.is_false(fs.exists(root .. "/real/sub"))
+      -- without the option a symlink is followed as before
+      assert.is_true(fs.remove(root .. "/runs/svc.inflight"))
+      assert.same({}, fs.list(outside))
+    end)
+
+    it("raises when the path is not under the root (misuse)", function()
+      assert.has_error(function() fs.mkdir_p("/etc/rr-x", 448, { under = root }) end)
+      assert.has_error(function() fs.write_atomic(root .. "/../x", "", { under = root }) end)
+      assert.has_error(function() fs.write_atomic(root, "", { under = root }) end)
+      assert.has_error(function() fs.remove_tree(root, { under = root }) end)
+      assert.has_error(function() fs.rename(root .. "/a", "/tmp/b", { under = root }) end)
+      assert.has_error(function() fs.remove(root .. "/a", { under = 1 }) end)
+      assert.has_error(function() fs.remove(root .. "/a", { under = "" }) end)
+    end)
+  end)
+
+  describe("statvfs", function()
+    it("gives the size and free space of a path's file system, in bytes", function()
+      local sv = assert(fs.statvfs(dir))
+      for _, k in ipairs({ "size", "free", "avail", "bsize", "files", "ffree" }) do
+        assert.equal("integer", math.type(sv[k]), k)
+      end
+      assert.is_true(sv.size > 0 and sv.bsize > 0)
+      assert.is_true(sv.avail <= sv.free and sv.free <= sv.size)
+      -- what df(1) reads from the same statvfs(2)
+      local df = helpers.run({ "df", "-B1", "--output=size", dir }).stdout:match("(%d+)%s*$")
+      assert.equal(sv.size, tonumber(df))
+      local none, err, code = fs.statvfs(dir .. "/missing")
+      assert.is_nil(none)
+      assert.equal("ENOENT", code)
+      assert.matches("missing", err)
+    end)
+  end)
+
   describe("same", function()
     it("is true for identical bytes and mode, false otherwise", function()
       local a, b = dir .. "/a", dir .. "/b"

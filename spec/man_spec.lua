@@ -8,7 +8,7 @@ local helpers = require("spec.support.helpers")
 local root = fs.realpath(".")
 
 local function run(argv, opts)
-  local res, err, r = proc.run(argv, opts)
+  local res, err, _, r = proc.run(argv, opts)
   local out = res or r
   assert(type(out) == "table", err)
   return out
@@ -110,8 +110,10 @@ describe("manual pages", function()
     for list in source:gmatch("local SERVICE_FIELDS = (%b{})") do
       for name in list:gmatch('"([%w_]+)"') do fields[#fields + 1] = name end
     end
-    for list in source:gmatch("local HEALTH_FIELDS = (%b{})") do
-      for name in list:gmatch('"([%w_]+)"') do fields[#fields + 1] = name end
+    for _, var in ipairs({ "HEALTH_FIELDS", "TOP_FIELDS", "GROUP_FIELDS", "BALANCER_FIELDS", "CANARY_FIELDS" }) do
+      for list in source:gmatch("local " .. var .. " = (%b{})") do
+        for name in list:gmatch('"([%w_]+)"') do fields[#fields + 1] = name end
+      end
     end
     assert.is_true(#fields >= 20)
     local missing = {}

@@ -9,7 +9,7 @@ local helpers = require("spec.support.helpers")
 local function plan(name, args)
   local argv = { helpers.engine, "plans/" .. name .. ".lua" }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local res, _, r = proc.run(argv, { timeout = 30 })
+  local res, _, _, r = proc.run(argv, { timeout = 30 })
   return res or r
 end
 
@@ -115,5 +115,92 @@ describe("plans graph, status and rollback", function()
     res = plan("rollback", { "--services", good, "--service", "zz" })
     assert.equal(2, res.exit_code)
     assert.equal(('rrengine: unknown service "zz" in %s\n'):format(good), res.stderr)
+  end)
+end)
+
+-- Without --services, every plan and the REPL take ./services.lua, else the host's file:
+-- /etc/rrengine/services.lua, or with --user $XDG_CONFIG_HOME/rrengine/services.lua (~/.config).
+describe("the services file when --services is not given", function()
+  local dir, empty, config
+  setup(function()
+    dir = assert(fs.mkdtemp("/tmp/rr-fhs-"))
+    empty = dir .. "/cwd"
+    assert(fs.mkdir_p(empty, 493))
+    config = dir .. "/config"
+    helpers.write(config .. "/rrengine/services.lua", [[
+      return { services = { { name = "from-config", unit = "from-config.service" } } }]])
+    helpers.write(dir .. "/home/.config/rrengine/services.lua", [[
+      return { services = { { name = "from-home", unit = "from-home.service" } } }]])
+    helpers.write(dir .. "/here/services.lua", [[
+      return { services = { { name = "from-here", unit = "from-here.service" } } }]])
+  end)
+  teardown(function() fs.remove_tree(dir) end)
+
+  -- `rrengine ARGS...` in cwd with these environment variables (false: unset).
+  local function engine(args, cwd, env, stdin)
+    local argv = { helpers.engine }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local res, _, _, r = proc.run(argv, { cwd = cwd, env = env, stdin = stdin, timeout = 30 })
+    return res or r
+  end
+
+  local PLANS = { { "plans/graph.lua" }, { "plans/status.lua" }, { "plans/rollback.lua", "--service", "x" },
+    { "plans/rolling.lua", "--dry-run" }, { "plans/rolling.lua" } }
+
+  it("none there: exit 2, naming every place looked at (every plan)", function()
+    -- the system's place is this machine's /etc: the check needs it absent
+    assert.is_nil(fs.stat("/etc/rrengine/services.lua"))
+    for _, args in ipairs(PLANS) do
+      local res = engine(args, empty, { XDG_CONFIG_HOME = dir .. "/nothing" })
+      assert.equal(2, res.exit_code, args[1])
+      assert.equal("rrengine: no services file: looked for ./services.lua and /etc/rrengine/services.lua "
+        .. "(give one with --services FILE)\n", res.stderr, args[1])
+      assert.equal("", res.stdout, args[1])
+      if args[1] ~= "plans/graph.lua" then
+        local u = { table.unpack(args) }
+        u[#u + 1] = "--user"
+        res = engine(u, empty, { XDG_CONFIG_HOME = dir .. "/nothing" })
+        assert.equal(2, res.exit_code, args[1])
+        assert.equal(("rrengine: no services file: looked for ./services.lua and %s/nothing/rrengine/services.lua "
+          .. "(give one with --services FILE)\n"):format(dir), res.stderr, args[1])
+      end
+    end
+    -- --help needs no services file
+    for _, args in ipairs(PLANS) do
+      local res = engine({ args[1], "--help" }, empty, { XDG_CONFIG_HOME = dir .. "/nothing" })
+      assert.equal(0, res.exit_code, args[1])
+      assert.matches("/etc/rrengine/services%.lua", res.stdout, args[1])
+    end
+  end)
+
+  it("--user: $XDG_CONFIG_HOME/rrengine/services.lua, else ~/.config/rrengine/services.lua; ./services.lua first", function()
+    local res = engine({ "plans/graph.lua", "--user" }, empty, { XDG_CONFIG_HOME = config })
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("^ 1%. from%-config ", res.stdout)
+    res = engine({ "plans/graph.lua", "--user" }, empty, { XDG_CONFIG_HOME = false, HOME = dir .. "/home" })
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("^ 1%. from%-home ", res.stdout)
+    res = engine({ "plans/graph.lua", "--user" }, dir .. "/here", { XDG_CONFIG_HOME = config })
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("^ 1%. from%-here ", res.stdout)
+    -- --services still wins
+    res = engine({ "plans/graph.lua", "--user", "--services", dir .. "/here/services.lua" }, empty,
+      { XDG_CONFIG_HOME = config })
+    assert.matches("^ 1%. from%-here ", res.stdout)
+  end)
+
+  it("the REPL looks in the same places and says where it looked", function()
+    local env = { XDG_CONFIG_HOME = config, RRENGINE_SERVICES = false, RRENGINE_USER = false, HOME = dir }
+    local res = engine({ "-i", "--user" }, empty, env, "print(#services_file and 1)\n")
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("^rrengine REPL: 1 services from " .. (config .. "/rrengine/services.lua"):gsub("%p", "%%%0")
+      .. " %(user manager%)", res.stdout)
+    env.XDG_CONFIG_HOME = dir .. "/nothing"
+    res = engine({ "-i", "--user" }, empty, env, 'status()\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    local where = ("no services file: looked for ./services.lua and %s/nothing/rrengine/services.lua "
+      .. "(give one with --services FILE)"):format(dir)
+    assert.matches("^rrengine REPL: " .. where:gsub("%p", "%%%0") .. "; services_file%(path%) loads one", res.stdout)
+    assert.equal("rrengine: " .. where .. "\n", res.stderr)
   end)
 end)

@@ -29,13 +29,13 @@ describe("the REPL", function()
     else
       env.RRENGINE_SERVICES, env.RRENGINE_USER = p.services_file, "1"
     end
-    local res, err, r = proc.run(argv, { stdin = input, timeout = 60, env = env })
+    local res, err, _, r = proc.run(argv, { stdin = input, timeout = 60, env = env })
     return res or r or error(err)
   end
 
   local function banner(file)
     return ("rrengine REPL: 2 services from %s (user manager). Try status(), health(name), restart(name), "
-      .. "rollback(name), recover(), events(), journal(name).\n"):format(file)
+      .. "rollback(name), events(), journal(name); help() lists them all, Tab completes.\n"):format(file)
   end
 
   it("loads the services (RRENGINE_SERVICES, RRENGINE_USER) and shows the status of every one", function()
@@ -59,7 +59,7 @@ describe("the REPL", function()
     local bad = repl("", { "--frobnicate" })
     assert.equal(2, bad.exit_code)
     assert.equal("rrengine -i: unknown option --frobnicate (see rrengine --help)\n", bad.stderr)
-    local _, _, before = proc.run({ engine, "--user", "-i" }, { stdin = "" })
+    local _, _, _, before = proc.run({ engine, "--user", "-i" }, { stdin = "" })
     assert.equal(2, before.exit_code)
     assert.matches("unknown option '%-%-user' %(REPL options go after %-i", before.stderr)
   end)
@@ -108,6 +108,8 @@ describe("the REPL", function()
     res = repl('rollback("api")\nprint("after")\n', { "--user", "--services", p.services_file })
     assert.equal(0, res.exit_code, res.stderr)
     assert.equal("", res.stderr)
+    -- piped input: no question (spec/repl_tty_spec.lua has the terminal's)
+    assert.not_matches("roll back api%?", res.stdout)
     assert.matches("\n[^\n]*↺ api%s+rolling back: manual rollback %(REPL%)\n", res.stdout)
     assert.matches("\n[^\n]*api%s+definition restored from the last known good %(1 file%(s%) put back, 0 removed%)\n",
       res.stdout)
@@ -129,6 +131,70 @@ describe("the REPL", function()
     -- db never ran through a flow here: no known-good snapshot, no deploy
     assert.matches("\n[^\n]*rollback of db not started: nothing to restore %(no known%-good snapshot of its "
       .. "definition, no deploy to undo%); the service was not touched\n", res.stdout)
+  end)
+
+  it("help() lists every helper with an example; help(\"restart\") tells one; a typo gets a suggestion", function()
+    local res = repl('help()\nhelp("restart")\nhelp(rollback)\nhelp("restrat")\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    for _, name in ipairs({ "status", "health", "restart", "rollback", "recover", "events", "journal", "user",
+                            "services_file", "help" }) do
+      -- the helper, what it is for, and on the next line an example calling it
+      assert.matches("\n  " .. name .. "%([^\n]*%)%s+%S[^\n]*\n%s+e%.g%. " .. name .. "%(", res.stdout, name)
+      assert.equal("function", type(require("rr.repl").helpers[name]), name)
+    end
+    assert.matches("\n[^\n]*restart%(name%[, opts%]%): the whole flow of plans/rolling%.lua[^\n]*\n", res.stdout)
+    assert.matches("\n  deploy_path = DIR ", res.stdout)
+    assert.matches("\n[^\n]*rollback%(name%[, opts%]%): [^\n]*\n", res.stdout)
+    assert.matches("\n  yes = true ", res.stdout)
+    assert.equal('rrengine: no helper "restrat" (did you mean "restart"?); help() lists them\n', res.stderr)
+  end)
+
+  it("suggests the closest service name for a typo, as the command line does", function()
+    local res = repl('restart("apj")\nhealth("dv")\nrollback("zzzzzz")\nrestart(api)\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal('rrengine: unknown service "apj" (did you mean "api"?)\n'
+      .. 'rrengine: unknown service "dv" (did you mean "db"?)\n'
+      .. 'rrengine: unknown service "zzzzzz"\n'
+      .. 'rrengine: a service name (a string) is needed, got nil: e.g. restart("db")\n', res.stderr)
+    -- the command line's words for the same typo
+    local cli = p:cli({ "--service", "apj", "--dry-run" })
+    assert.matches('unknown service "apj" %(did you mean "api"%?%)', cli.stderr)
+  end)
+
+  it("events(n) prints readable lines (time, event, service, key fields); {raw = true} the JSON", function()
+    local res = repl('restart("db")\nevents(3)\nevents(2, { raw = true })\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    local out = res.stdout:match("ok: db restarted[^\n]*\n(.*)$")
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do
+      if not line:match("^rr>") then lines[#lines + 1] = line end -- the prompt and the line typed
+    end
+    local readable = table.concat(lines, "\n", 1, 3)
+    -- the last three events of the run: db's success, then the end of the plan (PLAN_END has no service)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%d%.%d%d%d%s+SERVICE_RESTART_SUCCESS%s+db%s+method=restart took "
+      .. "[%d.]+ m?s", lines[2])
+    assert.matches("^%d%d%d%d%-%d%d%-%d%d [%d:.]+%s+PLAN_END%s+%-%s+result=success exit_code=0 took [%d.]+ m?s "
+      .. "failed=0 interrupted=false rolled_back=0 skipped=0 succeeded=1$", lines[3])
+    assert.not_matches('"event"', readable)
+    -- raw: the log's own lines
+    local cjson = require("cjson")
+    assert.equal("SERVICE_RESTART_SUCCESS", cjson.decode(lines[4]).event)
+    assert.equal("PLAN_END", cjson.decode(lines[5]).event)
+    assert.equal(5, #lines)
+  end)
+
+  it("journal(name) without journald says so and shows what the manager reports", function()
+    -- the sandbox has no journald (a tmpfs hides /run/systemd), as a container often has none
+    assert.is_nil(fs.stat("/run/systemd/journal/socket"))
+    local res = repl('journal("db")\n')
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.equal("", res.stderr)
+    local pid = p:props("db").MainPID
+    assert.matches("\n[^\n]*journal: no journald here %(/run/systemd/journal/socket is absent%); what the user manager "
+      .. "reports for " .. lit(p.by_name.db.unit) .. ":\n"
+      .. "  state:%s+active %(running%) since %d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%d UTC\n"
+      .. "  result:%s+success\n"
+      .. "  main process:%s+pid " .. pid .. ", running\n", res.stdout)
   end)
 
   it("quits on SIGTERM or SIGHUP (exit 130); SIGINT only cancels the line", function()
@@ -158,7 +224,7 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
   after_each(function() p:teardown() end)
 
   local function repl(input)
-    local res, err, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
+    local res, err, _, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
       timeout = 60, env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false,
         RRENGINE_USER = false } })
     return res or r or error(err)
@@ -202,6 +268,45 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
     assert.equal("v1", served_version())
     assert.equal("undone", assert(deploy.load(record.state_dir)).state)
     assert.is_nil(state.read_pointer(p.state_root, "api", "last"))
+  end)
+end)
+
+describe("what a rollback says, once", function()
+  local p
+  setup(function()
+    p = platform.new({ { name = "api", http = true, code = true,
+      migrate = { "/bin/sh", "-c", "echo up >> db.txt" } } })
+    p:start()
+  end)
+  teardown(function() p:teardown() end)
+
+  local function repl(input)
+    local res, err, _, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
+      timeout = 60, env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false,
+        RRENGINE_USER = false } })
+    return res or r or error(err)
+  end
+
+  local function count(text, pattern)
+    return select(2, text:lower():gsub(pattern, ""))
+  end
+
+  it("a broken release rolled back: migrations not undone said once, an unchanged definition not as a restore", function()
+    local release = p.dir .. "/release"
+    require("spec.support.helpers").write(release .. "/api.control", "status=500\n") -- the new release is broken
+    local res = repl(('restart("api", { deploy_path = %q })\n'):format(release))
+    assert.equal(0, res.exit_code, res.stderr)
+    assert.matches("\n[^\n]*failed %(exit 1%): api: unhealthy after restart[^\n]*; rolled back: api\n", res.stdout)
+    assert.equal(1, count(res.stdout, "migrations are not undone"), res.stdout)
+    assert.matches("\n[^\n]*! api%s+migrations are not undone; the old code runs against the migrated database\n", res.stdout)
+    -- the deploy changed no unit file: nothing of the definition was put back, and it says so
+    assert.matches("\n[^\n]*  api%s+definition unchanged since the last known good: nothing to put back\n", res.stdout)
+    assert.equal(0, count(res.stdout, "put back, 0 removed"), res.stdout)
+    -- the event log still has both facts, for the record
+    local log = assert(fs.read(p.xdg_state .. "/rrengine/events.jsonl"))
+    assert.matches('"event":"ROLLBACK_START"[^\n]*"migrations_not_undone":true', log)
+    assert.matches('"event":"DEFINITION_RESTORED"', log)
+    assert.equal(200, require("rr.http").get(p.by_name.api.url).status)
   end)
 end)
 

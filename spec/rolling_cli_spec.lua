@@ -100,7 +100,61 @@ describe("plans/rolling.lua", function()
     assert.same({ "a" }, summary.services_succeeded)
     assert.equal(0, #summary.services_failed)
     assert.matches('"services_failed":%[%]', res.stdout) -- a list, also when empty
+    assert.equal(1, #summary.services)
+    assert.equal("succeeded", summary.services[1].outcome)
     assert.is_number(summary.duration_ms)
+  end)
+
+  it("--json: every service's outcome, method, duration and error", function()
+    -- b turns unhealthy once its new version is stabilizing, and healthy again when the rollback
+    -- starts (the old version is fine): b is rolled back, c (after b) is skipped
+    local ctl = p.by_name.b.control
+    local hook = helpers.write(p.dir .. "/break-b.lua", ([[
+      local units = dofile(%q)
+      return { on_event = function(ev)
+        if ev.service ~= "b" then return end
+        if ev.event == "STABILIZE_START" then units.control(%q, { status = 500 }) end
+        if ev.event == "ROLLBACK_START" then units.control(%q, nil) end
+      end }]]):format(units.root .. "/spec/support/units.lua", ctl, ctl))
+    local res = p:cli({ "--json", "--hooks", hook })
+    assert.equal(1, res.exit_code, res.stderr)
+    local cjson = require("cjson")
+    local summary = cjson.decode(res.stdout)
+    -- the lists of names stay as they were
+    assert.same({ "a" }, summary.services_succeeded)
+    assert.same({ "b" }, summary.services_failed)
+    assert.same({ "b" }, summary.services_rolled_back)
+    assert.same({ "c" }, summary.services_skipped)
+    assert.matches('"services_rollback_failed":%[%]', res.stdout)
+    -- and one entry per service, in the plan's order, every key present (null when unknown)
+    assert.equal(3, #summary.services)
+    local a, b, c = summary.services[1], summary.services[2], summary.services[3]
+    assert.same({ "a", "succeeded", "restart", cjson.null },
+      { a.name, a.outcome, a.method, a.error })
+    assert.is_true(a.duration_ms >= 1000, "a stabilizes for 1 s") -- the flow's own time
+    assert.same({ "b", "rolled_back", "restart" }, { b.name, b.outcome, b.method })
+    assert.matches("^unstable after restart: ", b.error)
+    assert.is_number(b.duration_ms)
+    assert.same({ "c", "skipped", cjson.null, cjson.null }, { c.name, c.outcome, c.method, c.duration_ms })
+    assert.equal("depends on b, which failed", c.error)
+    assert.matches('"method":null', res.stdout)
+    -- the durations are the events' own
+    assert.equal(p:last_event("SERVICE_RESTART_SUCCESS", "a").duration_ms, a.duration_ms)
+    assert.equal(p:last_event("SERVICE_RESTART_FAILED", "b").duration_ms, b.duration_ms)
+  end)
+
+  it("--json: a service whose pre-check failed is failed, untouched, with no method", function()
+    p:control("a", { status = 500 })
+    local res = p:cli({ "--json", "--service", "a" })
+    p:control("a", nil)
+    assert.equal(1, res.exit_code, res.stderr)
+    local summary = require("cjson").decode(res.stdout)
+    assert.equal(1, #summary.services)
+    local a = summary.services[1]
+    assert.same({ "a", "failed", require("cjson").null }, { a.name, a.outcome, a.method })
+    assert.matches("HTTP 500", a.error)
+    assert.is_number(a.duration_ms)
+    assert.matches('"services_rolled_back":%[%]', res.stdout)
   end)
 
   it("on SIGINT finishes the service in flight, starts no other, exits 130", function()
@@ -285,7 +339,7 @@ describe("on a terminal", function()
     -- script(1) gives the engine a real pseudo-terminal
     local cmd = ("XDG_STATE_HOME=%s %s plans/rolling.lua --user --services %s --events %s")
       :format(p.xdg_state, helpers.engine, p.services_file, p.events_file)
-    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    local res, err, _, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
     res = res or r
     assert.is_truthy(res, err)
     assert.equal(0, res.exit_code, res.stdout)
@@ -314,7 +368,7 @@ describe("on a terminal, a long run", function()
   local function run_at(cols)
     local cmd = ("stty cols %d rows 24; XDG_STATE_HOME=%s %s plans/rolling.lua --user --parallel 4 --services %s --events %s")
       :format(cols, p.xdg_state, helpers.engine, p.services_file, p.events_file)
-    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    local res, err, _, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
     res = res or r
     assert.is_truthy(res, err)
     assert.equal(0, res.exit_code, res.stdout)

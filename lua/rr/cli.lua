@@ -300,8 +300,9 @@ cli.rolling_spec = {
       "after rrengine itself was killed (exit 4): bring every service it left half done to all-old or all-new" },
   },
   options = {
-    { name = "services", key = "services_file", type = "string", value = "FILE", default = "services.lua",
-      help = "the platform's services file" },
+    { name = "services", key = "services_file", type = "string", value = "FILE",
+      help = "the platform's services file (default: ./services.lua, else /etc/rrengine/services.lua; "
+        .. "with --user $XDG_CONFIG_HOME/rrengine/services.lua)" },
     { name = "service", key = "service_names", type = "string", value = "NAME", repeatable = true, split = ",",
       help = "restart only this service; repeat it or give a comma list (default: all, in dependency order)" },
     { name = "dry-run", help = "print the plan and why, after read-only checks; change nothing" },
@@ -327,6 +328,10 @@ cli.rolling_spec = {
       help = "go on when a unit's definition changed on disk (NeedDaemonReload) and no known good "
         .. "snapshot exists, although rollback cannot restore the earlier definition" },
     { name = "journal", help = "also send every event to the systemd journal (SYSLOG_IDENTIFIER=rrengine)" },
+    { name = "canary-only",
+      help = "roll each replica group's canary members, soak them, and stop there (the state directory "
+        .. "records it; --promote rolls the rest later)" },
+    { name = "promote", help = "roll the rest of the groups whose canary was held by --canary-only, with its release" },
     { name = "recover",
       help = "resolve a run that was killed: finish each service it left in flight on the new version "
         .. "when it is healthy, else roll it back (definition and code)" },
@@ -362,8 +367,12 @@ function cli.check_rolling(opts)
   end
   -- One deploy directory goes into one working_dir; without a single --service
   -- it would be copied over every service's code.
-  if opts.deploy and (opts.service_names == nil or #opts.service_names ~= 1) then
-    return nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)"
+  if opts.deploy and (opts.service_names == nil or #opts.service_names == 0) then
+    return nil, "--deploy needs --service (the service whose working_dir receives the code, or the "
+      .. "replicas of one group)"
+  end
+  if opts.canary_only and opts.promote then
+    return nil, "--canary-only and --promote contradict each other (hold the canary, or roll the rest)"
   end
   if opts.recover and opts.abandon then
     return nil, "--recover and --abandon contradict each other (resolve the killed run, or forget it)"
@@ -382,18 +391,55 @@ function cli.check_rolling(opts)
   return true
 end
 
--- cli.parse with cli.rolling_spec, then cli.check_rolling: opts, or nil, err.
+-- cli.parse with cli.rolling_spec, then cli.check_rolling, then the services file found when
+-- --services is absent (cli.find_services): opts, or nil, err (code "ENOSERVICES" when no
+-- services file exists: a configuration error, not a mistyped command line).
 function cli.parse_rolling(argv)
   local opts, err = cli.parse(argv, cli.rolling_spec)
   if not opts then return nil, err end
   local ok, rule_err = cli.check_rolling(opts)
   if not ok then return nil, rule_err end
+  if not opts.help and not opts.services_file then
+    local path, ferr, code = cli.find_services(opts.user)
+    if not path then return nil, ferr, code end
+    opts.services_file = path
+  end
   return opts
 end
 
 -- The usage text of plans/rolling.lua.
 function cli.rolling_usage()
   return cli.usage(cli.rolling_spec)
+end
+
+-- The places a services file is looked for when --services is not given, in order: the current
+-- directory (a checkout, the demo, a directory kept per platform), then the host's
+-- configuration, /etc/rrengine/services.lua, or for the user manager (--user)
+-- $XDG_CONFIG_HOME/rrengine/services.lua (~/.config when unset), as systemctl --user reads
+-- units from the user's own configuration.
+function cli.services_places(user)
+  local second = "/etc/rrengine/services.lua"
+  if user then
+    local base = os.getenv("XDG_CONFIG_HOME")
+    -- the XDG rule: a relative value is ignored
+    if not base or base:sub(1, 1) ~= "/" then base = (os.getenv("HOME") or "") .. "/.config" end
+    second = base .. "/rrengine/services.lua"
+  end
+  return { "services.lua", second }
+end
+
+-- cli.find_services(user) -> path | nil, message, "ENOSERVICES": the first of
+-- cli.services_places(user) that exists (a file that exists but cannot be read is found: loading
+-- it says why), or a message naming every place looked at.
+function cli.find_services(user)
+  local places = cli.services_places(user)
+  for _, path in ipairs(places) do
+    if require("rr.fs").stat(path, true) then return path end
+  end
+  local shown = {}
+  for i, path in ipairs(places) do shown[i] = path:sub(1, 1) == "/" and path or ("./" .. path) end
+  return nil, ("no services file: looked for %s (give one with --services FILE)")
+    :format(table.concat(shown, " and ")), "ENOSERVICES"
 end
 
 -- Prints "rrengine: <msg>" on stderr and exits 2 (usage or configuration error).
@@ -403,8 +449,9 @@ local function usage_error(msg)
 end
 
 -- The start every plan but rolling.lua shares: parses argv against spec (which
--- must have the services option, key services_file), prints the usage and exits
--- 0 on --help, then loads the services file. A bad command line or services
+-- must have the services option, key services_file, and may have --user), prints the
+-- usage and exits 0 on --help, then loads the services file (--services, else the
+-- first of cli.services_places). A bad command line or services
 -- file prints "rrengine: <error>" (one line per problem) and exits 2.
 -- `extra`, optional: try_help = true ends a command-line error with
 -- " (try --help)"; check = function(opts) -> true | nil, err, the plan's own
@@ -418,6 +465,11 @@ function cli.plan_start(argv, spec, extra)
   if extra.check then
     local ok, check_err = extra.check(opts)
     if not ok then usage_error(check_err) end
+  end
+  if not opts.services_file then
+    local path, ferr = cli.find_services(opts.user)
+    if not path then usage_error(ferr) end
+    opts.services_file = path
   end
   local platform, errs = require("rr.services").load(opts.services_file)
   if not platform then usage_error(table.concat(errs, "\nrrengine: ")) end

@@ -15,13 +15,21 @@
 --     things without a backup: a mode or owner change alone (`.f...p.....`), a directory's
 --     mode, a directory deleted by --delete (only the files inside are backed up, an empty
 --     directory leaves no trace at all).
+--     Each file or symlink the deploy will replace or delete also gets its size and sha256 (or
+--     its link target) recorded: a backup is only as good as it is complete, and rsync that
+--     fails half way (a full disk: exit 11) leaves a truncated backup beside an untouched
+--     original.
+--   * Free space is checked before anything is touched: the backups on the state dir's file
+--     system, the release on the working dir's, with a margin.
 --   * The record (deploy.json in state_dir) is written before rsync runs (what the dry run
 --     predicts, state "applying") and again after (what rsync reports, state "applied"), so
 --     that a process killed in the middle can still be undone from the disk.
--- Undo removes what the deploy created, puts the backups back with rsync -a (bytes, mode,
--- owner, times, symlinks), re-creates deleted directories and puts recorded modes and owners
--- back. Every other file is left alone: what the service wrote at run time (logs, caches, a
--- SQLite file) stays as it is.
+-- Undo removes what the deploy created, re-creates deleted directories, puts back each
+-- replaced or deleted file whose pre-deploy bytes are gone from a backup verified against the
+-- record (bytes, mode, owner, times, symlinks), never from one that does not match, puts
+-- recorded modes and owners back, and checks the result before it says the deploy is undone.
+-- Every other file is left alone: what the service wrote at run time (logs, caches, a SQLite
+-- file) stays as it is.
 --
 -- Decisions (asserted in spec/deploy_spec.lua; docs/scripting.md, "rr.deploy", has the API):
 --   * An rsync failure (exit code != 0, e.g. 23 "partial transfer") undoes the partial
@@ -41,7 +49,9 @@ local cjson = require("cjson")
 local deploy = {}
 
 local MANIFEST = "deploy.json"
-local VERSION = 1
+-- 2: prior entries carry the size and sha256 (or link target) of what each backup stands for.
+-- A version 1 record still loads; its backups are put back only when its rsync had succeeded.
+local VERSION = 2
 
 -- A private cjson instance: its options must not change other modules' encoding. (An empty
 -- list is written as {}; it reads back as an empty table all the same.)
@@ -180,21 +190,149 @@ local function classify(items)
 end
 
 -- The state before the deploy of every listed path that exists: what undo puts back when
--- rsync leaves no backup of it (a mode, an owner, a directory).
+-- rsync leaves no backup of it (a mode, an owner, a directory). Each entry that is not a
+-- directory and that the deploy replaces, deletes or turns into something else (rsync backs it
+-- up) is marked `backup = true` with what undo verifies before and after putting it back: its
+-- size and sha256 (a file) or its target (a symlink). nil, err when such a file cannot be read.
 local function record_prior(target, items)
+  local replaced = {}
+  for _, item in ipairs(items) do
+    if item.action ~= "attrs" then replaced[item.path] = true end
+  end
   local prior, seen = {}, {}
   for _, item in ipairs(items) do
     local p = item.path
     if not seen[p] then
       seen[p] = true
-      local st = fs.stat(join(target, p))
+      local path = join(target, p)
+      local st = fs.stat(path)
       if st then
-        prior[#prior + 1] = { path = p, type = st.type, mode = perm(st.mode), uid = st.uid, gid = st.gid }
+        local e = { path = p, type = st.type, mode = perm(st.mode), uid = st.uid, gid = st.gid }
+        if replaced[p] and st.type ~= "dir" then
+          e.backup, e.size = true, st.size
+          local err
+          if st.type == "file" then
+            e.sha256, err = fs.sha256(path)
+          elseif st.type == "link" then
+            e.link, err = fs.readlink(path)
+          end
+          if err then
+            return nil, ("cannot read %s before the deploy (undo could not verify its backup): %s"):format(path, err)
+          end
+        end
+        prior[#prior + 1] = e
       end
     end
   end
   table.sort(prior, function(a, b) return a.path < b.path end)
   return prior
+end
+
+---------------------------------------------------------------------------------------------
+-- Free space, checked before anything is touched: rsync that fills a file system half way
+-- leaves truncated backups and a half-deployed working dir.
+
+-- Bytes kept free beyond what a deploy needs: SPACE_MARGIN plus SPACE_MARGIN_RATIO of it.
+deploy.SPACE_MARGIN = 1024 * 1024
+deploy.SPACE_MARGIN_RATIO = 0.01
+
+-- "\040" in /proc/self/mountinfo is a space (and so on).
+local function unoctal(s)
+  return (s:gsub("\\(%d%d%d)", function(o) return string.char(tonumber(o, 8)) end))
+end
+
+-- The mount holding the existing path: { id =, point =, fstype = } (nil when unknown).
+local function mount_of(path)
+  local real = fs.realpath(path) or path
+  local best
+  for line in (fs.read("/proc/self/mountinfo") or ""):gmatch("[^\n]+") do
+    local id, point, rest = line:match("^(%d+) %d+ %S+ %S+ (%S+) (.*)$")
+    if id then
+      point = unoctal(point)
+      -- a later line for the same point is a mount on top of the earlier one
+      if inside(real, point) and (not best or #point >= #best.point) then
+        best = { id = id, point = point, fstype = rest:match(" %- (%S+)") or "?" }
+      end
+    end
+  end
+  return best
+end
+
+-- path made absolute (from the current directory).
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return (fs.realpath(".") or ".") .. "/" .. path
+end
+
+-- path itself or its nearest existing parent (the state dir may not exist yet).
+local function nearest_existing(path)
+  local p = absolute(path)
+  while not fs.stat(p, true) do
+    local parent = p:match("^(.*)/[^/]*$")
+    if parent == nil or parent == p then return "/" end
+    p = parent == "" and "/" or parent
+  end
+  return p
+end
+
+-- size rounded up to whole blocks (a file takes at least one)
+local function blocks(size, bsize)
+  return math.max(1, (size + bsize - 1) // bsize) * bsize
+end
+
+local function human(bytes)
+  if bytes >= 1024 * 1024 * 1024 then return ("%.1f GiB"):format(bytes / (1024 * 1024 * 1024)) end
+  if bytes >= 1024 * 1024 then return ("%.1f MiB"):format(bytes / (1024 * 1024)) end
+  return ("%.1f KiB"):format(bytes / 1024)
+end
+
+-- Checks that the backups fit on the state dir's file system and the release on the working
+-- dir's, from the dry run's items and the prior entries. Backups into the same mount as the
+-- working dir are renames and take no room; on the same file system through another mount they
+-- are copies from the same free space. -> the checks made ({ {what, path, fs, needed, avail} })
+-- | nil, err naming the file system, the bytes needed and available.
+local function check_space(record, items)
+  local target_at = record.target
+  local state_at = nearest_existing(record.state_dir)
+  local tsv, terr = fs.statvfs(target_at)
+  local ssv, serr = fs.statvfs(state_at)
+  if not tsv or not ssv then
+    return nil, ("cannot read the free space before the deploy: %s"):format(tostring(terr or serr))
+  end
+  local release, backups = 0, 0
+  for _, item in ipairs(items) do
+    if item.action == "created" or item.action == "changed" then
+      local st = fs.stat(join(record.source, item.path))
+      if st then release = release + blocks(st.type == "file" and st.size or 0, tsv.bsize) end
+    end
+  end
+  for _, e in ipairs(record.prior) do
+    if e.backup then backups = backups + blocks(e.size or 0, ssv.bsize) end
+  end
+  local tmount, smount = mount_of(target_at), mount_of(state_at)
+  local same_fs = fs.stat(target_at, true).dev == fs.stat(state_at, true).dev
+  local renames = same_fs and tmount and smount and tmount.id == smount.id
+  local function describe(path, m) return m and ("%s (%s on %s)"):format(path, m.fstype, m.point) or path end
+  local checks = {}
+  if same_fs then
+    checks[1] = { what = renames and "the release" or "the release and the backups",
+      path = describe(record.target, tmount), needed = release + (renames and 0 or backups), avail = tsv.avail }
+  else
+    checks[1] = { what = "the release (new and replacing files)", path = describe(record.target, tmount),
+      needed = release, avail = tsv.avail }
+    checks[2] = { what = "the backups of the files it replaces or deletes",
+      path = describe(record.state_dir, smount), needed = backups, avail = ssv.avail }
+  end
+  for _, c in ipairs(checks) do
+    local margin = deploy.SPACE_MARGIN + math.ceil(c.needed * deploy.SPACE_MARGIN_RATIO)
+    c.margin = margin
+    if c.needed + margin > c.avail then
+      return nil, ("not enough free space for the deploy on the file system of %s: %s need %d bytes (%s, "
+        .. "with a margin of %s), %d bytes (%s) are available; nothing was changed")
+        :format(c.path, c.what, c.needed + margin, human(c.needed + margin), human(margin), c.avail, human(c.avail))
+    end
+  end
+  return checks
 end
 
 -- A regular file's size and mtime as one string: JSON would round a float mtime.
@@ -217,7 +355,8 @@ end
 
 local function save(record)
   local data = json.encode(record)
-  local ok, err = fs.write_atomic(record.state_dir .. "/" .. MANIFEST, data .. "\n", { mode = 384 })
+  local ok, err = fs.write_atomic(record.state_dir .. "/" .. MANIFEST, data .. "\n",
+    { mode = 384, under = record.state_root })
   if not ok then
     return nil, ("cannot write the deploy record in %s: %s"):format(record.state_dir, tostring(err))
   end
@@ -255,6 +394,14 @@ local function check_apply_opts(opts)
   if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
     error("rr.deploy.apply: timeout must be a number of seconds", 3)
   end
+  if opts.state_root ~= nil then
+    if type(opts.state_root) ~= "string" or opts.state_root == "" then
+      error("rr.deploy.apply: state_root must be a path (string)", 3)
+    end
+    if not inside(strip_slash(opts.state_dir), strip_slash(opts.state_root)) then
+      error(("rr.deploy.apply: state_dir %s is not under state_root %s"):format(opts.state_dir, opts.state_root), 3)
+    end
+  end
 end
 
 -- Resolves a directory argument: its real path, or nil, err when it is not a directory.
@@ -289,22 +436,66 @@ local function rsync_argv(record, extra, with_backup)
   return argv
 end
 
--- proc.run, telling on_spawn(pid, what) the PID while the process runs (the run journal keeps
--- it: a later run must know that an rsync of a dead run may still be writing); on_spawn may
--- return a function called once the process has ended.
-local function run_tracked(argv, opts, on_spawn)
+-- Runs rsync -> proc.run's returns. With a manager, as a transient unit of it (rr.systemd's
+-- m:run): a timeout then ends every process rsync started, wherever it went. on_spawn(pid, what)
+-- hears the (main) PID while it runs (the run journal keeps it: a later run must know that an
+-- rsync of a dead run may still be writing) and may return a function called once it has ended.
+local function run_tracked(argv, opts, on_spawn, manager)
+  if manager then
+    local o, ended = { name_prefix = "rrengine-rsync" }, nil
+    for k, v in pairs(opts) do o[k] = v end
+    if on_spawn then
+      o.on_start = function(unit, pid)
+        if pid then ended = on_spawn(pid, table.concat(argv, " ") .. ", as unit " .. unit) end
+      end
+    end
+    local res, err, code, r = manager:run(argv, o)
+    if ended then ended() end
+    return res, err, code, r
+  end
   if not on_spawn then return proc.run(argv, opts) end
   local p, err, code = proc.spawn(argv, opts)
   if not p then return nil, err, code end
   local process <close> = p
   local ended = on_spawn(p:pid(), table.concat(argv, " "))
-  local res, werr, r = p:wait()
+  local res, werr, wcode, r = p:wait()
   if ended then ended() end
-  return res, werr, r
+  return res, werr, wcode, r
 end
 
--- deploy.apply{ source = DIR, target = DIR, state_dir = DIR, delete = false, checksum = false,
---               on_line = fn(stream, line), timeout = seconds }
+-- The real path a directory will have once created: its nearest existing parent resolved.
+local function future_real(path)
+  path = absolute(path)
+  local base = nearest_existing(path)
+  local real = fs.realpath(base) or base
+  local rest = path:sub(#base + 1)
+  if real == "/" then return "/" .. rest:gsub("^/+", "") end
+  return real .. rest
+end
+
+-- The state root a record dir lies under when the caller does not say: <root>/runs/<run>/<svc>
+-- is rr.state's layout.
+local function implied_root(state_dir)
+  return state_dir:match("^(.+)/runs/[^/]+/[^/]+$")
+end
+
+-- One sentence on what an undo found that an operator must know (backups not used, files it
+-- could not verify), or "".
+local function undo_notes(report)
+  local notes = {}
+  for _, b in ipairs(report and report.bad_backups or {}) do
+    notes[#notes + 1] = ("the backup of %s is %s and was not used (%s)"):format(b.path, b.reason, b.outcome)
+  end
+  for _, p in ipairs(report and report.unverified or {}) do
+    notes[#notes + 1] = ("%s was put back from a backup the record has no hash of"):format(p)
+  end
+  if #notes == 0 then return "" end
+  return "; " .. table.concat(notes, "; ")
+end
+
+-- deploy.apply{ source = DIR, target = DIR, state_dir = DIR, state_root = DIR, delete = false,
+--               checksum = false, on_line = fn(stream, line), on_spawn = fn(pid, what),
+--               timeout = seconds }
 -- -> record | nil, err[, record]. On an rsync failure the partial deploy is undone before
 -- apply returns (the error says whether that worked; the record is the third value).
 function deploy.apply(opts)
@@ -318,12 +509,10 @@ function deploy.apply(opts)
     return nil, ("deploy source %s and working dir %s overlap"):format(source, target)
   end
 
-  local state_dir = strip_slash(opts.state_dir)
-  local ok, merr = fs.mkdir_p(state_dir, 448)
-  if not ok then
-    return nil, ("cannot create the deploy state dir %s: %s"):format(state_dir, tostring(merr))
-  end
-  local real_state = fs.realpath(state_dir) or state_dir
+  -- Absolute: rsync reads a relative --backup-dir from the working dir, not from here.
+  local state_dir = strip_slash(absolute(opts.state_dir))
+  local state_root = opts.state_root and strip_slash(absolute(opts.state_root)) or implied_root(state_dir)
+  local real_state = future_real(state_dir)
   if inside(real_state, target) or inside(real_state, source) then
     return nil, ("the deploy state dir %s is inside %s: rsync would copy or delete it")
       :format(state_dir, inside(real_state, target) and target or source)
@@ -337,6 +526,7 @@ function deploy.apply(opts)
     source = source,
     target = target,
     state_dir = state_dir,
+    state_root = state_root,
     backup_dir = state_dir .. "/backup",
     delete = opts.delete == true,
     checksum = opts.checksum == true,
@@ -344,8 +534,9 @@ function deploy.apply(opts)
     state = "applying",
   }
 
-  -- 1. What will change, and the state now of everything that will.
-  local plan, perr, pres = proc.run(rsync_argv(record, { "--dry-run" }, false),
+  -- 1. What will change, and the state now of everything that will: types, modes, owners, and
+  -- the size and hash of every file a backup will stand for.
+  local plan, perr, _, pres = proc.run(rsync_argv(record, { "--dry-run" }, false),
     { capture = true, max_capture = MAX_LISTING, timeout = opts.timeout })
   if not plan then
     return nil, ("rsync dry run failed: %s%s"):format(tostring(perr), stderr_tail(pres))
@@ -355,21 +546,35 @@ function deploy.apply(opts)
   end
   local planned_items = parse_items(plan.stdout)
   local planned = classify(planned_items)
-  record.prior = record_prior(target, planned_items)
+  record.prior, err = record_prior(target, planned_items)
+  if not record.prior then return nil, err end
   record.created, record.created_dirs = planned.created, planned.created_dirs
   record.replaced, record.deleted, record.deleted_dirs = planned.replaced, planned.deleted, planned.deleted_dirs
   record.attrs_changed, record.backed_up = planned.attrs_changed, planned.backed_up
   record.after = {}
+
+  -- 2. Room for it all, before anything is written.
+  local space
+  space, err = check_space(record, planned_items)
+  if not space then return nil, err end
+  record.space = space
+
+  -- 3. The record, before rsync runs. No directory below the state root is followed through a
+  -- symlink (a runs/ linked to elsewhere is refused, nothing written).
+  local ok, merr = fs.mkdir_p(state_dir, 448, state_root and { under = state_root } or nil)
+  if not ok then
+    return nil, ("cannot create the deploy state dir %s: %s"):format(state_dir, tostring(merr))
+  end
   ok, err = save(record)
   if not ok then return nil, err end
 
-  -- 2. The deploy itself.
-  local res, rerr, rres = run_tracked(rsync_argv(record, {}, true), {
+  -- 4. The deploy itself.
+  local res, rerr, _, rres = run_tracked(rsync_argv(record, {}, true), {
     capture = true,
     max_capture = MAX_LISTING,
     timeout = opts.timeout,
     on_line = opts.on_line,
-  }, opts.on_spawn)
+  }, opts.on_spawn, opts.manager)
   local out = res or (type(rres) == "table" and rres) or nil
   if res then
     -- What rsync reports it did replaces the prediction.
@@ -377,7 +582,8 @@ function deploy.apply(opts)
   elseif out then
     -- A failed or killed rsync may not have printed every item it handled: keep the
     -- prediction too. Undo copes with predicted items rsync never reached (it removes only
-    -- what is there and was not there before, and restores only what the backup dir holds).
+    -- what is there and was not there before, and leaves a file that still holds its
+    -- pre-deploy bytes).
     local done = classify(parse_items(out.stdout))
     for key, list in pairs(done) do
       local merged = { table.unpack(record[key]) }
@@ -389,7 +595,7 @@ function deploy.apply(opts)
   if not res then
     record.state = "failed"
     record.error = ("rsync failed: %s%s"):format(tostring(rerr), stderr_tail(rres))
-    save(record)
+    local _, serr = save(record)
     if not out then
       -- rsync did not run at all (not installed): nothing changed.
       record.state = "undone"
@@ -397,10 +603,15 @@ function deploy.apply(opts)
       return nil, record.error, record
     end
     local undone, uerr = deploy.undo(record, { force = true })
+    -- A full state file system may refuse the record's update: the undo is done all the same,
+    -- and the record on disk ("applying") still undoes it again (idempotent) if asked.
+    local function unsaved(e) return e and (" (" .. e .. ")") or "" end
     if undone then
-      return nil, record.error .. " (the partial deploy was undone: working dir as it was)", record
+      return nil, record.error .. " (the partial deploy was undone and every file it touched checked against "
+        .. "its pre-deploy size and sha256: the working dir is as it was" .. undo_notes(record.undo_report) .. ")"
+        .. unsaved(record.save_error), record
     end
-    return nil, record.error .. "; undoing the partial deploy failed too: " .. tostring(uerr), record
+    return nil, record.error .. "; undoing the partial deploy failed too: " .. tostring(uerr) .. unsaved(serr), record
   end
 
   local written = { table.unpack(record.created) }
@@ -433,23 +644,26 @@ function deploy.load(state_dir)
   if not ok or type(record) ~= "table" then
     return nil, ("the deploy record %s is not valid JSON"):format(path)
   end
-  if record.version ~= VERSION or type(record.target) ~= "string" or type(record.backup_dir) ~= "string" then
+  if (record.version ~= VERSION and record.version ~= 1) or type(record.target) ~= "string"
+      or type(record.backup_dir) ~= "string" then
     return nil, ("the deploy record %s has an unknown shape (version %s)"):format(path, tostring(record.version))
   end
   for _, key in ipairs({ "created", "created_dirs", "replaced", "deleted", "deleted_dirs",
                          "attrs_changed", "backed_up", "prior", "after" }) do
     if type(record[key]) ~= "table" then record[key] = {} end
   end
-  -- cjson reads every number as a float; modes and ids are integers.
+  -- cjson reads every number as a float; sizes, modes and ids are integers.
   for _, e in ipairs(record.prior) do
     e.mode, e.uid, e.gid = math.tointeger(e.mode), math.tointeger(e.uid), math.tointeger(e.gid)
+    e.size = math.tointeger(e.size)
   end
+  record.version = math.tointeger(record.version)
   return record
 end
 
 -- Runs a small command (chmod, chown, rsync) for undo; nil, err when it fails.
 local function run(argv)
-  local res, err, r = proc.run(argv, { capture = true })
+  local res, err, _, r = proc.run(argv, { capture = true })
   if not res then
     return nil, tostring(err) .. stderr_tail(r)
   end
@@ -489,9 +703,60 @@ local function remove_rsync_temps(target, paths)
   end
 end
 
+-- Does path hold what a prior entry recorded before the deploy (type, and size + sha256 or link
+-- target)? -> true | false, how it differs
+local function holds(entry, path)
+  local st = fs.stat(path)
+  if not st then return false, "missing" end
+  if st.type ~= entry.type then return false, ("a %s, not a %s"):format(st.type, entry.type) end
+  if entry.type == "file" then
+    if st.size ~= entry.size then return false, ("%d of %d bytes"):format(st.size, entry.size) end
+    local sum, err = fs.sha256(path)
+    if not sum then return false, ("unreadable: %s"):format(tostring(err)) end
+    if sum ~= entry.sha256 then return false, "other bytes of the same size (sha256 differs)" end
+  elseif entry.type == "link" then
+    local to = fs.readlink(path)
+    if to ~= entry.link then return false, ("a link to %s, not to %s"):format(tostring(to), tostring(entry.link)) end
+  end
+  return true
+end
+
+-- Puts the backup `from` (a file, a symlink or a special file) in place of path, atomically
+-- for files and links (bytes, mode, owner and times come with it).
+local function put_back(from, path)
+  local st = fs.stat(from)
+  local parent, base = path:match("^(.*)/([^/]+)$")
+  if not fs.stat(parent) then
+    local ok, err = fs.mkdir_p(parent, 493)
+    if not ok then return nil, err end
+  end
+  if st and st.type == "file" then
+    return fs.copy_atomic(from, path)
+  elseif st and st.type == "link" then
+    local to, err = fs.readlink(from)
+    if not to then return nil, err end
+    local tmp = parent .. "/.rr-undo." .. base
+    fs.remove(tmp)
+    local ok, lerr = fs.symlink(to, tmp)
+    if not ok then return nil, lerr end
+    ok, lerr = fs.rename(tmp, path)
+    if not ok then fs.remove(tmp) end
+    return ok, lerr
+  end
+  return run({ "rsync", "-a", "--", from, path })
+end
+
 -- deploy.undo(record[, { force = bool }]) -> true | nil, err. Idempotent: a record already
 -- undone is left alone unless force is set, and undoing twice changes nothing the second time.
--- What it did is in record.undo_report { removed, restored, recreated, kept, changed_since_deploy }.
+-- What it did is in record.undo_report { removed, restored, intact, recreated, kept,
+-- changed_since_deploy, bad_backups, not_restorable, unverified }.
+--
+-- Only what can be verified is put back: each file the deploy replaced or deleted has its size
+-- and sha256 in the record (taken before rsync ran). A file that still holds them is left as it
+-- is (rsync never reached it, or failed before replacing it); otherwise its backup is put back
+-- only when the backup holds them too. A backup that does not (truncated by a full disk, or
+-- missing) is never copied over the working dir: the file is reported as not restorable and
+-- undo fails. Once done, every such file is checked again before the deploy counts as undone.
 function deploy.undo(record, opts)
   if type(record) ~= "table" or type(record.target) ~= "string" or type(record.backup_dir) ~= "string" then
     error("rr.deploy.undo: expects a record from deploy.apply or deploy.load", 2)
@@ -506,7 +771,8 @@ function deploy.undo(record, opts)
     return nil, ("working dir %s is gone: nothing to undo into"):format(target)
   end
 
-  local report = { removed = {}, restored = {}, recreated = {}, kept = {}, changed_since_deploy = {} }
+  local report = { removed = {}, restored = {}, intact = {}, recreated = {}, kept = {}, changed_since_deploy = {},
+                   bad_backups = {}, not_restorable = {}, unverified = {} }
   local problems = {}
   local function problem(msg) problems[#problems + 1] = msg end
   local after = by_path(record.after)
@@ -570,37 +836,8 @@ function deploy.undo(record, opts)
     end
   end
 
-  -- 3. What the deploy replaced or deleted, from the backup dir: bytes, mode, owner, times.
-  local tops = fs.stat(record.backup_dir) and fs.list(record.backup_dir) or {}
-  if #tops > 0 then
-    for _, rel in ipairs(record.replaced or {}) do
-      if changed_since(rel, fs.stat(join(target, rel))) then
-        report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
-      end
-    end
-    -- Each top-level entry, not "backup/": rsync would give the working dir itself the
-    -- backup dir's mode and owner. --checksum: compare bytes, not size and mtime (a deploy
-    -- with checksum = true may have replaced a file of the same size and mtime), and leave a
-    -- file alone that already holds the old bytes (a second undo writes nothing; a file
-    -- rsync failed to replace is not rewritten).
-    local argv = { "rsync", "-a", "--checksum", "-8", "--itemize-changes", OUT_FORMAT, "--" }
-    for _, name in ipairs(tops) do argv[#argv + 1] = record.backup_dir .. "/" .. name end
-    argv[#argv + 1] = target .. "/"
-    local res, err, r = proc.run(argv, { capture = true, max_capture = MAX_LISTING })
-    local out = res or (type(r) == "table" and r) or nil
-    if out then
-      for _, item in ipairs(parse_items(out.stdout)) do
-        if not item.dir then report.restored[#report.restored + 1] = item.path end
-      end
-    end
-    if not res then
-      problem(("rsync could not put the backups from %s back: %s%s"):format(record.backup_dir,
-        tostring(err), stderr_tail(r)))
-    end
-  end
-
-  -- 4. Directories, modes and owners as the record saw them before the deploy: deleted
-  -- directories come back (empty ones have no backup), changed modes and owners go back.
+  -- 3. Directories that existed before (deleted by --delete, or replaced by a file; an empty
+  -- one has no backup), shallowest first, so that the files below can come back.
   local prior = { table.unpack(record.prior or {}) }
   table.sort(prior, function(a, b)
     local da, db = depth(a.path), depth(b.path)
@@ -609,35 +846,118 @@ function deploy.undo(record, opts)
   end)
   for _, want in ipairs(prior) do
     local path = join(target, want.path)
-    local cur = fs.stat(path)
-    if want.type == "dir" and not cur then
+    if want.type == "dir" and not fs.stat(path) then
       local ok, err = fs.mkdir_p(path, want.mode or 493)
       if ok then
         report.recreated[#report.recreated + 1] = want.path .. "/"
-        cur = fs.stat(path)
       else
         problem(("cannot re-create the directory %s: %s"):format(path, tostring(err)))
       end
     end
+  end
+
+  -- 4. What the deploy replaced or deleted, each file verified before and after.
+  for _, rel in ipairs(record.replaced or {}) do
+    if changed_since(rel, fs.stat(join(target, rel))) then
+      report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
+    end
+  end
+  local lost = {}
+  local checked = {}
+  for _, want in ipairs(prior) do
+    if want.backup and (want.sha256 or want.link or (want.type ~= "file" and want.type ~= "link")) then
+      checked[want.path] = want
+      local path, backup = join(target, want.path), join(record.backup_dir, want.path)
+      local here, why_here = holds(want, path)
+      local good, why_backup = holds(want, backup)
+      if fs.stat(backup) and not good then
+        report.bad_backups[#report.bad_backups + 1] = { path = want.path, reason = why_backup,
+          outcome = here and "the working dir still holds the original" or "the working dir's copy is not the original" }
+      end
+      if here then
+        report.intact[#report.intact + 1] = want.path
+      elseif not good then
+        lost[want.path] = true
+        report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = why_here }
+        problem(("%s cannot be restored: it is %s, and its backup %s is %s; it was not touched, put its pre-deploy "
+          .. "version back by hand (sha256 %s)"):format(path, why_here, backup,
+          fs.stat(backup) and why_backup or "missing", tostring(want.sha256 or want.link or want.type)))
+      elseif (fs.stat(path) or {}).type == "dir" then
+        lost[want.path] = true
+        report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = "a directory now" }
+        problem(("%s was a %s before the deploy and is a directory now: left alone"):format(path, want.type))
+      else
+        local ok, err = put_back(backup, path)
+        if ok then
+          report.restored[#report.restored + 1] = want.path
+        else
+          problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
+        end
+      end
+    end
+  end
+  -- Backups the record holds no hash of: a version 1 record, or a file rsync replaced that its
+  -- dry run did not list (the deploy path changed meanwhile). Trusted only when rsync finished
+  -- (exit code 0: every backup it made is whole).
+  for _, rel in ipairs(record.backed_up or {}) do
+    local backup = join(record.backup_dir, rel)
+    if not checked[rel] and fs.stat(backup) then
+      local path = join(target, rel)
+      if not record.applied_at then
+        lost[rel] = true
+        report.not_restorable[#report.not_restorable + 1] = { path = rel, reason = "no hash to verify its backup" }
+        problem(("%s cannot be restored: rsync failed, and the record has no hash to verify its backup %s "
+          .. "against; it was not touched, check it by hand"):format(path, backup))
+      else
+        local ok, err = put_back(backup, path)
+        if ok then
+          report.restored[#report.restored + 1] = rel
+          report.unverified[#report.unverified + 1] = rel
+        else
+          problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
+        end
+      end
+    end
+  end
+
+  -- 5. Modes and owners as the record saw them before the deploy (rsync changes a mode or an
+  -- owner alone without a backup).
+  for _, want in ipairs(prior) do
+    local path = join(target, want.path)
+    local cur = fs.stat(path)
     if cur and cur.type == want.type then
       local ok, err = put_back_attrs(path, want, cur)
       if not ok then
         problem(("cannot put back the mode or owner of %s: %s"):format(path, tostring(err)))
       end
-    elseif cur then
+    elseif cur and not lost[want.path] then
       problem(("%s was a %s before the deploy and is a %s now: left alone"):format(path, want.type, cur.type))
     end
   end
 
+  -- 6. The result, checked before the deploy counts as undone: every verified file holds its
+  -- pre-deploy size and hash.
+  for rel, want in pairs(checked) do
+    if not lost[rel] then
+      local ok, why = holds(want, join(target, rel))
+      if not ok then
+        problem(("after the undo %s is %s, not what it was before the deploy"):format(join(target, rel), why))
+      end
+    end
+  end
+
+  table.sort(report.restored)
   record.undo_report = report
   if #problems > 0 then
     return nil, ("undo of the deploy into %s is incomplete: %s"):format(target, table.concat(problems, "; "))
   end
   record.state = "undone"
   record.undone_at = now_rfc3339()
+  record.save_error = nil
   if fs.stat(record.state_dir or "") then
     -- The undo is complete either way; the record on disk only tells a later process so.
-    save(record)
+    local _, err = save(record)
+    record.save_error = err
   end
   return true
 end
@@ -711,7 +1031,7 @@ function deploy.prune(state_root, service, opts)
   local leftover = "." .. service .. ".pruning"
 
   local function remove_dir(run_dir, dir)
-    local ok, err = state.discard(dir, run_dir .. "/" .. leftover)
+    local ok, err = state.discard(dir, run_dir .. "/" .. leftover, state_root)
     if not ok then
       problems[#problems + 1] = err
       return
@@ -730,7 +1050,7 @@ function deploy.prune(state_root, service, opts)
   for _, run in ipairs(names) do
     local run_dir = runs .. "/" .. run
     if fs.stat(run_dir .. "/" .. leftover) then
-      fs.remove_tree(run_dir .. "/" .. leftover)
+      fs.remove_tree(run_dir .. "/" .. leftover, state.under(state_root))
       touched_runs[run_dir] = true
     end
     local dir = run_dir .. "/" .. service
@@ -767,7 +1087,7 @@ function deploy.prune(state_root, service, opts)
   for run_dir in pairs(touched_runs) do
     local left = fs.list(run_dir)
     if left and #left == 0 then
-      fs.remove(run_dir)
+      fs.remove(run_dir, state.under(state_root))
     end
   end
   if #problems > 0 then

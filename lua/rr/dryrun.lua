@@ -125,6 +125,7 @@ function dryrun.run(p)
       if #implicit > 0 then
         warn("systemd will also restart " .. list(implicit) .. ": they depend on this unit")
       end
+      dryrun.check_ordering(p, svc, props, warn)
       if not opts.force then
         local hc = svc.health
         out(("     then: health check (%s, timeout %gs, retries %d), stabilize %gs"):format(
@@ -136,6 +137,36 @@ function dryrun.run(p)
   out("")
   out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
   return problems, warnings
+end
+
+-- services.lua's `depends` against the unit's own ordering: a declared dependency the unit
+-- does not order itself After= (at boot, or on a manual start, systemd may start them in any
+-- order), and a unit of the platform the unit orders itself after or requires that `depends`
+-- does not list (rrengine may restart this service before that one).
+function dryrun.check_ordering(p, svc, props, warn)
+  if not p.platform then return end
+  local after, pulls = {}, {}
+  for _, u in ipairs(props.After or {}) do after[u] = true end
+  for _, field in ipairs({ "Requires", "Wants", "BindsTo", "Requisite" }) do
+    for _, u in ipairs(props[field] or {}) do pulls[u] = field end
+  end
+  local declared = {}
+  for _, dep in ipairs(svc.depends or {}) do
+    local d = p.platform.by_name[dep]
+    if d then
+      declared[d.unit] = true
+      if not after[d.unit] then
+        warn(("depends on %s, but %s has no After=%s: outside rrengine, systemd may start them in any order")
+          :format(dep, svc.unit, d.unit))
+      end
+    end
+  end
+  for _, other in ipairs(p.platform.services) do
+    if other.unit ~= svc.unit and not declared[other.unit] and (after[other.unit] and pulls[other.unit]) then
+      warn(("%s has %s= and After=%s, but services.lua does not list %s in its depends: rrengine may restart "
+        .. "it first"):format(svc.unit, pulls[other.unit], other.unit, other.name))
+    end
+  end
 end
 
 -- The schedule: the waves of services that may run together (dependencies allowing), each
@@ -157,10 +188,24 @@ function dryrun.schedule(p, out)
     for _, svc in ipairs(wave) do w[#w + 1] = svc.name end
     out(("   %d. %s"):format(i, list(w)))
   end
+  local canary = require("rr.canary")
   for name, g in pairs(p.platform.groups or {}) do
     out(("   group %s: %d member(s), at most %d down at once (max_unavailable %s)%s"):format(name, #g.members,
       g.max_unavailable_count or 1, tostring(g.max_unavailable or 1),
-      g.balancer and (", drained at " .. (p.balancers[name] and p.balancers[name]:describe() or "its balancer")) or ""))
+      g.balancer and (", drained at " .. (p.balancers and p.balancers[name] and p.balancers[name]:describe()
+        or "its balancer")) or ""))
+    if g.canary then
+      local held = p.state_root and canary.held(p.state_root, name)
+      if held then
+        out(("     canary held: %s passed at %s (run %s), %d of %d members on the new release; "
+          .. "promote: rrengine plans/rolling.lua --promote"):format(table.concat(held.canaries or {}, ", "),
+          tostring(held.passed_at), tostring(held.run), #(held.canaries or {}), #g.members))
+      else
+        out(("     canary: %s first, soaked %gs%s, then the rest (a failed canary is rolled back, the rest untouched)")
+          :format(table.concat(canary.members(g, nil), ", "), g.canary.soak or 0,
+            g.canary.analysis and (" with the analysis " .. g.canary.analysis) or ""))
+      end
+    end
   end
   -- the critical path: from the service with the longest chain, always the dependent with the longest chain
   local by_name, start = {}, nil

@@ -2,11 +2,11 @@
 -- daemon-reload, reload or restart, post-check, stabilization, success — and rollback when the
 -- new version is not healthy. The steps are the table STEPS below, in order.
 local rr = require("rr")
-local proc = require("rr.proc")
 local fs = require("rr.fs")
 local health = require("rr.health")
 local snapshot = require("rr.snapshot")
 local deploy = require("rr.deploy")
+local proc = require("rr.proc")
 local state = require("rr.state")
 
 local flow = {}
@@ -252,24 +252,34 @@ function Run:manual_steps()
   end
   local known = self.def and self.def.known
   if known then
+    -- only the files that still differ from the known good: what was restored is not repeated
     for _, f in ipairs(known.files or {}) do
       local own = f.role ~= "dropin" or snapshot.dropin_scope(f.path, self.svc.unit) == "own"
-      if not own then
-        steps[#steps + 1] = ("check by hand: %s is shared with other units (known-good copy: %s/%s)")
-          :format(f.path, known.dir, tostring(f.stored))
-      elseif f.absent then
-        steps[#steps + 1] = ("rm -f %s"):format(f.path)
-      elseif f.stored then
-        steps[#steps + 1] = ("cp -p %s/%s %s"):format(known.dir, f.stored, f.path)
+      local q = flow.shell_quote
+      if f.absent then
+        if fs.exists(f.path) then
+          steps[#steps + 1] = own and ("rm -f %s"):format(q(f.path))
+            or ("check by hand: %s is shared with other units (absent at the last known good)"):format(f.path)
+        end
+      elseif f.stored and fs.sha256(f.path) ~= f.sha256 then
+        if own then
+          steps[#steps + 1] = ("cp -p %s %s"):format(q(known.dir .. "/" .. f.stored), q(f.path))
+        else
+          steps[#steps + 1] = ("check by hand: %s is shared with other units (known-good copy: %s/%s)")
+            :format(f.path, known.dir, tostring(f.stored))
+        end
       end
     end
     for _, c in ipairs(self.def.changes or {}) do
-      if c.change == "added" and not c.shared then
-        steps[#steps + 1] = ("rm %s   # added since the last known good"):format(c.path)
+      if c.change == "added" and not c.shared and fs.exists(c.path) then
+        steps[#steps + 1] = ("rm %s   # added since the last known good"):format(flow.shell_quote(c.path))
       end
     end
   end
-  steps[#steps + 1] = ("%s daemon-reload && %s reset-failed %s && %s start %s"):format(sc, sc, unit, sc, unit)
+  -- reset-failed refuses a unit systemd unloaded (inactive after the daemon-reload): its error
+  -- must not stop the start
+  steps[#steps + 1] = ("%s daemon-reload && { %s reset-failed %s 2>/dev/null; %s start %s; }"):format(sc, sc, unit,
+    sc, unit)
   steps[#steps + 1] = ("journalctl %s-u %s -n 50"):format(self.ctx.user and "--user " or "", unit)
   return steps
 end
@@ -410,28 +420,33 @@ function Run:journal(fields)
   if j then j:update(self.svc.name, fields) end
 end
 
--- Runs a migration command in working_dir, each output line an event ->
--- res | nil, message, CODE, res (rr.proc.run's shape). The process is in the run journal while
--- it runs: a later run must not act on this service while a migration of a dead run goes on.
+-- Runs a migration command in working_dir as a transient unit of the manager (rr.systemd's
+-- m:run), each output line an event -> res | nil, message, CODE[, res]. A unit, not a child
+-- process: everything the command starts stays in the unit's cgroup, so the timeout and a
+-- cancelled flow end all of it, a process that left its group (setsid, a daemon) included. The
+-- unit's main process is in the run journal while it runs: a later run must not act on this
+-- service while a migration of a dead run goes on.
 function Run:run_command(argv, output_event)
-  local p, serr, scode = proc.spawn(argv, {
-    cwd = self.svc.working_dir,
+  local svc, j = self.svc, self.ctx.run_journal
+  local pid
+  local res, err, code, r = self.ctx.manager:run(argv, {
+    cwd = svc.working_dir,
     -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
-    timeout = self.svc.migrate_timeout or 1800,
+    timeout = svc.migrate_timeout or 1800,
+    -- rrengine-migration-sso.api-<random>.service, rrengine-migration-rollback-...
+    name_prefix = ("rrengine-%s-%s"):format((output_event:lower():gsub("_output$", ""):gsub("_", "-")),
+      (svc.name:gsub("[^%w:_.-]", "_"))):sub(1, 200),
     on_line = function(stream, line)
       self:emit(output_event, { stream = stream, line = line })
     end,
+    on_start = function(unit, main_pid)
+      pid = main_pid
+      if j and pid then j:child(svc.name, pid, table.concat(argv, " ") .. ", as unit " .. unit) end
+    end,
   })
-  if not p then return nil, serr, scode end
-  local process <close> = p -- a cancelled flow kills the group on the way out
-  local pid = p:pid()
-  local j = self.ctx.run_journal
-  if j then j:child(self.svc.name, pid, table.concat(argv, " ")) end
-  local res, err, r = p:wait()
-  if j then j:child_done(self.svc.name, pid) end
+  if j and pid then j:child_done(svc.name, pid) end
   if res then return res end
-  if type(r) == "table" then return nil, err, "EEXIT", r end
-  return nil, err, r
+  return nil, err, code, r
 end
 
 -- Ends the flow with a failure, undoing what the steps touched: a full rollback once the unit
@@ -580,7 +595,7 @@ STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opt
     -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
     -- the same second: a release must land whole, so compare contents.
     checksum = true,
-    state_dir = record_dir, timeout = svc.deploy_timeout or 1800,
+    state_dir = record_dir, timeout = svc.deploy_timeout or 1800, manager = ctx.manager,
     on_spawn = ctx.run_journal and function(pid, what)
       ctx.run_journal:child(svc.name, pid, what)
       return function() ctx.run_journal:child_done(svc.name, pid) end
@@ -657,6 +672,20 @@ end }
 STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self)
   local svc, def = self.svc, self.def
   local props = self.props
+  if def.changed then
+    -- systemd's own check, before the daemon-reload makes a typo the running definition (and,
+    -- once healthy, the known good one: systemd ignores an unknown key with a warning)
+    local findings = flow.verify_definition(self.ctx, def)
+    if #findings > 0 then
+      self:emit("DEFINITION_INVALID", { findings = findings })
+      local text = findings[1] .. (#findings > 1 and (" (and %d more)"):format(#findings - 1) or "")
+      if not self.ctx.opts.force then
+        return nil, "the changed definition does not pass systemd-analyze verify: " .. text
+          .. " (fix it, or --force to go on anyway)"
+      end
+      self:emit("WARNING", { warning = "--force: going on with a definition systemd-analyze finds fault with: " .. text })
+    end
+  end
   if def.stale then
     self:step("daemon-reload")
     self.touched.unit = true
@@ -725,6 +754,10 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
   local ctx, svc = self.ctx, self.svc
   if ctx.opts.force then
     self:emit("WARNING", { warning = "--force: the definition was not health-checked, so it does not become the known good one" })
+  elseif self.def and self.def.known and not self.def.changed then
+    -- the definition that ran is the known good one already: nothing to store (a snapshot costs
+    -- a dozen fsyncs, the largest part of the engine's own time per service)
+    self.known_good_kept = true
   else
     local cur = self.unit:properties() or self.props
     local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
@@ -746,6 +779,44 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
 end }
 
 flow.STEPS = STEPS
+
+-- flow.verify_definition(ctx, def) -> { finding, ... }: what `systemd-analyze verify` says about
+-- the unit's own files (its lines that name one of them; other units' problems are not this
+-- service's), or the verifier's failure itself. Empty: nothing found.
+function flow.verify_definition(ctx, def)
+  local unit_file
+  local ours = {}
+  for _, f in ipairs(def.current) do
+    ours[#ours + 1] = f.path
+    if f.role == "unit" then unit_file = f.path end
+  end
+  if not unit_file then return {} end
+  local argv = { "systemd-analyze" }
+  if ctx.user then argv[#argv + 1] = "--user" end
+  argv[#argv + 1] = "verify"
+  argv[#argv + 1] = unit_file
+  local res, _, _, r = proc.run(argv, { timeout = 60 })
+  local out = res or (type(r) == "table" and r) or nil
+  if not out then
+    return {} -- no verifier here (not installed): nothing to say, the flow goes on
+  end
+  local findings = {}
+  for line in ((out.stderr or "") .. "\n" .. (out.stdout or "")):gmatch("[^\n]+") do
+    for _, path in ipairs(ours) do
+      if line:sub(1, #path + 1) == path .. ":" then
+        findings[#findings + 1] = line
+        break
+      end
+    end
+  end
+  if #findings == 0 and not res and out.exit_code and out.exit_code ~= 0 then
+    local first = (out.stderr or ""):match("[^\n]+")
+    if first and not first:find("RuntimeDirectory", 1, true) then
+      findings[1] = ("systemd-analyze verify: %s"):format(first)
+    end
+  end
+  return findings
+end
 
 -- flow.hashes(files) -> { [path] = sha256 | false (absent) }
 function flow.hashes(files)
@@ -777,7 +848,7 @@ function Run:go()
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
       -- the journal first: what is announced has been recorded
       self:journal({ phase = st.name })
-      if not st.shows_own_steps then self:step(st.name) end
+      if st.shows_own_steps then self.current_step = st.name else self:step(st.name) end
       local ok, reason = st.fn(self)
       if not ok then
         return self:fail(reason)
@@ -786,7 +857,7 @@ function Run:go()
   end
   self:emit("SERVICE_RESTART_SUCCESS", { method = self.method, duration_ms = ms(rr.now() - self.t0) })
   self:hook("on_success", self.svc, { method = self.method })
-  return flow.SUCCESS, nil, { method = self.method }
+  return flow.SUCCESS, nil, { method = self.method, deploy_record = self.touched.deploy }
 end
 
 flow.is_cancel = rr.is_cancel

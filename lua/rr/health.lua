@@ -144,10 +144,12 @@ function health.check(unit, hc, opts)
     end
     return nil, watch_failed(unit, a, b)
   end
-  local props, perr, pcode = unit:properties()
-  if not props then
+  -- one property, not the unit's ~250: this runs before and after every restart
+  local active, perr, pcode = unit:get("ActiveState")
+  if not active then
     return nil, ("cannot read %s: %s%s"):format(unit:name(), tostring(perr), pcode and (" (%s)"):format(pcode) or "")
   end
+  local props = { ActiveState = active }
   if props.ActiveState == "failed" or props.ActiveState == "inactive" then
     return nil, ("unit is %s"):format(props.ActiveState)
   end

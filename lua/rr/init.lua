@@ -52,7 +52,8 @@ function rr.join(task)
   local r = table.pack(loop.wait(task))
   if r[1] then return table.unpack(r, 1, r.n) end
   local full = r[2]
-  local code = failure_code(task, full)
+  -- a task ended by its time or instruction bound says so in a third value
+  local code = type(r[3]) == "string" and r[3] or failure_code(task, full)
   local text = type(full) == "table" and tostring(full.message) or tostring(full)
   return nil, (text:match("^[^\n]*")), code, text
 end
@@ -115,7 +116,8 @@ function rr.race(fns, timeout)
   if not r[2] then
     local full = r[3]
     local text = type(full) == "table" and tostring(full.message) or tostring(full)
-    return nil, (text:match("^[^\n]*")), failure_code(winner, full), text
+    local code = type(r[4]) == "string" and r[4] or failure_code(winner, full)
+    return nil, (text:match("^[^\n]*")), code, text
   end
   return index, table.unpack(r, 3, r.n)
 end

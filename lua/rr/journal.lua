@@ -190,6 +190,7 @@ end
 function journal.create(root, info)
   local pid = fs.getpid()
   local self = setmetatable({
+    root = root,
     path = state.journal_path(root),
     data = {
       version = VERSION, run = info.run, pid = pid, pid_start = journal.start_time(pid),
@@ -210,11 +211,15 @@ function journal.adopt(root, data)
   data.pid, data.pid_start, data.boot_id = pid, journal.start_time(pid), journal.boot_id()
   data.done = data.done or {}
   data.order = data.order or {}
-  return setmetatable({ path = state.journal_path(root), data = data }, journal)
+  return setmetatable({ root = root, path = state.journal_path(root), data = data }, journal)
 end
 
+-- Written into the state root: its temp file is created O_EXCL|O_NOFOLLOW beside it, and a
+-- run.journal that is a symlink is refused (`under`), never written through.
 function journal:write()
-  local ok, err, code = fs.write_atomic(self.path, encode(self.data) .. "\n", { mode = 384 })
+  local under = state.under(self.root)
+  under.mode = 384
+  local ok, err, code = fs.write_atomic(self.path, encode(self.data) .. "\n", under)
   if not ok then
     return nil, ("cannot write the run journal %s: %s"):format(self.path, tostring(err)), code
   end
@@ -274,7 +279,7 @@ end
 -- j:close(): the run ended: the journal goes.
 function journal:close()
   if not self.path then return true end
-  local ok, err, code = fs.remove(self.path)
+  local ok, err, code = fs.remove(self.path, state.under(self.root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
   fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))
   self.path = nil
@@ -284,7 +289,7 @@ end
 -- journal.remove(root): forget an interrupted run (--abandon).
 function journal.remove(root)
   local path = state.journal_path(root)
-  local ok, err, code = fs.remove(path)
+  local ok, err, code = fs.remove(path, state.under(root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
   return true
 end

@@ -155,7 +155,8 @@ end
 --   no_code =, force =, reason =, view =, say =, warn =, spell =, services_file = } -> exit_code, message|nil, code|nil
 -- Rolls svc back under the run lock (see the top of this file for which deploy is undone).
 --   0, nil                  rolled back and healthy
---   1, message, code        nothing was touched: ESTATE (the state root cannot be created), EMANAGER,
+--   1, message, code        nothing was touched: ESTATE (the state root cannot be created, or its run
+--                           lock cannot be taken for a reason other than another run), EMANAGER,
 --                           ELOCKED (another run holds the lock), EPOINTER, ERECORD (a pointer or the
 --                           record cannot be read), ENOTHING (nothing to restore), EEVENTS
 --   2, message, code        configuration, nothing touched: ENOWORKDIR (a deploy_record for a service
@@ -202,8 +203,11 @@ function rollback.run(args)
   local ok, mkerr = fs.mkdir_p(state_root, 448)
   if not ok then return 1, ("cannot create %s: %s"):format(state_root, tostring(mkerr)), "ESTATE" end
   local lock_path = state.lock_path(state_root)
-  local lock <close>, lerr = fs.lock(lock_path)
+  local lock <close>, lerr, lcode = fs.lock(lock_path)
   if not lock then
+    if lcode ~= "EWOULDBLOCK" then -- a full disk (ENOSPC), no permission: not another run
+      return 1, ("cannot take the run lock (%s): %s"):format(lock_path, tostring(lerr)), "ESTATE"
+    end
     return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
   end
 

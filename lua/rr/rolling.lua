@@ -13,6 +13,7 @@ local state = require("rr.state")
 local journal = require("rr.journal")
 local balancer = require("rr.balancer")
 local health = require("rr.health")
+local canary = require("rr.canary")
 
 local rolling = {}
 
@@ -27,12 +28,67 @@ rolling.EXIT_INTERRUPTED = 130
 rolling.state_root = state.root
 rolling.default_events_file = state.events_file
 
+-- What the summary's per-service detail needs from the run's events (rolling.run hands each
+-- event here, whatever the view): the plan's order, the method each flow used, how long it took,
+-- why a service was skipped. seen = { order = {names}, by = { [name] = { method, duration_ms, reason } } }
+local function note(seen, ev)
+  local what, name = ev.event, ev.service
+  if what == "PLAN_START" then
+    for _, n in ipairs(ev.order or {}) do seen.order[#seen.order + 1] = n end
+    return
+  end
+  if not name then return end
+  local d = seen.by[name] or {}
+  seen.by[name] = d
+  if what == "UNIT_RELOAD" or what == "UNIT_RESTART" then
+    d.method = what == "UNIT_RELOAD" and "reload" or "restart"
+  elseif what == "RELOAD_FALLBACK" then
+    d.method = "restart"
+  elseif what == "SERVICE_RESTART_SUCCESS" or what == "SERVICE_RESTART_FAILED" or what == "RECOVERY_SUCCESS"
+      or what == "RECOVERY_FAILED" then
+    d.method, d.duration_ms = ev.method or d.method, ev.duration_ms
+  elseif what == "SERVICE_SKIPPED" then
+    d.reason = ev.reason
+  end
+end
+
+-- summary.services: one entry per service the run decided about, in the plan's order:
+-- { name, outcome = "succeeded" | "failed" | "rolled_back" | "rollback_failed" | "skipped",
+--   method = "reload" | "restart" | nil (the flow never got that far), duration_ms = its flow's |
+--   nil, error = why it failed or was skipped | nil }.
+local function per_service(s)
+  local seen = s.seen or { order = {}, by = {} }
+  local outcome, names = {}, {}
+  -- a later list is the more precise word: rolled_back and rollback_failed are failed too
+  for _, pair in ipairs({ { s.succeeded, "succeeded" }, { s.failed, "failed" }, { s.rolled_back, "rolled_back" },
+      { s.rollback_failed, "rollback_failed" }, { s.skipped, "skipped" } }) do
+    for _, name in ipairs(pair[1] or {}) do
+      if outcome[name] == nil then names[#names + 1] = name end
+      outcome[name] = pair[2]
+    end
+  end
+  local position = {}
+  for i, name in ipairs(seen.order) do position[name] = position[name] or i end
+  for i, name in ipairs(names) do position[name] = position[name] or (#seen.order + i) end
+  table.sort(names, function(a, b) return position[a] < position[b] end)
+  local list = {}
+  for i, name in ipairs(names) do
+    local d = seen.by[name] or {}
+    local err = s.errors and s.errors[name]
+    if err == nil and outcome[name] == "skipped" then err = d.reason end
+    list[i] = { name = name, outcome = outcome[name], method = d.method, duration_ms = d.duration_ms,
+      error = err ~= nil and tostring(err) or nil }
+  end
+  return list
+end
+
 local function summary_of(s)
   return {
     success = s.exit_code == 0,
     exit_code = s.exit_code,
     error = s.error,
     interrupted = s.interrupted or false,
+    services = per_service(s),
     services_succeeded = s.succeeded or {},
     services_failed = s.failed or {},
     services_rolled_back = s.rolled_back or {},
@@ -89,6 +145,14 @@ local function prepare(opts)
     end
     if #without == #order then
       return nil, "--deploy: none of the selected services has a working_dir to deploy into"
+    end
+    -- one release directory goes into one service's code, or into the replicas of one group
+    local group
+    for _, svc in ipairs(order) do
+      if #order > 1 and (not svc.group or (group and group ~= svc.group)) then
+        return nil, "--deploy with several services: they must be the replicas of one group (one release for all)"
+      end
+      group = svc.group
     end
   end
   local global = hooks.set()
@@ -246,6 +310,15 @@ end
 --   ui (rr.ui or nil), state_root, manager (an rr.systemd manager to reuse)
 function rolling.run(opts)
   local t0 = rr.now()
+  if opts.promote then
+    -- the held groups' members and the release their canaries were held with
+    local names = {}
+    for _, rec in pairs(canary.all_held(opts.state_root or rolling.state_root(opts.user))) do
+      if rec.release and not opts.deploy_path then opts.deploy, opts.deploy_path = true, rec.release end
+      for _, n in ipairs(rec.members or {}) do names[#names + 1] = n end
+    end
+    if (not opts.services or #opts.services == 0) and #names > 0 then opts.services = names end
+  end
   local prep, err = prepare(opts)
   if not prep then
     return usage_error(err)
@@ -300,10 +373,11 @@ function rolling.run(opts)
 
   local events_file = opts.events_file
   if events_file == nil then events_file = rolling.default_events_file(opts.user) end
+  local seen = { order = {}, by = {} } -- the summary's per-service detail (note)
   local stream, eerr = events.open({
     path = events_file or nil, journal = opts.journal, hooks = prep.global_hooks,
     service_hooks = function(name) return prep.own_hooks[name] end,
-    view = view and function(ev) view:event(ev) end,
+    view = function(ev) note(seen, ev); if view then view:event(ev) end end,
   })
   if not stream then
     return summary_of({ exit_code = rolling.EXIT_FAILED, error = eerr })
@@ -338,7 +412,7 @@ function rolling.run(opts)
     recovery = rolling.recover(ctx, prep, dead)
     if not opts.resume or recovery.exit_code ~= rolling.EXIT_OK and recovery.exit_code ~= rolling.EXIT_FAILED
         or #recovery.remaining == 0 then
-      recovery.run, recovery.events_file = stream.run, events_file or nil
+      recovery.run, recovery.events_file, recovery.seen = stream.run, events_file or nil, seen
       recovery.duration_ms = math.floor((rr.now() - t0) * 1000 + 0.5)
       return summary_of(recovery)
     end
@@ -351,13 +425,25 @@ function rolling.run(opts)
   -- Which definitions systemd has not loaded yet, seen before any flow's daemon-reload hides
   -- it: a later service's unknown edit must not become its known-good definition.
   ctx.initially_stale = {}
-  for _, svc in ipairs(prep.order) do
-    local unit = manager:unit(svc.unit)
-    local props = unit and unit:properties()
-    if props and (props.NeedDaemonReload or #flow.unlisted_dropins(svc, props, opts.user) > 0) then
-      ctx.initially_stale[svc.name] = true
-    end
+  -- read at once for all services (a few at a time): one after another, it was most of the
+  -- start-up of a large platform
+  local scan = {}
+  for i = 1, math.min(32, #prep.order) do
+    scan[i] = rr.spawn(function()
+      for k = i, #prep.order, 32 do
+        local svc = prep.order[k]
+        local unit = manager:unit(svc.unit)
+        local need = unit and unit:get("NeedDaemonReload")
+        local fragment = unit and unit:get("FragmentPath")
+        local dropins = unit and unit:get("DropInPaths")
+        if need or (fragment and #flow.unlisted_dropins(svc, { FragmentPath = fragment, DropInPaths = dropins },
+            opts.user) > 0) then
+          ctx.initially_stale[svc.name] = true
+        end
+      end
+    end)
   end
+  if #scan > 0 then rr.wait(scan) end
 
   local order_names = {}
   for i, svc in ipairs(prep.order) do order_names[i] = svc.name end
@@ -423,7 +509,7 @@ function rolling.run(opts)
   local pool = {} -- ready and not launched, the best candidate last
   local waiting = {} -- [name] = why a ready service waits (a group's budget)
   local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, run = stream.run,
-    events_file = events_file or nil }
+    events_file = events_file or nil, seen = seen }
   -- the longest remaining dependency chain first, then declaration order
   local function better(a, b)
     if chain[a.name] ~= chain[b.name] then return chain[a.name] > chain[b.name] end
@@ -438,9 +524,44 @@ function rolling.run(opts)
     table.insert(pool, lo, svc)
   end
   -- A group's members down right now: those in flight, and those not healthy (one look each).
+  -- Canaries: per group with a canary among the selected members, which go first, and where
+  -- the group stands ("rolling", "soaking", "passed", "failed", "held").
+  local selected_set = {}
+  for _, svc in ipairs(prep.order) do selected_set[svc.name] = true end
+  local canaries, canary_of, canary_state, canary_info = {}, {}, {}, {}
+  for name, g in pairs(prep.platform.groups or {}) do
+    if g.canary then
+      local held = canary.held(state_root, name)
+      if opts.promote and held then
+        -- promoted: the canaries are on the new release already; the rest go now
+        canary_state[name] = "passed"
+        for _, n in ipairs(held.canaries or {}) do
+          if selected_set[n] then taken[n] = true; done[n] = true; launched[n] = true; canary_of[n] = name end
+        end
+        canary_info[name] = { promoted = held }
+      elseif not opts.promote then
+        local list = canary.members(g, selected_set)
+        if #list > 0 and #list < #g.members then
+          canaries[name] = list
+          canary_state[name] = "rolling"
+          canary_info[name] = { succeeded = 0, records = {} }
+          for _, n in ipairs(list) do canary_of[n] = name end
+        end
+      end
+    end
+  end
+  local soaks = {}
   local function group_room(svc)
     local g = svc.group and prep.platform.groups and prep.platform.groups[svc.group]
     if not g then return true end
+    local cs = canary_state[svc.group]
+    if cs and cs ~= "passed" and not canary_of[svc.name] then
+      if cs == "failed" or cs == "held" then
+        return nil, ("the canary of group %s %s"):format(svc.group, cs == "held" and "is held (--canary-only)"
+          or "failed")
+      end
+      return nil, ("waits for the canary of group %s"):format(svc.group)
+    end
     local budget = g.max_unavailable_count or 1
     local down, names = 0, {}
     for _, e in ipairs(inflight) do
@@ -495,14 +616,68 @@ function rolling.run(opts)
     end
   end
 
+  -- A canary that soaked: passed (the rest may go, or the group is held), or failed (every
+  -- canary rolled back, the rest never touched).
+  local function soak_ended(group, ok, why)
+    local info = canary_info[group]
+    if ok then
+      stream:emit("CANARY_PASSED", { group = group, canaries = canaries[group],
+        duration_ms = math.floor((rr.now() - info.soak_t0) * 1000 + 0.5) })
+      if opts.canary_only then
+        canary_state[group] = "held"
+        local hok, herr = canary.hold(state_root, group, { run = stream.run, release = opts.deploy_path,
+          canaries = canaries[group], members = prep.platform.groups[group].members,
+          passed_at = require("rr.log").timestamp() })
+        if not hok then
+          stream:emit("WARNING", { warning = ("cannot record the held canary of %s: %s"):format(group, tostring(herr)) })
+        end
+      else
+        canary_state[group] = "passed"
+      end
+      return
+    end
+    canary_state[group] = "failed"
+    stream:emit("CANARY_FAILED", { group = group, canaries = canaries[group], error = why })
+    s.canary_failed = s.canary_failed or {}
+    s.canary_failed[group] = why
+    -- the canaries go back to the old release: code and definition
+    for _, n in ipairs(canaries[group]) do
+      local svc = prep.platform.by_name[n]
+      local rok, rerr = flow.rollback(ctx, svc, "the canary of group " .. group .. " failed: " .. tostring(why),
+        info.records[n])
+      for i, x in ipairs(s.succeeded) do if x == n then table.remove(s.succeeded, i) break end end
+      s.failed[#s.failed + 1] = n
+      s.errors = s.errors or {}
+      s.errors[n] = "canary failed: " .. tostring(why)
+      if rok then
+        s.rolled_back[#s.rolled_back + 1] = n
+        if info.records[n] then state.deploy_undone(state_root, n, info.records[n].state_dir) end
+      else
+        s.rollback_failed[#s.rollback_failed + 1] = n
+        ctx.aborted_by = ctx.aborted_by or n
+      end
+    end
+    if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or ("the canary of group " .. group) end
+  end
+
   while true do
     if not ctx.interrupted and not ctx.aborted_by then
       launch_ready()
     end
-    if #inflight == 0 then break end
+    if #inflight == 0 and #soaks == 0 then break end
     local tasks = {}
     for i, e in ipairs(inflight) do tasks[i] = e.task end
+    for _, sk in ipairs(soaks) do tasks[#tasks + 1] = sk.task end
     local task, tok, outcome, ferr, info = rr.wait_any(tasks)
+    local soaked
+    for i, sk in ipairs(soaks) do
+      if sk.task == task then soaked = table.remove(soaks, i) break end
+    end
+    if soaked then
+      if not tok then outcome, ferr = nil, "the soak failed: " .. tostring(outcome) end
+      soak_ended(soaked.group, outcome == true, ferr)
+      goto continue
+    end
     local entry
     for i, e in ipairs(inflight) do
       if e.task == task then entry = table.remove(inflight, i) break end
@@ -516,6 +691,30 @@ function rolling.run(opts)
     if outcome == flow.SUCCESS then
       done[name] = true
       s.succeeded[#s.succeeded + 1] = name
+      local group = canary_of[name]
+      if group and canary_state[group] == "rolling" then
+        local ci = canary_info[group]
+        ci.succeeded = ci.succeeded + 1
+        ci.records[name] = info and info.deploy_record or nil
+        if ci.succeeded == #canaries[group] then
+          -- every canary is on the new release: watch them serve
+          local g = prep.platform.groups[group]
+          local analysis, aerr
+          if g.canary.analysis then analysis, aerr = canary.load_analysis(g.canary.analysis) end
+          local cs, others = {}, {}
+          for _, n in ipairs(canaries[group]) do cs[#cs + 1] = prep.platform.by_name[n] end
+          for _, n in ipairs(g.members) do
+            if not canary_of[n] then others[#others + 1] = prep.platform.by_name[n] end
+          end
+          canary_state[group] = "soaking"
+          ci.soak_t0 = rr.now()
+          stream:emit("CANARY_START", { group = group, canaries = canaries[group], soak = g.canary.soak })
+          soaks[#soaks + 1] = { group = group, task = rr.spawn(function()
+            if aerr then return nil, aerr end
+            return canary.soak({ group = g, canaries = cs, others = others, manager = manager, analysis = analysis })
+          end) }
+        end
+      end
     elseif outcome == flow.ROLLBACK_FAILED then
       s.failed[#s.failed + 1] = name
       s.rollback_failed[#s.rollback_failed + 1] = name
@@ -527,15 +726,33 @@ function rolling.run(opts)
     end
     s.errors = s.errors or {}
     s.errors[name] = ferr
+    if canary_of[name] and outcome ~= flow.SUCCESS and canary_state[canary_of[name]] == "rolling" then
+      -- a canary that failed its own flow: the rest of its group is never touched
+      canary_state[canary_of[name]] = "failed"
+      stream:emit("CANARY_FAILED", { group = canary_of[name], canaries = canaries[canary_of[name]],
+        error = ("%s: %s"):format(name, tostring(ferr)) })
+    end
+    ::continue::
   end
   stop_ticker()
 
   local blocked = assert(dag.blocked_by(prep.platform.services, s.failed))
   for _, svc in ipairs(prep.order) do
     if not launched[svc.name] then
-      local reason = waiting[svc.name] and not ctx.interrupted and not ctx.aborted_by
-        and ("never had room in its group's budget (" .. waiting[svc.name] .. ")") or skip_reason(svc, ctx, blocked)
+      local cs = svc.group and canary_state[svc.group]
+      local reason
+      if cs == "held" then
+        reason = "--canary-only: promote with --promote"
+      elseif cs == "failed" then
+        reason = ("the canary of group %s failed: %s"):format(svc.group,
+          tostring(s.canary_failed and s.canary_failed[svc.group] or "see its canaries"))
+      elseif waiting[svc.name] and not ctx.interrupted and not ctx.aborted_by then
+        reason = "never had room in its group's budget (" .. waiting[svc.name] .. ")"
+      else
+        reason = skip_reason(svc, ctx, blocked)
+      end
       s.skipped[#s.skipped + 1] = svc.name
+      if cs == "held" then s.held = (s.held or 0) + 1 end
       stream:emit("SERVICE_SKIPPED", { service = svc.name, unit = svc.unit, reason = reason })
     end
   end
@@ -547,7 +764,7 @@ function rolling.run(opts)
     s.exit_code = rolling.EXIT_ROLLBACK_FAILED
   elseif s.interrupted then
     s.exit_code = rolling.EXIT_INTERRUPTED
-  elseif #s.failed > 0 or #s.skipped > 0 then
+  elseif #s.failed > 0 or #s.skipped > (s.held or 0) then -- held on purpose (--canary-only) is no failure
     s.exit_code = rolling.EXIT_FAILED
   else
     s.exit_code = rolling.EXIT_OK
@@ -564,10 +781,17 @@ function rolling.run(opts)
   })
   rr.off_signal(on_signal)
   j:close()
+  for group, ci in pairs(canary_info) do
+    if ci.promoted and s.exit_code == rolling.EXIT_OK then canary.release(state_root, group) end
+  end
   if recovery then
     s.recovered = recovery.recovered
     for _, key in ipairs({ "succeeded", "failed", "rolled_back", "rollback_failed" }) do
       for i, n in ipairs(recovery[key]) do table.insert(s[key], i, n) end
+    end
+    s.errors = s.errors or {}
+    for n, e in pairs(recovery.errors or {}) do
+      if s.errors[n] == nil then s.errors[n] = e end
     end
   end
   local summary = summary_of(s)

@@ -1,11 +1,11 @@
 -- rr.services: load and validate a platform's services file.
 --
 -- The file is data: a Lua chunk returning { defaults = ..., services = ... }
--- (DESIGN.md "services.lua"). Loading checks everything before anything is
+-- (the README's "services.lua"). Loading checks everything before anything is
 -- touched and reports every problem at once, one line each, naming the file,
 -- the service and the field, so that an operator fixes the file in one pass.
 --
--- Decisions where DESIGN.md is silent (documented here, asserted in
+-- Decisions the README leaves open (documented here, asserted in
 -- spec/unit/services_spec.lua):
 --   * `health` absent means "systemd": every unit has a systemd state to check.
 --   * `health` as a table means an HTTP check and needs `url`.
@@ -22,6 +22,13 @@
 --     rollbacks of one unit would fight).
 --   * `hooks` is resolved against the services file's directory here; whether
 --     the file exists is checked at run time, not by validation.
+--   * Groups (`groups`, a member's `group`): a group without members, a budget that
+--     resolves to 0 members ("10%" of 3) and members that depend on each other are
+--     errors, not warnings: each would leave a roll that can never proceed, or one
+--     that serializes what the operator declared as replicas. A member's balancer
+--     server name defaults to its service name and must be an HAProxy name when the
+--     balancer is HAProxy (a service name may hold "@", which HAProxy refuses).
+--     A balancer script and a canary's analysis resolve like `hooks`.
 --   * Every number has a range (NUMBER_RULES below), so that whatever validation
 --     accepts, the primitives that receive it (rr.systemd job and wait timeouts,
 --     rr.http's timeout <= 86400 s, rr.proc's timeout, rr.sleep) accept too, and
@@ -33,7 +40,7 @@ local suggest = require("rr.suggest")
 
 local services = {}
 
--- Built-in defaults (DESIGN.md): used when the file's `defaults` omits them.
+-- Built-in defaults: used when the file's `defaults` omits them.
 local BUILTIN_DEFAULTS = {
   health = { timeout = 30, retries = 3, interval = 1 },
   stabilize = 30,
@@ -44,6 +51,7 @@ local SERVICE_FIELDS = {
   "name", "unit", "kind", "depends", "health", "stabilize", "working_dir",
   "migrate", "migrate_rollback", "reload", "hooks", "deploy_delete",
   "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout",
+  "group", "balancer_server",
 }
 local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
 local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
@@ -54,7 +62,15 @@ local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout",
 -- deploy (1800 s when absent).
 local TIMEOUT_FIELDS = { "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
-local TOP_FIELDS = { "defaults", "services" }
+local TOP_FIELDS = { "defaults", "groups", "services" }
+-- A replica group (`groups[NAME]`), its balancer table and its (reserved) canary.
+local GROUP_FIELDS = { "max_unavailable", "balancer", "drain_timeout", "canary" }
+local BALANCER_FIELDS = { "haproxy", "backend", "timeout", "interval" }
+local CANARY_FIELDS = { "count", "soak", "analysis" }
+local GROUP_DEFAULTS = { max_unavailable = 1, drain_timeout = 30 }
+-- HAProxy's server and backend names (rr.haproxy refuses anything else in a command line).
+local HAPROXY_NAME = "^[A-Za-z0-9._:-]+$"
+local HAPROXY_NAME_TEXT = "letters, digits and . - _ :"
 local HEALTH_KINDS = { "systemd", "none" }
 
 -- The range of every number (inclusive; nan and inf never pass):
@@ -93,7 +109,8 @@ end
 local KNOWN = {
   [SERVICE_FIELDS] = set_of(SERVICE_FIELDS), [HEALTH_FIELDS] = set_of(HEALTH_FIELDS),
   [DEFAULT_FIELDS] = set_of(DEFAULT_FIELDS), [DEFAULT_HEALTH_FIELDS] = set_of(DEFAULT_HEALTH_FIELDS),
-  [TOP_FIELDS] = set_of(TOP_FIELDS),
+  [TOP_FIELDS] = set_of(TOP_FIELDS), [GROUP_FIELDS] = set_of(GROUP_FIELDS),
+  [BALANCER_FIELDS] = set_of(BALANCER_FIELDS), [CANARY_FIELDS] = set_of(CANARY_FIELDS),
 }
 local UNIT_SUFFIX_SET = set_of(UNIT_SUFFIXES)
 
@@ -486,6 +503,329 @@ local function check_health(report, where, value, defaults)
   return ok and health or nil
 end
 
+local NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+
+-- ---- replica groups ----
+
+-- A budget of members: a whole number >= 1, or "N%" with N a whole number from 1 to 100.
+-- Returns { count = n } or { percent = n }, or nil (reported).
+local function check_budget(report, where, field, value)
+  if type(value) == "string" then
+    local digits = value:match("^(%d+)%%$")
+    local n = digits and math.tointeger(tonumber(digits))
+    if n and n >= 1 and n <= 100 then return { percent = n } end
+  elseif math.type(value) == "integer" or (type(value) == "number" and math.tointeger(value)) then
+    local n = math.tointeger(value)
+    if n >= 1 then return { count = n } end
+  end
+  report.add(where, ("field %s must be a number of members (a whole number >= 1) or a percentage \"N%%\" from "
+    .. "\"1%%\" to \"100%%\", got %s"):format(quote(field), describe(value)))
+  return nil
+end
+
+-- Members a budget allows: a count as written, a percentage rounded down.
+local function resolve_budget(budget, members)
+  if budget.count then return budget.count end
+  return members * budget.percent // 100
+end
+
+-- Why a balancer.haproxy address is unusable, or nil: an absolute path (the admin socket) or
+-- HOST:PORT ([V6]:PORT), as rr.haproxy connects to them.
+local function haproxy_address_problem(addr)
+  if addr:sub(1, 1) == "/" then
+    if addr:find("%z") then return "contains a NUL byte" end
+    return nil
+  end
+  local port = addr:match("^%[[%x:.]+%]:(%d+)$") or addr:match("^[^:/%s%c%[%]]+:(%d+)$")
+  local number = port and tonumber(port)
+  if number == nil or number < 1 or number > 65535 then
+    return "must be the admin socket's absolute path or HOST:PORT"
+  end
+  return nil
+end
+
+-- A path relative to the services file's directory (as `hooks`). Returns it resolved or nil.
+local function check_script_path(report, where, field, value, base_dir)
+  if not check_type(report, where, field, value, "string") then return nil end
+  if value == "" then
+    report.add(where, ("field %s must not be empty"):format(quote(field)))
+    return nil
+  end
+  if value:find("%z") then
+    report.add(where, ("field %s contains a NUL byte"):format(quote(field)))
+    return nil
+  end
+  return resolve(base_dir, value)
+end
+
+-- A group's balancer: { haproxy = SOCKET, backend = NAME [, timeout =] [, interval =] } (a
+-- copy), or a script's path (resolved). nil when a problem was reported.
+local function check_balancer(report, where, value, base_dir)
+  if type(value) == "string" then return check_script_path(report, where, "balancer", value, base_dir) end
+  if type(value) ~= "table" then
+    report.add(where, ("field \"balancer\" must be { haproxy = SOCKET, backend = NAME } or the path of a Lua "
+      .. "script, got %s"):format(describe(value)))
+    return nil
+  end
+  local before = #report.problems
+  check_unknown_fields(report, where, value, BALANCER_FIELDS, "balancer.")
+  local out = {}
+  if value.haproxy == nil then
+    report.add(where, "field \"balancer.haproxy\" is required when \"balancer\" is a table (HAProxy's admin socket: "
+      .. "an absolute path or HOST:PORT)")
+  elseif check_type(report, where, "balancer.haproxy", value.haproxy, "string") then
+    local problem = haproxy_address_problem(value.haproxy)
+    if problem then
+      report.add(where, ("field \"balancer.haproxy\" %s, got %s"):format(problem, quote(value.haproxy)))
+    end
+    out.haproxy = value.haproxy
+  end
+  if value.backend == nil then
+    report.add(where, "field \"balancer.backend\" is required when \"balancer\" is a table (the HAProxy backend "
+      .. "of the group's servers)")
+  elseif check_type(report, where, "balancer.backend", value.backend, "string") then
+    if not value.backend:match(HAPROXY_NAME) then
+      report.add(where, ("field \"balancer.backend\" must be %s (an HAProxy backend name), got %s"):format(
+        HAPROXY_NAME_TEXT, quote(value.backend)))
+    end
+    out.backend = value.backend
+  end
+  if value.timeout ~= nil then out.timeout = check_number(report, where, "balancer.timeout", value.timeout, "timeout") end
+  if value.interval ~= nil then
+    out.interval = check_number(report, where, "balancer.interval", value.interval, "interval")
+  end
+  if #report.problems > before then return nil end
+  return out
+end
+
+-- A group's canary (reserved: validated and kept, not acted on yet).
+local function check_canary(report, where, value, base_dir)
+  if type(value) ~= "table" then
+    report.add(where, ("field \"canary\" must be a table { count = ..., soak = ..., analysis = ... }, got %s"):format(
+      describe(value)))
+    return nil
+  end
+  local before = #report.problems
+  check_unknown_fields(report, where, value, CANARY_FIELDS, "canary.")
+  local canary = { count = 1, budget = { count = 1 } }
+  if value.count ~= nil then
+    canary.count = value.count
+    canary.budget = check_budget(report, where, "canary.count", value.count)
+  end
+  if value.soak ~= nil then canary.soak = check_number(report, where, "canary.soak", value.soak, "stabilize") end
+  if value.analysis ~= nil then
+    canary.analysis = check_script_path(report, where, "canary.analysis", value.analysis, base_dir)
+  end
+  if #report.problems > before then return nil end
+  return canary
+end
+
+-- Validates one entry of `groups`; returns the group (members filled in later) or nil.
+local function check_group(report, name, value, base_dir)
+  local where = "group " .. quote(name)
+  if type(value) ~= "table" then
+    report.add(where, ("must be a table { max_unavailable = ..., balancer = ..., drain_timeout = ... }, got %s"):format(
+      describe(value)))
+    return nil
+  end
+  local before = #report.problems
+  check_unknown_fields(report, where, value, GROUP_FIELDS)
+  local group = { name = name, max_unavailable = GROUP_DEFAULTS.max_unavailable, budget = { count = 1 },
+                  drain_timeout = GROUP_DEFAULTS.drain_timeout, members = {} }
+  if value.max_unavailable ~= nil then
+    group.max_unavailable = value.max_unavailable
+    group.budget = check_budget(report, where, "max_unavailable", value.max_unavailable)
+  end
+  if value.balancer ~= nil then group.balancer = check_balancer(report, where, value.balancer, base_dir) end
+  if value.drain_timeout ~= nil then
+    group.drain_timeout = check_number(report, where, "drain_timeout", value.drain_timeout, "timeout")
+  end
+  if value.canary ~= nil then group.canary = check_canary(report, where, value.canary, base_dir) end
+  if #report.problems > before then return nil end
+  return group
+end
+
+-- The `groups` table: name -> raw entry for every usable name (so that members name them even
+-- when the entry has problems), and name -> validated group for the entries without problems.
+local function check_groups(report, value, base_dir)
+  local raw, checked, names = {}, {}, {}
+  if value == nil then return raw, checked, names end
+  if type(value) ~= "table" then
+    report.add(nil, ("field \"groups\" must be a table keyed by group name, got %s"):format(describe(value)))
+    return raw, checked, names
+  end
+  for _, key in ipairs(sorted_unknown_keys(value, {})) do
+    if type(key) ~= "string" then
+      report.add(nil, ("field \"groups\" must be keyed by group name, got key %s"):format(key_label(key)))
+    elseif not key:match(NAME_PATTERN) then
+      report.add(nil, ("field \"groups\": group name %s must be letters, digits and . _ : @ - (starting with a letter "
+        .. "or digit)"):format(quote(key)))
+    else
+      raw[key] = value[key]
+      names[#names + 1] = key
+    end
+  end
+  for _, name in ipairs(names) do checked[name] = check_group(report, name, raw[name], base_dir) end
+  return raw, checked, names
+end
+
+-- A member's group and balancer_server fields (in check_service).
+local function check_membership(report, where, entry, svc, ctx)
+  if entry.group ~= nil and check_type(report, where, "group", entry.group, "string") then
+    if ctx.group_raw[entry.group] == nil then
+      report.add(where, ("field \"group\" names unknown group %s%s"):format(quote(entry.group),
+        report.hint(entry.group, ctx.group_names)))
+    else
+      svc.group = entry.group
+    end
+  end
+  if entry.balancer_server ~= nil and check_type(report, where, "balancer_server", entry.balancer_server, "string") then
+    local raw = type(entry.group) == "string" and ctx.group_raw[entry.group]
+    if not entry.balancer_server:match(HAPROXY_NAME) then
+      report.add(where, ("field \"balancer_server\" must be %s (an HAProxy server name), got %s"):format(
+        HAPROXY_NAME_TEXT, quote(entry.balancer_server)))
+    elseif entry.group == nil then
+      report.add(where, "field \"balancer_server\" needs \"group\" (the name of the member's server at its group's "
+        .. "balancer)")
+    elseif raw ~= nil and not (type(raw) == "table" and raw.balancer ~= nil) then
+      report.add(where, ("field \"balancer_server\" needs a balancer: group %s has none"):format(quote(entry.group)))
+    else
+      svc.balancer_server = entry.balancer_server
+    end
+  end
+end
+
+-- Walks the dependencies from `start` (iteratively: a chain of 150,000 services must not
+-- overflow the C stack) and records in toward[name] the next step from name towards a service
+-- of `target` (a set), false when there is none; each service is walked once per memo.
+-- `pruned(name)` true skips a service known to lead nowhere.
+local VISITING = {}
+local function walk(deps_of, start, target, toward, pruned)
+  toward[start] = VISITING
+  local stack = { { node = start, i = 0 } }
+  while #stack > 0 do
+    local top = stack[#stack]
+    local d = (deps_of[top.node] or {})[top.i + 1]
+    if d == nil then
+      toward[top.node] = false
+      stack[#stack] = nil
+    elseif target[d] then
+      toward[top.node] = d
+      stack[#stack] = nil
+    else
+      local t = toward[d]
+      if t == nil and pruned and pruned(d) then
+        toward[d], t = false, false
+      end
+      if t == nil then
+        toward[d] = VISITING
+        stack[#stack + 1] = { node = d, i = 0 }
+      else
+        top.i = top.i + 1
+        if t ~= false and t ~= VISITING then
+          toward[top.node] = d
+          stack[#stack] = nil
+        end
+      end
+    end
+  end
+end
+
+-- Another member of `member`'s group that it depends on, directly or through other services:
+-- the path { member, ..., other }, or nil. `toward` is the group's memo, `pruned` skips the
+-- services from which no member of any group can be reached.
+local function member_dependency(deps_of, member, in_group, toward, pruned)
+  for _, d in ipairs(deps_of[member] or {}) do
+    if in_group[d] then return { member, d } end
+    if toward[d] == nil then
+      if pruned(d) then toward[d] = false else walk(deps_of, d, in_group, toward, pruned) end
+    end
+    if toward[d] and toward[d] ~= VISITING then
+      local path, node = { member, d }, d
+      while not in_group[node] do
+        node = toward[node]
+        path[#path + 1] = node
+      end
+      return path
+    end
+  end
+  return nil
+end
+
+-- What needs the members: each group's member list (declaration order), its budget resolved,
+-- no group without members, no budget of 0 members, servers named as the balancer allows and
+-- at most once, no member depending on another.
+local function check_group_members(report, entries, ctx, graph)
+  local deps_of, any_member = {}, {}
+  for _, node in ipairs(graph) do deps_of[node.name] = node.depends end
+  for i, entry in ipairs(entries) do
+    if type(entry) == "table" and type(entry.name) == "string" and ctx.first_index_of[entry.name] == i
+      and type(entry.group) == "string" and ctx.groups[entry.group] then
+      local members = ctx.groups[entry.group].members
+      members[#members + 1] = entry.name
+      any_member[entry.name] = true
+    end
+  end
+  -- One walk of the whole graph finds the services that lead to no member at all (a shared
+  -- database under a long chain): each group's walk skips them, so a platform of thousands of
+  -- groups above a deep chain is checked in one pass over the chain, not one per group.
+  local toward_any = {}
+  local function pruned(name)
+    if any_member[name] then return false end
+    if toward_any[name] == nil then walk(deps_of, name, any_member, toward_any) end
+    return toward_any[name] == false
+  end
+  for _, name in ipairs(ctx.group_names) do
+    local group = ctx.groups[name]
+    if group then
+      local where = "group " .. quote(name)
+      local members = group.members
+      local n = #members
+      if n == 0 then
+        report.add(where, ("has no members (no service says group = %s)"):format(quote(name)))
+      else
+        group.max_unavailable_count = resolve_budget(group.budget, n)
+        if group.max_unavailable_count == 0 then
+          report.add(where, ("field \"max_unavailable\" %s of %d member%s is 0 members: the budget can never be met "
+            .. "(no member could ever be taken down; use at least %d%%, or a count)"):format(quote(group.max_unavailable),
+            n, n == 1 and "" or "s", (100 + n - 1) // n))
+        end
+        if group.canary then
+          group.canary.count_members = resolve_budget(group.canary.budget, n)
+          if group.canary.count_members == 0 then
+            report.add(where, ("field \"canary.count\" %s of %d member%s is 0 members: no member would roll first "
+              .. "(use at least %d%%, or a count)"):format(quote(group.canary.count), n, n == 1 and "" or "s",
+              (100 + n - 1) // n))
+          end
+        end
+        local servers, in_group, toward = {}, {}, {}
+        for _, member in ipairs(members) do in_group[member] = true end
+        for _, member in ipairs(members) do
+          local entry = entries[ctx.first_index_of[member]]
+          local server = entry.balancer_server
+          if type(group.balancer) == "table" and server == nil and not member:match(HAPROXY_NAME) then
+            report.add("service " .. quote(member), ("its name is not an HAProxy server name (%s): set "
+              .. "\"balancer_server\" to the server's name in backend %s"):format(HAPROXY_NAME_TEXT,
+              quote(group.balancer.backend)))
+          end
+          server = type(server) == "string" and server or member
+          if group.balancer and servers[server] then
+            report.add("service " .. quote(member), ("balancer server %s is also the server of service %s in group %s")
+              :format(quote(server), quote(servers[server]), quote(name)))
+          end
+          servers[server] = servers[server] or member
+          local path = member_dependency(deps_of, member, in_group, toward, pruned)
+          if path then
+            report.add(where, ("member %s depends on member %s (%s): the members of a group are replicas that roll "
+              .. "side by side within its budget, so none may depend on another"):format(quote(member),
+              quote(path[#path]), table.concat(path, " -> ")))
+          end
+        end
+      end
+    end
+  end
+end
+
 -- The label of service i in messages: its name when it has a usable one.
 local function service_label(i, entry, first_index_of)
   if type(entry) == "table" and type(entry.name) == "string" and entry.name ~= "" then
@@ -496,8 +836,6 @@ local function service_label(i, entry, first_index_of)
   end
   return ("services[%d]"):format(i)
 end
-
-local NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
 
 -- Validates one service entry; returns the normalized service (nil when a
 -- problem was found, the problem being reported).
@@ -607,6 +945,8 @@ local function check_service(report, i, entry, ctx)
     if entry[field] ~= nil then svc[field] = check_number(report, where, field, entry[field], "timeout") end
   end
 
+  check_membership(report, where, entry, svc, ctx)
+
   if #report.problems > before then return nil end
   return svc
 end
@@ -615,8 +955,13 @@ end
 -- names it in messages (default "services"); relative `hooks` paths resolve
 -- against `base_dir` (default: the directory of source_name).
 -- Returns platform = { source, defaults, services = { normalized, declaration
--- order }, by_name = { [name] = service } }, or nil, problems (a list of
--- one-line strings, every problem found).
+-- order }, by_name = { [name] = service }, groups = { [name] = group } }, or nil,
+-- problems (a list of one-line strings, every problem found). A group is
+-- { name, max_unavailable (as written), max_unavailable_count (members),
+-- balancer (nil, { haproxy, backend [, timeout] [, interval] } or a script's
+-- path), drain_timeout, members = { names, declaration order }[, canary =
+-- { count, count_members[, soak][, analysis] }] }; its members have `group`
+-- and, when it has a balancer, `balancer_server` (default: the service name).
 function services.validate(tbl, source_name, base_dir)
   if source_name ~= nil and type(source_name) ~= "string" then
     error("rr.services.validate: source_name must be a string, got " .. type(source_name), 2)
@@ -634,6 +979,7 @@ function services.validate(tbl, source_name, base_dir)
   end
   check_unknown_fields(report, nil, tbl, TOP_FIELDS)
   local defaults = check_defaults(report, tbl.defaults)
+  local group_raw, groups, group_names = check_groups(report, tbl.groups, base_dir)
 
   local entries = tbl.services
   if entries == nil then
@@ -650,7 +996,8 @@ function services.validate(tbl, source_name, base_dir)
   end
 
   -- Names first, so that dependencies on services declared later resolve.
-  local ctx = { defaults = defaults, base_dir = base_dir, first_index_of = {}, names = {}, unit_owner = {} }
+  local ctx = { defaults = defaults, base_dir = base_dir, first_index_of = {}, names = {}, unit_owner = {},
+                group_raw = group_raw, groups = groups, group_names = group_names }
   for i, entry in ipairs(entries) do
     if type(entry) == "table" and type(entry.name) == "string" and ctx.first_index_of[entry.name] == nil then
       ctx.first_index_of[entry.name] = i
@@ -682,10 +1029,21 @@ function services.validate(tbl, source_name, base_dir)
     end
   end
 
+  if #group_names > 0 then check_group_members(report, entries, ctx, graph) end
+
   if #report.problems > 0 then return nil, report.problems end
 
-  local platform = { source = source_name, defaults = defaults, services = normalized, by_name = {} }
+  local platform = { source = source_name, defaults = defaults, services = normalized, by_name = {}, groups = {} }
   for _, svc in ipairs(normalized) do platform.by_name[svc.name] = svc end
+  for name, group in pairs(groups) do
+    group.budget = nil
+    if group.canary then group.canary.budget = nil end
+    platform.groups[name] = group
+    for _, member in ipairs(group.members) do
+      local svc = platform.by_name[member]
+      if group.balancer then svc.balancer_server = svc.balancer_server or member end
+    end
+  end
   return platform
 end
 
@@ -727,9 +1085,13 @@ local function one_line_error(path, message)
   return path .. ": " .. message
 end
 
+-- Seconds a services file may take to load (wall clock): the instruction limit
+-- does not see time spent inside C calls, such as a slow string.find in a loop.
+services.LOAD_TIMEOUT = 10
+
 -- Loads and validates a services file. Returns the platform (see validate),
 -- or nil, problems: every validation problem, or one line for a file that
--- cannot be read, does not compile, or fails while running.
+-- cannot be read, does not compile, fails while running, or runs too long.
 function services.load(path)
   if type(path) ~= "string" then
     error("rr.services.load: path must be a string, got " .. type(path), 2)
@@ -754,14 +1116,12 @@ function services.load(path)
   local chunk, syntax_err = load(source, "@" .. path, "t", sandbox_env())
   if not chunk then return nil, { one_line_error(path, syntax_err) } end
 
-  -- Run in a coroutine of its own, so that the instruction limit hook does not
-  -- disturb the caller's hooks (a task's, a debugger's).
-  local runner = coroutine.create(chunk)
-  debug.sethook(runner, function()
-    error(("runs more than %d instructions (an endless loop?)"):format(LOAD_INSTRUCTION_LIMIT), 2)
-  end, "", LOAD_INSTRUCTION_LIMIT)
-  local ok, result = coroutine.resume(runner)
-  if not ok then return nil, { one_line_error(path, result) } end
+  -- A task of its own, bounded in instructions and time (rr.chunk).
+  local ok, result, code = require("rr.chunk").run(chunk,
+    { instructions = LOAD_INSTRUCTION_LIMIT, seconds = services.LOAD_TIMEOUT, name = path })
+  if not ok then
+    return nil, { code == "ETIMEDOUT" and result or one_line_error(path, result) }
+  end
   return services.validate(result, path)
 end
 

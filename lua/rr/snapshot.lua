@@ -12,6 +12,9 @@
 -- A snapshot is written into its .tmp dir (each copy written to a temp name, fsynced and
 -- renamed by rr.fs; the manifest last), the dir fsynced, then renamed into place and the
 -- parent fsynced. Only then may `current` be replaced (write_atomic: temp, fsync, rename).
+-- Everything below the state root is created and written without following a symlink (rr.fs's
+-- `under`): a snapshots/ or snapshots/<service> that is a link to elsewhere is an error naming
+-- it, and nothing is written through it.
 -- A SIGKILL between any two steps leaves `current` naming the old complete snapshot or the
 -- new complete one; .tmp and .trash dirs are never read and are removed by the next capture.
 --
@@ -164,13 +167,13 @@ end
 -- Leftovers of a killed engine: half-written .tmp dirs, half-removed .trash dirs, and the
 -- temp file of an interrupted write_atomic of `current` (".current.XXXXXX"). The run lock
 -- keeps any other writer out while this runs.
-local function remove_leftovers(dir)
+local function remove_leftovers(state_root, dir)
   for _, name in ipairs(fs.list(dir) or {}) do
     local seq, kind = parse_name(name)
     if seq and kind ~= "complete" then
-      fs.remove_tree(dir .. "/" .. name)
+      fs.remove_tree(dir .. "/" .. name, state.under(state_root))
     elseif name:match("^%.current%.[%w]+$") then
-      fs.remove(dir .. "/" .. name)
+      fs.remove(dir .. "/" .. name, state.under(state_root))
     end
   end
 end
@@ -210,7 +213,7 @@ function snapshot.prune(state_root, service, keep)
   local removed = 0
   for i = 1, #entries - keep do
     local name = entries[i].name
-    if name ~= current and state.discard(dir .. "/" .. name, dir .. "/" .. name .. ".trash") then
+    if name ~= current and state.discard(dir .. "/" .. name, dir .. "/" .. name .. ".trash", state_root) then
       removed = removed + 1
     end
   end
@@ -223,8 +226,8 @@ local function name_part(run)
   return s == "" and "run" or s
 end
 
--- Copies one definition file into the snapshot dir -> manifest entry | nil, err.
-local function store_file(tmp, index, f)
+-- Copies one definition file into the snapshot dir (below state_root) -> manifest entry | nil, err.
+local function store_file(state_root, tmp, index, f)
   local entry = { path = f.path, role = f.role, optional = f.optional == true }
   local source, st, code = resolve(f.path)
   if not source then
@@ -240,7 +243,7 @@ local function store_file(tmp, index, f)
   if source ~= f.path then entry.link = source end
   entry.stored = ("%02d.%s"):format(index, f.role)
   local stored_path = tmp .. "/" .. entry.stored
-  local ok, err = fs.copy_atomic(source, stored_path)
+  local ok, err = fs.copy_atomic(source, stored_path, state.under(state_root))
   if not ok then
     return nil, ("cannot copy %s into the snapshot: %s"):format(f.path, tostring(err))
   end
@@ -270,20 +273,21 @@ function snapshot.capture(state_root, service, files, meta)
     error("rr.snapshot.capture: meta.unit must be a unit name (a string without \"/\")", 2)
   end
   local dir = service_dir(state_root, service)
-  local ok, err = fs.mkdir_p(dir, 448)
+  local under = state.under(state_root)
+  local ok, err = fs.mkdir_p(dir, 448, under)
   if not ok then
     return nil, ("cannot create %s: %s"):format(dir, tostring(err))
   end
-  remove_leftovers(dir)
+  remove_leftovers(state_root, dir)
 
   local name = ("%06d-%s"):format(next_seq(dir), name_part(meta.run))
   local tmp = dir .. "/" .. name .. ".tmp"
-  ok, err = fs.mkdir_p(tmp, 448)
+  ok, err = fs.mkdir_p(tmp, 448, under)
   if not ok then
     return nil, ("cannot create %s: %s"):format(tmp, tostring(err))
   end
   local function fail(msg)
-    fs.remove_tree(tmp)
+    fs.remove_tree(tmp, under)
     return nil, msg
   end
 
@@ -291,7 +295,7 @@ function snapshot.capture(state_root, service, files, meta)
   for _, f in ipairs(files) do
     if not seen[f.path] then
       seen[f.path] = true
-      local entry, serr = store_file(tmp, #entries + 1, f)
+      local entry, serr = store_file(state_root, tmp, #entries + 1, f)
       if not entry then return fail(serr) end
       entries[#entries + 1] = entry
     end
@@ -312,12 +316,12 @@ function snapshot.capture(state_root, service, files, meta)
   if not eok then
     return fail("cannot encode the snapshot manifest (meta must be plain data): " .. tostring(data))
   end
-  ok, err = fs.write_atomic(tmp .. "/" .. MANIFEST, data .. "\n", { mode = 384 })
+  ok, err = fs.write_atomic(tmp .. "/" .. MANIFEST, data .. "\n", { mode = 384, under = under.under })
   if not ok then return fail("cannot write the snapshot manifest: " .. tostring(err)) end
   ok, err = fs.fsync_dir(tmp)
   if not ok then return fail("cannot sync " .. tmp .. ": " .. tostring(err)) end
   local final = dir .. "/" .. name
-  ok, err = fs.rename(tmp, final)
+  ok, err = fs.rename(tmp, final, under)
   if not ok then return fail(("cannot rename %s into place: %s"):format(tmp, tostring(err))) end
   ok, err = fs.fsync_dir(dir)
   if not ok then return nil, "cannot sync " .. dir .. ": " .. tostring(err) end
@@ -351,7 +355,7 @@ function snapshot.promote(state_root, service, snap)
   if not on_disk then return nil, err end
   local ok, verr = verify(on_disk)
   if not ok then return nil, verr end
-  ok, err = fs.write_atomic(dir .. "/" .. CURRENT, snap.name .. "\n", { mode = 384 })
+  ok, err = fs.write_atomic(dir .. "/" .. CURRENT, snap.name .. "\n", { mode = 384, under = state.under(state_root).under })
   if not ok then return nil, "cannot write " .. dir .. "/" .. CURRENT .. ": " .. tostring(err) end
   ok, err = fs.fsync_dir(dir)
   if not ok then return nil, "cannot sync " .. dir .. ": " .. tostring(err) end
@@ -629,12 +633,12 @@ function snapshot.unified_diff(snap, path, opts)
   local new_label = (new and path or "/dev/null") .. "\t(now)"
   local argv = { "diff", "-u", "--label", old_label, "--label", new_label, "--",
     old or "/dev/null", new or "/dev/null" }
-  local res, err, r = proc.run(argv, { env = { LC_ALL = "C" }, timeout = 30 })
+  local res, err, code, r = proc.run(argv, { env = { LC_ALL = "C" }, timeout = 30 })
   -- diff: 0 the same, 1 different, 2 trouble (a file it cannot read).
-  if not res and not (type(r) == "table" and r.exit_code == 1) then
-    local why = type(r) == "table" and r.stderr:match("[^\n]+") or err
+  if not res and not (r and r.exit_code == 1) then
+    local why = r and r.stderr:match("[^\n]+") or err
     return nil, ("cannot diff %s against its known-good copy: %s"):format(path, tostring(why)),
-      type(r) == "string" and r or "EIO"
+      r and "EIO" or code
   end
   res = res or r
   if res.exit_code == 0 then

@@ -17,6 +17,11 @@
 --             deploy, and overwriting it would make the release impossible to undo.
 --     commit  the flow succeeded: .inflight becomes .last (one rename).
 --     undone  the deploy was undone: every pointer naming that record goes.
+--
+-- The root itself may be a symlink (an operator keeps it on another disk); nothing the engine
+-- creates or writes below it is ever reached through one: every write here goes through rr.fs's
+-- `under = root` (state.under(root)), and a symlinked deploys/ is an error naming it, nothing
+-- touched.
 local fs = require("rr.fs")
 
 local state = {}
@@ -52,6 +57,12 @@ end
 function state.lock_path(root) return strip(root) .. "/run.lock" end
 function state.journal_path(root) return strip(root) .. "/run.journal" end
 function state.runs_dir(root) return strip(root) .. "/runs" end
+
+-- state.under(root) -> the options that keep an rr.fs write below root off symlinks: pass them
+-- (or add `under = strip(root)` to other options) for every path the engine writes in the root.
+function state.under(root)
+  return { under = strip(root) }
+end
 
 -- state.record_dir(root, run, service) -> where one deploy's record and backups go.
 function state.record_dir(root, run, service)
@@ -114,9 +125,9 @@ function state.write_pointer(root, service, kind, dir)
     error("rr.state.write_pointer: dir must be a path (string)", 2)
   end
   local parent = strip(root) .. "/deploys"
-  local ok, err, code = fs.mkdir_p(parent, 448)
+  local ok, err, code = fs.mkdir_p(parent, 448, state.under(root))
   if not ok then return nil, ("cannot create %s: %s"):format(parent, tostring(err)), code end
-  ok, err, code = fs.write_atomic(pointer_path(root, service, kind), dir .. "\n", { mode = 384 })
+  ok, err, code = fs.write_atomic(pointer_path(root, service, kind), dir .. "\n", { mode = 384, under = strip(root) })
   if not ok then return nil, tostring(err), code end
   return true
 end
@@ -124,7 +135,7 @@ end
 -- state.remove_pointer(root, service, kind) -> true | nil, message, CODE (no pointer: true).
 function state.remove_pointer(root, service, kind)
   check(root, service, kind, "remove_pointer")
-  local ok, err, code = fs.remove(pointer_path(root, service, kind))
+  local ok, err, code = fs.remove(pointer_path(root, service, kind), state.under(root))
   if not ok and code ~= "ENOENT" then return nil, tostring(err), code end
   fs.fsync_dir(strip(root) .. "/deploys")
   return true
@@ -160,7 +171,8 @@ function state.deploy_commit(root, service, dir)
     -- the pointer is not this deploy's: write .last directly, leave .inflight alone
     return state.write_pointer(root, service, "last", dir)
   end
-  local ok, err, code = fs.rename(pointer_path(root, service, "inflight"), pointer_path(root, service, "last"))
+  local ok, err, code = fs.rename(pointer_path(root, service, "inflight"), pointer_path(root, service, "last"),
+    state.under(root))
   if not ok then return nil, tostring(err), code end
   fs.fsync_dir(strip(root) .. "/deploys")
   return true
@@ -179,15 +191,17 @@ function state.deploy_undone(root, service, dir)
   return true
 end
 
--- state.discard(dir, trash) -> true | nil, message, CODE: removes a stored directory so that a
--- crash never leaves half of it under its own name: one rename to `trash` (fsynced), then the
--- removal. A leftover trash from an earlier crash is removed first.
-function state.discard(dir, trash)
-  fs.remove_tree(trash)
-  local ok, err, code = fs.rename(dir, trash)
+-- state.discard(dir, trash[, root]) -> true | nil, message, CODE: removes a stored directory so
+-- that a crash never leaves half of it under its own name: one rename to `trash` (fsynced), then
+-- the removal. A leftover trash from an earlier crash is removed first. root: the state root both
+-- lie under (nothing below it is followed through a symlink).
+function state.discard(dir, trash, root)
+  local opts = root and state.under(root) or nil
+  fs.remove_tree(trash, opts)
+  local ok, err, code = fs.rename(dir, trash, opts)
   if not ok then return nil, ("cannot remove %s: %s"):format(dir, tostring(err)), code end
   fs.fsync_dir(dir:match("^(.*)/[^/]+$") or ".")
-  ok, err, code = fs.remove_tree(trash)
+  ok, err, code = fs.remove_tree(trash, opts)
   if not ok then return nil, ("cannot remove %s: %s"):format(trash, tostring(err)), code end
   return true
 end

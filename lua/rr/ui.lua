@@ -219,6 +219,15 @@ local SHOW = {
   end,
   BALANCER_ENABLE = function(ev) return ("  %-22s back in rotation (%s)"):format(ev.service, tostring(ev.reason)) end,
   BALANCER_FAILED = function(ev) return ("!! %-21s balancer %s failed: %s"):format(ev.service, ev.action, tostring(ev.error)) end,
+  CANARY_START = function(ev)
+    return ("◆ canary of %s: %s on the new release, soaking %gs"):format(ev.group, table.concat(ev.canaries or {}, ", "),
+      ev.soak or 0)
+  end,
+  CANARY_PASSED = function(ev) return ("◆ canary of %s passed (%s)"):format(ev.group, fmt_ms(ev.duration_ms)) end,
+  CANARY_FAILED = function(ev)
+    return ("!! canary of %s FAILED: %s — rolling the canaries back; the rest is not touched"):format(ev.group,
+      tostring(ev.error))
+  end,
   SERVICE_WAITING = function(ev) return ("  %-22s waits: %s"):format(ev.service, ev.reason) end,
   RECOVERY_FAILED = function(ev) return ("!! %-21s not recovered: %s"):format(ev.service, ev.error) end,
   RUN_ABANDONED = function(ev)
@@ -232,11 +241,8 @@ local SHOW = {
   end,
   SERVICE_SKIPPED = function(ev) return ("- %-22s skipped: %s"):format(ev.service, ev.reason) end,
   HEALTH_CHECK_FAILED = function(ev) return ("  %-22s %s-check failed: %s"):format(ev.service, ev.phase, ev.error) end,
-  ROLLBACK_START = function(ev)
-    local s = ("↺ %-22s rolling back: %s"):format(ev.service, ev.reason)
-    if ev.migrations_not_undone then s = s .. " (migrations are NOT undone)" end
-    return s
-  end,
+  -- migrations_not_undone is said once, by MIGRATION_NOT_UNDONE, when the rollback gets there
+  ROLLBACK_START = function(ev) return ("↺ %-22s rolling back: %s"):format(ev.service, ev.reason) end,
   ROLLBACK_SUCCESS = function(ev) return ("↺ %-22s rolled back, healthy again (%s)"):format(ev.service, fmt_ms(ev.duration_ms)) end,
   ROLLBACK_FAILED = function(ev)
     local lines = { ("!! %-21s ROLLBACK FAILED: %s"):format(ev.service, ev.error), "   manual steps:" }
@@ -244,8 +250,11 @@ local SHOW = {
     return table.concat(lines, "\n")
   end,
   DEFINITION_RESTORED = function(ev)
-    local s = ("  %-22s definition restored from the last known good (%d file(s) put back, %d removed)")
-      :format(ev.service, #(ev.restored or {}), #(ev.removed or {}))
+    local put, removed = #(ev.restored or {}), #(ev.removed or {})
+    local s = put + removed == 0
+      and ("  %-22s definition unchanged since the last known good: nothing to put back"):format(ev.service)
+      or ("  %-22s definition restored from the last known good (%d file(s) put back, %d removed)")
+        :format(ev.service, put, removed)
     if ev.manual and #ev.manual > 0 then
       s = s .. ("\n  %-22s shared drop-ins left as they are, check by hand: %s"):format("", table.concat(ev.manual, ", "))
     end
@@ -258,7 +267,7 @@ local SHOW = {
     return ("  %-22s migration %s (%s)"):format(ev.service, ev.error and ("failed: " .. ev.error) or "done", fmt_ms(ev.duration_ms))
   end,
   MIGRATION_OUTPUT = function(ev) return ("  %-22s | %s"):format(ev.service, ev.line) end,
-  MIGRATION_NOT_UNDONE = function(ev) return ("  %-22s note: %s"):format(ev.service, ev.note) end,
+  MIGRATION_NOT_UNDONE = function(ev) return ("! %-22s %s"):format(ev.service, ev.note) end,
   RELOAD_FALLBACK = function(ev) return ("  %-22s reload failed (%s), restarting instead"):format(ev.service, ev.error) end,
   STABILIZE_FAILED = function(ev) return ("  %-22s unstable: %s"):format(ev.service, ev.error) end,
   WARNING = function(ev) return ("! %-22s %s"):format(ev.service or "", ev.warning) end,

@@ -5,7 +5,7 @@
  *   fixture --port N [--host 127.0.0.1] [--status CODE] [--warmup S] [--listen-delay S]
  *           [--hang] [--delay-ms MS] [--exit-after S] [--exit-code N] [--body TEXT]
  *           [--version-file PATH] [--write-file PATH] [--control-file PATH] [--notify]
- *           [--big-body BYTES] [--port-file PATH] [--stop-delay S]
+ *           [--big-body BYTES] [--port-file PATH] [--stop-delay S] [--ready-file PATH]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -63,6 +63,7 @@ struct config {
         const char *write_file;
         const char *control_file;
         const char *port_file;
+        const char *ready_file;
         bool notify;
         struct behaviour base;
 };
@@ -336,11 +337,11 @@ static void write_file_note(struct server *s, const char *what) {
                 log_line("Failed to append to %s: %s", s->cfg.write_file, strerror(-r));
 }
 
-/* Write the bound port to --port-file atomically (temp file, rename). */
-static int write_port_file(const char *path, int port) {
+/* Replace path's content with text atomically (temp file, rename). */
+static int write_file_atomic(const char *path, const char *text) {
         _cleanup_free_ char *tmp = NULL;
-        char buf[16];
-        int n, r = 0;
+        size_t len = strlen(text);
+        int r = 0;
         _cleanup_close_ int fd = -1;
 
         if (asprintf(&tmp, "%s.tmp.%d", path, (int) getpid()) < 0)
@@ -348,14 +349,30 @@ static int write_port_file(const char *path, int port) {
         fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0644);
         if (fd < 0)
                 return -errno;
-        n = snprintf(buf, sizeof buf, "%d\n", port);
-        if (write(fd, buf, (size_t) n) != n)
+        if (write(fd, text, len) != (ssize_t) len)
                 r = errno > 0 ? -errno : -EIO;
         if (r == 0 && rename(tmp, path) < 0)
                 r = -errno;
         if (r < 0)
                 unlink(tmp);
         return r;
+}
+
+/* Write the bound port to --port-file. */
+static int write_port_file(const char *path, int port) {
+        char buf[16];
+
+        snprintf(buf, sizeof buf, "%d\n", port);
+        return write_file_atomic(path, buf);
+}
+
+/* Write to --ready-file the CLOCK_MONOTONIC microsecond from which /health stops answering 503
+ * (the ms boundary ready_at), so that a benchmark knows the healthy moment exactly. */
+static int write_ready_file(const char *path, int64_t ready_at_ms) {
+        char buf[64];
+
+        snprintf(buf, sizeof buf, "ready_us=%" PRId64 " pid=%d\n", ready_at_ms * 1000, (int) getpid());
+        return write_file_atomic(path, buf);
 }
 
 /* Bind and listen on host:port; on success the fd is in s->listen_fd. */
@@ -405,6 +422,11 @@ static int server_listen(struct server *s) {
         s->listen_fd = fd;
         fd = -1;        /* ownership handed to s */
         s->ready_at = now_ms() + (int64_t) (s->cfg.warmup * 1000);
+        if (s->cfg.ready_file) {
+                r = write_ready_file(s->cfg.ready_file, s->ready_at);
+                if (r < 0)
+                        log_line("Failed to write %s: %s", s->cfg.ready_file, strerror(-r));
+        }
         if (s->cfg.notify) {
                 r = sd_notify(0, "READY=1\nSTATUS=listening");
                 if (r < 0)
@@ -848,7 +870,8 @@ static void usage(FILE *f) {
                 "               [--listen-delay S] [--hang] [--delay-ms MS] [--exit-after S]\n"
                 "               [--exit-code N] [--body TEXT] [--version-file PATH]\n"
                 "               [--write-file PATH] [--control-file PATH] [--notify]\n"
-                "               [--big-body BYTES] [--port-file PATH] [--stop-delay S]\n");
+                "               [--big-body BYTES] [--port-file PATH] [--stop-delay S]\n"
+                "               [--ready-file PATH]\n");
 }
 
 /* Parse argv into cfg. Returns 0, or -EINVAL after printing why. */
@@ -856,7 +879,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
         enum {
                 OPT_PORT = 256, OPT_HOST, OPT_STATUS, OPT_WARMUP, OPT_LISTEN_DELAY, OPT_HANG,
                 OPT_DELAY_MS, OPT_EXIT_AFTER, OPT_EXIT_CODE, OPT_BODY, OPT_VERSION_FILE,
-                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_STOP_DELAY, OPT_HELP,
+                OPT_WRITE_FILE, OPT_CONTROL_FILE, OPT_NOTIFY, OPT_BIG_BODY, OPT_PORT_FILE, OPT_STOP_DELAY, OPT_READY_FILE, OPT_HELP,
         };
         static const struct option options[] = {
                 { "port", required_argument, NULL, OPT_PORT },
@@ -876,6 +899,7 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                 { "big-body", required_argument, NULL, OPT_BIG_BODY },
                 { "port-file", required_argument, NULL, OPT_PORT_FILE },
                 { "stop-delay", required_argument, NULL, OPT_STOP_DELAY },
+                { "ready-file", required_argument, NULL, OPT_READY_FILE },
                 { "help", no_argument, NULL, OPT_HELP },
                 {}
         };
@@ -947,6 +971,9 @@ static int parse_argv(int argc, char **argv, struct config *cfg) {
                         break;
                 case OPT_STOP_DELAY:
                         r = parse_seconds(optarg, &cfg->stop_delay);
+                        break;
+                case OPT_READY_FILE:
+                        cfg->ready_file = optarg;
                         break;
                 case OPT_HELP:
                         usage(stdout);

@@ -12,6 +12,11 @@
 --   local ev = p:last_event("SERVICE_SKIPPED", "api")
 --   p:teardown()
 --
+-- Replica groups: a def may name its `group` (and `balancer_server`); opts.groups is the
+-- services file's `groups` table. A group's balancer often needs what exists only once the
+-- platform does (the replicas' ports for HAProxy's configuration, then HAProxy's socket):
+-- p:write_services({ groups = ... }) rewrites the services file with other top-level fields.
+--
 -- Each service gets a unique unit name (prefix per platform), a port, a control file, and,
 -- with code = true, a working dir holding `version` (served in /health's body) and a
 -- service-written log (`service.log`, appended by the fixture at start).
@@ -39,8 +44,11 @@ function platform.manager()
 end
 
 -- defs: list of { name, depends, health = "systemd" | nil, http = bool, code = bool,
---   reload = bool, migrate = argv, migrate_rollback = argv, stabilize = s, fixture = {opts},
---   env_file = bool, type = "notify"|nil, health_opts = {timeout=, retries=, interval=} }
+--   reload = bool, migrate = argv, migrate_rollback = argv, migrate_timeout = s, deploy_timeout = s,
+--   stabilize = s, fixture = {opts},
+--   env_file = bool, type = "notify"|nil, health_opts = {timeout=, retries=, interval=},
+--   group = NAME, balancer_server = NAME }
+-- opts: groups = { [NAME] = { max_unavailable =, balancer =, drain_timeout = } }.
 function platform.new(defs, opts)
   opts = opts or {}
   counter = counter + 1
@@ -83,7 +91,9 @@ function platform.new(defs, opts)
     })
     local entry = { name = d.name, unit = s.unit, depends = d.depends, reload = d.reload,
       working_dir = s.working_dir, migrate = d.migrate, migrate_rollback = d.migrate_rollback,
-      stabilize = d.stabilize or 0, hooks = d.hooks, deploy_delete = d.deploy_delete }
+      migrate_timeout = d.migrate_timeout, deploy_timeout = d.deploy_timeout,
+      stabilize = d.stabilize or 0, hooks = d.hooks, deploy_delete = d.deploy_delete, group = d.group,
+      balancer_server = d.balancer_server }
     if d.http then
       entry.health = { url = s.url, timeout = 5, retries = 1, interval = 0.2 }
       for k, v in pairs(d.health_opts or {}) do entry.health[k] = v end
@@ -94,10 +104,31 @@ function platform.new(defs, opts)
     self.by_name[d.name] = s
   end
   self.services_table = { defaults = { health = { timeout = 5, retries = 1, interval = 0.2 }, stabilize = 0 },
-    services = self.services }
+    services = self.services, groups = opts.groups }
   self.services_file = self.dir .. "/services.lua"
-  write(self.services_file, "return " .. platform.serialize(self.services_table) .. "\n")
+  self:write_services()
   return self
+end
+
+-- Writes the services file (path: default this platform's own) from the platform's table with
+-- the top-level fields of `overrides` in place of its own (`groups = false` removes them).
+-- Returns the path.
+function platform:write_services(overrides, path)
+  local tbl = {}
+  for k, v in pairs(self.services_table) do tbl[k] = v end
+  for k, v in pairs(overrides or {}) do
+    if v == false then tbl[k] = nil else tbl[k] = v end
+  end
+  path = path or self.services_file
+  write(path, "return " .. platform.serialize(tbl) .. "\n")
+  return path
+end
+
+-- The MainPID of each service, by name.
+function platform:pids()
+  local pids = {}
+  for name in pairs(self.by_name) do pids[name] = assert(self:unit(name):get("MainPID")) end
+  return pids
 end
 
 -- A Lua literal for a plain table of strings, numbers, booleans and tables.
@@ -115,7 +146,9 @@ function platform.serialize(v, indent)
   end
   table.sort(keys)
   for _, k in ipairs(keys) do
-    parts[#parts + 1] = ("%s%s = %s"):format(inner, k, platform.serialize(v[k], inner))
+    -- a key that is not a Lua name ("sso.api") is written ["sso.api"]
+    local key = (type(k) == "string" and k:match("^[%a_][%w_]*$")) and k or ("[%s]"):format(platform.serialize(k))
+    parts[#parts + 1] = ("%s%s = %s"):format(inner, key, platform.serialize(v[k], inner))
   end
   return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
 end
@@ -194,7 +227,7 @@ function platform:cli(args, opts)
   local handle = assert(proc.spawn(argv, { env = { XDG_STATE_HOME = self.xdg_state }, on_line = opts.on_line,
     timeout = opts.timeout or 120 }))
   if opts.spawned then opts.spawned(handle) end
-  local res, _, r = handle:wait()
+  local res, _, _, r = handle:wait()
   return res or r
 end
 

@@ -140,7 +140,7 @@ describe("rr.cli", function()
         deploy_path = "/tmp/d", skip_migrations = true, user = true, events_file = "/tmp/e.jsonl",
         parallel = 4, continue_on_error = true, json = true, hook_files = { "a.lua", "b.lua" },
         dry_run = true, diff = true, force = true, accept_unknown_definition = true, journal = true,
-        help = false, recover = false, resume = false, abandon = false,
+        help = false, recover = false, resume = false, abandon = false, canary_only = false, promote = false,
       }, opts)
     end)
 
@@ -169,15 +169,17 @@ describe("rr.cli", function()
         assert(cli.parse_rolling({ "--service", "sso.redis,sso.api", "--service=files.api" })).service_names)
     end)
 
-    it("requires --deploy and --deploy-path together, for exactly one service", function()
+    it("requires --deploy and --deploy-path together, for chosen services", function()
       assert.same({ nil, "--deploy needs --deploy-path DIR (the new code to deploy)" },
         { cli.parse_rolling({ "--service", "a", "--deploy" }) })
       assert.same({ nil, "--deploy-path needs --deploy (say it twice: this replaces code)" },
         { cli.parse_rolling({ "--service", "a", "--deploy-path", "/tmp/d" }) })
-      assert.same({ nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)" },
-        { cli.parse_rolling({ "--deploy", "--deploy-path", "/tmp/d" }) })
-      assert.same({ nil, "--deploy needs exactly one --service (the service whose working_dir receives the code)" },
-        { cli.parse_rolling({ "--service", "a,b", "--deploy", "--deploy-path", "/tmp/d" }) })
+      assert.same({ nil, "--deploy needs --service (the service whose working_dir receives the code, or the "
+        .. "replicas of one group)" }, { cli.parse_rolling({ "--deploy", "--deploy-path", "/tmp/d" }) })
+      -- several services: accepted here, and checked against the services file (one group) by the run
+      assert.is_truthy(cli.parse_rolling({ "--service", "a,b", "--deploy", "--deploy-path", "/tmp/d" }))
+      assert.same({ nil, "--canary-only and --promote contradict each other (hold the canary, or roll the rest)" },
+        { cli.parse_rolling({ "--canary-only", "--promote" }) })
     end)
 
     it("requires --parallel to be an integer >= 0 (0: no limit)", function()

@@ -85,6 +85,11 @@ describe("rr.services", function()
       assert.equal("hooks/sso.lua", by_name["sso.api"].hooks)
       assert.equal(true, by_name["sso.api"].reload)
       assert.equal("http", by_name["sso.api"].health.kind)
+      local group = platform.groups["search.api"]
+      assert.same({ "search.api.1", "search.api.2", "search.api.3" }, group.members)
+      assert.equal(1, group.max_unavailable_count)
+      assert.same({ haproxy = "/run/haproxy/admin.sock", backend = "search_api" }, group.balancer)
+      assert.equal("search.api.2", by_name["search.api.2"].balancer_server)
     end)
 
     it("reports a missing file in one line", function()
@@ -627,6 +632,232 @@ describe("rr.services", function()
       assert.same({}, platform.services)
       assert.same({ 'services: field "services" is required (a list of { name = ..., unit = ... })' },
         select(2, services.validate({})))
+    end)
+
+    describe("groups", function()
+      -- A group of three replicas with `group` fields, plus the given group settings.
+      local function replicas(settings, extra)
+        local tbl = { groups = { ["sso.api"] = settings }, services = {} }
+        for i = 1, 3 do
+          local entry = { name = "sso.api." .. i, unit = "lilith-sso-api@" .. i .. ".service", group = "sso.api" }
+          for k, v in pairs(extra and extra[i] or {}) do entry[k] = v end
+          tbl.services[i] = entry
+        end
+        return tbl
+      end
+
+      it("normalizes a group: members in declaration order, the budget resolved, servers named", function()
+        local tbl = replicas({ max_unavailable = "67%", drain_timeout = 10,
+                               balancer = { haproxy = "/run/haproxy/admin.sock", backend = "sso_api" } },
+                             { nil, { balancer_server = "api2" } })
+        table.insert(tbl.services, 1, { name = "db", unit = "db.service" })
+        tbl.services[3].depends = { "db" }
+        local platform = assert(services.validate(tbl, "/etc/rrengine/services.lua"))
+        assert.same({ ["sso.api"] = {
+          name = "sso.api", max_unavailable = "67%", max_unavailable_count = 2, drain_timeout = 10,
+          balancer = { haproxy = "/run/haproxy/admin.sock", backend = "sso_api" },
+          members = { "sso.api.1", "sso.api.2", "sso.api.3" },
+        } }, platform.groups)
+        assert.equal("sso.api", platform.by_name["sso.api.1"].group)
+        assert.equal("sso.api.1", platform.by_name["sso.api.1"].balancer_server)
+        assert.equal("api2", platform.by_name["sso.api.2"].balancer_server)
+        assert.equal("sso.api.3", platform.by_name["sso.api.3"].balancer_server)
+        assert.is_nil(platform.by_name.db.group)
+        assert.is_nil(platform.by_name.db.balancer_server)
+      end)
+
+      it("defaults: a budget of 1, a drain timeout of 30 s, no balancer, no server names", function()
+        local platform = assert(services.validate(replicas({}), "services.lua"))
+        local group = platform.groups["sso.api"]
+        assert.equal(1, group.max_unavailable)
+        assert.equal(1, group.max_unavailable_count)
+        assert.equal(30, group.drain_timeout)
+        assert.is_nil(group.balancer)
+        assert.is_nil(platform.services[1].balancer_server)
+        assert.same({}, assert(services.validate({ services = {} })).groups)
+      end)
+
+      it("resolves a percentage of the members, rounded down", function()
+        for percent, count in pairs({ ["34%"] = 1, ["66%"] = 1, ["67%"] = 2, ["100%"] = 3 }) do
+          local platform = assert(services.validate(replicas({ max_unavailable = percent })))
+          assert.equal(count, platform.groups["sso.api"].max_unavailable_count, percent)
+          assert.equal(percent, platform.groups["sso.api"].max_unavailable, percent)
+        end
+        -- a count larger than the group is kept as written: every member may go at once
+        assert.equal(5, assert(services.validate(replicas({ max_unavailable = 5 }))).groups["sso.api"].max_unavailable_count)
+        assert.equal(2, assert(services.validate(replicas({ max_unavailable = 2.0 }))).groups["sso.api"].max_unavailable_count)
+      end)
+
+      it("refuses a budget that is neither a count >= 1 nor a percentage from 1% to 100%", function()
+        for _, case in ipairs({ { 0, "number 0" }, { -1, "number -1" }, { 1.5, "number 1.5" }, { "0%", 'string "0%"' },
+                                { "101%", 'string "101%"' }, { "34.5%", 'string "34.5%"' }, { "2", 'string "2"' },
+                                { " 34%", 'string " 34%"' }, { true, "boolean true" }, { 0 / 0, "number " .. tostring(0 / 0) } }) do
+          assert.same({ 'services.lua: group "sso.api": field "max_unavailable" must be a number of members (a whole '
+            .. 'number >= 1) or a percentage "N%" from "1%" to "100%", got ' .. case[2] },
+            problems_of(replicas({ max_unavailable = case[1] })), tostring(case[1]))
+        end
+      end)
+
+      it("refuses a percentage that resolves to 0 members: that budget can never be met", function()
+        assert.same({ 'services.lua: group "sso.api": field "max_unavailable" "33%" of 3 members is 0 members: the budget '
+          .. 'can never be met (no member could ever be taken down; use at least 34%, or a count)' },
+          problems_of(replicas({ max_unavailable = "33%" })))
+      end)
+
+      it("refuses a group without members, and a member of an unknown group", function()
+        local tbl = replicas({})
+        tbl.groups.spare = { max_unavailable = 1 }
+        tbl.services[2].group = "sso.apii"
+        assert.same({
+          'services.lua: service "sso.api.2": field "group" names unknown group "sso.apii" (did you mean "sso.api"?)',
+          'services.lua: group "spare": has no members (no service says group = "spare")',
+        }, problems_of(tbl))
+      end)
+
+      it("names unknown fields of a group, its balancer and its canary, with a hint", function()
+        assert.same({
+          'services.lua: group "sso.api": field "max_unavailble" is unknown (did you mean "max_unavailable"?)',
+          'services.lua: group "sso.api": field "balancer.backends" is unknown (did you mean "balancer.backend"?)',
+          'services.lua: group "sso.api": field "canary.sok" is unknown (did you mean "canary.soak"?)',
+        }, problems_of(replicas({ max_unavailble = 1,
+                                  balancer = { haproxy = "/run/h.sock", backend = "b", backends = "c" },
+                                  canary = { sok = 3 } })))
+      end)
+
+      it("refuses group names and group entries of the wrong shape", function()
+        assert.same({
+          'services.lua: field "groups" must be keyed by group name, got key [1]',
+          'services.lua: field "groups": group name "bad name" must be letters, digits and . _ : @ - (starting with a '
+            .. 'letter or digit)',
+          'services.lua: group "x": must be a table { max_unavailable = ..., balancer = ..., drain_timeout = ... }, got '
+            .. 'number 2',
+        }, problems_of({ groups = { { max_unavailable = 1 }, ["bad name"] = {}, x = 2 }, services = {} }))
+        assert.same({ 'services.lua: field "groups" must be a table keyed by group name, got string "sso.api"' },
+          problems_of({ groups = "sso.api", services = {} }))
+      end)
+
+      it("refuses members that depend on each other, directly or through other services, naming both", function()
+        local tbl = replicas({}, { nil, { depends = { "sso.api.1" } }, { depends = { "cache" } } })
+        tbl.services[#tbl.services + 1] = { name = "cache", unit = "cache.service", depends = { "sso.api.1" } }
+        tbl.services[1].depends = { "db" }
+        tbl.services[#tbl.services + 1] = { name = "db", unit = "db.service" }
+        assert.same({
+          'services.lua: group "sso.api": member "sso.api.2" depends on member "sso.api.1" (sso.api.2 -> sso.api.1): '
+            .. 'the members of a group are replicas that roll side by side within its budget, so none may depend on another',
+          'services.lua: group "sso.api": member "sso.api.3" depends on member "sso.api.1" (sso.api.3 -> cache -> '
+            .. 'sso.api.1): the members of a group are replicas that roll side by side within its budget, so none may '
+            .. 'depend on another',
+        }, problems_of(tbl))
+        -- a dependency every member shares is fine, and so is a service that depends on the group
+        tbl = replicas({}, { { depends = { "db" } }, { depends = { "db" } }, { depends = { "db" } } })
+        tbl.services[4] = { name = "db", unit = "db.service" }
+        tbl.services[5] = { name = "gateway", unit = "gw.service", depends = { "sso.api.1", "sso.api.2" } }
+        assert.is_truthy(services.validate(tbl))
+      end)
+
+      it("checks a HAProxy balancer: socket path or HOST:PORT, backend name, timeouts", function()
+        for _, addr in ipairs({ "/run/haproxy/admin.sock", "127.0.0.1:9999", "lb.internal:1", "[::1]:65535" }) do
+          assert.is_truthy(services.validate(replicas({ balancer = { haproxy = addr, backend = "a-b_c.d:e" } })), addr)
+        end
+        assert.same({
+          'services.lua: group "sso.api": field "balancer.haproxy" must be the admin socket\'s absolute path or '
+            .. 'HOST:PORT, got "run/haproxy.sock"',
+          'services.lua: group "sso.api": field "balancer.backend" must be letters, digits and . - _ : (an HAProxy '
+            .. 'backend name), got "sso api"',
+          'services.lua: group "sso.api": field "balancer.timeout" must be a number of seconds from 1 to 86400 (24 h), got 0',
+          'services.lua: group "sso.api": field "balancer.interval" must be a number of seconds from 0.01 to 86400 '
+            .. '(24 h), got 0.001',
+        }, problems_of(replicas({ balancer = { haproxy = "run/haproxy.sock", backend = "sso api", timeout = 0,
+                                               interval = 0.001 } })))
+        assert.same({
+          'services.lua: group "sso.api": field "balancer.haproxy" must be the admin socket\'s absolute path or '
+            .. 'HOST:PORT, got "127.0.0.1:0"',
+        }, problems_of(replicas({ balancer = { haproxy = "127.0.0.1:0", backend = "b" } })))
+        assert.same({
+          'services.lua: group "sso.api": field "balancer.haproxy" is required when "balancer" is a table (HAProxy\'s '
+            .. 'admin socket: an absolute path or HOST:PORT)',
+          'services.lua: group "sso.api": field "balancer.backend" is required when "balancer" is a table (the HAProxy '
+            .. 'backend of the group\'s servers)',
+        }, problems_of(replicas({ balancer = {} })))
+        assert.same({ 'services.lua: group "sso.api": field "balancer" must be { haproxy = SOCKET, backend = NAME } or '
+          .. 'the path of a Lua script, got number 1' }, problems_of(replicas({ balancer = 1 })))
+        assert.same({ 'services.lua: group "sso.api": field "balancer" must not be empty' },
+          problems_of(replicas({ balancer = "" })))
+        local platform = assert(services.validate(replicas({ balancer = { haproxy = "/h.sock", backend = "b", timeout = 2,
+                                                                       interval = 0.05 } })))
+        assert.same({ haproxy = "/h.sock", backend = "b", timeout = 2, interval = 0.05 }, platform.groups["sso.api"].balancer)
+        assert.same({ 'services.lua: group "sso.api": field "drain_timeout" must be a number of seconds from 1 to 86400 '
+          .. '(24 h), got 86401' }, problems_of(replicas({ drain_timeout = 86401 })))
+      end)
+
+      it("resolves a balancer script against the services file's directory, as hooks", function()
+        local platform = assert(services.validate(replicas({ balancer = "hooks/nginx.lua" }), "/etc/rrengine/services.lua"))
+        assert.equal("/etc/rrengine/hooks/nginx.lua", platform.groups["sso.api"].balancer)
+        platform = assert(services.validate(replicas({ balancer = "/opt/lb.lua" }), "/etc/rrengine/services.lua"))
+        assert.equal("/opt/lb.lua", platform.groups["sso.api"].balancer)
+        platform = assert(services.validate(replicas({ balancer = "hooks/nginx.lua" }), "services.lua"))
+        assert.equal("hooks/nginx.lua", platform.groups["sso.api"].balancer)
+        -- a script names members by their service name: no HAProxy name rule for them
+        platform = assert(services.validate({ groups = { w = { balancer = "lb.lua" } },
+          services = { { name = "worker@1", unit = "worker@1.service", group = "w" } } }, "services.lua"))
+        assert.equal("worker@1", platform.services[1].balancer_server)
+      end)
+
+      it("checks balancer_server: an HAProxy name, in a group with a balancer, once per group", function()
+        local tbl = replicas({ balancer = { haproxy = "/h.sock", backend = "b" } },
+          { { balancer_server = "api 1" }, { balancer_server = "sso.api.3" } })
+        tbl.services[4] = { name = "lone", unit = "lone.service", balancer_server = "lone" }
+        tbl.groups.plain = {}
+        tbl.services[5] = { name = "p.1", unit = "p1.service", group = "plain", balancer_server = "p1" }
+        tbl.services[6] = { name = "w@1", unit = "w1.service", group = "sso.api" }
+        assert.same({
+          'services.lua: service "sso.api.1": field "balancer_server" must be letters, digits and . - _ : (an HAProxy '
+            .. 'server name), got "api 1"',
+          'services.lua: service "lone": field "balancer_server" needs "group" (the name of the member\'s server at its '
+            .. 'group\'s balancer)',
+          'services.lua: service "p.1": field "balancer_server" needs a balancer: group "plain" has none',
+          'services.lua: service "sso.api.3": balancer server "sso.api.3" is also the server of service "sso.api.2" in '
+            .. 'group "sso.api"',
+          'services.lua: service "w@1": its name is not an HAProxy server name (letters, digits and . - _ :): set '
+            .. '"balancer_server" to the server\'s name in backend "b"',
+        }, problems_of(tbl))
+      end)
+
+      it("keeps the reserved canary, validated: count, soak, analysis", function()
+        local platform = assert(services.validate(replicas({ canary = { count = "34%", soak = 120,
+          analysis = "hooks/canary.lua" } }), "/etc/rrengine/services.lua"))
+        assert.same({ count = "34%", count_members = 1, soak = 120, analysis = "/etc/rrengine/hooks/canary.lua" },
+          platform.groups["sso.api"].canary)
+        platform = assert(services.validate(replicas({ canary = {} })))
+        assert.same({ count = 1, count_members = 1 }, platform.groups["sso.api"].canary)
+        assert.same({
+          'services.lua: group "sso.api": field "canary.count" must be a number of members (a whole number >= 1) or a '
+            .. 'percentage "N%" from "1%" to "100%", got number 0',
+          'services.lua: group "sso.api": field "canary.soak" must be a number of seconds from 0 to 86400 (24 h), got -1',
+          'services.lua: group "sso.api": field "canary.analysis" must be a string, got number 3',
+        }, problems_of(replicas({ canary = { count = 0, soak = -1, analysis = 3 } })))
+        assert.same({ 'services.lua: group "sso.api": field "canary.count" "10%" of 3 members is 0 members: no member '
+          .. 'would roll first (use at least 34%, or a count)' }, problems_of(replicas({ canary = { count = "10%" } })))
+        assert.same({ 'services.lua: group "sso.api": field "canary" must be a table { count = ..., soak = ..., '
+          .. 'analysis = ... }, got boolean true' }, problems_of(replicas({ canary = true })))
+      end)
+
+      it("loads a file with groups, bracketed names and all", function()
+        local path = fixture([[
+          return {
+            groups = { ["sso.api"] = { max_unavailable = 1, drain_timeout = 5,
+                                       balancer = { haproxy = "127.0.0.1:9999", backend = "sso_api" } } },
+            services = {
+              { name = "sso.api.1", unit = "a@1.service", group = "sso.api", balancer_server = "api1" },
+              { name = "sso.api.2", unit = "a@2.service", group = "sso.api" },
+            },
+          }
+        ]])
+        local platform = assert(services.load(path))
+        assert.same({ "sso.api.1", "sso.api.2" }, platform.groups["sso.api"].members)
+        assert.equal("api1", platform.by_name["sso.api.1"].balancer_server)
+        assert.equal(5, platform.groups["sso.api"].drain_timeout)
+      end)
     end)
 
     it("raises on misuse", function()
