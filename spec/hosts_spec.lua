@@ -16,20 +16,20 @@ local units = require("spec.support.units")
 local ENGINE = os.getenv("RR_ENGINE") or arg[-1]
 local UNIT = "rrhost-app.service"
 
--- Run argv here; its result table, or nil, message, result.
+-- Run argv here; its result table, or nil, message, code[, result].
 local function run(argv, opts)
   return proc.run(argv, opts or { timeout = 20 })
 end
 
 -- What a failed run printed, for assertion messages.
-local function said(err, r)
-  return tostring(err) .. (type(r) == "table" and (" " .. r.stderr) or "")
+local function said(err, _, r)
+  return tostring(err) .. (r and (" " .. r.stderr) or "")
 end
 
 -- A property of a unit, read on host h by systemctl through plain ssh (not through our bus).
 local function show(h, prop, unit)
-  local res, err, r = run(hosts.ssh(h, "systemctl --user show --value -p " .. prop .. " " .. unit))
-  assert(res, said(err, r))
+  local res, err, code, r = run(hosts.ssh(h, "systemctl --user show --value -p " .. prop .. " " .. unit))
+  assert(res, said(err, code, r))
   return (res.stdout:gsub("\n$", ""))
 end
 
@@ -50,9 +50,9 @@ describe("hosts", function()
   describe("test hosts", function()
     it("run an sshd each, whose sessions reach that host's own manager and state", function()
       for _, h in ipairs({ hs[1], hs[2] }) do
-        local res, err, r = run(hosts.ssh(h, "printf '%s\\n' \"$RR_TEST_HOST\" \"$XDG_STATE_HOME\";"
+        local res, err, code, r = run(hosts.ssh(h, "printf '%s\\n' \"$RR_TEST_HOST\" \"$XDG_STATE_HOME\";"
           .. " systemctl --user show --value -p Version"))
-        assert(res, said(err, r))
+        assert(res, said(err, code, r))
         local name, state, version = res.stdout:match("^([^\n]*)\n([^\n]*)\n([^\n]*)\n$")
         assert.equal(h.name, name)
         assert.equal(h.env.XDG_STATE_HOME, state)
@@ -107,6 +107,14 @@ describe("hosts", function()
       end
       -- Two managers, two processes: the jobs did not land on one host.
       assert.are_not.equal(results[1][2], results[2][2])
+    end)
+
+    it("refuses m:run, whose program, directory and output pipes are this machine's", function()
+      local m <close> = assert(systemd.remote("h1", { user = true, ssh_config = hs[1].ssh_config }))
+      local res, err, code = m:run({ "true" })
+      assert.is_nil(res)
+      assert.equal("EOPNOTSUPP", code)
+      assert.matches("^cannot run true on h1: m:run needs a manager on this machine", err)
     end)
 
     it("takes a bus path literally when given one", function()
@@ -211,17 +219,17 @@ describe("hosts", function()
     it("passes every argument to the host byte for byte", function()
       local argv = { "printf", "%s\\n" }
       for _, a in ipairs(ARGS) do argv[#argv + 1] = a end
-      local res, err, r = remote.run("h1", argv, { ssh_config = hs[1].ssh_config })
-      assert(res, said(err, r))
+      local res, err, code, r = remote.run("h1", argv, { ssh_config = hs[1].ssh_config })
+      assert(res, said(err, code, r))
       assert.equal(table.concat(ARGS, "\n") .. "\n", res.stdout)
     end)
 
     it("runs in a directory and with variables on the host, quoted the same way", function()
       local dir = hs[1].dir .. "/it's a $dir"
       assert(fs.mkdir_p(dir))
-      local res, err, r = remote.run("h1", { "sh", "-c", "pwd; printf '%s\\n' \"$RR_X\"" },
+      local res, err, code, r = remote.run("h1", { "sh", "-c", "pwd; printf '%s\\n' \"$RR_X\"" },
         { ssh_config = hs[1].ssh_config, cwd = dir, env = { RR_X = "x 'y' $z" } })
-      assert(res, said(err, r))
+      assert(res, said(err, code, r))
       assert.equal(dir .. "\nx 'y' $z\n", res.stdout)
     end)
 
@@ -236,26 +244,29 @@ describe("hosts", function()
 
     it("says how a remote command failed: its exit code, its timeout (killed on the host too), no host", function()
       local cfg = hs[1].ssh_config
-      local res, err, r = remote.run("h1", { "sh", "-c", "exit 3" }, { ssh_config = cfg })
+      local res, err, code, r = remote.run("h1", { "sh", "-c", "exit 3" }, { ssh_config = cfg })
       assert.is_nil(res)
       assert.equal("sh on h1 exited with code 3", err)
+      assert.equal("EEXIT", code)
       assert.equal(3, r.exit_code)
 
       local pidfile = hs[1].dir .. "/sleeper.pid"
-      res, err, r = remote.run("h1", { "sh", "-c", "echo $$ > \"$1\"; exec sleep 1000", "sh", pidfile },
+      res, err, code, r = remote.run("h1", { "sh", "-c", "echo $$ > \"$1\"; exec sleep 1000", "sh", pidfile },
         { ssh_config = cfg, timeout = 0.5 })
       assert.is_nil(res)
       assert.equal("sh on h1 timed out after 0.5 s (killed)", err)
+      assert.equal("ETIMEDOUT", code)
       assert.is_true(r.timed_out)
       -- Gone on the host, not only here: ssh ends when the command does.
       local pid = assert(fs.read(pidfile)):match("%d+")
-      local gone, gerr, gr = remote.run("h1", { "kill", "-0", pid }, { ssh_config = cfg })
+      local gone, gerr, _, gr = remote.run("h1", { "kill", "-0", pid }, { ssh_config = cfg })
       assert.is_nil(gone, "the remote sleep still runs")
       assert.equal(1, gr.exit_code, gerr)
 
-      res, err, r = remote.run("nosuchhost.invalid", { "true" }, { ssh_config = cfg })
+      res, err, code, r = remote.run("nosuchhost.invalid", { "true" }, { ssh_config = cfg })
       assert.is_nil(res)
       assert.matches("^cannot reach nosuchhost%.invalid: ssh: Could not resolve hostname", err)
+      assert.equal("EHOSTUNREACH", code)
       assert.is_true(r.unreachable)
     end)
 
@@ -269,15 +280,15 @@ describe("hosts", function()
       assert(fs.write_atomic(src .. "/sub dir/f'1 $y.txt", "one\n"))
       assert(fs.write_atomic(src .. "/plain", "two\n"))
       local dst = h.dir .. "/dst \"d\" `x` *"
-      local res, err, r = run(remote.rsync_argv("h1", { "-a" }, src .. "/", dst, { ssh_config = cfg }))
-      assert(res, said(err, r))
+      local res, err, code, r = run(remote.rsync_argv("h1", { "-a" }, src .. "/", dst, { ssh_config = cfg }))
+      assert(res, said(err, code, r))
       -- One machine: the host's files are ours to look at.
       assert.equal("one\n", fs.read(dst .. "/sub dir/f'1 $y.txt"))
       assert.equal("two\n", fs.read(dst .. "/plain"))
 
       local back = h.dir .. "/back"
-      res, err, r = run(remote.rsync_argv("h1", { "-a" }, dst .. "/", back, { ssh_config = cfg, pull = true }))
-      assert(res, said(err, r))
+      res, err, code, r = run(remote.rsync_argv("h1", { "-a" }, dst .. "/", back, { ssh_config = cfg, pull = true }))
+      assert(res, said(err, code, r))
       assert.equal("one\n", fs.read(back .. "/sub dir/f'1 $y.txt"))
     end)
 

@@ -135,11 +135,11 @@ local RUN_OPTS = { ssh_config = true, cwd = true, env = true, timeout = true, ki
 
 -- Run argv on host through ssh (rr.proc.run). Returns proc.run's shapes, with messages that name
 -- the command and the host:
---   res                                              exited 0
---   nil, "CMD on HOST exited with code N", res        the command failed
---   nil, "CMD on HOST timed out after T s (killed)", res   (res.timed_out) opts.timeout passed
---   nil, "cannot reach HOST: <ssh's reason>", res     (res.unreachable) ssh failed: exit code 255
---   nil, "cannot run ssh: ...", "ENOENT"              no ssh here
+--   res                                                           exited 0
+--   nil, "CMD on HOST exited with code N", "EEXIT", res            the command failed
+--   nil, "CMD on HOST timed out after T s (killed)", "ETIMEDOUT", res   opts.timeout passed
+--   nil, "cannot reach HOST: <ssh's reason>", "EHOSTUNREACH", res  ssh failed: exit code 255
+--   nil, "cannot run ssh: ...", "ENOENT"                           no ssh here
 -- opts: ssh_config; cwd, env: on the host; timeout: the command is stopped on the host too
 -- (coreutils `timeout -k kill_grace`: a remote command never outlives its time because its ssh
 -- went away), and ssh here a little later; kill_grace (2), on_line, stdin, capture, max_capture.
@@ -160,22 +160,23 @@ function remote.run(host, argv, opts)
     popts.timeout = opts.timeout + grace + 10
   end
   local cmd = remote.command(host, argv, line_opts)
-  local res, err, r = proc.run(cmd, popts)
+  local res, err, code, r = proc.run(cmd, popts)
   if res then return res end
-  if type(r) ~= "table" then return nil, err, r end
+  if not r then return nil, err, code end
   local what = ("%s on %s"):format(tostring(argv[1]), host)
   if r.timed_out then
-    return nil, ("ssh to %s timed out after %g s (killed)"):format(host, popts.timeout), r
+    return nil, ("ssh to %s timed out after %g s (killed)"):format(host, popts.timeout), "ETIMEDOUT", r
   elseif r.exit_code == SSH_FAILED then
     r.unreachable = true
-    return nil, ("cannot reach %s: %s"):format(host, last_line(r.stderr) or "ssh exited with code 255"), r
+    return nil, ("cannot reach %s: %s"):format(host, last_line(r.stderr) or "ssh exited with code 255"),
+      "EHOSTUNREACH", r
   elseif r.exit_code == TIMED_OUT and opts.timeout then
     r.timed_out = true
-    return nil, ("%s timed out after %g s (killed)"):format(what, opts.timeout), r
+    return nil, ("%s timed out after %g s (killed)"):format(what, opts.timeout), "ETIMEDOUT", r
   elseif r.exit_code then
-    return nil, ("%s exited with code %d"):format(what, r.exit_code), r
+    return nil, ("%s exited with code %d"):format(what, r.exit_code), "EEXIT", r
   end
-  return nil, ("ssh to %s killed by %s"):format(host, tostring(r.signal)), r
+  return nil, ("ssh to %s killed by %s"):format(host, tostring(r.signal)), "ESIGNAL", r
 end
 
 -- A word for rsync's -e: rsync splits that string at spaces itself, keeping what is inside
@@ -365,13 +366,13 @@ function remote.lock(host, opts)
     p:close()
     return nil, ("cannot lock %s: no answer within %g s"):format(host, limit), "ETIMEDOUT"
   end
-  local _, _, res = p:wait()
+  local _, _, _, res = p:wait()
   p:close()
   local out, errs = {}, {}
   for _, l in ipairs(lines) do
     if l[1] == "stdout" then out[#out + 1] = l[2] else errs[#errs + 1] = l[2] end
   end
-  local status = type(res) == "table" and res.exit_code
+  local status = res and res.exit_code
   if status == LOCK_HELD and out[1] and out[1]:match("^rr%-lock held ") then
     local who = table.concat(out, " ", 2)
     if who == "" then who = "another run (that has not written its name yet)" end

@@ -76,9 +76,9 @@ local spawn_until = hosts.spawn_until
 
 -- Run argv; raise with its output when it fails.
 local function run(argv, what, opts)
-  local res, err, r = proc.run(argv, opts or { timeout = 30 })
+  local res, err, _, r = proc.run(argv, opts or { timeout = 30 })
   if not res then
-    local out = type(r) == "table" and (r.stderr .. r.stdout) or ""
+    local out = r and (r.stderr .. r.stdout) or ""
     error(("%s: %s\n%s"):format(what, err, out), 3)
   end
   return res
