@@ -853,8 +853,8 @@ int manager_open_remote(const RemoteSpec *spec, Manager **ret, char *err, size_t
         }
         /* From here on the child is ours to kill and reap: the source does both when freed. */
         r = sd_event_add_child(rr_loop_event(), &l->child, l->pid, WEXITED, ssh_exited, l);
-        if (r >= 0)
-                r = sd_event_source_set_child_process_own(l->child, 1);
+        if (r >= 0 && (r = sd_event_source_set_child_process_own(l->child, 1)) < 0)
+                l->child = sd_event_source_unref(l->child); /* ssh_link_free() then kills and reaps it */
         if (r >= 0)
                 r = sd_event_add_io(rr_loop_event(), &l->err_io, l->err_fd, EPOLLIN, ssh_err_ready, l);
         if (r < 0) {
