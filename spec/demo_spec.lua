@@ -1,15 +1,31 @@
 -- `make demo` is the newcomer's first command: it must keep working. The demo checks itself
--- (a full rolling restart, a broken deploy rolled back, everything healthy at the end) and
--- exits non-zero when anything is off.
+-- (a full rolling restart under load, with three replicas behind a real HAProxy and wrk through
+-- it, then a broken deploy rolled back, everything healthy at the end) and exits non-zero when
+-- anything is off: a failed request or a budget exceeded during the roll included.
 local proc = require("rr.proc")
+local fs = require("rr.fs")
 
 describe("make demo", function()
-  it("runs end to end: a rolling restart, then a broken deploy rolled back automatically", function()
+  it("runs end to end: a rolling restart under load with no failed request, then a broken deploy rolled back", function()
     local res, err, _, r = proc.run({ "./demo/run" }, { timeout = 240 })
     res = res or r
     assert.is_truthy(res, err)
-    assert.equal(0, res.exit_code, (res.stdout or "") .. (res.stderr or ""))
+    local out = (res.stdout or "") .. (res.stderr or "")
+    assert.equal(0, res.exit_code, out)
     assert.matches("Demo done", res.stdout)
+    -- the roll under load: wrk's count, none failed, the replicas drained and put back one by one
+    local requests = tonumber(res.stdout:match("(%d+) requests during the roll, 0 failed %(non%-2xx 0, socket errors 0%)"))
+    assert.is_truthy(requests, out)
+    assert.is_true(requests > 0, out)
+    assert.matches("the budget held: at most 1 of 3 replicas out of service at once %(1%)", res.stdout)
+    for i = 1, 3 do
+      assert.matches("demo%-api%-" .. i .. " +drained at HAProxy", res.stdout)
+      assert.matches("demo%-api%-" .. i .. " +back in rotation", res.stdout)
+    end
     assert.matches("rolled back, healthy again", res.stdout)
+    -- what it started outside the sandbox is gone: HAProxy (its master) by the PID it printed
+    local haproxy = res.stdout:match("HAProxy %(pid (%d+)%)")
+    assert.is_truthy(haproxy, out)
+    assert.is_false(fs.exists("/proc/" .. haproxy), "HAProxy (pid " .. haproxy .. ") still runs")
   end)
 end)
