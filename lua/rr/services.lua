@@ -899,6 +899,15 @@ local function check_service(report, i, entry, ctx)
     svc.name = entry.name
   end
 
+  -- before the unit: a unit name is one per host. false: this machine, whatever the top-level
+  -- host says.
+  svc.host = ctx.host
+  if entry.host == false then
+    svc.host = nil
+  elseif entry.host ~= nil then
+    svc.host = check_host(report, where, entry.host)
+  end
+
   -- unit
   if entry.unit == nil then
     report.add(where, "field \"unit\" is required")
@@ -907,11 +916,13 @@ local function check_service(report, i, entry, ctx)
     if problem then
       report.add(where, ("field \"unit\" is not a valid systemd unit name: %s %s"):format(quote(entry.unit), problem))
     else
-      local other = ctx.unit_owner[entry.unit]
+      local key = (svc.host or "") .. "\0" .. entry.unit
+      local other = ctx.unit_owner[key]
       if other then
-        report.add(where, ("field \"unit\" %s is also the unit of %s"):format(quote(entry.unit), other))
+        report.add(where, ("field \"unit\" %s is also the unit of %s%s"):format(quote(entry.unit), other,
+          svc.host and (" on host " .. svc.host) or ""))
       else
-        ctx.unit_owner[entry.unit] = where
+        ctx.unit_owner[key] = where
       end
       svc.unit = entry.unit
     end
@@ -982,14 +993,6 @@ local function check_service(report, i, entry, ctx)
   end
 
   check_membership(report, where, entry, svc, ctx)
-
-  -- false: this machine, whatever the top-level host says
-  svc.host = ctx.host
-  if entry.host == false then
-    svc.host = nil
-  elseif entry.host ~= nil then
-    svc.host = check_host(report, where, entry.host)
-  end
 
   if #report.problems > before then return nil end
   return svc

@@ -884,6 +884,15 @@ describe("rr.services", function()
           .. "plans/status.lua and the REPL reach it", services.remote_refusal(platform))
       end)
 
+      it("takes one unit name once per host", function()
+        assert(services.validate({ host = "h1", services = {
+          { name = "a1", unit = "a.service" }, { name = "a2", unit = "a.service", host = "h2" },
+          { name = "a", unit = "a.service", host = false } } }, "services.lua"))
+        assert.same({ "services.lua: service \"a2\": field \"unit\" \"a.service\" is also the unit of service \"a1\" "
+          .. "on host h1" }, problems_of({ host = "h1", services = {
+          { name = "a1", unit = "a.service" }, { name = "a2", unit = "a.service" } } }))
+      end)
+
       it("leaves a platform without hosts on this machine, and rolling restarts allowed", function()
         local platform = assert(services.validate(one(), "services.lua"))
         assert.is_nil(platform.by_name["sso.api"].host)
