@@ -1,6 +1,7 @@
--- rrengine plans/status.lua [--services FILE] [--user] [--json]: every service's unit state and
--- health, checked concurrently. Exit 0 when all are healthy, 1 otherwise, 4 when a killed run
--- is not resolved (it is shown first).
+-- rrengine plans/status.lua [--services FILE] [--user] [-H HOST] [--ssh-config FILE] [--json]:
+-- every service's unit state and health, checked concurrently, on every host the services file
+-- names (one manager per host, through ssh). Exit 0 when all are healthy, 1 otherwise (a host
+-- that cannot be reached too), 4 when a killed run is not resolved (it is shown first).
 local cli = require("rr.cli")
 local systemd = require("rr.systemd")
 local status = require("rr.status")
@@ -13,15 +14,55 @@ local spec = {
     { name = "services", key = "services_file", type = "string", value = "FILE",
       help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
         .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
-    { name = "user", help = "talk to your user service manager" },
+    { name = "user", help = "talk to your user service manager (on every host: the ssh user's)" },
+    { name = "host", short = "H", type = "string", value = "HOST",
+      help = "only the services on HOST (as systemctl -H); a services file without hosts: all of them, on HOST" },
+    { name = "ssh-config", key = "ssh_config", type = "string", value = "FILE",
+      help = "the ssh config for the hosts (default: $RR_SSH_CONFIG, else ssh's own)" },
     { name = "json", help = "one JSON array on stdout" },
     { name = "help", short = "h", help = "show this help" },
   },
 }
-local opts, platform = cli.plan_start({ ... }, spec)
-local manager, merr = (opts.user and systemd.user or systemd.system)()
-if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
-local rows = status.collect(manager, platform.services)
+local services = require("rr.services")
+local opts, platform = cli.plan_start({ ... }, spec, { check = function(o)
+  if o.host ~= nil then
+    local host, problem = services.parse_host(o.host)
+    if not host then return nil, ("option --host %s: %s"):format(("%q"):format(o.host), problem) end
+    o.host = host
+  end
+  return true
+end })
+local list = platform.services
+if opts.host then
+  list = {}
+  local named = false
+  for _, svc in ipairs(platform.services) do
+    if svc.host then named = true end
+    if svc.host == opts.host then list[#list + 1] = svc end
+  end
+  if not named then
+    -- a platform without hosts: the same units, looked at on that host
+    for i, svc in ipairs(platform.services) do
+      local copy = {}
+      for k, v in pairs(svc) do copy[k] = v end
+      copy.host = opts.host
+      list[i] = copy
+    end
+  elseif #list == 0 then
+    local hosts = {}
+    for _, h in ipairs(status.hosts(platform.services)) do hosts[#hosts + 1] = h or "local" end
+    io.stderr:write(("rrengine: no service of %s is on host %s (its hosts: %s)\n"):format(platform.source, opts.host,
+      table.concat(hosts, ", ")))
+    os.exit(2)
+  end
+end
+local manager
+if not opts.host and status.hosts(list)[1] == false then
+  local merr
+  manager, merr = (opts.user and systemd.user or systemd.system)()
+  if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
+end
+local rows = status.collect_hosts(list, { manager = manager, user = opts.user, ssh_config = opts.ssh_config })
 -- a run that was killed mid-way comes first: its services may be half done
 local journal = require("rr.journal")
 local dead = journal.interrupted(require("rr.state").root(opts.user))

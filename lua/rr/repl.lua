@@ -110,9 +110,12 @@ repl.helpers = helpers
 local HELP = {
   { "status", "status()", "state and health of every service, all at once (a killed run first)", "status()",
     "One look at each unit (ActiveState, SubState, MainPID) and one health check each, concurrently;\n"
-      .. "as plans/status.lua. A run that was killed mid-way is shown first: recover() resolves it." },
+      .. "as plans/status.lua. A service with a host is looked at there (ssh, $RR_SSH_CONFIG), grouped by\n"
+      .. "host; a host that cannot be reached says so in its rows. A run that was killed mid-way is shown\n"
+      .. "first: recover() resolves it." },
   { "health", "health(name)", "one service's full health check, now", 'health("sso.api")',
-    "Returns \"healthy\" or \"unhealthy\" and the detail (the probe's answer, or why it failed)." },
+    "Returns \"healthy\" or \"unhealthy\" and the detail (the probe's answer, or why it failed).\n"
+      .. "A service with a host: its unit is looked at there (ssh); an HTTP probe goes out from here." },
   { "restart", "restart(name[, opts])", "the whole flow of plans/rolling.lua for one service, with rollback",
     'restart("sso.api")',
     "Pre-check, known-good snapshot, deploy, migrations, reload or restart, post-check, stabilization;\n"
@@ -206,7 +209,9 @@ function helpers.status()
     for _, line in ipairs(journal.describe(dead)) do print("!! " .. line) end
     print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
   end
-  print(status.format(status.collect(manager(), platform().services)))
+  local list = platform().services
+  local here = status.hosts(list)[1] == false
+  print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
 end
 
 -- recover([{resume = true} | {abandon = true}]) -> text: as plans/rolling.lua --recover
@@ -224,9 +229,19 @@ end
 
 function helpers.health(name)
   local svc = service(name)
-  local unit, err = manager():unit(svc.unit)
+  local m, err = manager(), nil
+  if svc.host then
+    -- a connection for this one look ($RR_SSH_CONFIG), closed after it: a host that dropped
+    -- since is reconnected next time, not stuck as a lost connection in the REPL
+    m, err = systemd.remote(svc.host, { user = env.user, timeout = 10 })
+    if not m then return "unhealthy", ("host %s unreachable: %s"):format(svc.host, err) end
+  end
+  local unit
+  unit, err = m:unit(svc.unit)
+  local ok, info
+  if unit then ok, info = health.check(unit, svc.health) end
+  if svc.host then m:close() end
   if not unit then return "unhealthy", err end
-  local ok, info = health.check(unit, svc.health)
   return ok and "healthy" or "unhealthy", ok and info.detail or info
 end
 

@@ -29,6 +29,10 @@
 --     server name defaults to its service name and must be an HAProxy name when the
 --     balancer is HAProxy (a service name may hold "@", which HAProxy refuses).
 --     A balancer script and a canary's analysis resolve like `hooks`.
+--   * `host` (per service, or top-level for every service without one) is an ssh
+--     destination: [USER@]NAME or [USER@][V6]; the brackets are dropped (ssh takes
+--     "[::1]" for a name). `host = false` on a service keeps it on this machine
+--     despite a top-level `host`. svc.host is nil for this machine.
 --   * Every number has a range (NUMBER_RULES below), so that whatever validation
 --     accepts, the primitives that receive it (rr.systemd job and wait timeouts,
 --     rr.http's timeout <= 86400 s, rr.proc's timeout, rr.sleep) accept too, and
@@ -51,7 +55,7 @@ local SERVICE_FIELDS = {
   "name", "unit", "kind", "depends", "health", "stabilize", "working_dir",
   "migrate", "migrate_rollback", "reload", "hooks", "deploy_delete",
   "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout",
-  "group", "balancer_server",
+  "group", "balancer_server", "host",
 }
 local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
 local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
@@ -62,7 +66,7 @@ local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout",
 -- deploy (1800 s when absent).
 local TIMEOUT_FIELDS = { "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
 local DEFAULT_HEALTH_FIELDS = { "timeout", "retries", "interval" }
-local TOP_FIELDS = { "defaults", "groups", "services" }
+local TOP_FIELDS = { "defaults", "groups", "services", "host" }
 -- A replica group (`groups[NAME]`), its balancer table and its (reserved) canary.
 local GROUP_FIELDS = { "max_unavailable", "balancer", "drain_timeout", "canary" }
 local BALANCER_FIELDS = { "haproxy", "backend", "timeout", "interval" }
@@ -271,6 +275,38 @@ local function url_problem(url)
     local number = digits and tonumber(digits)
     if number == nil or number < 1 or number > 65535 then return "has an invalid port" end
   end
+  return nil
+end
+
+-- An ssh destination: [USER@]NAME or [USER@][V6] (brackets dropped). Returns the destination
+-- as ssh takes it, or nil and why not. Never something ssh could read as an option (a leading
+-- "-"), nor anything with whitespace or a control character.
+function services.parse_host(value)
+  if type(value) ~= "string" then return nil, "must be a string" end
+  if value == "" then return nil, "must not be empty" end
+  if value:find("[%s%c]") then return nil, "contains whitespace or control characters" end
+  if value:sub(1, 1) == "-" then return nil, "must not start with \"-\" (ssh would take it for an option)" end
+  local user, name = value:match("^(.*)@(.*)$")
+  if user == nil then name = value end
+  if user ~= nil and not user:match("^[A-Za-z0-9_][A-Za-z0-9._-]*$") then
+    return nil, "has a bad user name (letters, digits and . _ - before \"@\")"
+  end
+  local v6 = name:match("^%[([%x:.]+)%]$")
+  if v6 then
+    if not v6:find(":", 1, true) then return nil, "has brackets around something that is not an IPv6 address" end
+    name = v6
+  elseif not name:match("^[A-Za-z0-9_][A-Za-z0-9._-]*$") then
+    return nil, "must be NAME, USER@NAME or [IPV6] (a name: letters, digits and . _ -)"
+  end
+  return user and (user .. "@" .. name) or name
+end
+
+-- A `host` field (see services.parse_host). Returns the destination, or nil (reported).
+local function check_host(report, where, value)
+  local host, problem = services.parse_host(value)
+  if host then return host end
+  report.add(where, ("field \"host\" %s, got %s (an ssh destination: NAME, USER@NAME, USER@[IPV6])"):format(
+    problem, describe(value)))
   return nil
 end
 
@@ -863,6 +899,15 @@ local function check_service(report, i, entry, ctx)
     svc.name = entry.name
   end
 
+  -- before the unit: a unit name is one per host. false: this machine, whatever the top-level
+  -- host says.
+  svc.host = ctx.host
+  if entry.host == false then
+    svc.host = nil
+  elseif entry.host ~= nil then
+    svc.host = check_host(report, where, entry.host)
+  end
+
   -- unit
   if entry.unit == nil then
     report.add(where, "field \"unit\" is required")
@@ -871,11 +916,13 @@ local function check_service(report, i, entry, ctx)
     if problem then
       report.add(where, ("field \"unit\" is not a valid systemd unit name: %s %s"):format(quote(entry.unit), problem))
     else
-      local other = ctx.unit_owner[entry.unit]
+      local key = (svc.host or "") .. "\0" .. entry.unit
+      local other = ctx.unit_owner[key]
       if other then
-        report.add(where, ("field \"unit\" %s is also the unit of %s"):format(quote(entry.unit), other))
+        report.add(where, ("field \"unit\" %s is also the unit of %s%s"):format(quote(entry.unit), other,
+          svc.host and (" on host " .. svc.host) or ""))
       else
-        ctx.unit_owner[entry.unit] = where
+        ctx.unit_owner[key] = where
       end
       svc.unit = entry.unit
     end
@@ -980,6 +1027,8 @@ function services.validate(tbl, source_name, base_dir)
   check_unknown_fields(report, nil, tbl, TOP_FIELDS)
   local defaults = check_defaults(report, tbl.defaults)
   local group_raw, groups, group_names = check_groups(report, tbl.groups, base_dir)
+  local default_host
+  if tbl.host ~= nil then default_host = check_host(report, nil, tbl.host) end
 
   local entries = tbl.services
   if entries == nil then
@@ -996,7 +1045,8 @@ function services.validate(tbl, source_name, base_dir)
   end
 
   -- Names first, so that dependencies on services declared later resolve.
-  local ctx = { defaults = defaults, base_dir = base_dir, first_index_of = {}, names = {}, unit_owner = {},
+  local ctx = { defaults = defaults, host = default_host, base_dir = base_dir, first_index_of = {}, names = {},
+                unit_owner = {},
                 group_raw = group_raw, groups = groups, group_names = group_names }
   for i, entry in ipairs(entries) do
     if type(entry) == "table" and type(entry.name) == "string" and ctx.first_index_of[entry.name] == nil then
@@ -1033,7 +1083,8 @@ function services.validate(tbl, source_name, base_dir)
 
   if #report.problems > 0 then return nil, report.problems end
 
-  local platform = { source = source_name, defaults = defaults, services = normalized, by_name = {}, groups = {} }
+  local platform = { source = source_name, defaults = defaults, services = normalized, by_name = {}, groups = {},
+                     host = default_host }
   for _, svc in ipairs(normalized) do platform.by_name[svc.name] = svc end
   for name, group in pairs(groups) do
     group.budget = nil
@@ -1045,6 +1096,24 @@ function services.validate(tbl, source_name, base_dir)
     end
   end
   return platform
+end
+
+-- The services that live on another host (svc.host set), in declaration order.
+function services.remote_services(platform)
+  local out = {}
+  for _, svc in ipairs(platform.services) do
+    if svc.host then out[#out + 1] = svc end
+  end
+  return out
+end
+
+-- Why a plan that acts on this machine's units, snapshots and locks (a rolling restart)
+-- cannot take this platform: a message naming the first remote service, or nil.
+function services.remote_refusal(platform)
+  local svc = services.remote_services(platform)[1]
+  if not svc then return nil end
+  return ("service %s is on host %s: rolling restarts on remote hosts are not supported yet; plans/status.lua "
+    .. "and the REPL reach it"):format(svc.name, svc.host)
 end
 
 -- The globals a services file may use: enough to build tables in loops and

@@ -1,6 +1,8 @@
--- Status of every service: unit state and health, one look each, all at once.
+-- Status of every service: unit state and health, one look each, all at once, on every host.
+-- Health probes (HTTP) go out from this machine, wherever the service runs.
 local rr = require("rr")
 local health = require("rr.health")
+local systemd = require("rr.systemd")
 
 local status = {}
 
@@ -31,11 +33,99 @@ function status.collect(manager, list)
   return rows
 end
 
+-- The hosts of a list of services, in order of first appearance, this machine (false) first
+-- when any service is on it.
+function status.hosts(list)
+  local order, seen, here = {}, {}, false
+  for _, svc in ipairs(list) do
+    if svc.host == nil then
+      here = true
+    elseif not seen[svc.host] then
+      seen[svc.host] = true
+      order[#order + 1] = svc.host
+    end
+  end
+  if here then table.insert(order, 1, false) end
+  return order
+end
+
+local CONNECT_TIMEOUT = 10
+
+-- status.collect_hosts(list, opts) -> rows, unreachable (the hosts that could not be reached,
+-- host -> message): the rows of status.collect for services on any host, grouped by host (this
+-- machine first, then each host in the order the list names it), each with `host` (nil: this
+-- machine). One manager per host, all opened at once in tasks of their own and closed before it
+-- returns; a host that cannot be reached within opts.timeout gives a row per service saying so
+-- (health "unknown", detail "host H unreachable: ..."), never a wait without end.
+-- opts: manager (this machine's, used as it is, not closed) or user (which manager: here and on
+-- every host); ssh_config (rr.systemd.remote's); timeout (seconds to connect to a host, 10).
+function status.collect_hosts(list, opts)
+  opts = opts or {}
+  local hosts = status.hosts(list)
+  local by_host = {}
+  for _, svc in ipairs(list) do
+    local key = svc.host or false
+    by_host[key] = by_host[key] or {}
+    table.insert(by_host[key], svc)
+  end
+  local tasks = {}
+  for i, host in ipairs(hosts) do
+    tasks[i] = rr.spawn(function()
+      local m, err
+      if host == false then
+        m = opts.manager
+        if not m then
+          m, err = (opts.user and systemd.user or systemd.system)()
+        end
+      else
+        m, err = systemd.remote(host, { user = opts.user or false, ssh_config = opts.ssh_config,
+          timeout = opts.timeout or CONNECT_TIMEOUT })
+      end
+      if not m then return nil, err end
+      local ok, rows = pcall(status.collect, m, by_host[host])
+      if m ~= opts.manager then m:close() end
+      if not ok then error(rows, 0) end
+      return rows
+    end)
+  end
+  local rows, unreachable = {}, {}
+  for i, r in ipairs(rr.wait(tasks)) do
+    local host = hosts[i]
+    local got = r[1] and r[2]
+    if not got then
+      local why = r[1] and r[3] or r[2]
+      local detail = host and ("host %s unreachable: %s"):format(host, tostring(why))
+        or ("this machine's manager: %s"):format(tostring(why))
+      if host then unreachable[host] = detail end
+      got = {}
+      for j, svc in ipairs(by_host[host]) do
+        got[j] = { name = svc.name, unit = svc.unit, active = "?", sub = "?", health = "unknown", detail = detail,
+          unreachable = host and true or nil }
+      end
+    end
+    for _, row in ipairs(got) do
+      row.host = host or nil
+      rows[#rows + 1] = row
+    end
+  end
+  return rows, unreachable
+end
+
+-- The rows as a table; a HOST column ("local" for this machine) when any row has a host.
 function status.format(rows)
-  local lines = { ("%-24s %-36s %-10s %-10s %8s  %s"):format("SERVICE", "UNIT", "STATE", "SUB", "PID", "HEALTH") }
+  local remote = false
   for _, r in ipairs(rows) do
-    lines[#lines + 1] = ("%-24s %-36s %-10s %-10s %8s  %s (%s)%s"):format(r.name, r.unit, r.active, r.sub,
-      tostring(r.pid or "-"), r.health, tostring(r.detail), r.stale and "  [unit file changed on disk]" or "")
+    if r.host then remote = true end
+  end
+  local function host_col(h)
+    return remote and ("%-20s "):format(h) or ""
+  end
+  local lines = { host_col("HOST") .. ("%-24s %-36s %-10s %-10s %8s  %s"):format("SERVICE", "UNIT", "STATE", "SUB",
+    "PID", "HEALTH") }
+  for _, r in ipairs(rows) do
+    lines[#lines + 1] = host_col(r.host or "local") .. ("%-24s %-36s %-10s %-10s %8s  %s (%s)%s"):format(r.name,
+      r.unit, r.active, r.sub, tostring(r.pid or "-"), r.health, tostring(r.detail),
+      r.stale and "  [unit file changed on disk]" or "")
   end
   return table.concat(lines, "\n")
 end

@@ -860,6 +860,77 @@ describe("rr.services", function()
       end)
     end)
 
+    describe("hosts", function()
+      it("puts a service on its host, or on the top-level host, or here (nil, or host = false)", function()
+        local platform = assert(services.validate({
+          host = "deploy@db1",
+          services = {
+            { name = "db", unit = "db.service" },
+            { name = "api", unit = "api.service", host = "web1" },
+            { name = "v6", unit = "v6.service", host = "ops@[2001:db8::1]" },
+            { name = "here", unit = "here.service", host = false },
+          },
+        }, "services.lua"))
+        assert.equal("deploy@db1", platform.host)
+        assert.equal("deploy@db1", platform.by_name.db.host)
+        assert.equal("web1", platform.by_name.api.host)
+        -- ssh takes "[::1]" for a name: the brackets go
+        assert.equal("ops@2001:db8::1", platform.by_name.v6.host)
+        assert.is_nil(platform.by_name.here.host)
+        local remote = services.remote_services(platform)
+        assert.equal(3, #remote)
+        assert.equal("db", remote[1].name)
+        assert.equal("service db is on host deploy@db1: rolling restarts on remote hosts are not supported yet; "
+          .. "plans/status.lua and the REPL reach it", services.remote_refusal(platform))
+      end)
+
+      it("takes one unit name once per host", function()
+        assert(services.validate({ host = "h1", services = {
+          { name = "a1", unit = "a.service" }, { name = "a2", unit = "a.service", host = "h2" },
+          { name = "a", unit = "a.service", host = false } } }, "services.lua"))
+        assert.same({ "services.lua: service \"a2\": field \"unit\" \"a.service\" is also the unit of service \"a1\" "
+          .. "on host h1" }, problems_of({ host = "h1", services = {
+          { name = "a1", unit = "a.service" }, { name = "a2", unit = "a.service" } } }))
+      end)
+
+      it("leaves a platform without hosts on this machine, and rolling restarts allowed", function()
+        local platform = assert(services.validate(one(), "services.lua"))
+        assert.is_nil(platform.by_name["sso.api"].host)
+        assert.same({}, services.remote_services(platform))
+        assert.is_nil(services.remote_refusal(platform))
+      end)
+
+      it("refuses what is not an ssh destination, one line naming the service and the field", function()
+        local cases = {
+          { "-oProxyCommand=touch /tmp/x", "contains whitespace or control characters" },
+          { "-oProxyCommand=x", "must not start with \"-\" (ssh would take it for an option)" },
+          { "web 1", "contains whitespace or control characters" },
+          { "web1\n", "contains whitespace or control characters" },
+          { "", "must not be empty" },
+          { "a@b@c", "has a bad user name (letters, digits and . _ - before \"@\")" },
+          { "@web1", "has a bad user name (letters, digits and . _ - before \"@\")" },
+          { "u@", "must be NAME, USER@NAME or [IPV6] (a name: letters, digits and . _ -)" },
+          { "web1:22", "must be NAME, USER@NAME or [IPV6] (a name: letters, digits and . _ -)" },
+          { "[web1]", "must be NAME, USER@NAME or [IPV6] (a name: letters, digits and . _ -)" },
+          { "[1.2.3.4]", "has brackets around something that is not an IPv6 address" },
+        }
+        for _, case in ipairs(cases) do
+          local problems = problems_of(one({ host = case[1] }))
+          assert.same({ ("services.lua: service \"sso.api\": field \"host\" %s, got string %s (an ssh destination: "
+            .. "NAME, USER@NAME, USER@[IPV6])"):format(case[2], ("%q"):format(case[1]):gsub("\\\n", "\\n")) }, problems)
+        end
+        assert.same({ "services.lua: service \"sso.api\": field \"host\" must be a string, got number 1 (an ssh "
+          .. "destination: NAME, USER@NAME, USER@[IPV6])" }, problems_of(one({ host = 1 })))
+        local top = one()
+        top.host = "-x"
+        assert.same({ "services.lua: field \"host\" must not start with \"-\" (ssh would take it for an option), got "
+          .. "string \"-x\" (an ssh destination: NAME, USER@NAME, USER@[IPV6])" }, problems_of(top))
+        top.host = false
+        assert.same({ "services.lua: field \"host\" must be a string, got boolean false (an ssh destination: NAME, "
+          .. "USER@NAME, USER@[IPV6])" }, problems_of(top))
+      end)
+    end)
+
     it("raises on misuse", function()
       assert.has_error(function() services.load(42) end, "rr.services.load: path must be a string, got number")
       assert.has_error(function() services.validate({}, 1) end,
