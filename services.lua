@@ -1,5 +1,5 @@
 -- EXAMPLE platform definition: not a real deployment. It shows the shape of a
--- services file (DESIGN.md "services.lua"): replace the units, URLs and paths
+-- services file (the README's "services.lua" and rrengine-services(5)): replace the units, URLs and paths
 -- with your platform's own. spec/unit/services_spec.lua checks that it
 -- validates, so it stays a correct example.
 --

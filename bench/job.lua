@@ -255,7 +255,7 @@ function job.run(o)
   for _, u in ipairs(p.units) do fs.remove(u.ready_file) end
   local mgr0 = job.cpu_ns(o.manager_pid)
   local t0 = rr.now()
-  local res, err, r = proc.run(argv, { cwd = o.root, timeout = 600, max_capture = 4 * 1024 * 1024 })
+  local res, err, _, r = proc.run(argv, { cwd = o.root, timeout = 600, max_capture = 4 * 1024 * 1024 })
   local t1 = rr.now()
   local mgr1 = job.cpu_ns(o.manager_pid)
   local out = { label = p.label, method = o.method, n = p.n, delay = p.delay, wall = t1 - t0, argv = argv }

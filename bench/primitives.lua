@@ -53,7 +53,7 @@ local UNIT_TYPE = os.getenv("RR_BENCH_UNIT_TYPE") or "simple"
 -- healthy moment falls between two of its probes); four fall inside rr.health's fast-probe
 -- first second, four after it, where its probes have backed off.
 local WARMUPS = { 0.15, 0.45, 0.75, 0.95, 1.35, 1.65, 2.25, 2.85 }
--- The health table of the latency trials: the DESIGN.md defaults (interval 1 s).
+-- The health table of the latency trials: the services file's default health (interval 1 s).
 local HC = { kind = "http", timeout = 15, retries = 3, interval = 1 }
 
 -- curl must reach 127.0.0.1 directly, as rr.http does (it ignores proxy variables).

@@ -447,7 +447,7 @@ static bool request_ok(const Request *r) {
         return r->result == CURLE_OK || (r->result == CURLE_WRITE_ERROR && r->truncated);
 }
 
-/* Pushes nil, message, code for a failed transfer; see docs/scripting/http.md for the codes. */
+/* Pushes nil, message, code for a failed transfer; see docs/scripting.md, "rr.http", for the codes. */
 static int request_push_failure(lua_State *L, const Request *r) {
         char code[32], secs[32];
 

@@ -3,7 +3,10 @@
  * Tasks never run from inside an sd-event callback: a callback only completes an op, which puts
  * the waiting task on the ready queue; the scheduler resumes ready tasks between two
  * sd_event_run() turns. That keeps Lua out of sd-event's dispatch (sd_event_run() is not
- * reentrant) and lets a task block the loop in a nested turn when it cannot yield. */
+ * reentrant) and lets a task block the loop in a nested turn when it cannot yield.
+ *
+ * This file is the scheduler; bounded tasks are in loop-limits.c, rr.wait / rr.sleep in
+ * loop-wait.c (loop-internal.h lists what they share). */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdarg.h>
@@ -11,89 +14,19 @@
 #include <string.h>
 #include <time.h>
 
-#include "rr.h"
-
-#define TASK_MT "rr.task"
-
-typedef enum {
-        TASK_READY,
-        TASK_RUNNING,
-        TASK_WAITING,
-        TASK_DONE,
-        TASK_FAILED,
-        TASK_CANCELED,
-} TaskState;
+#include "loop-internal.h"
 
 static const char *const task_state_names[] = {
         [TASK_READY] = "ready",     [TASK_RUNNING] = "running", [TASK_WAITING] = "waiting",
         [TASK_DONE] = "done",       [TASK_FAILED] = "failed",   [TASK_CANCELED] = "canceled",
 };
 
-typedef struct JoinOp JoinOp;
-typedef struct JoinNode JoinNode;
+LoopShared loop_shared;
 
-typedef struct RrTask {
-        lua_State *co;      /* the coroutine; NULL once finished (results are in uservalue 2) */
-        int ref;            /* registry ref keeping the userdata alive until it finishes */
-        TaskState state;
-        int nargs;          /* arguments on co's stack for the first resume */
-        RrOp *op;           /* the op it waits on, while WAITING */
-        bool cancel;        /* raise "canceled" at the next wait point */
-        bool queued;
-        bool error_seen;    /* someone received its error (a join), or it was printed */
-        unsigned id;
-        struct RrTask *next; /* ready queue */
-        JoinNode *joiners;
-        /* Limits (task:deadline(), task:max_instructions()): see "Bounded tasks" below. */
-        double deadline;                 /* rr_now() by which it must have finished; 0: none */
-        double deadline_secs;            /* the seconds it was given, for the message */
-        sd_event_source *deadline_timer; /* ends it at the deadline while it waits */
-        lua_Integer max_instructions;    /* 0: none */
-        lua_Integer instructions_left;   /* until max_instructions is reached */
-        int hook_count;                  /* instructions between two count events */
-        int limit_hit;                   /* TaskLimit: the limit that ends it */
-        bool cancel_raised;              /* the count hook raised "canceled" (once is enough) */
-        bool preempted;                  /* it yielded so that a pending stop signal is read */
-} RrTask;
-
-typedef enum {
-        LIMIT_NONE,
-        LIMIT_DEADLINE,
-        LIMIT_INSTRUCTIONS,
-} TaskLimit;
-
-/* The code rr.wait() returns third for a task that a limit ended. */
-static const char *const limit_codes[] = {
-        [LIMIT_DEADLINE] = "ETIMEDOUT",
-        [LIMIT_INSTRUCTIONS] = "ELIMIT",
-};
-
-struct JoinNode {
-        JoinNode *next;
-        JoinOp *join;
-        RrTask *task;
-        int ref; /* keeps the task userdata alive while joined */
-};
-
-struct JoinOp {
-        RrOp op;
-        int n;
-        int remaining;
-        bool as_list; /* rr.wait{...}: one table of results */
-        bool any;     /* rr.wait_any: done at the first task that finishes */
-        JoinNode nodes[];
-};
-
-typedef struct SleepOp {
-        RrOp op;
-        sd_event_source *source;
-} SleepOp;
-
+/* The scheduler's own state; what the other loop files read of it is in loop_shared. */
 static struct {
         sd_event *event;
-        lua_State *L; /* main thread */
         RrTask *ready_head, *ready_tail;
-        RrTask *current;
         unsigned live;
         unsigned next_id;
         unsigned interrupts;
@@ -103,13 +36,8 @@ static struct {
         bool exit_requested;     /* os.exit() from a task: unwind to the top, then exit */
         bool shutting_down;      /* rr_loop_shutdown() runs: canceled tasks may unwind */
         int exit_code;
-        double next_signal_check; /* rr_now() after which a bounded task looks for stop signals */
-        bool stop_pending;        /* what it saw then */
-        unsigned call_events;     /* of bounded tasks' hooks, to look at the clock on some only */
-        RrTask *limit_error_task; /* the task its hook ended, with limit_error_ref (see task_hook) */
-        int limit_error_ref;
         sd_event_source *sigint, *sigterm, *sighup;
-} S = { .handlers_ref = LUA_NOREF, .limit_error_ref = LUA_NOREF };
+} S = { .handlers_ref = LUA_NOREF };
 
 sd_event *rr_loop_event(void) {
         return S.event;
@@ -148,7 +76,7 @@ int rr_push_fail(lua_State *L, int errnum, const char *fmt, ...) {
         return 2;
 }
 
-static void ready_push(RrTask *t) {
+void ready_push(RrTask *t) {
         if (t->queued)
                 return;
         t->queued = true;
@@ -201,15 +129,6 @@ void rr_op_complete(RrOp *op) {
                 ready_push(op->task);
 }
 
-static bool task_finished(const RrTask *t) {
-        return t->state >= TASK_DONE;
-}
-
-/* Pushes the task userdata (alive: it holds its own ref until it finishes). */
-static void push_task(lua_State *L, RrTask *t) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
-}
-
 /* Slots task_finish() needs on the main thread: its stack is that of whichever C function runs
  * the loop now (rr.wait{...} at the top level may have filled it), so room is made before a task
  * is resumed or finished, where a failure leaves no task half-finished. Not an error raised on
@@ -217,14 +136,14 @@ static void push_task(lua_State *L, RrTask *t) {
 #define TASK_FINISH_SLOTS 10
 
 static bool finish_room(void) {
-        return lua_checkstack(S.L, TASK_FINISH_SLOTS);
+        return lua_checkstack(loop_shared.L, TASK_FINISH_SLOTS);
 }
 
 /* Finish a task whose coroutine returned or raised; the outcome (nres values or the error
  * value) is at the top of co. Stores it in uservalue 2, wakes joiners, drops the coroutine.
  * The caller made TASK_FINISH_SLOTS of room on the main thread (finish_room()). */
-static void task_finish(RrTask *t, TaskState state, int nres) {
-        lua_State *L = S.L;
+void task_finish(RrTask *t, TaskState state, int nres) {
+        lua_State *L = loop_shared.L;
         lua_State *co = t->co;
 
         /* The results go into their table on co, which holds them: the main thread has room for a
@@ -267,16 +186,8 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
         t->co = NULL;
         t->state = state;
 
-        for (JoinNode *j = t->joiners, *next; j; j = next) {
-                next = j->next;
-                j->next = NULL;
-                j->task = NULL; /* unlinked; the node still holds its ref for push() */
-                if (--j->join->remaining == 0 || j->join->any)
-                        rr_op_complete(&j->join->op);
-        }
-        if (t->joiners)
+        if (task_wake_joiners(t))
                 t->error_seen = true;
-        t->joiners = NULL;
 
         if (state == TASK_FAILED && !t->error_seen) {
                 /* Nobody is waiting for it now: say it at once instead of losing it. */
@@ -294,221 +205,9 @@ static void task_finish(RrTask *t, TaskState state, int nres) {
         t->ref = LUA_NOREF; /* the userdata may be collected from here on: do not touch t */
 }
 
-/* ---- Bounded tasks: task:deadline(seconds), task:max_instructions(n) ----
- *
- * A task that never waits (a hook in `while true do end`) never gives the loop a turn: no timer
- * fires, no signal is read. So a bounded task's coroutine (and those it creates) gets a hook,
- * called every HOOK_COUNT VM instructions and on function calls (one instruction can be a long
- * C call: a loop of slow string.find calls runs few instructions). While that task runs, it:
- *   - past a limit, yields the coroutine out to task_resume(), which ends the task as failed
- *     without resuming it: no pcall in the task catches that (its <close> variables still run).
- *     Where it cannot yield (in a C call such as a table.sort comparator, or in a coroutine of
- *     the task's own) it raises the message, and the next hook back in the task's code ends it;
- *   - with the task cancelled, raises "canceled" once, as a wait would;
- *   - with a stop signal pending (blocked, read by the loop), yields so that the loop reads it
- *     and the handlers' tasks run before this one goes on.
- * Only count events may yield: a call event that sees one of these makes the next instruction a
- * count event. A waiting bounded task is ended by a timer. No hook interrupts one C call that
- * never returns (a pathological string.find pattern). Cost: with a count hook Lua 5.4's VM
- * traps on every instruction (lvm.c `trap`), about twice the time of a plain CPU loop. */
-
-#define HOOK_COUNT 1000             /* VM instructions between two count events */
-#define HOOK_MASK (LUA_MASKCOUNT | LUA_MASKCALL)
-#define SIGNAL_CHECK_INTERVAL 0.005 /* seconds between two sigpending() calls */
-#define CALL_CHECK_EVERY 8          /* call events between two looks at the clock */
-
-/* Has the task hit one of its limits (now, or earlier)? */
-static bool task_limit_hit(RrTask *t, double now) {
-        if (t->limit_hit == LIMIT_NONE && t->deadline > 0 && now >= t->deadline)
-                t->limit_hit = LIMIT_DEADLINE;
-        return t->limit_hit != LIMIT_NONE;
-}
-
-/* Pushes on L the message of the limit the task hit. An instruction limit names the line that
- * was running in `where` (a coroutine of the task), as the error of a Lua hook would. */
-static void push_limit_message(lua_State *L, RrTask *t, lua_State *where) {
-        lua_Debug ar;
-
-        if (t->limit_hit == LIMIT_DEADLINE) {
-                char secs[32];
-                snprintf(secs, sizeof secs, "%g", t->deadline_secs);
-                lua_pushfstring(L, "timed out after %s s", secs);
-                return;
-        }
-        if (where && lua_getstack(where, 0, &ar) && lua_getinfo(where, "Sl", &ar) && ar.currentline > 0)
-                lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
-        else
-                lua_pushliteral(L, "");
-        lua_pushfstring(L, "runs more than %I instructions (an endless loop?)", (LUAI_UACINT) t->max_instructions);
-        lua_concat(L, 2);
-}
-
-static void task_limits_release(RrTask *t) {
-        t->deadline_timer = sd_event_source_disable_unref(t->deadline_timer);
-}
-
-/* task_finish(), after releasing the limits; a task that failed after hitting one gets its code
- * (ETIMEDOUT, ELIMIT) as a second error value, so that rr.wait() tells it from other errors. */
-static void task_finish_limited(RrTask *t, TaskState state, int nres) {
-        lua_State *L = S.L;
-        TaskLimit limit = t->limit_hit;
-
-        task_limits_release(t);
-        if (state != TASK_FAILED || limit == LIMIT_NONE) {
-                task_finish(t, state, nres);
-                return;
-        }
-        push_task(L, t); /* ud: task_finish() drops the task's own reference */
-        task_finish(t, state, nres);
-        lua_getiuservalue(L, -1, 2); /* ud results */
-        if (S.limit_error_task == t) {
-                lua_rawgeti(L, LUA_REGISTRYINDEX, S.limit_error_ref);
-                lua_rawseti(L, -2, 1);
-                luaL_unref(L, LUA_REGISTRYINDEX, S.limit_error_ref);
-                S.limit_error_ref = LUA_NOREF;
-                S.limit_error_task = NULL;
-        }
-        lua_pushstring(L, limit_codes[limit]);
-        lua_rawseti(L, -2, 2);
-        lua_pushinteger(L, 2);
-        lua_setfield(L, -2, "n");
-        lua_pop(L, 2);
-}
-
-/* Ends a task that hit a limit and is not running (it yielded, waits, or never started): its
- * op is released and it fails with the limit's message and a traceback of where it was. */
-static void task_end_at_limit(RrTask *t) {
-        lua_State *co = t->co;
-
-        if (t->op) {
-                RrOp *op = t->op;
-                t->op = NULL;
-                op->release(op);
-        }
-        if (lua_status(co) == LUA_OK && lua_gettop(co) == t->nargs + 1)
-                lua_settop(co, 0); /* never started: nothing to trace */
-        if (!lua_checkstack(co, 1))
-                lua_resetthread(co); /* no room for the message: drop the stack (and its traceback) */
-        push_limit_message(co, t, co); /* task_finish() takes the error from co's top */
-        task_finish_limited(t, TASK_FAILED, 0);
-}
-
-/* Is a stop signal waiting to be read by the loop? sigpending() at most every
- * SIGNAL_CHECK_INTERVAL; a yes holds until a task gives way for it. */
-static bool stop_signal_pending(double now) {
-        sigset_t pending;
-
-        if (now < S.next_signal_check)
-                return S.stop_pending;
-        S.next_signal_check = now + SIGNAL_CHECK_INTERVAL;
-        S.stop_pending = sigpending(&pending) == 0 &&
-                         (sigismember(&pending, SIGINT) == 1 || sigismember(&pending, SIGTERM) == 1 ||
-                          sigismember(&pending, SIGHUP) == 1);
-        return S.stop_pending;
-}
-
-/* The hook of a bounded task's coroutines (see above). */
-static void task_hook(lua_State *L, lua_Debug *ar) {
-        RrTask *t = S.current;
-        bool own = t && L == t->co;
-        double now;
-        int count;
-
-        if (!t || !t->co || (t->deadline <= 0 && t->max_instructions <= 0))
-                return; /* a coroutine it created, run later by someone else */
-        if (ar->event != LUA_HOOKCOUNT && ++S.call_events % CALL_CHECK_EVERY != 0)
-                return;
-        now = rr_now();
-        if (ar->event != LUA_HOOKCOUNT) {
-                if (task_limit_hit(t, now) || (t->cancel && !t->cancel_raised) ||
-                    (own && lua_isyieldable(L) && stop_signal_pending(now)))
-                        lua_sethook(L, task_hook, HOOK_MASK, 1); /* act at the next instruction */
-                return;
-        }
-        count = lua_gethookcount(L);
-        if (count != t->hook_count)
-                lua_sethook(L, task_hook, HOOK_MASK, t->hook_count); /* a call event shortened it */
-        if (t->max_instructions > 0 && (t->instructions_left -= count) <= 0 && t->limit_hit == LIMIT_NONE)
-                t->limit_hit = LIMIT_INSTRUCTIONS;
-        if (task_limit_hit(t, now)) {
-                push_limit_message(L, t, L);
-                if (own && lua_isyieldable(L)) {
-                        /* The error with its traceback now: once yielded in a hook, a coroutine
-                         * shows the previous instruction's line. task_finish_limited() uses it. */
-                        luaL_traceback(L, L, lua_tostring(L, -1), 0);
-                        luaL_unref(L, LUA_REGISTRYINDEX, S.limit_error_ref);
-                        S.limit_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-                        S.limit_error_task = t;
-                        lua_pop(L, 1);
-                        lua_yield(L, 0); /* task_resume() ends it */
-                        return;
-                }
-                /* Count events at every instruction from here: the error may be caught in the C
-                 * call, and the first instruction back in the task's own code must end it. */
-                lua_sethook(L, task_hook, HOOK_MASK, 1);
-                lua_sethook(t->co, task_hook, HOOK_MASK, 1);
-                lua_error(L);
-        }
-        if (t->cancel && !t->cancel_raised) {
-                t->cancel_raised = true;
-                lua_pushliteral(L, "canceled");
-                lua_error(L);
-        }
-        if (own && lua_isyieldable(L) && stop_signal_pending(now)) {
-                S.stop_pending = false; /* the loop reads it now */
-                t->preempted = true;
-                lua_yield(L, 0);
-        }
-}
-
-static void task_hook_install(RrTask *t) {
-        int count = HOOK_COUNT;
-
-        if (t->max_instructions > 0 && t->max_instructions < count)
-                count = (int) t->max_instructions;
-        t->hook_count = count;
-        lua_sethook(t->co, task_hook, HOOK_MASK, count);
-}
-
-static int deadline_fired(sd_event_source *src, uint64_t usec, void *userdata) {
-        RrTask *t = userdata;
-
-        (void) src;
-        (void) usec;
-        if (task_finished(t))
-                return 0;
-        if (t->limit_hit == LIMIT_NONE)
-                t->limit_hit = LIMIT_DEADLINE;
-        /* task_resume() ends it; a task running a nested loop (it waits where it cannot yield)
-         * sees it in rr_op_await(). */
-        if (t->state == TASK_WAITING || t->state == TASK_READY)
-                ready_push(t);
-        return 0;
-}
-
-/* Makes `at` (rr_now() time; `secs` is how it is reported) the task's deadline, unless it already
- * has an earlier one. Returns 0 or a negative errno. */
-static int task_set_deadline(RrTask *t, double at, double secs) {
-        uint64_t usec = at > 0 ? (uint64_t) (at * 1e6) : 0;
-        int r;
-
-        if (t->deadline > 0 && t->deadline <= at)
-                return 0;
-        if (t->deadline_timer)
-                r = sd_event_source_set_time(t->deadline_timer, usec);
-        else
-                r = sd_event_add_time(S.event, &t->deadline_timer, CLOCK_MONOTONIC, usec, 1000, deadline_fired, t);
-        if (r < 0)
-                return r;
-        t->deadline = at;
-        t->deadline_secs = secs;
-        task_hook_install(t);
-        return 0;
-}
-
 static void task_resume(RrTask *t) {
-        RrTask *prev = S.current;
-        lua_State *from = prev ? prev->co : S.L;
+        RrTask *prev = loop_shared.current;
+        lua_State *from = prev ? prev->co : loop_shared.L;
         int nargs = t->nargs, nres = 0, r;
 
         if (task_limit_hit(t, t->deadline > 0 ? rr_now() : 0)) {
@@ -517,9 +216,9 @@ static void task_resume(RrTask *t) {
         }
         t->nargs = 0;
         t->state = TASK_RUNNING;
-        S.current = t;
+        loop_shared.current = t;
         r = lua_resume(t->co, from, nargs, &nres);
-        S.current = prev;
+        loop_shared.current = prev;
 
         if (r == LUA_YIELD) {
                 lua_pop(t->co, nres);
@@ -623,7 +322,7 @@ static int push_and_release(lua_State *L, RrOp *op) {
 }
 
 static int await_continue(lua_State *L, int status, lua_KContext ctx) {
-        RrTask *t = S.current;
+        RrTask *t = loop_shared.current;
         RrOp *op;
 
         (void) status;
@@ -636,7 +335,7 @@ static int await_continue(lua_State *L, int status, lua_KContext ctx) {
 }
 
 int rr_op_await(lua_State *L, RrOp *op) {
-        RrTask *t = S.current;
+        RrTask *t = loop_shared.current;
 
         op->done = false;
         op->task = NULL;
@@ -669,10 +368,11 @@ int rr_op_await(lua_State *L, RrOp *op) {
                         op->release(op);
                         return luaL_error(L, "interrupted");
                 }
-                if (S.current && S.current->co && task_limit_hit(S.current, S.current->deadline > 0 ? rr_now() : 0)) {
+                if (loop_shared.current && loop_shared.current->co &&
+                    task_limit_hit(loop_shared.current, loop_shared.current->deadline > 0 ? rr_now() : 0)) {
                         /* A bounded task waiting where it cannot yield ran out of time. */
                         op->release(op);
-                        push_limit_message(L, S.current, NULL);
+                        push_limit_message(L, loop_shared.current, NULL);
                         return lua_error(L);
                 }
                 if (loop_turn(&op->done) < 0) {
@@ -684,7 +384,7 @@ int rr_op_await(lua_State *L, RrOp *op) {
 }
 
 bool rr_canceled(lua_State *L, bool raise) {
-        RrTask *t = S.current;
+        RrTask *t = loop_shared.current;
         bool limit = t && t->co == L && task_limit_hit(t, t->deadline > 0 ? rr_now() : 0);
         bool canceled = exit_pending() || (t && t->co == L && t->cancel) || limit;
 
@@ -754,32 +454,23 @@ int rr_task_spawn(lua_State *L, int nargs) {
         return 0;
 }
 
-static RrTask *check_task(lua_State *L, int idx) {
-        return luaL_checkudata(L, idx, TASK_MT);
-}
-
 /* rr.spawn(fn, ...) -> task. A task started by a task with a deadline has that deadline too:
  * nothing a bounded hook starts outlives it. */
 static int loop_spawn(lua_State *L) {
         int nargs = lua_gettop(L) - 1;
-        RrTask *parent = S.current, *t;
+        RrTask *t;
         int r;
 
         luaL_checktype(L, 1, LUA_TFUNCTION);
         t = task_spawn(L, nargs); /* ud */
-        if (parent && parent->co && parent->deadline > 0) {
-                r = task_set_deadline(t, parent->deadline, parent->deadline_secs);
-                if (r < 0) {
-                        t->limit_hit = LIMIT_DEADLINE; /* it must not run unbounded: it ends at once */
-                        return luaL_error(L, "cannot add timer: %s", strerror(-r));
-                }
-        } else if (lua_gethook(t->co) == task_hook)
-                lua_sethook(t->co, NULL, 0, 0); /* inherited from its creator, with nothing to bound */
+        r = task_limits_inherit(t, loop_shared.current);
+        if (r < 0)
+                return luaL_error(L, "cannot add timer: %s", strerror(-r));
         return 1;
 }
 
 /* Pushes ok, results... of a finished task; returns the count. */
-static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
+int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
         int n;
 
         lua_pushboolean(L, t->state == TASK_DONE);
@@ -796,173 +487,6 @@ static int push_outcome(lua_State *L, RrTask *t, int ud_idx) {
         return n + 1;
 }
 
-static int join_push(lua_State *L, RrOp *op) {
-        JoinOp *j = (JoinOp *) op;
-
-        /* Room for one result per task plus the scratch slots below: callers may already have
-         * used the whole stack (rr.wait{...} pushed every task of the list). */
-        luaL_checkstack(L, j->n + 8, "too many tasks");
-
-        if (j->any) {
-                /* The first finished task in argument order, then its outcome. */
-                for (int i = 0; i < j->n; i++) {
-                        int top, n;
-                        lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
-                        top = lua_gettop(L);
-                        if (task_finished(check_task(L, top))) {
-                                n = push_outcome(L, check_task(L, top), top);
-                                return n + 1;
-                        }
-                        lua_pop(L, 1);
-                }
-                return 0; /* unreachable: completed only once a task finished */
-        }
-
-        if (j->n == 1 && !j->as_list) {
-                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[0].ref);
-                int n = push_outcome(L, check_task(L, -1), lua_gettop(L));
-                lua_remove(L, -1 - n);
-                return n;
-        }
-        if (j->as_list)
-                lua_createtable(L, j->n, 0);
-        for (int i = 0; i < j->n; i++) {
-                int top, n;
-                lua_rawgeti(L, LUA_REGISTRYINDEX, j->nodes[i].ref);
-                top = lua_gettop(L);
-                lua_createtable(L, 4, 1);
-                n = push_outcome(L, check_task(L, top), top); /* ud tbl ok ... */
-                for (int k = n; k >= 1; k--)
-                        lua_rawseti(L, top + 1, k);
-                lua_pushinteger(L, n);
-                lua_setfield(L, top + 1, "n");
-                lua_remove(L, top); /* ... tbl */
-                if (j->as_list)
-                        lua_rawseti(L, -2, i + 1);
-        }
-        return j->as_list ? 1 : j->n;
-}
-
-static void join_release(RrOp *op) {
-        JoinOp *j = (JoinOp *) op;
-
-        for (int i = 0; i < j->n; i++) {
-                JoinNode *node = &j->nodes[i];
-                if (node->task) {
-                        /* Still linked: the task has not finished. */
-                        for (JoinNode **p = &node->task->joiners; *p; p = &(*p)->next)
-                                if (*p == node) {
-                                        *p = node->next;
-                                        break;
-                                }
-                }
-                luaL_unref(S.L, LUA_REGISTRYINDEX, node->ref);
-        }
-        free(j);
-}
-
-/* rr.wait(t1, ...) -> ok, results... (one task) | one table.pack(ok, ...) per task
- * rr.wait{t1, ...} -> a list of table.pack(ok, ...) */
-static int join_tasks(lua_State *L, bool any) {
-        bool as_list = lua_istable(L, 1) && !luaL_testudata(L, 1, TASK_MT);
-        int n, base;
-        JoinOp *j;
-
-        if (as_list) {
-                n = (int) luaL_len(L, 1);
-                luaL_checkstack(L, n, "too many tasks");
-                for (int i = 1; i <= n; i++)
-                        lua_geti(L, 1, i);
-                base = 2;
-        } else {
-                n = lua_gettop(L);
-                base = 1;
-        }
-        if (n == 0 && !as_list)
-                return luaL_argerror(L, 1, "task expected");
-        for (int i = 0; i < n; i++) {
-                RrTask *t = check_task(L, base + i);
-                if (t == S.current && !task_finished(t))
-                        return luaL_error(L, "a task cannot wait for itself");
-        }
-
-        j = calloc(1, sizeof(JoinOp) + (size_t) n * sizeof(JoinNode));
-        if (!j)
-                return luaL_error(L, "out of memory");
-        j->op.push = join_push;
-        j->op.release = join_release;
-        j->n = n;
-        j->as_list = as_list && !any;
-        j->any = any;
-        for (int i = 0; i < n; i++) {
-                RrTask *t = check_task(L, base + i);
-                JoinNode *node = &j->nodes[i];
-                lua_pushvalue(L, base + i);
-                node->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-                node->join = j;
-                if (!task_finished(t)) {
-                        node->task = t;
-                        node->next = t->joiners;
-                        t->joiners = node;
-                        j->remaining++;
-                }
-        }
-        if (j->remaining == 0 || (any && j->remaining < n)) {
-                int r = join_push(L, &j->op);
-                join_release(&j->op);
-                return r;
-        }
-        return rr_op_await(L, &j->op);
-}
-
-static int loop_wait(lua_State *L) {
-        return join_tasks(L, false);
-}
-
-/* rr.wait_any(t1, ...) or rr.wait_any{...} -> the first task to finish, ok, results... */
-static int loop_wait_any(lua_State *L) {
-        return join_tasks(L, true);
-}
-
-static int sleep_push(lua_State *L, RrOp *op) {
-        (void) L;
-        (void) op;
-        return 0;
-}
-
-static void sleep_release(RrOp *op) {
-        SleepOp *s = (SleepOp *) op;
-        sd_event_source_disable_unref(s->source);
-        free(s);
-}
-
-static int sleep_fired(sd_event_source *src, uint64_t usec, void *userdata) {
-        (void) src;
-        (void) usec;
-        rr_op_complete(userdata);
-        return 0;
-}
-
-/* rr.sleep(seconds) */
-static int loop_sleep(lua_State *L) {
-        double secs = luaL_checknumber(L, 1);
-        SleepOp *s;
-        int r;
-
-        luaL_argcheck(L, secs >= 0 && secs < 1e9, 1, "seconds must be >= 0");
-        s = calloc(1, sizeof *s);
-        if (!s)
-                return luaL_error(L, "out of memory");
-        s->op.push = sleep_push;
-        s->op.release = sleep_release;
-        r = sd_event_add_time(S.event, &s->source, CLOCK_MONOTONIC, rr_deadline_usec(secs), 1000, sleep_fired, s);
-        if (r < 0) {
-                free(s);
-                return luaL_error(L, "cannot add timer: %s", strerror(-r));
-        }
-        return rr_op_await(L, &s->op);
-}
-
 /* rr.now() -> monotonic seconds */
 static int loop_now(lua_State *L) {
         lua_pushnumber(L, rr_now());
@@ -971,10 +495,10 @@ static int loop_now(lua_State *L) {
 
 /* rr.current() -> the running task, or nil at the top level */
 static int loop_current(lua_State *L) {
-        if (!S.current || S.current->ref == LUA_NOREF)
+        if (!loop_shared.current || loop_shared.current->ref == LUA_NOREF)
                 lua_pushnil(L);
         else
-                push_task(L, S.current);
+                push_task(L, loop_shared.current);
         return 1;
 }
 
@@ -1065,38 +589,6 @@ static int task_l_id(lua_State *L) {
         return 1;
 }
 
-/* task:deadline(seconds) -> task: it must finish within seconds from now, waiting or not, or it
- * fails with "timed out after N s" (code ETIMEDOUT). An earlier deadline stays. */
-static int task_l_deadline(lua_State *L) {
-        RrTask *t = check_task(L, 1);
-        double secs = luaL_checknumber(L, 2);
-        int r;
-
-        luaL_argcheck(L, secs >= 0 && secs < 1e9, 2, "seconds must be >= 0");
-        if (!task_finished(t)) {
-                r = task_set_deadline(t, rr_now() + secs, secs);
-                if (r < 0)
-                        return luaL_error(L, "cannot add timer: %s", strerror(-r));
-        }
-        lua_settop(L, 1);
-        return 1;
-}
-
-/* task:max_instructions(n) -> task: from now on it fails with "runs more than n instructions
- * (an endless loop?)" (code ELIMIT) once it has run about n more Lua VM instructions. */
-static int task_l_max_instructions(lua_State *L) {
-        RrTask *t = check_task(L, 1);
-        lua_Integer n = luaL_checkinteger(L, 2);
-
-        luaL_argcheck(L, n > 0, 2, "instructions must be > 0");
-        if (!task_finished(t)) {
-                t->max_instructions = t->instructions_left = n;
-                task_hook_install(t);
-        }
-        lua_settop(L, 1);
-        return 1;
-}
-
 static int task_l_tostring(lua_State *L) {
         RrTask *t = check_task(L, 1);
         lua_pushfstring(L, "rr.task %d (%s)", (int) t->id, task_state_names[t->state]);
@@ -1127,7 +619,7 @@ static const char *stop_signal_name(int signo) {
  * handler task could be started (out of memory), the signal interrupts the top level: it is
  * never lost. */
 static int signal_fired(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        lua_State *L = S.L;
+        lua_State *L = loop_shared.L;
         int signo = (int) si->ssi_signo, n = 0, failed = 0;
 
         (void) src;
@@ -1232,7 +724,7 @@ int rr_loop_init(lua_State *L) {
         r = sd_event_add_signal(S.event, &S.sighup, SIGHUP, signal_fired, NULL);
         if (r < 0)
                 return r;
-        S.L = L;
+        loop_shared.L = L;
         lua_newtable(L);
         S.handlers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         return 0;
@@ -1269,8 +761,8 @@ void rr_loop_request_exit(int code) {
                 S.exit_code = code;
         }
         /* Its next wait raises, should it catch the error that unwinds it. */
-        if (S.current)
-                S.current->cancel = true;
+        if (loop_shared.current)
+                loop_shared.current->cancel = true;
 }
 
 bool rr_loop_exit_requested(int *code) {
@@ -1294,7 +786,7 @@ void rr_loop_shutdown(lua_State *L) {
         /* Cancel everything, then let the canceled tasks unwind (their <close> handlers run). A
          * bounded number of turns: a task that swallows "canceled" in a loop must not hang us. */
         for (int round = 0; round < 100 && S.live > 0; round++) {
-                lua_State *ML = S.L;
+                lua_State *ML = loop_shared.L;
                 int n = 0;
                 lua_newtable(ML);
                 /* Collect live tasks from the registry refs reachable through the ready queue and

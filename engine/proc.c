@@ -263,7 +263,8 @@ static Proc *check_proc(lua_State *L, int idx) {
 
 /* ---- results ---- */
 
-/* Push what run() and wait() return: res, or nil, message, res. */
+/* Push what run() and wait() return: res, or nil, message, CODE, res (CODE: "ETIMEDOUT",
+ * "ESIGNAL" or "EEXIT"), the one failure form of every primitive (as rr.systemd's m:run). */
 static int push_result(lua_State *L, Proc *p) {
         luaL_checkstack(L, 6, NULL);
         lua_createtable(L, 0, 10); /* res */
@@ -289,13 +290,16 @@ static int push_result(lua_State *L, Proc *p) {
                 char secs[32];
                 snprintf(secs, sizeof secs, "%g", p->timeout);
                 lua_pushfstring(L, "%s timed out after %s s (killed)", p->name, secs);
-        }
-        else if (p->signal != 0)
+                lua_pushliteral(L, "ETIMEDOUT");
+        } else if (p->signal != 0) {
                 lua_pushfstring(L, "%s killed by %s", p->name, signal_name(p->signal));
-        else
+                lua_pushliteral(L, "ESIGNAL");
+        } else {
                 lua_pushfstring(L, "%s exited with code %d", p->name, p->exit_code);
-        lua_rotate(L, -3, -1); /* nil message res */
-        return 3;
+                lua_pushliteral(L, "EEXIT");
+        }
+        lua_rotate(L, -4, -1); /* nil message CODE res */
+        return 4;
 }
 
 /* RrOp.push of a wait: the result, or nil, message when the handle was closed meanwhile. */
@@ -305,7 +309,8 @@ static int wait_push(lua_State *L, RrOp *op) {
         if (!w->proc) {
                 lua_pushnil(L);
                 lua_pushliteral(L, "process handle closed while waiting");
-                return 2;
+                lua_pushliteral(L, "EBADF");
+                return 3;
         }
         return push_result(L, w->proc);
 }

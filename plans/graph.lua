@@ -42,10 +42,10 @@ if opts.dot then
 end
 if opts.svg then
   -- dot reads the graph on stdin: no temporary file, no shell.
-  local res, err, r = require("rr.proc").run({ "dot", "-Tsvg" }, { stdin = digraph(), timeout = 60 })
+  local res, err, code, r = require("rr.proc").run({ "dot", "-Tsvg" }, { stdin = digraph(), timeout = 60 })
   if not res then
-    if r == "ENOENT" then err = "--svg needs Graphviz's dot, which is not installed (apt-get install graphviz)" end
-    io.stderr:write("rrengine: ", err, type(r) == "table" and r.stderr ~= "" and (": " .. r.stderr:gsub("%s+$", "")) or "", "\n")
+    if code == "ENOENT" then err = "--svg needs Graphviz's dot, which is not installed (apt-get install graphviz)" end
+    io.stderr:write("rrengine: ", err, r and r.stderr ~= "" and (": " .. r.stderr:gsub("%s+$", "")) or "", "\n")
     os.exit(1)
   end
   io.write(res.stdout)

@@ -47,7 +47,7 @@ describe("bash completion", function()
     local argv = opts.shell == "zsh" and { "zsh", "-f", "-c", driver, script }
       or { "bash", "--norc", "--noprofile", "-c", driver, script }
     for _, w in ipairs(words) do argv[#argv + 1] = w end
-    local res, err, r = proc.run(argv, { cwd = opts.cwd or dir, env = opts.env, timeout = 30 })
+    local res, err, _, r = proc.run(argv, { cwd = opts.cwd or dir, env = opts.env, timeout = 30 })
     local out = res or r
     assert(type(out) == "table", err)
     assert.equal(0, out.exit_code, out.stderr)

@@ -5,7 +5,7 @@ local proc = require("rr.proc")
 
 describe("make demo", function()
   it("runs end to end: a rolling restart, then a broken deploy rolled back automatically", function()
-    local res, err, r = proc.run({ "./demo/run" }, { timeout = 240 })
+    local res, err, _, r = proc.run({ "./demo/run" }, { timeout = 240 })
     res = res or r
     assert.is_truthy(res, err)
     assert.equal(0, res.exit_code, (res.stdout or "") .. (res.stderr or ""))

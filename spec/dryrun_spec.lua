@@ -9,7 +9,7 @@ local engine = os.getenv("RR_ENGINE") or arg[-1]
 local function dry(p, args)
   local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--dry-run" }
   for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local res, _, r = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+  local res, _, _, r = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
   return res or r
 end
 
@@ -76,7 +76,7 @@ describe("dry run", function()
     assert.equal("", res.stdout)
     local argv = { engine, "plans/rolling.lua", "--user", "--services", p.services_file, "--events", p.events_file }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
+    local _, _, _, run = proc.run(argv, { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 60 })
     assert.equal(2, run.exit_code, run.stdout .. run.stderr)
     assert.equal(res.stderr, run.stderr)
   end)

@@ -76,7 +76,7 @@ describe("a full disk", function()
   -- it passed to done().
   local function scenario(body, args)
     local script = write(dir .. "/scenario.lua", PRELUDE .. body)
-    local res, err, r = proc.run({ "unshare", "--mount", "--propagation", "private", engine, script,
+    local res, err, _, r = proc.run({ "unshare", "--mount", "--propagation", "private", engine, script,
       cjson.encode(args) }, { capture = true, timeout = 120 })
     local out = res or r
     assert(type(out) == "table", ("the scenario did not run: %s"):format(tostring(err)))

@@ -94,7 +94,7 @@ local function load_on(h, hp)
   local load = {}
   function load.stop()
     assert(p:kill("INT"))
-    local res, err, r = p:wait()
+    local res, err, _, r = p:wait()
     res = res or r
     assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
       res and res.stderr or ""))

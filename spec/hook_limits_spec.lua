@@ -23,7 +23,7 @@ local function engine(script, opts)
       if stream == "stdout" and line == "ready" and opts.on_ready then opts.on_ready(p) end
     end,
   }))
-  local res, _, r = p:wait()
+  local res, _, _, r = p:wait()
   return res or r
 end
 

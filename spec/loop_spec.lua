@@ -227,7 +227,7 @@ describe("rrengine signals", function()
       end,
     })
     local t0 = rr.now()
-    local ok_res, _, failed_res = p:wait()
+    local ok_res, _, _, failed_res = p:wait()
     return lines, ok_res or failed_res, rr.now() - t0
   end
 
@@ -267,7 +267,7 @@ describe("rrengine signals", function()
     assert.equal("0000000000000000", blk)
     -- signals 1-31 at their default (glibc's own real-time signals 32 and 33 are not ours)
     assert.equal(0, tonumber(cign, 16) & 0x7fffffff, "ignored in the child: SigIgn " .. cign)
-    local _, err, r = proc.run({ "sh", "-c", "kill -PIPE $$; echo survived" })
+    local _, err, _, r = proc.run({ "sh", "-c", "kill -PIPE $$; echo survived" })
     assert.equal("SIGPIPE", r.signal, err)
     assert.equal("", r.stdout)
   end)
@@ -329,7 +329,7 @@ describe("os.exit", function()
 
   local function run(script)
     local t0 = rr.now()
-    local res, _, r = proc.run({ engine, "-e", script }, { timeout = 20 })
+    local res, _, _, r = proc.run({ engine, "-e", script }, { timeout = 20 })
     res = res or r
     assert.is_true(rr.now() - t0 < 5, "os.exit waited for the sleeps")
     return res
@@ -408,10 +408,10 @@ describe("rrengine command line", function()
   end)
 
   it("prints a one-line error and exits 1; a traceback only with --debug", function()
-    local _, _, res = proc.run({ engine, "-e", "error('boom')" })
+    local _, _, _, res = proc.run({ engine, "-e", "error('boom')" })
     assert.equal(1, res.exit_code)
     assert.equal("rrengine: (command line):1: boom\n", res.stderr)
-    _, _, res = proc.run({ engine, "--debug", "-e", "error('boom')" })
+    _, _, _, res = proc.run({ engine, "--debug", "-e", "error('boom')" })
     assert.matches("stack traceback", res.stderr)
   end)
 
@@ -420,7 +420,7 @@ describe("rrengine command line", function()
     assert.matches("^rrengine %d+%.%d+%.%d+", res.stdout)
     res = assert(proc.run({ engine, "--help" }))
     assert.matches("Examples:", res.stdout)
-    local _, _, bad = proc.run({ engine, "--frobnicate" })
+    local _, _, _, bad = proc.run({ engine, "--frobnicate" })
     assert.equal(2, bad.exit_code)
     assert.matches("unknown option '%-%-frobnicate'", bad.stderr)
   end)

@@ -8,7 +8,7 @@ local helpers = require("spec.support.helpers")
 local root = fs.realpath(".")
 
 local function run(argv, opts)
-  local res, err, r = proc.run(argv, opts)
+  local res, err, _, r = proc.run(argv, opts)
   local out = res or r
   assert(type(out) == "table", err)
   return out

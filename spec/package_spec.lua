@@ -15,7 +15,7 @@ local root = fs.realpath(".")
 
 -- Runs argv; returns the result table whatever the exit code.
 local function run(argv, opts)
-  local res, err, r = proc.run(argv, opts)
+  local res, err, _, r = proc.run(argv, opts)
   local out = res or r
   assert(type(out) == "table", err)
   return out

@@ -9,7 +9,7 @@ local helpers = require("spec.support.helpers")
 local function plan(name, args)
   local argv = { helpers.engine, "plans/" .. name .. ".lua" }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local res, _, r = proc.run(argv, { timeout = 30 })
+  local res, _, _, r = proc.run(argv, { timeout = 30 })
   return res or r
 end
 
@@ -140,7 +140,7 @@ describe("the services file when --services is not given", function()
   local function engine(args, cwd, env, stdin)
     local argv = { helpers.engine }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local res, _, r = proc.run(argv, { cwd = cwd, env = env, stdin = stdin, timeout = 30 })
+    local res, _, _, r = proc.run(argv, { cwd = cwd, env = env, stdin = stdin, timeout = 30 })
     return res or r
   end
 

@@ -76,7 +76,7 @@ describe("rr.proc", function()
     end)
 
     it("reports a non-zero exit code", function()
-      local res, err, r = proc.run({ "/bin/sh", "-c", "echo out; echo err >&2; exit 3" })
+      local res, err, _, r = proc.run({ "/bin/sh", "-c", "echo out; echo err >&2; exit 3" })
       assert.is_nil(res)
       assert.equal("/bin/sh exited with code 3", err)
       assert.equal(3, r.exit_code)
@@ -86,7 +86,7 @@ describe("rr.proc", function()
     end)
 
     it("reports a process killed by a signal", function()
-      local res, err, r = proc.run({ "/bin/sh", "-c", "kill -TERM $$" })
+      local res, err, _, r = proc.run({ "/bin/sh", "-c", "kill -TERM $$" })
       assert.is_nil(res)
       assert.equal("/bin/sh killed by SIGTERM", err)
       assert.equal("SIGTERM", r.signal)
@@ -182,7 +182,7 @@ describe("rr.proc", function()
     it("kills the whole process group at the timeout", function()
       local pidfile = dir .. "/grandchild"
       local t0 = rr.now()
-      local res, err, r = proc.run({ "/bin/sh", "-c", 'sleep 1000 & echo $! > "$0"; sleep 1000', pidfile },
+      local res, err, _, r = proc.run({ "/bin/sh", "-c", 'sleep 1000 & echo $! > "$0"; sleep 1000', pidfile },
         { timeout = 0.5 })
       local took = rr.now() - t0
       assert.is_nil(res)
@@ -198,7 +198,7 @@ describe("rr.proc", function()
       local pidfile = dir .. "/grandchild"
       local t0 = rr.now()
       -- The grandchild ignores TERM (and the leader does not): it is killed when the leader dies.
-      local _, _, r = proc.run({ "/bin/sh", "-c",
+      local _, _, _, r = proc.run({ "/bin/sh", "-c",
         [[(trap '' TERM; exec sleep 1000) & echo $! > "$0"; sleep 1000]], pidfile }, { timeout = 0.3 })
       assert.is_true(r.timed_out)
       local gpid = pid_from(pidfile)
@@ -207,7 +207,7 @@ describe("rr.proc", function()
       -- Everything ignores TERM: KILL after the grace.
       t0 = rr.now()
       local res, err
-      res, err, r = proc.run({ "/bin/sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000" },
+      res, err, _, r = proc.run({ "/bin/sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000" },
         { timeout = 0.3, kill_grace = 0.3 })
       local took = rr.now() - t0
       assert.is_nil(res)
@@ -350,7 +350,7 @@ describe("rr.proc", function()
       assert.is_true(p:running())
       assert.matches("^rr.proc.process %d+ %(sleep, running%)$", tostring(p))
       assert.is_true(p:kill())
-      local res, err, r = p:wait()
+      local res, err, _, r = p:wait()
       assert.is_nil(res)
       assert.equal("sleep killed by SIGTERM", err)
       assert.equal("SIGTERM", r.signal)
@@ -370,7 +370,7 @@ describe("rr.proc", function()
       for _, sig in ipairs({ "KILL", "SIGKILL", 9 }) do
         local p = assert(proc.spawn({ "sleep", "100" }))
         assert.is_true(p:kill(sig))
-        assert.equal("SIGKILL", select(3, p:wait()).signal)
+        assert.equal("SIGKILL", select(4, p:wait()).signal)
       end
       local p = assert(proc.spawn({ "sleep", "100" }))
       assert.has_error(function() p:kill("NOPE") end)
@@ -417,7 +417,7 @@ describe("rr.proc", function()
       local waiter = rr.spawn(function() return p:wait() end)
       rr.sleep(0.05)
       p:close()
-      assert.same({ true, nil, "process handle closed while waiting", n = 3 }, table.pack(rr.wait(waiter)))
+      assert.same({ true, nil, "process handle closed while waiting", "EBADF", n = 4 }, table.pack(rr.wait(waiter)))
     end)
 
     -- sd-event keeps one child source per PID and refuses another (EBUSY): a handle kept after
@@ -457,7 +457,7 @@ describe("rr.proc", function()
         end
         error("no PID was reused in 1000 spawns")
       ]]
-      local res, err, r = proc.run({ "unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+      local res, err, _, r = proc.run({ "unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
         require("spec.support.helpers").engine, "-e", script }, { timeout = 60 })
       assert(res, tostring(err) .. " " .. tostring(r and r.stderr))
       assert.matches("^PID %d+ reused after %d+ spawns$", res.stdout)

@@ -56,7 +56,16 @@ describe("an engine killed mid-run", function()
 
   -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step`. Returns the
   -- result and whether it was killed there.
-  local function kill_at(step, args, service, pattern)
+  local function journal()
+    local text = fs.read(p.state_root .. "/run.journal")
+    return text and cjson.decode(text)
+  end
+
+  -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step` (or a line
+  -- matches `pattern`); with `ready(journal)`, only once the run journal satisfies it (a
+  -- migration's unit is journaled once systemd gave its main PID, which may come after its
+  -- first output line). Returns the result and whether it was killed there.
+  local function kill_at(step, args, service, pattern, ready)
     local killed, handle = false, nil
     pattern = pattern or ("^%S+%s+" .. (service or "api") .. "%s+" .. step)
     local res = p:cli(args, {
@@ -64,16 +73,14 @@ describe("an engine killed mid-run", function()
       on_line = function(_, line)
         if not killed and line:match(pattern) then
           killed = true
+          -- the journal is a file: nothing signals its change, so look for a bounded while
+          local deadline = require("rr").now() + 5
+          while ready and not ready(journal()) and require("rr").now() < deadline do require("rr").sleep(0.01) end
           handle:kill("KILL")
         end
       end,
     })
     return res, killed
-  end
-
-  local function journal()
-    local text = fs.read(p.state_root .. "/run.journal")
-    return text and cjson.decode(text)
   end
 
   -- The service ended all-old or all-new, healthy, its process running what is on disk.
@@ -102,7 +109,7 @@ describe("an engine killed mid-run", function()
     local dry = p:cli({ "--dry-run" })
     assert.equal(1, dry.exit_code, dry.stdout .. dry.stderr)
     assert.matches("^!! an earlier run was interrupted", dry.stdout)
-    local stres = select(3, require("rr.proc").run({ helpers.engine, "plans/status.lua", "--user", "--services",
+    local stres = select(4, require("rr.proc").run({ helpers.engine, "plans/status.lua", "--user", "--services",
       p.services_file }, { env = { XDG_STATE_HOME = p.xdg_state } }))
     assert.equal(4, stres.exit_code, stres.stdout .. stres.stderr)
     assert.matches("^!! an earlier run was interrupted", stres.stdout)
@@ -228,7 +235,9 @@ describe("an engine killed mid-run", function()
 
     it("a migration still running from the dead run blocks recovery of its service until it ends", function()
       local res, killed = kill_at(nil, { "--service", "api", "--deploy", "--deploy-path", release }, nil,
-        "api%s+| migrating")
+        "api%s+| migrating", function(j)
+          return j and j.services.api and j.services.api.children and #j.services.api.children > 0
+        end)
       assert.is_true(killed, res.stdout)
       local j = assert(journal())
       assert.equal("started", j.services.api.migration)
@@ -275,5 +284,40 @@ describe("an engine killed mid-run", function()
       assert.is_truthy(p:last_event("SERVICE_RESTART_SUCCESS", "web"))
       assert.is_nil(journal())
     end)
+  end)
+end)
+
+describe("the manual steps of a failed rollback", function()
+  local p, release
+  setup(function()
+    -- the migration breaks the service for good: it writes a file the deploy did not create
+    -- (the service's own state, which an undo leaves alone), so the old code is unhealthy too
+    p = platform.new({ { name = "api", http = true, code = true,
+      migrate = { "sh", "-c", "echo status=500 > api.control" } } })
+    p:start()
+    release = p.dir .. "/release"
+    helpers.write(release .. "/version", "v2\n")
+  end)
+  teardown(function() p:teardown() end)
+
+  it("list only what is still to do, as commands that work when pasted", function()
+    local res = p:cli({ "--service", "api", "--deploy", "--deploy-path", release })
+    assert.equal(3, res.exit_code, res.stdout .. res.stderr)
+    local ev = assert(p:last_event("ROLLBACK_FAILED", "api"))
+    local steps = table.concat(ev.manual_steps, "\n")
+    assert.not_matches("%-%-deploy%-record", steps, "the deploy was undone already: its undo is not a step")
+    assert.not_matches("cp %-p", steps, "the definition is the known good one: nothing to copy back")
+    assert.matches("^systemctl %-%-user stop " .. p.by_name.api.unit:gsub("%p", "%%%0"), ev.manual_steps[1])
+    assert.matches("daemon%-reload && { systemctl %-%-user reset%-failed", steps)
+    -- the steps an operator pastes, pasted (here: the fix first, as a human would)
+    os.remove(p.by_name.api.working_dir .. "/api.control")
+    for _, step in ipairs(ev.manual_steps) do
+      if step:match("^systemctl") then
+        local argv = { "sh", "-c", step }
+        local ok, err, _, r = require("rr.proc").run(argv)
+        assert.is_truthy(ok, "a manual step failed: " .. step .. ": " .. tostring(err) .. " " .. tostring(r and r.stderr))
+      end
+    end
+    assert.equal("active", p:props("api").ActiveState)
   end)
 end)

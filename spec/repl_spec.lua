@@ -29,7 +29,7 @@ describe("the REPL", function()
     else
       env.RRENGINE_SERVICES, env.RRENGINE_USER = p.services_file, "1"
     end
-    local res, err, r = proc.run(argv, { stdin = input, timeout = 60, env = env })
+    local res, err, _, r = proc.run(argv, { stdin = input, timeout = 60, env = env })
     return res or r or error(err)
   end
 
@@ -59,7 +59,7 @@ describe("the REPL", function()
     local bad = repl("", { "--frobnicate" })
     assert.equal(2, bad.exit_code)
     assert.equal("rrengine -i: unknown option --frobnicate (see rrengine --help)\n", bad.stderr)
-    local _, _, before = proc.run({ engine, "--user", "-i" }, { stdin = "" })
+    local _, _, _, before = proc.run({ engine, "--user", "-i" }, { stdin = "" })
     assert.equal(2, before.exit_code)
     assert.matches("unknown option '%-%-user' %(REPL options go after %-i", before.stderr)
   end)
@@ -224,7 +224,7 @@ describe("the REPL's rollback(name, {deploy_record = DIR})", function()
   after_each(function() p:teardown() end)
 
   local function repl(input)
-    local res, err, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
+    local res, err, _, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
       timeout = 60, env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false,
         RRENGINE_USER = false } })
     return res or r or error(err)
@@ -281,7 +281,7 @@ describe("what a rollback says, once", function()
   teardown(function() p:teardown() end)
 
   local function repl(input)
-    local res, err, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
+    local res, err, _, r = proc.run({ engine, "-i", "--user", "--services", p.services_file }, { stdin = input,
       timeout = 60, env = { XDG_STATE_HOME = p.xdg_state, HOME = p.dir, RRENGINE_SERVICES = false,
         RRENGINE_USER = false } })
     return res or r or error(err)

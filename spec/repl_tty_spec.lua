@@ -21,7 +21,7 @@ describe("the REPL on a terminal", function()
   local function session(typed)
     local cmd = ("XDG_STATE_HOME=%s HOME=%s %s -i --user --services %s")
       :format(p.xdg_state, p.dir, helpers.engine, p.services_file)
-    local res, err, r = proc.run({ "script", "-qec", cmd, "/dev/null" },
+    local res, err, _, r = proc.run({ "script", "-qec", cmd, "/dev/null" },
       { stdin = typed .. "os.exit(0)\n", timeout = 60, env = { RRENGINE_SERVICES = false, RRENGINE_USER = false } })
     res = res or r
     assert.is_truthy(res, err)

@@ -339,7 +339,7 @@ describe("on a terminal", function()
     -- script(1) gives the engine a real pseudo-terminal
     local cmd = ("XDG_STATE_HOME=%s %s plans/rolling.lua --user --services %s --events %s")
       :format(p.xdg_state, helpers.engine, p.services_file, p.events_file)
-    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    local res, err, _, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
     res = res or r
     assert.is_truthy(res, err)
     assert.equal(0, res.exit_code, res.stdout)
@@ -368,7 +368,7 @@ describe("on a terminal, a long run", function()
   local function run_at(cols)
     local cmd = ("stty cols %d rows 24; XDG_STATE_HOME=%s %s plans/rolling.lua --user --parallel 4 --services %s --events %s")
       :format(cols, p.xdg_state, helpers.engine, p.services_file, p.events_file)
-    local res, err, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    local res, err, _, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
     res = res or r
     assert.is_truthy(res, err)
     assert.equal(0, res.exit_code, res.stdout)

@@ -578,7 +578,7 @@ describe("rr.snapshot", function()
       local seen_versions, last = {}, 0
       for round = 1, 12 do
         local delay = ("%.3f"):format(0.05 + math.random() * 0.25)
-        local res, err, r = proc.run({ "timeout", "-s", "KILL", delay, engine, script,
+        local res, err, _, r = proc.run({ "timeout", "-s", "KILL", delay, engine, script,
           state_root, unit, envfile, tostring(round * 100000) }, { capture = true })
         assert.is_nil(res, "the child was meant to be killed")
         -- timeout(1) sends KILL to its whole process group, itself included

@@ -43,7 +43,7 @@ end
 
 -- xmllint --xpath EXPR FILE -> its output (string) | nil, stderr
 local function xpath(file, expr)
-  local res, _, r = proc.run({ "xmllint", "--xpath", expr, file })
+  local res, _, _, r = proc.run({ "xmllint", "--xpath", expr, file })
   if not res then return nil, (r and r.stderr) or "xmllint failed" end
   return (res.stdout:gsub("%s+$", ""))
 end
@@ -223,7 +223,7 @@ describe("rr.timeline", function()
         error = "got \"<html>\" & \1\2 bytes \255\254 ]]>" } },
     })))
     local file = helpers.write(dir .. "/t.svg", timeline.svg(model))
-    local res, _, r = proc.run({ "xmllint", "--noout", file })
+    local res, _, _, r = proc.run({ "xmllint", "--noout", file })
     fs.remove_tree(dir)
     assert.is_truthy(res, r and r.stderr)
   end)
@@ -234,7 +234,7 @@ describe("plans/timeline.lua on real runs", function()
   local function timeline_cli(args)
     local argv = { helpers.engine, "plans/timeline.lua" }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local res, _, r = proc.run(argv, { timeout = 30 })
+    local res, _, _, r = proc.run(argv, { timeout = 30 })
     return res or r
   end
 
@@ -267,7 +267,7 @@ describe("plans/timeline.lua on real runs", function()
     assert.equal(0, res.exit_code, res.stderr)
     assert.equal("", res.stdout)
     assert.matches("drawn in " .. out:gsub("%p", "%%%0"), res.stderr)
-    local ok, _, r = proc.run({ "xmllint", "--noout", out })
+    local ok, _, _, r = proc.run({ "xmllint", "--noout", out })
     assert.is_truthy(ok, r and r.stderr)
     assert.equal("1", xpath(out, "count(//" .. el("g") .. "[@class='row'])"))
     local row = "//" .. el("g") .. "[@class='row'][@data-service='b'][@data-outcome='rolled back']"
@@ -292,7 +292,7 @@ describe("plans/timeline.lua on real runs", function()
     local res = timeline_cli({ p.events_file, "--run", runs[1].id:sub(1, 8) })
     assert.equal(0, res.exit_code, res.stderr)
     local out = helpers.write(svg_dir .. "/first.svg", res.stdout)
-    local ok, _, r = proc.run({ "xmllint", "--noout", out })
+    local ok, _, _, r = proc.run({ "xmllint", "--noout", out })
     assert.is_truthy(ok, r and r.stderr)
     assert.equal("3", xpath(out, "count(//" .. el("g") .. "[@class='row'][@data-outcome='ok'])"))
     local two = "count(//" .. el("g") .. "[@class='in-flight']/" .. el("rect")
@@ -352,7 +352,7 @@ describe("plans/graph.lua --svg", function()
   local function graph(args, env)
     local argv = { helpers.engine, "plans/graph.lua", "--services", services }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local res, _, r = proc.run(argv, { timeout = 60, env = env })
+    local res, _, _, r = proc.run(argv, { timeout = 60, env = env })
     return res or r
   end
 
@@ -360,7 +360,7 @@ describe("plans/graph.lua --svg", function()
     local res = graph({ "--svg" })
     assert.equal(0, res.exit_code, res.stderr)
     local out = helpers.write(dir .. "/graph.svg", res.stdout)
-    local ok, _, r = proc.run({ "xmllint", "--noout", out })
+    local ok, _, _, r = proc.run({ "xmllint", "--noout", out })
     assert.is_truthy(ok, r and r.stderr)
     assert.equal("3", xpath(out, "count(//" .. el("g") .. "[@class='node'])"))
     assert.equal("2", xpath(out, "count(//" .. el("g") .. "[@class='edge'])"))

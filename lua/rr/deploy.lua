@@ -451,17 +451,16 @@ local function run_tracked(argv, opts, on_spawn, manager)
     end
     local res, err, code, r = manager:run(argv, o)
     if ended then ended() end
-    if res then return res end
-    return nil, err, r or code -- the result when rsync ran, else why it could not start
+    return res, err, code, r
   end
   if not on_spawn then return proc.run(argv, opts) end
   local p, err, code = proc.spawn(argv, opts)
   if not p then return nil, err, code end
   local process <close> = p
   local ended = on_spawn(p:pid(), table.concat(argv, " "))
-  local res, werr, r = p:wait()
+  local res, werr, wcode, r = p:wait()
   if ended then ended() end
-  return res, werr, r
+  return res, werr, wcode, r
 end
 
 -- The real path a directory will have once created: its nearest existing parent resolved.
@@ -537,7 +536,7 @@ function deploy.apply(opts)
 
   -- 1. What will change, and the state now of everything that will: types, modes, owners, and
   -- the size and hash of every file a backup will stand for.
-  local plan, perr, pres = proc.run(rsync_argv(record, { "--dry-run" }, false),
+  local plan, perr, _, pres = proc.run(rsync_argv(record, { "--dry-run" }, false),
     { capture = true, max_capture = MAX_LISTING, timeout = opts.timeout })
   if not plan then
     return nil, ("rsync dry run failed: %s%s"):format(tostring(perr), stderr_tail(pres))
@@ -570,7 +569,7 @@ function deploy.apply(opts)
   if not ok then return nil, err end
 
   -- 4. The deploy itself.
-  local res, rerr, rres = run_tracked(rsync_argv(record, {}, true), {
+  local res, rerr, _, rres = run_tracked(rsync_argv(record, {}, true), {
     capture = true,
     max_capture = MAX_LISTING,
     timeout = opts.timeout,
@@ -664,7 +663,7 @@ end
 
 -- Runs a small command (chmod, chown, rsync) for undo; nil, err when it fails.
 local function run(argv)
-  local res, err, r = proc.run(argv, { capture = true })
+  local res, err, _, r = proc.run(argv, { capture = true })
   if not res then
     return nil, tostring(err) .. stderr_tail(r)
   end

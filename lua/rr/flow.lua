@@ -6,6 +6,7 @@ local fs = require("rr.fs")
 local health = require("rr.health")
 local snapshot = require("rr.snapshot")
 local deploy = require("rr.deploy")
+local proc = require("rr.proc")
 local state = require("rr.state")
 
 local flow = {}
@@ -251,24 +252,34 @@ function Run:manual_steps()
   end
   local known = self.def and self.def.known
   if known then
+    -- only the files that still differ from the known good: what was restored is not repeated
     for _, f in ipairs(known.files or {}) do
       local own = f.role ~= "dropin" or snapshot.dropin_scope(f.path, self.svc.unit) == "own"
-      if not own then
-        steps[#steps + 1] = ("check by hand: %s is shared with other units (known-good copy: %s/%s)")
-          :format(f.path, known.dir, tostring(f.stored))
-      elseif f.absent then
-        steps[#steps + 1] = ("rm -f %s"):format(f.path)
-      elseif f.stored then
-        steps[#steps + 1] = ("cp -p %s/%s %s"):format(known.dir, f.stored, f.path)
+      local q = flow.shell_quote
+      if f.absent then
+        if fs.exists(f.path) then
+          steps[#steps + 1] = own and ("rm -f %s"):format(q(f.path))
+            or ("check by hand: %s is shared with other units (absent at the last known good)"):format(f.path)
+        end
+      elseif f.stored and fs.sha256(f.path) ~= f.sha256 then
+        if own then
+          steps[#steps + 1] = ("cp -p %s %s"):format(q(known.dir .. "/" .. f.stored), q(f.path))
+        else
+          steps[#steps + 1] = ("check by hand: %s is shared with other units (known-good copy: %s/%s)")
+            :format(f.path, known.dir, tostring(f.stored))
+        end
       end
     end
     for _, c in ipairs(self.def.changes or {}) do
-      if c.change == "added" and not c.shared then
-        steps[#steps + 1] = ("rm %s   # added since the last known good"):format(c.path)
+      if c.change == "added" and not c.shared and fs.exists(c.path) then
+        steps[#steps + 1] = ("rm %s   # added since the last known good"):format(flow.shell_quote(c.path))
       end
     end
   end
-  steps[#steps + 1] = ("%s daemon-reload && %s reset-failed %s && %s start %s"):format(sc, sc, unit, sc, unit)
+  -- reset-failed refuses a unit systemd unloaded (inactive after the daemon-reload): its error
+  -- must not stop the start
+  steps[#steps + 1] = ("%s daemon-reload && { %s reset-failed %s 2>/dev/null; %s start %s; }"):format(sc, sc, unit,
+    sc, unit)
   steps[#steps + 1] = ("journalctl %s-u %s -n 50"):format(self.ctx.user and "--user " or "", unit)
   return steps
 end
@@ -784,7 +795,7 @@ function flow.verify_definition(ctx, def)
   if ctx.user then argv[#argv + 1] = "--user" end
   argv[#argv + 1] = "verify"
   argv[#argv + 1] = unit_file
-  local res, _, r = proc.run(argv, { timeout = 60 })
+  local res, _, _, r = proc.run(argv, { timeout = 60 })
   local out = res or (type(r) == "table" and r) or nil
   if not out then
     return {} -- no verifier here (not installed): nothing to say, the flow goes on
@@ -837,7 +848,7 @@ function Run:go()
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
       -- the journal first: what is announced has been recorded
       self:journal({ phase = st.name })
-      if not st.shows_own_steps then self:step(st.name) end
+      if st.shows_own_steps then self.current_step = st.name else self:step(st.name) end
       local ok, reason = st.fn(self)
       if not ok then
         return self:fail(reason)

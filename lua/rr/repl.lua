@@ -431,7 +431,7 @@ function helpers.journal(name, n)
   n = math.max(1, math.floor(tonumber(n) or 50))
   local argv = { "journalctl", "--no-pager", "-q", "-n", tostring(n), "-u", svc.unit }
   if env.user then table.insert(argv, 2, "--user") end
-  local res, err, r = proc.run(argv, { timeout = 10 })
+  local res, err, _, r = proc.run(argv, { timeout = 10 })
   local out = res or (type(r) == "table" and r) or nil
   local entries = res and res.stdout:gsub("%-%- No entries %-%-\n?", "") or ""
   if entries:match("%S") then

@@ -1,11 +1,11 @@
 -- rr.services: load and validate a platform's services file.
 --
 -- The file is data: a Lua chunk returning { defaults = ..., services = ... }
--- (DESIGN.md "services.lua"). Loading checks everything before anything is
+-- (the README's "services.lua"). Loading checks everything before anything is
 -- touched and reports every problem at once, one line each, naming the file,
 -- the service and the field, so that an operator fixes the file in one pass.
 --
--- Decisions where DESIGN.md is silent (documented here, asserted in
+-- Decisions the README leaves open (documented here, asserted in
 -- spec/unit/services_spec.lua):
 --   * `health` absent means "systemd": every unit has a systemd state to check.
 --   * `health` as a table means an HTTP check and needs `url`.
@@ -40,7 +40,7 @@ local suggest = require("rr.suggest")
 
 local services = {}
 
--- Built-in defaults (DESIGN.md): used when the file's `defaults` omits them.
+-- Built-in defaults: used when the file's `defaults` omits them.
 local BUILTIN_DEFAULTS = {
   health = { timeout = 30, retries = 3, interval = 1 },
   stabilize = 30,

@@ -633,12 +633,12 @@ function snapshot.unified_diff(snap, path, opts)
   local new_label = (new and path or "/dev/null") .. "\t(now)"
   local argv = { "diff", "-u", "--label", old_label, "--label", new_label, "--",
     old or "/dev/null", new or "/dev/null" }
-  local res, err, r = proc.run(argv, { env = { LC_ALL = "C" }, timeout = 30 })
+  local res, err, code, r = proc.run(argv, { env = { LC_ALL = "C" }, timeout = 30 })
   -- diff: 0 the same, 1 different, 2 trouble (a file it cannot read).
-  if not res and not (type(r) == "table" and r.exit_code == 1) then
-    local why = type(r) == "table" and r.stderr:match("[^\n]+") or err
+  if not res and not (r and r.exit_code == 1) then
+    local why = r and r.stderr:match("[^\n]+") or err
     return nil, ("cannot diff %s against its known-good copy: %s"):format(path, tostring(why)),
-      type(r) == "string" and r or "EIO"
+      r and "EIO" or code
   end
   res = res or r
   if res.exit_code == 0 then

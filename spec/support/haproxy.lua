@@ -174,7 +174,7 @@ function hx.wrk(url, duration, connections)
   local p = assert(proc.spawn(argv, { timeout = (duration or 2) + 30 }))
   local load = { proc = p }
   function load:wait()
-    local res, err, r = self.proc:wait()
+    local res, err, _, r = self.proc:wait()
     res = res or r
     assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
       res and res.stderr or ""))

@@ -20,13 +20,6 @@ for _, p in ipairs({ os.getenv("RR_ENGINE") or false, fs.realpath("/proc/self/ex
   end
 end
 
--- rr.proc when this engine has it (stubbed in early builds), else nil; NO_PROC says why a
--- spec that needs it is pending.
-do
-  local ok, m = pcall(require, "rr.proc")
-  helpers.proc = ok and type(m) == "table" and type(m.run) == "function" and m or nil
-end
-helpers.NO_PROC = "rr.proc.run is not in this engine yet: the cross-process part needs it"
 
 -- Octal mode literals (Lua has none): mode("640") == 416.
 function helpers.mode(s)
@@ -52,7 +45,7 @@ end
 
 -- Runs a setup command from an argv; fails the spec when it fails. Returns its result.
 function helpers.run(argv)
-  local res, err, r = require("rr.proc").run(argv, { capture = true })
+  local res, err, _, r = require("rr.proc").run(argv, { capture = true })
   assert(res, ("%s: %s %s"):format(table.concat(argv, " "), tostring(err), r and r.stderr or ""))
   return res
 end

@@ -227,7 +227,7 @@ function platform:cli(args, opts)
   local handle = assert(proc.spawn(argv, { env = { XDG_STATE_HOME = self.xdg_state }, on_line = opts.on_line,
     timeout = opts.timeout or 120 }))
   if opts.spawned then opts.spawned(handle) end
-  local res, _, r = handle:wait()
+  local res, _, _, r = handle:wait()
   return res or r
 end
 

@@ -90,7 +90,7 @@ describe("rr.services.load", function()
   it("stops a file that spends its time in C calls at services.LOAD_TIMEOUT", function()
     -- few instructions, each a slow string.find: the instruction limit alone takes hours
     local path = file("slow-services.lua", "for _ = 1, 1e9 do ('a'):rep(2000):find('.-b') end\nreturn {}\n")
-    local res, _, r = proc.run({ helpers.engine, "-e", ([[
+    local res, _, _, r = proc.run({ helpers.engine, "-e", ([[
       local services = require("rr.services")
       services.LOAD_TIMEOUT = 0.3
       local ok, problems = services.load(%q)
