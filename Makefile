@@ -24,7 +24,7 @@ SAN_FLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 DEB_PACKAGES := gcc make pkg-config lua5.4 liblua5.4-dev libsystemd-dev libcurl4-openssl-dev diffutils patch \
                 libreadline-dev libssl-dev lua-cjson lua-busted rsync dbus-user-session systemd curl \
                 scdoc groff-base man-db bash-completion zsh libxml2-utils graphviz \
-                debhelper dpkg-dev haproxy wrk
+                debhelper dpkg-dev haproxy wrk openssh-server openssh-client
 
 SRCS    := $(wildcard engine/*.c)
 HDRS    := $(wildcard engine/*.h)

@@ -249,6 +249,7 @@ typedef struct Atomic {
         char *base; /* the target's name in it */
         char *tmp;  /* the temp file's name in it while it exists */
         int fd;
+        bool nosync; /* rename only: whole against a killed process, not against a power loss */
 } Atomic;
 
 static void atomic_done(Atomic *a) {
@@ -320,7 +321,7 @@ static int atomic_commit(Atomic *a, mode_t mode, uid_t uid, gid_t gid, bool owne
                 return -errno;
         if (times && futimens(a->fd, times) < 0)
                 return -errno;
-        if (fsync(a->fd) < 0)
+        if (!a->nosync && fsync(a->fd) < 0)
                 return -errno;
         r = close(a->fd);
         a->fd = -1;
@@ -330,6 +331,8 @@ static int atomic_commit(Atomic *a, mode_t mode, uid_t uid, gid_t gid, bool owne
                 return -errno;
         free(a->tmp);
         a->tmp = NULL; /* it is the target now */
+        if (a->nosync)
+                return 0;
         return fsync(a->dirfd) < 0 ? -errno : 0;
 }
 
@@ -347,7 +350,7 @@ static void inherit_owner(const Atomic *a, uid_t *uid, gid_t *gid, mode_t *mode)
                 *gid = st.st_gid;
 }
 
-/* fs.write_atomic(path, data, {mode=, uid=, gid=, under=}) -> true | nil, err, code */
+/* fs.write_atomic(path, data, {mode=, uid=, gid=, under=, sync=}) -> true | nil, err, code */
 static int fs_write_atomic(lua_State *L) {
         const char *path = rr_fs_check_path(L, 1), *under;
         size_t len;
@@ -357,7 +360,7 @@ static int fs_write_atomic(lua_State *L) {
         mode_t mode;
         uid_t uid;
         gid_t gid;
-        bool explicit_owner;
+        bool explicit_owner, nosync = false;
         Atomic a;
         int r;
 
@@ -372,9 +375,18 @@ static int fs_write_atomic(lua_State *L) {
         gid = g >= 0 ? (gid_t) g : (gid_t) -1;
         explicit_owner = u >= 0 || g >= 0;
 
+        if (lua_type(L, 3) == LUA_TTABLE) {
+                lua_getfield(L, 3, "sync");
+                if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
+                        luaL_error(L, "bad option 'sync' (boolean expected, got %s)", luaL_typename(L, -1));
+                nosync = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+                lua_pop(L, 1);
+        }
+
         r = atomic_begin(&a, under, path, &at);
         if (r < 0)
                 return rr_fs_fail_at(L, r, at, "cannot create a temporary file for %s", path);
+        a.nosync = nosync;
         /* A replaced file keeps its mode and owner unless told otherwise. */
         inherit_owner(&a, &uid, &gid, &mode);
         if (mode == (mode_t) -1)

@@ -1,14 +1,16 @@
 /* rr.systemd's private header: what its files share.
  *
- *   systemd.c        the module (rr.systemd.user/system) and the manager class
+ *   systemd.c        the module (rr.systemd.user/system/remote) and the manager class
  *   systemd-unit.c   the unit class: handles, properties, waits, reset-failed, kill
  *   systemd-job.c    unit jobs (u:start, u:stop, ..., u:wait_job): the job op, its escalation
- *   systemd-ops.c    manager connections and the op machinery every request runs on
+ *   systemd-ops.c    manager connections (local, and remote over ssh) and the op machinery every
+ *                    request runs on
  *   systemd-bus.c    D-Bus values: to Lua, and as canonical text for comparisons
  *   systemd-run.c    m:run(): a command as a transient service unit, its output read as rr.proc's
  *
  * A manager connection (Manager) is one sd-bus connection attached to the sd-event loop and
- * subscribed to the manager's signals (Subscribe()). Every request is an asynchronous method
+ * subscribed to the manager's signals (Subscribe()). A remote one is the same connection carried
+ * by ssh to systemd-stdio-bridge on the host (what `systemctl -H` does), its ssh process ours. Every request is an asynchronous method
  * call owned by an op (SdOp, an RrOp underneath): the calling task yields until the reply
  * arrives, or the JobRemoved signal of its job, or a PropertiesChanged signal that answers its
  * wait. Signals reach ops through three matches added once per connection, before the first
@@ -19,7 +21,9 @@
  *     object path;
  *   - the local Disconnected signal: every pending op fails.
  * Every pending op is on its manager's list, so that signals reach it and a close (or a lost
- * connection) fails it. Cancellation (release() on a pending op) drops the op's call slots
+ * connection) fails it. A lost connection fails every op the same way, whichever noticed first:
+ * sd-bus first answers each pending method call with a synthetic NoReply error while it closes,
+ * then sends Disconnected; sdop_fail() sees that the bus is no longer open and says "lost". Cancellation (release() on a pending op) drops the op's call slots
  * (sd-bus forgets the reply) and its timer.
  *
  * A Lua primitive may leave its C function without returning: a raise is a longjmp, and so is
@@ -52,7 +56,8 @@
 
 /* Error names of our own (third return value) for failures that are not D-Bus errors. */
 #define ERR_CLOSED "closed"
-#define ERR_DISCONNECTED "disconnected"
+#define ERR_LOST "ECONNRESET"          /* the connection dropped */
+#define ERR_UNREACHABLE "EHOSTUNREACH" /* a remote manager could not be reached at all */
 #define ERR_PARSE "bad-reply"
 
 /* String equality. */
@@ -95,6 +100,9 @@ typedef struct JobRecord {
         char *result; /* from its JobRemoved; NULL while it runs */
 } JobRecord;
 
+/* The ssh process that carries a remote manager's connection (systemd-ops.c). */
+typedef struct SshLink SshLink;
+
 typedef struct Manager {
         unsigned n_ref;
         sd_bus *bus; /* NULL once closed */
@@ -103,6 +111,10 @@ typedef struct Manager {
         JobRecord *jobs;
         bool user;
         bool lost;   /* the connection dropped */
+        char *host;  /* the ssh destination of a remote manager; NULL for this machine's */
+        char *what;  /* "user manager", "system manager on web1": for messages */
+        char *why;   /* once lost: what ssh or the bridge last said, or NULL */
+        SshLink *ssh;
 } Manager;
 
 /* What differs between kinds of ops. */
@@ -112,6 +124,7 @@ typedef struct SdOpType {
         void (*job_removed)(SdOp *o, const char *job, const char *result);
         void (*props_changed)(SdOp *o, sd_bus_message *msg);
         void (*timeout)(SdOp *o);
+        void (*lost)(SdOp *o); /* the connection dropped: fail the op (default: "... was lost") */
 } SdOpType;
 
 struct SdOp {
@@ -119,7 +132,7 @@ struct SdOp {
         const SdOpType *type;
         Manager *m;                /* a reference */
         SdOp *prev, *next;         /* in m->ops while pending */
-        bool linked, finished, failed;
+        bool linked, finished, failed, lost_seen;
         sd_bus_slot *calls[3];     /* method calls in flight */
         sd_event_source *timer;
         char *error, *error_name;  /* failed: push() returns nil, error, error_name */
@@ -139,8 +152,25 @@ typedef struct Unit {
 /* A new manager connection on the loop, with its signal matches added (before any call). On
  * failure *err says what was tried. */
 int manager_open(bool user, Manager **ret, char *err, size_t errsize);
+
+/* Where a remote manager is and how to reach it (strings borrowed for the call). */
+typedef struct RemoteSpec {
+        const char *host;       /* ssh destination: an alias, host, user@host */
+        const char *ssh_config; /* ssh -F, or NULL */
+        const char *bus_path;   /* the bridge's --bus-path (taken literally), or NULL: the default */
+        bool user;              /* the user manager of the ssh user, else the system manager */
+} RemoteSpec;
+
+/* manager_open() for a manager on another host: starts ssh to systemd-stdio-bridge and the
+ * connection's handshake, without waiting for either (the first call's answer says whether the
+ * manager was reached). On failure *err says why; ENOENT when there is no ssh. */
+int manager_open_remote(const RemoteSpec *spec, Manager **ret, char *err, size_t errsize);
 /* "user" or "system", for messages. */
 const char *manager_scope(const Manager *m);
+/* "user manager", "system manager on web1": for messages. */
+const char *manager_what(const Manager *m);
+/* Has the connection dropped? Notices a bus that sd-bus is closing before its Disconnected. */
+bool manager_is_lost(Manager *m);
 /* Takes a reference (manager userdata, unit handles and ops each hold one). */
 Manager *manager_ref(Manager *m);
 /* Drops a reference; the last one closes and frees. Returns NULL. */
@@ -190,7 +220,7 @@ int sdop_set_timeout(SdOp *o, double seconds);
  * reset-failed, kill): true | nil, "<what> failed: ...", code. */
 int start_call(lua_State *L, Manager *m, const char *what, uint64_t timeout_usec, const char *path, const char *iface,
                const char *method, const char *types, ...);
-/* nil, "the connection to the ... manager was lost", "disconnected": 3. */
+/* nil, "the connection to the ... manager was lost[: why]", "ECONNRESET": 3. */
 int push_lost(lua_State *L, const Manager *m);
 
 /* ---- systemd-bus.c: D-Bus values ---- */

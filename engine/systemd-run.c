@@ -878,6 +878,11 @@ int manager_l_run(lua_State *L) {
         lua_pop(L, 1);
         if (m->lost)
                 return push_lost(L, m);
+        /* The program, the directory and the output pipes are this machine's: no use on a host
+         * reached over ssh (no descriptor crosses it either). */
+        if (m->host)
+                return rr_push_fail(L, EOPNOTSUPP, "cannot run %s on %s: m:run needs a manager on this machine "
+                                    "(rr.remote.run runs a command on a host)", argv0, m->host);
         q = resolve_cwd(a.cwd, cwd);
         if (q != 0)
                 return rr_push_fail(L, q, "cannot run %s in %s: %s", argv0, a.cwd ? a.cwd : ".", strerror(q));

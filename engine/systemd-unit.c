@@ -713,11 +713,11 @@ static int unit_l_gc(lua_State *L) {
         return 0;
 }
 
-/* tostring(u): "rr.systemd.unit x.service (user manager)". */
+/* tostring(u): "rr.systemd.unit x.service (user manager)", "... (user manager on web1)". */
 static int unit_l_tostring(lua_State *L) {
         Unit *u = luaL_checkudata(L, 1, UNIT_MT);
 
-        lua_pushfstring(L, UNIT_MT " %s (%s manager)", u->name ? u->name : "?", u->m ? manager_scope(u->m) : "no");
+        lua_pushfstring(L, UNIT_MT " %s (%s)", u->name ? u->name : "?", u->m ? manager_what(u->m) : "no manager");
         return 1;
 }
 

@@ -1,6 +1,7 @@
-/* rr.systemd: systemd's service managers (user or system) over D-Bus, on the engine's one loop.
- * This file is the module (systemd.user(), systemd.system()) and the manager class
- * (rr.systemd.manager); systemd-internal.h says how the module's files share the work. */
+/* rr.systemd: systemd's service managers (user or system, here or on another host over ssh) over
+ * D-Bus, on the engine's one loop. This file is the module (systemd.user(), systemd.system(),
+ * systemd.remote()) and the manager class (rr.systemd.manager); systemd-internal.h says how the
+ * module's files share the work. */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <string.h>
@@ -10,6 +11,9 @@
 
 /* daemon-reload may take long on a big system; systemctl waits as long (DAEMON_RELOAD_TIMEOUT_SEC). */
 #define DAEMON_RELOAD_TIMEOUT_USEC (6ULL * 60ULL * 1000000ULL)
+/* How long a remote manager may take to answer its first call (ssh's connection, login, the
+ * bridge, the handshake) when the caller does not say. */
+#define REMOTE_CONNECT_TIMEOUT 30.0
 
 /* ---- Lua: argument helpers ---- */
 
@@ -107,8 +111,30 @@ static int connect_push(lua_State *L, SdOp *o) {
         return 1;
 }
 
+typedef struct ConnectOp {
+        SdOp base;
+        double timeout; /* for the message */
+} ConnectOp;
+
+/* The connection dropped before the manager answered: it was never reached (ssh could not
+ * connect or log in, the bridge found no bus); ssh's last words say why. */
+static void connect_lost(SdOp *o) {
+        Manager *m = o->m;
+
+        sdop_fail(o, ERR_UNREACHABLE, "cannot connect to the %s: %s", manager_what(m),
+                  m->why ? m->why : "the connection was closed before the manager answered");
+}
+
+/* No answer in time (a host that does not answer, a login that hangs). */
+static void connect_timeout(SdOp *o) {
+        sdop_fail(o, "ETIMEDOUT", "cannot connect to the %s: no answer within %g s", manager_what(o->m),
+                  ((ConnectOp *) o)->timeout);
+}
+
 static const SdOpType connect_type = {
         .push = connect_push,
+        .timeout = connect_timeout,
+        .lost = connect_lost,
 };
 
 /* Subscribe() answered: the manager is reachable. */
@@ -120,7 +146,7 @@ static int connect_reply(sd_bus_message *reply, void *userdata, sd_bus_error *re
         sdop_take_call(o, reply);
         e = bus_reply_error(reply);
         if (e)
-                sdop_fail(o, e->name, "cannot connect to the %s manager: %s", manager_scope(o->m), bus_error_text(e));
+                sdop_fail(o, e->name, "cannot connect to the %s: %s", manager_what(o->m), bus_error_text(e));
         else
                 sdop_finish(o);
         return 0;
@@ -128,35 +154,119 @@ static int connect_reply(sd_bus_message *reply, void *userdata, sd_bus_error *re
 
 /* ---- Lua: the module ---- */
 
-/* Open a connection, then Subscribe() and wait for the answer. */
-static int systemd_connect(lua_State *L, bool user) {
-        Manager *m = NULL;
+/* Subscribe() on a new connection m (the op takes m's reference) and wait for the answer, at most
+ * timeout seconds (negative: as long as it takes). */
+static int systemd_connect(lua_State *L, Manager *m, double timeout) {
+        char what[512];
+        ConnectOp *c;
         SdOp *o;
+        int r;
+
+        c = sdop_new(sizeof *c, &connect_type, m);
+        manager_unref(m); /* the op holds it now */
+        if (!c)
+                return luaL_error(L, "out of memory");
+        c->timeout = timeout;
+        o = &c->base;
+        snprintf(what, sizeof what, "cannot connect to the %s", manager_what(o->m));
+        r = sdop_set_timeout(o, timeout);
+        if (r < 0)
+                return sdop_abandon(L, o, r, what);
+        /* The manager sends signals only to subscribers (a direct connection is one already). */
+        r = sdop_call(o, 0, connect_reply, 0, SD_OBJECT, SD_MANAGER, "Subscribe", NULL);
+        if (r < 0)
+                return sdop_abandon(L, o, r, what);
+        return rr_op_await(L, &o->op);
+}
+
+/* A connection to this machine's user or system manager. */
+static int systemd_local(lua_State *L, bool user) {
+        Manager *m = NULL;
         char err[1024];
         int r;
 
         r = manager_open(user, &m, err, sizeof err);
         if (r < 0)
                 return rr_push_fail(L, -r, "cannot connect to the %s manager: %s", user ? "user" : "system", err);
-        o = sdop_new(sizeof(SdOp), &connect_type, m);
-        manager_unref(m); /* the op holds it now */
-        if (!o)
-                return luaL_error(L, "out of memory");
-        /* The manager sends signals only to subscribers (a direct connection is one already). */
-        r = sdop_call(o, 0, connect_reply, 0, SD_OBJECT, SD_MANAGER, "Subscribe", NULL);
-        if (r < 0)
-                return sdop_abandon(L, o, r, user ? "cannot connect to the user manager" : "cannot connect to the system manager");
-        return rr_op_await(L, &o->op);
+        return systemd_connect(L, m, -1);
 }
 
 /* systemd.user() -> manager | nil, err, code */
 static int systemd_user(lua_State *L) {
-        return systemd_connect(L, true);
+        return systemd_local(L, true);
 }
 
 /* The system manager (as systemd.user, for the system instance) -> manager | nil, err, code */
 static int systemd_system(lua_State *L) {
-        return systemd_connect(L, false);
+        return systemd_local(L, false);
+}
+
+/* An optional string field of the options table at idx, left on the stack (NULL when absent):
+ * not empty, no NUL byte. */
+static const char *opt_string_field(lua_State *L, int idx, const char *name) {
+        const char *s;
+        size_t len;
+
+        if (lua_getfield(L, idx, name) == LUA_TNIL)
+                return NULL;
+        if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "bad option '%s' (string expected, got %s)", name, luaL_typename(L, -1));
+        s = lua_tolstring(L, -1, &len);
+        if (len == 0 || strlen(s) != len)
+                luaL_error(L, "bad option '%s' (an empty string or one with a NUL byte)", name);
+        return s;
+}
+
+/* systemd.remote(host[, {user =, ssh_config =, bus_path =, timeout =}]) -> manager | nil, err, code */
+static int systemd_remote(lua_State *L) {
+        static const char *const known[] = { "user", "ssh_config", "bus_path", "timeout" };
+        RemoteSpec spec = { 0 };
+        double timeout = REMOTE_CONNECT_TIMEOUT;
+        Manager *m = NULL;
+        char err[1024];
+        size_t len;
+        int r;
+
+        spec.host = luaL_checklstring(L, 1, &len);
+        /* ssh takes one word as its destination; anything else is a caller's mistake. */
+        luaL_argcheck(L, len > 0 && len < 1024 && strlen(spec.host) == len, 1, "bad host name");
+        for (const char *c = spec.host; *c; c++)
+                luaL_argcheck(L, (unsigned char) *c > ' ' && *c != 0x7f, 1, "bad host name (space or control character)");
+        luaL_argcheck(L, spec.host[0] != '-', 1, "bad host name (starts with '-')");
+        if (!lua_isnoneornil(L, 2)) {
+                luaL_checktype(L, 2, LUA_TTABLE);
+                lua_pushnil(L);
+                while (lua_next(L, 2)) {
+                        bool ok = false;
+                        lua_pop(L, 1);
+                        for (size_t i = 0; i < ELEMENTSOF(known); i++)
+                                ok = ok || (lua_type(L, -1) == LUA_TSTRING && streq(lua_tostring(L, -1), known[i]));
+                        if (!ok)
+                                return luaL_error(L, "unknown option '%s'", lua_type(L, -1) == LUA_TSTRING ?
+                                                  lua_tostring(L, -1) : luaL_typename(L, -1));
+                }
+                if (lua_getfield(L, 2, "user") != LUA_TNIL) {
+                        luaL_argcheck(L, lua_isboolean(L, -1), 2, "option 'user' must be a boolean");
+                        spec.user = lua_toboolean(L, -1);
+                }
+                /* The strings stay on the stack until the connection copied them. */
+                spec.ssh_config = opt_string_field(L, 2, "ssh_config");
+                spec.bus_path = opt_string_field(L, 2, "bus_path");
+                if (lua_getfield(L, 2, "timeout") != LUA_TNIL) {
+                        timeout = luaL_checknumber(L, -1);
+                        luaL_argcheck(L, timeout > 0 && timeout < 1e9, 2, "option 'timeout' must be seconds > 0");
+                }
+        }
+        if (!spec.ssh_config) {
+                const char *e = getenv("RR_SSH_CONFIG");
+                spec.ssh_config = e && *e ? e : NULL;
+        }
+        rr_canceled(L, true); /* a cancelled task must not start ssh it never sees */
+        r = manager_open_remote(&spec, &m, err, sizeof err);
+        if (r < 0)
+                return rr_push_fail(L, -r, "cannot connect to the %s manager on %s: %s", spec.user ? "user" : "system",
+                                    spec.host, err);
+        return systemd_connect(L, m, timeout);
 }
 
 /* ---- ops: list units (ListUnitsByPatterns) ---- */
@@ -264,9 +374,9 @@ static int list_call(ListOp *l, lua_State *L, int first, size_t n) {
 static int manager_l_daemon_reload(lua_State *L) {
         rr_canceled(L, true); /* a cancelled task must not start a side effect it never sees */
         Manager *m = check_manager(L, 1);
-        char what[64];
+        char what[512];
 
-        snprintf(what, sizeof what, "daemon-reload of the %s manager", manager_scope(m));
+        snprintf(what, sizeof what, "daemon-reload of the %s", manager_what(m));
         return start_call(L, m, what, DAEMON_RELOAD_TIMEOUT_USEC, SD_OBJECT, SD_MANAGER, "Reload", NULL);
 }
 
@@ -298,6 +408,18 @@ static int manager_l_scope(lua_State *L) {
         return 1;
 }
 
+/* m:host() -> the ssh destination of a remote manager | nil for this machine's */
+static int manager_l_host(lua_State *L) {
+        Manager *m = *manager_ud(L, 1);
+        if (!m)
+                return luaL_error(L, "attempt to use a closed " MANAGER_MT);
+        if (m->host)
+                lua_pushstring(L, m->host);
+        else
+                lua_pushnil(L);
+        return 1;
+}
+
 /* m:close(), __close, __gc: pending requests fail with "closed"; idempotent. */
 static int manager_l_close(lua_State *L) {
         Manager **ud = manager_ud(L, 1);
@@ -311,14 +433,15 @@ static int manager_l_close(lua_State *L) {
         return 0;
 }
 
-/* tostring(m): "rr.systemd.manager (user)". */
+/* tostring(m): "rr.systemd.manager (user)", "rr.systemd.manager (user on web1)". */
 static int manager_l_tostring(lua_State *L) {
         Manager *m = *manager_ud(L, 1);
 
         if (!m || !m->bus)
                 lua_pushliteral(L, MANAGER_MT " (closed)");
         else
-                lua_pushfstring(L, MANAGER_MT " (%s%s)", manager_scope(m), m->lost ? ", connection lost" : "");
+                lua_pushfstring(L, MANAGER_MT " (%s%s%s%s)", manager_scope(m), m->host ? " on " : "", m->host ? m->host : "",
+                                manager_is_lost(m) ? ", connection lost" : "");
         return 1;
 }
 
@@ -328,6 +451,7 @@ static const luaL_Reg manager_methods[] = {
         { "list_units", manager_l_list_units },
         { "run", manager_l_run },
         { "scope", manager_l_scope },
+        { "host", manager_l_host },
         { "close", manager_l_close },
         { NULL, NULL },
 };
@@ -342,6 +466,7 @@ static const luaL_Reg manager_meta[] = {
 static const luaL_Reg systemd_functions[] = {
         { "user", systemd_user },
         { "system", systemd_system },
+        { "remote", systemd_remote },
         { NULL, NULL },
 };
 

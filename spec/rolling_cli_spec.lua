@@ -398,6 +398,28 @@ describe("on a terminal, a long run", function()
     assert.matches("✔ search%-engine%-index%s+restart ok %([^)]+%)  %[%d/4%]", out)
   end)
 
+  it("follows a resize: after the terminal shrinks, no live line is wider than the new width", function()
+    -- the terminal is resized (stty on the pty) while the run goes on, one service at a time
+    local cmd = ("stty cols 200 rows 24; (sleep 2; stty cols 50 </dev/tty) & "
+      .. "XDG_STATE_HOME=%s %s plans/rolling.lua --user --parallel 1 --services %s --events %s")
+      :format(p.xdg_state, helpers.engine, p.services_file, p.events_file)
+    local res, err, _, r = require("rr.proc").run({ "script", "-qec", cmd, "/dev/null" }, { timeout = 60 })
+    res = res or r
+    assert.is_truthy(res, err)
+    assert.equal(0, res.exit_code, res.stdout)
+    local wide, narrow_seen = 0, false
+    for _, piece in ipairs(drawn(res.stdout)) do
+      -- live lines with a service in flight: about 60 columns before the resize, cut after it
+      if piece:match("^%[%d/4%]") and piece:find("▸", 1, true) then
+        local n = utf8.len(piece) or #piece
+        if n < 50 then narrow_seen = true end
+        if narrow_seen and n >= 50 then wide = wide + 1 end
+      end
+    end
+    assert.is_true(narrow_seen, "no live line fitted the resized terminal")
+    assert.equal(0, wide, "live lines wider than the terminal after it shrank")
+  end)
+
   it("at 200 columns: every service in flight on the live line, and an ETA from the earlier run", function()
     local out = run_at(200)
     assert.matches("left", out)  -- the previous run's durations give an ETA
