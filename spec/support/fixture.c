@@ -50,6 +50,7 @@ struct behaviour {
         bool has_body;
         char body[BODY_MAX];  /* body of /health; "ok" (2xx) or "error" otherwise */
         long long big_body;   /* >= 0: /health answers this many bytes instead */
+        long error_share;     /* percent of GET /app answered 500, evenly spread */
 };
 
 struct config {
@@ -78,6 +79,8 @@ enum conn_state {
 enum route {
         ROUTE_HEALTH,
         ROUTE_SLOW,
+        ROUTE_APP,
+        ROUTE_METRICS,
         ROUTE_NOT_FOUND,
         ROUTE_BAD_METHOD,
         ROUTE_BAD_REQUEST,
@@ -114,6 +117,9 @@ struct server {
         size_t n_conns, cap_conns;
         bool quit;
         int exit_status;
+        uint64_t app_requests;        /* GET /app answered, for error_share's spread */
+        uint64_t answered;            /* answers on every route but /metrics, since start */
+        uint64_t answered_5xx;        /* ... of them with a 5xx status */
 };
 
 static char fill_block[FILL_CHUNK];
@@ -273,6 +279,8 @@ static void control_apply(struct behaviour *b, char *line) {
                 b->has_body = true;
         else if (strcmp(key, "big_body") == 0 && parse_long(value, 0, LONG_MAX, &v) == 0)
                 b->big_body = v;
+        else if (strcmp(key, "error_share") == 0 && parse_long(value, 0, 100, &v) == 0)
+                b->error_share = v;
         else
                 log_line("control: ignoring %s=%s", key, value);
 }
@@ -488,6 +496,20 @@ static int conn_respond(struct conn *c, int status, const char *body, uint64_t f
         return 0;
 }
 
+/* conn_respond, counted for /metrics. */
+static int conn_respond_counted(struct server *s, struct conn *c, int status, const char *body, uint64_t fill) {
+        s->answered++;
+        if (status >= 500)
+                s->answered_5xx++;
+        return conn_respond(c, status, body, fill);
+}
+
+/* Whether the n-th GET /app (from 1) is one of error_share percent answered 500: the n for
+ * which floor(n * share / 100) steps up, so the errors are evenly spread (20: every 5th). */
+static bool app_fails(uint64_t n, long share) {
+        return share > 0 && (n * (uint64_t) share) / 100 != ((n - 1) * (uint64_t) share) / 100;
+}
+
 /* Build the answer for a request whose time has come. */
 static int conn_answer(struct server *s, struct conn *c) {
         char body[BODY_MAX + VERSION_MAX + 16];
@@ -497,24 +519,40 @@ static int conn_answer(struct server *s, struct conn *c) {
         switch (c->route) {
         case ROUTE_HEALTH:
                 if (now_ms() < s->ready_at)
-                        return conn_respond(c, 503, "warming up", 0);
+                        return conn_respond_counted(s, c, 503, "warming up", 0);
                 if (b->big_body >= 0)
-                        return conn_respond(c, b->status, "", (uint64_t) b->big_body);
+                        return conn_respond_counted(s, c, b->status, "", (uint64_t) b->big_body);
                 ok = b->status >= 200 && b->status < 300;
                 snprintf(body, sizeof body, "%s%s%s",
                          b->has_body ? b->body : ok ? "ok" : "error",
                          s->has_version ? " version=" : "",
                          s->has_version ? s->version : "");
-                return conn_respond(c, b->status, body, 0);
+                return conn_respond_counted(s, c, b->status, body, 0);
+        case ROUTE_APP:
+                s->app_requests++;
+                ok = !app_fails(s->app_requests, b->error_share);
+                snprintf(body, sizeof body, "%s%s%s", ok ? "app" : "error",
+                         s->has_version ? " version=" : "",
+                         s->has_version ? s->version : "");
+                return conn_respond_counted(s, c, ok ? 200 : 500, body, 0);
+        case ROUTE_METRICS:
+                /* Prometheus' text format: what a real service's metrics endpoint looks like */
+                snprintf(body, sizeof body,
+                         "# TYPE http_requests_total counter\n"
+                         "http_requests_total %" PRIu64 "\n"
+                         "# TYPE http_responses_5xx_total counter\n"
+                         "http_responses_5xx_total %" PRIu64 "\n",
+                         s->answered, s->answered_5xx);
+                return conn_respond(c, 200, body, 0);
         case ROUTE_SLOW:
-                return conn_respond(c, 200, "slow", 0);
+                return conn_respond_counted(s, c, 200, "slow", 0);
         case ROUTE_NOT_FOUND:
-                return conn_respond(c, 404, "not found", 0);
+                return conn_respond_counted(s, c, 404, "not found", 0);
         case ROUTE_BAD_METHOD:
-                return conn_respond(c, 405, "method not allowed", 0);
+                return conn_respond_counted(s, c, 405, "method not allowed", 0);
         case ROUTE_BAD_REQUEST:
         default:
-                return conn_respond(c, 400, "bad request", 0);
+                return conn_respond_counted(s, c, 400, "bad request", 0);
         }
 }
 
@@ -541,6 +579,10 @@ static long conn_parse(struct conn *c) {
                 *query++ = '\0';
         if (strcmp(target, "/health") == 0)
                 c->route = ROUTE_HEALTH;
+        else if (strcmp(target, "/app") == 0)
+                c->route = ROUTE_APP;
+        else if (strcmp(target, "/metrics") == 0)
+                c->route = ROUTE_METRICS;
         else if (strcmp(target, "/slow") == 0) {
                 c->route = ROUTE_SLOW;
                 /* ms=N anywhere in the query; a bad value counts as 0 */

@@ -183,6 +183,22 @@ function hx.wrk(url, duration, connections)
   return load
 end
 
+-- The answers each server of hp's backend gave so far, from one `show stat` (HAProxy's own
+-- counters: what the clients got from that server): name -> { total =, ["2xx"] =, ["5xx"] = }.
+function hx.server_counts(hp)
+  local haproxy = require("rr.haproxy")
+  local answer = assert(hp:command(("show stat %s 4 -1"):format(hp.backend)))
+  local rows = assert(haproxy.parse_stat(answer), answer)
+  local out = {}
+  for _, r in ipairs(rows) do
+    if r.svname ~= "BACKEND" and r.svname ~= "FRONTEND" then
+      out[r.svname] = { total = tonumber(r.stot) or 0, ["2xx"] = tonumber(r.hrsp_2xx) or 0,
+        ["5xx"] = tonumber(r.hrsp_5xx) or 0 }
+    end
+  end
+  return out
+end
+
 -- The counts in wrk's report: requests, non-2xx/3xx answers, socket errors (all kinds).
 function hx.parse_wrk(out)
   local r = { output = out, non2xx = 0, socket_errors = 0 }

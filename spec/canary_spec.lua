@@ -1,0 +1,539 @@
+-- Canary releases end to end: three fixture replicas (real units of the sandboxed user manager,
+-- each with its code in a working_dir) behind a real HAProxy, a release deployed to the group
+-- by plans/rolling.lua as an operator runs it, under a real wrk load through HAProxy.
+--   spec/support/run-specs ./rrengine spec/canary_spec.lua
+--
+-- The load asks GET /app (the replicas' "application": /health stays the engine's probe). A
+-- release whose control file says error_share=20 answers 500 on every fifth /app; each replica
+-- counts its answers on /metrics (Prometheus text), which hooks/canary.lua, the example
+-- analysis shipped in the repository, reads. What the clients got from each replica is read from
+-- HAProxy's own per-server counters (show stat), not from the replicas.
+--
+-- The other members are watched by a task of this process every ~20 ms (HAProxy's admin state of
+-- every server) while the engine, another process, rolls: a member the engine must not touch
+-- is never seen drained, and its MainPID is the same after the run.
+local rr = require("rr")
+local fs = require("rr.fs")
+local proc = require("rr.proc")
+local http = require("rr.http")
+local cjson = require("cjson")
+local haproxy = require("rr.haproxy")
+local hx = require("spec.support.haproxy")
+local platform = require("spec.support.platform")
+local units = require("spec.support.units")
+local helpers = require("spec.support.helpers")
+
+local MEMBERS = { "c.1", "c.2", "c.3" }
+local OTHERS = { "c.2", "c.3" }
+local BACKEND = "cny"
+-- the example analysis, as shipped
+local ANALYSIS = units.root .. "/hooks/canary.lua"
+
+-- Polls fn every 10 ms until it is true, at most `timeout` seconds; returns whether it became true.
+local function eventually(fn, timeout)
+  local deadline = rr.now() + (timeout or 5)
+  while not fn() do
+    if rr.now() > deadline then return false end
+    rr.sleep(0.01)
+  end
+  return true
+end
+
+local function index_of(list, pred, from)
+  for i = from or 1, #list do
+    if pred(list[i]) then return i end
+  end
+end
+
+-- The events of the platform's latest run (the log keeps earlier runs before it).
+local function last_run(p)
+  local evs = p:events()
+  local run
+  for _, ev in ipairs(evs) do
+    if ev.event == "PLAN_START" then run = ev.run end
+  end
+  local out = {}
+  for _, ev in ipairs(evs) do
+    if run and ev.run == run then out[#out + 1] = ev end
+  end
+  return out
+end
+
+local function events_of(evs, name, service)
+  local out = {}
+  for _, ev in ipairs(evs) do
+    if ev.event == name and (service == nil or ev.service == service) then out[#out + 1] = ev end
+  end
+  return out
+end
+
+local function at(evs, name, service)
+  return index_of(evs, function(ev) return ev.event == name and (service == nil or ev.service == service) end)
+end
+
+local function output(res)
+  return ("exit %s\nstdout:\n%s\nstderr:\n%s"):format(tostring(res.exit_code), res.stdout or "", res.stderr or "")
+end
+
+describe("a replica group's canary, behind a real HAProxy, under a real wrk load", function()
+  local p, h, hp
+  local releases = 0
+
+  setup(function()
+    local defs = {}
+    for i, n in ipairs(MEMBERS) do
+      -- requests take 20 ms: some are in flight whenever a member is drained or stopped
+      defs[i] = { name = n, http = true, code = true, reload = false, group = "c", stabilize = 0.3,
+                  fixture = { delay_ms = 20 } }
+    end
+    p = platform.new(defs, { groups = { c = { max_unavailable = 1 } } })
+    p:start()
+    local servers = {}
+    for i, n in ipairs(MEMBERS) do servers[i] = { name = n, port = p.by_name[n].port } end
+    h = hx.start({ servers = servers, backend = BACKEND })
+    hp = assert(haproxy.new({ socket = h.socket, backend = BACKEND }))
+  end)
+
+  teardown(function()
+    if h then h:stop() end
+    if p then p:teardown() end
+  end)
+
+  -- Every member running, healthy and in rotation; no canary held.
+  before_each(function()
+    for _, n in ipairs(MEMBERS) do
+      local u = p:unit(n)
+      if u:get("ActiveState") ~= "active" then
+        p:control(n, nil)
+        u:reset_failed()
+        assert(u:start("replace"))
+      end
+      local ok, why = require("rr.health").check(u, { kind = "http", url = p.by_name[n].url, timeout = 10, retries = 3,
+        interval = 0.2 })
+      assert(ok, ("%s is not healthy: %s"):format(n, tostring(why)))
+      assert(hp:ready(n))
+    end
+    assert.is_nil(fs.read(p.state_root .. "/canary/c.json"), "a canary record is left from before")
+  end)
+
+  -- The services file: group c behind HAProxy with this canary, and optionally other services.
+  local function services_with(canary, name, services)
+    local group = { max_unavailable = 1, drain_timeout = 5, canary = canary,
+                    balancer = { haproxy = h.socket, backend = BACKEND } }
+    return p:write_services({ groups = { c = group }, services = services }, p.dir .. "/" .. name .. ".lua")
+  end
+
+  -- A release directory: `version` says its name (unique per call), plus the given files.
+  local function release(name, files)
+    releases = releases + 1
+    local version = ("%s-%d"):format(name, releases)
+    local dir = ("%s/releases/%s"):format(p.dir, version)
+    helpers.write(dir .. "/version", version .. "\n")
+    for rel, text in pairs(files or {}) do helpers.write(dir .. "/" .. rel, text) end
+    return dir, version
+  end
+
+  local function deploy_args(dir, extra)
+    local args = { "--service", table.concat(MEMBERS, ","), "--deploy", "--deploy-path", dir }
+    for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+    return args
+  end
+
+  -- What each member runs (its /health says the version its process read at start) and has on disk.
+  local function running(n)
+    local res = assert(http.get(p.by_name[n].url, { timeout = 2 }))
+    return res.body:match("version=(%S+)")
+  end
+  local function on_disk(n)
+    return (assert(fs.read(p.by_name[n].working_dir .. "/version")):gsub("\n$", ""))
+  end
+
+  -- wrk through HAProxy on /app for as long as the roll takes. Returns load.stop() -> counts.
+  local function load_on()
+    local function served()
+      local total = 0
+      for _, s in pairs(hx.server_counts(hp)) do total = total + s.total end
+      return total
+    end
+    local before = served()
+    local w = assert(proc.spawn({ "wrk", "-t1", "-c8", "-d120s", "--timeout", "5s",
+      ("http://127.0.0.1:%d/app"):format(h.port) }, { timeout = 150 }))
+    assert(eventually(function() return served() > before + 10 end), "wrk's requests never reached the servers")
+    local load = {}
+    function load.stop()
+      assert(w:kill("INT"))
+      local res, err, r = w:wait()
+      res = res or r
+      assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
+        res and res.stderr or ""))
+      return hx.parse_wrk(res.stdout)
+    end
+    return load
+  end
+
+  -- HAProxy's admin state of every member every ~20 ms until w.stop():
+  --   w.drained[n]  member n was seen out of rotation (drain or maint) at some sample
+  --   w.max         the most members out of rotation in one sample
+  local function watch()
+    local w = { drained = {}, max = 0, samples = 0 }
+    local stopping = false
+    local task = rr.spawn(function()
+      while not stopping do
+        local t0 = rr.now()
+        local servers = assert(hp:servers())
+        local out = 0
+        for _, n in ipairs(MEMBERS) do
+          local s = assert(servers[n], "HAProxy has no server " .. n)
+          if s.admin ~= "ready" then
+            w.drained[n] = true
+            out = out + 1
+          end
+        end
+        w.max = math.max(w.max, out)
+        w.samples = w.samples + 1
+        rr.sleep(math.max(0, 0.02 - (rr.now() - t0)))
+      end
+    end)
+    function w.stop()
+      stopping = true
+      local ok, err = rr.wait(task)
+      assert(ok, err)
+      return w
+    end
+    return w
+  end
+
+  -- Per server, what HAProxy counted between two server_counts.
+  local function delta(a, b)
+    local out = {}
+    for n, s in pairs(b) do
+      local was = a[n] or { total = 0, ["2xx"] = 0, ["5xx"] = 0 }
+      out[n] = { total = s.total - was.total, ["5xx"] = s["5xx"] - was["5xx"] }
+    end
+    return out
+  end
+
+  -- The other members were never touched: same process, never out of rotation, no flow of theirs.
+  local function untouched(evs, before, w, why)
+    local pids = p:pids()
+    for _, n in ipairs(OTHERS) do
+      assert.equal(before[n], pids[n], n .. " was restarted")
+      assert.is_nil(w.drained[n], n .. " was seen out of rotation")
+      assert.is_nil(at(evs, "SERVICE_RESTART_START", n), n .. " was started")
+      assert.is_nil(at(evs, "BALANCER_DRAIN", n), n .. " was drained")
+      assert.is_nil(at(evs, "DEPLOY_START", n), n .. " was deployed to")
+      local skipped = events_of(evs, "SERVICE_SKIPPED", n)
+      assert.equal(1, #skipped, n)
+      assert.equal(why, skipped[1].reason)
+      assert.equal("ready", assert(hp:state(n)).admin)
+    end
+  end
+
+  it("a canary whose error rate the analysis finds too high is rolled back; the others are never touched", function()
+    -- the new release answers 500 on every fifth /app
+    local files = {}
+    for _, n in ipairs(MEMBERS) do files[n .. ".control"] = "error_share=20\n" end
+    local dir, version = release("bad", files)
+    local file = services_with({ count = 1, soak = 6, analysis = ANALYSIS }, "fail")
+    local before, old = p:pids(), running("c.1")
+    local counts = hx.server_counts(hp)
+    local load = load_on()
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    local r = load.stop()
+    local served = delta(counts, hx.server_counts(hp))
+    assert.equal(1, res.exit_code, output(res))
+    local evs = last_run(p)
+
+    local start = events_of(evs, "CANARY_START")
+    assert.equal(1, #start, output(res))
+    assert.equal("c", start[1].group)
+    assert.same({ "c.1" }, start[1].canaries)
+    assert.equal(6, start[1].soak)
+    local failed = events_of(evs, "CANARY_FAILED")
+    assert.equal(1, #failed, output(res))
+    assert.equal("c", failed[1].group)
+    -- hooks/canary.lua's reason, with its numbers
+    assert.matches("^analysis: error rate %d+%.%d%% on the canaries %(%d+ of %d+ answers 5xx%) against 0%.0%% "
+      .. "on the other members", failed[1].error)
+    assert.matches("error rate %d+%.%d%% on the canaries", res.stdout .. res.stderr)
+    assert.is_nil(at(evs, "CANARY_PASSED"))
+
+    -- the canary: rolled back to the old release, code and process
+    local rb, ok = at(evs, "ROLLBACK_START", "c.1"), at(evs, "ROLLBACK_SUCCESS", "c.1")
+    assert.is_truthy(rb, output(res))
+    assert.is_truthy(ok, output(res))
+    assert.is_true(at(evs, "CANARY_FAILED") < rb and rb < ok)
+    -- it serves: it leaves the rotation before its rollback restarts it, and comes back healthy
+    local function after_failure(name)
+      return index_of(evs, function(ev) return ev.event == name and ev.service == "c.1" end, at(evs, "CANARY_FAILED"))
+    end
+    local drain, enable = after_failure("BALANCER_DRAIN"), after_failure("BALANCER_ENABLE")
+    assert.is_truthy(drain, "the failed canary was rolled back in rotation (no BALANCER_DRAIN after CANARY_FAILED)")
+    assert.is_truthy(enable, "the rolled-back canary was not put back in rotation")
+    assert.is_true(drain < enable)
+    assert.equal(old, on_disk("c.1"))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(version, running("c.1"))
+    assert.is_false(fs.exists(p.by_name["c.1"].control), "the release's control file is still there")
+    assert.are_not.equal(before["c.1"], p:pids()["c.1"])
+    assert.equal("ready", assert(hp:state("c.1")).admin)
+
+    -- the others waited for the canary, then were skipped for it, never touched
+    for _, n in ipairs(OTHERS) do
+      local waits = events_of(evs, "SERVICE_WAITING", n)
+      assert.is_true(#waits >= 1, n .. " never waited")
+      assert.equal("waits for the canary of group c", waits[1].reason)
+      assert.are_not.equal(version, on_disk(n))
+    end
+    untouched(evs, before, w, "the canary of group c failed: " .. failed[1].error)
+    assert.is_true(w.max <= 1, "more than one member out of rotation at once")
+
+    -- the clients saw failures from the canary's answers only
+    assert.is_true(r.requests > 100, r.output)
+    assert.is_true(r.non2xx > 0, "no request failed: the release was not broken?\n" .. r.output)
+    assert.is_true(r.non2xx <= served["c.1"].total, ("%d failed requests, c.1 served %d"):format(r.non2xx,
+      served["c.1"].total))
+    assert.equal(r.non2xx, served["c.1"]["5xx"], r.output)
+    for _, n in ipairs(OTHERS) do assert.equal(0, served[n]["5xx"], n) end
+    -- and only the release's 500s: the canary left the rotation before its rollback's restart
+    assert.equal(0, r.socket_errors, r.output)
+  end)
+
+  it("a passing canary promotes: the rest roll after CANARY_PASSED, all on the new release, no failed request", function()
+    local dir, version = release("good")
+    local file = services_with({ count = 1, soak = 3, analysis = ANALYSIS }, "pass")
+    local before = p:pids()
+    local load = load_on()
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    local r = load.stop()
+    assert.equal(0, res.exit_code, output(res))
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    assert.is_true(w.max <= 1, "more than one member out of rotation at once")
+    local evs = last_run(p)
+    local started, passed = at(evs, "CANARY_START"), at(evs, "CANARY_PASSED")
+    assert.is_truthy(started, output(res))
+    assert.is_truthy(passed, output(res))
+    assert.equal("c", evs[passed].group)
+    assert.is_number(evs[passed].duration_ms)
+    assert.is_nil(at(evs, "CANARY_FAILED"))
+    assert.is_true(at(evs, "SERVICE_RESTART_SUCCESS", "c.1") < started)
+    for _, n in ipairs(OTHERS) do
+      local wait, go = at(evs, "SERVICE_WAITING", n), at(evs, "SERVICE_RESTART_START", n)
+      assert.is_truthy(wait, n)
+      assert.equal("waits for the canary of group c", evs[wait].reason)
+      assert.is_truthy(go, n)
+      assert.is_true(wait < passed, n .. " did not wait for the canary")
+      assert.is_true(passed < go, n .. " started before the canary passed")
+    end
+    local after = p:pids()
+    for _, n in ipairs(MEMBERS) do
+      assert.are_not.equal(before[n], after[n], n .. " was not restarted")
+      assert.equal(version, on_disk(n))
+      assert.equal(version, running(n))
+      assert.is_true(w.drained[n], n .. " was never seen drained")
+      assert.equal("ready", assert(hp:state(n)).admin)
+    end
+  end)
+
+  it("--canary-only holds the group after its canary; --promote rolls the rest with the same release", function()
+    local dir, version = release("held")
+    local file = services_with({ count = 1, soak = 1 }, "held")
+    local before = p:pids()
+    local old = running("c.2")
+    local w = watch()
+    local res = p:cli(deploy_args(dir, { "--canary-only" }), { services_file = file })
+    w.stop()
+    assert.equal(0, res.exit_code, output(res))
+    local evs = last_run(p)
+    assert.is_truthy(at(evs, "CANARY_PASSED"), output(res))
+    assert.equal(version, running("c.1"))
+    assert.equal(version, on_disk("c.1"))
+    for _, n in ipairs(OTHERS) do
+      assert.equal(old, running(n))
+      assert.equal(old, on_disk(n))
+    end
+    untouched(evs, before, w, "--canary-only: promote with --promote")
+    local held = cjson.decode((assert(fs.read(p.state_root .. "/canary/c.json"))))
+    assert.equal(evs[1].run, held.run)
+    assert.equal(dir, held.release)
+    assert.same({ "c.1" }, held.canaries)
+    assert.is_string(held.passed_at)
+
+    -- status and the dry run say the group is on two releases on purpose, and how to go on
+    local st = assert(proc.run({ helpers.engine, "plans/status.lua", "--user", "--services", file },
+      { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 30 }))
+    assert.matches("group c: canary held since " .. held.passed_at:gsub("%p", "%%%0") .. ": c%.1 on the new release",
+      st.stdout)
+    assert.matches("%-%-promote", st.stdout)
+    local dry = p:cli({ "--dry-run" }, { services_file = file })
+    assert.equal(0, dry.exit_code, output(dry))
+    assert.matches("canary held: c%.1 passed at [^\n]*1 of 3 members on the new release; promote: [^\n]*%-%-promote",
+      dry.stdout)
+    local held_pid = p:pids()["c.1"]
+
+    -- promote: the recorded release goes to the rest; the canary is not touched again
+    w = watch()
+    local pr = p:cli({ "--promote" }, { services_file = file })
+    w.stop()
+    assert.equal(0, pr.exit_code, output(pr))
+    evs = last_run(p)
+    assert.is_nil(at(evs, "SERVICE_RESTART_START", "c.1"), "the canary was rolled again")
+    assert.is_nil(w.drained["c.1"], "the canary was drained again")
+    assert.equal(held_pid, p:pids()["c.1"])
+    for _, n in ipairs(MEMBERS) do
+      assert.equal(version, running(n))
+      assert.equal(version, on_disk(n))
+    end
+    for _, n in ipairs(OTHERS) do
+      assert.is_truthy(at(evs, "SERVICE_RESTART_SUCCESS", n), output(pr))
+      assert.are_not.equal(before[n], p:pids()[n])
+    end
+    assert.is_false(fs.exists(p.state_root .. "/canary/c.json"), "the record outlived the promotion")
+  end)
+
+  it("the analysis sees the canaries and the rest, every soak/4 s and once at the end, where its verdict counts", function()
+    local calls = p.dir .. "/analysis.calls"
+    os.remove(calls)
+    -- relative: resolved against the services file's directory; fails only at its last look
+    helpers.write(p.dir .. "/late-analysis.lua", ([[
+      local fs = require("rr.fs")
+      local cjson = require("cjson")
+      local calls = %q
+      return function(info)
+        assert(fs.write_atomic(calls, (fs.read(calls) or "") .. cjson.encode(info) .. "\n"))
+        if info.elapsed > info.soak * 0.9 then return false, "the last look found it wanting" end
+        return true
+      end
+    ]]):format(calls))
+    local dir, version = release("late")
+    local file = services_with({ count = 1, soak = 2, analysis = "late-analysis.lua" }, "late")
+    local before, old = p:pids(), running("c.1")
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    local seen, at_s = {}, {}
+    for line in (fs.read(calls) or ""):gmatch("[^\n]+") do
+      seen[#seen + 1] = cjson.decode(line)
+      at_s[#at_s + 1] = ("%.3f"):format(seen[#seen].elapsed)
+    end
+    local looks = ("looks at %s s of the soak\n"):format(table.concat(at_s, ", "))
+    assert.equal(1, res.exit_code, looks .. output(res))
+    local evs = last_run(p)
+    local failed = events_of(evs, "CANARY_FAILED")
+    assert.equal(1, #failed, output(res))
+    assert.equal("analysis: the last look found it wanting", failed[1].error)
+    assert.equal(4, #seen, looks)
+    for i, info in ipairs(seen) do
+      assert.equal("c", info.group)
+      assert.equal(2, info.soak)
+      -- never before its time (every soak/4 = 0.5 s), the last at the end
+      assert.is_true(info.elapsed >= 0.5 * i - 0.05, looks)
+      assert.same({ { name = "c.1", unit = p.by_name["c.1"].unit, url = p.by_name["c.1"].url, server = "c.1" } },
+        info.canaries)
+      assert.same({ "c.2", "c.3" }, { info.others[1].name, info.others[2].name })
+      assert.equal(p.by_name["c.3"].url, info.others[2].url)
+    end
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(res))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(version, on_disk("c.1"))
+    untouched(evs, before, w, "the canary of group c failed: " .. failed[1].error)
+  end)
+
+  it("an analysis that raises fails the canary with its error", function()
+    helpers.write(p.dir .. "/raises-analysis.lua", [[
+      return function(info) error("metrics backend unreachable for " .. info.canaries[1].name, 0) end
+    ]])
+    local dir = release("raises")
+    local file = services_with({ count = 1, soak = 1, analysis = "raises-analysis.lua" }, "raises")
+    local before, old = p:pids(), running("c.1")
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    assert.equal(1, res.exit_code, output(res))
+    local evs = last_run(p)
+    local failed = events_of(evs, "CANARY_FAILED")
+    assert.equal(1, #failed, output(res))
+    assert.matches("^analysis error: .*metrics backend unreachable for c%.1", failed[1].error)
+    assert.matches("metrics backend unreachable for c%.1", res.stdout .. res.stderr)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(res))
+    assert.equal(old, running("c.1"))
+    untouched(evs, before, w, "the canary of group c failed: " .. failed[1].error)
+  end)
+
+  it("a canary that crashes during the soak fails it, naming the unit, and is rolled back", function()
+    -- the release ships c.1's control file, so that its rollback removes it whatever it says then
+    local dir, version = release("crash", { ["c.1.control"] = "# shipped by the release\n" })
+    local file = services_with({ count = 1, soak = 20 }, "crash")
+    local before, old = p:pids(), running("c.1")
+    local w = watch()
+    local crashed = false
+    local res = p:cli(deploy_args(dir), { services_file = file, on_line = function(_, line)
+      -- the live view's line for CANARY_START: the canary soaks now; it exits at once
+      if not crashed and line:find("canary of c: c.1 on the new release, soaking", 1, true) then
+        crashed = true
+        p:control("c.1", { exit = 1 })
+      end
+    end })
+    w.stop()
+    assert.is_true(crashed, "no CANARY_START line:\n" .. output(res))
+    assert.equal(1, res.exit_code, output(res))
+    local evs = last_run(p)
+    local failed = events_of(evs, "CANARY_FAILED")
+    assert.equal(1, #failed, output(res))
+    -- the unit signal, not the end of the soak nor a probe: whichever of the unit's properties
+    -- systemd reports first (MainPID 0, or ActiveState failed; or failed already when the soak
+    -- began watching)
+    local reason = failed[1].error
+    assert.is_truthy(reason:find("^canary c%.1 left active %(failed%)")
+      or reason:find("^canary c%.1 changed its main process %(MainPID %d+ %-> 0%)")
+      or reason:find("^canary c%.1 is failed at the start of the soak"), reason)
+    assert.matches("canary c%.1", res.stdout .. res.stderr)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(res))
+    assert.equal("active", p:unit("c.1"):get("ActiveState"))
+    assert.equal(old, running("c.1"))
+    assert.equal(old, on_disk("c.1"))
+    assert.are_not.equal(version, running("c.1"))
+    untouched(evs, before, w, "the canary of group c failed: " .. reason)
+  end)
+end)
+
+-- What the spec above relies on: the fixture's /app with error_share and its /metrics.
+describe("the fixture's application and metrics endpoints", function()
+  local dir, f
+  setup(function()
+    dir = assert(fs.mkdtemp("/tmp/rr-canary-fixture-"))
+    f = hx.fixture({ "--control-file", dir .. "/control" })
+  end)
+  teardown(function()
+    if f then f:stop() end
+    fs.remove_tree(dir)
+  end)
+
+  local function metrics()
+    local res = assert(http.get(("http://127.0.0.1:%d/metrics"):format(f.port)))
+    assert.equal(200, res.status)
+    return tonumber(res.body:match("\nhttp_requests_total (%d+)\n")),
+      tonumber(res.body:match("\nhttp_responses_5xx_total (%d+)\n"))
+  end
+
+  it("error_share=20 answers 500 on every fifth /app, and /metrics counts every answer but its own", function()
+    local requests0, errors0 = metrics()
+    units.control(dir .. "/control", { error_share = 20 })
+    local statuses = {}
+    for i = 1, 10 do statuses[i] = assert(http.get(("http://127.0.0.1:%d/app"):format(f.port))).status end
+    assert.same({ 200, 200, 200, 200, 500, 200, 200, 200, 200, 500 }, statuses)
+    assert(http.get(("http://127.0.0.1:%d/health"):format(f.port)))
+    local requests, errors = metrics()
+    assert.equal(requests0 + 11, requests)
+    assert.equal(errors0 + 2, errors)
+    units.control(dir .. "/control", nil)
+    for _ = 1, 10 do assert.equal(200, assert(http.get(("http://127.0.0.1:%d/app"):format(f.port))).status) end
+    assert.equal(errors0 + 2, select(2, metrics()))
+  end)
+end)
