@@ -51,6 +51,7 @@ function canary.soak(args)
   local deadline = rr.now() + soak
   local interval = math.max(0.05, math.min(5, soak / 4))
   local watchers = {}
+  local final_look
   for _, svc in ipairs(args.canaries) do
     local unit, uerr = args.manager:unit(svc.unit)
     if not unit then return nil, ("cannot watch canary %s: %s"):format(svc.name, tostring(uerr)) end
@@ -72,6 +73,9 @@ function canary.soak(args)
       elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
         return ("canary %s was restarted by systemd (NRestarts %d -> %d)"):format(svc.name, base.NRestarts or 0,
           p.NRestarts)
+      end
+      if p.MainPID == 0 then
+        return ("canary %s: its main process exited (MainPID %s -> 0)"):format(svc.name, tostring(base.MainPID))
       end
       return ("canary %s changed its main process (MainPID %s -> %s)"):format(svc.name, tostring(base.MainPID),
         tostring(p.MainPID))
@@ -109,11 +113,13 @@ function canary.soak(args)
     watchers[#watchers + 1] = function()
       while rr.now() < deadline do
         rr.sleep(math.min(interval, math.max(deadline - rr.now(), 0)))
+        if rr.now() >= deadline then break end
         local failure = analyze()
         if failure then return failure end
       end
       return "pass"
     end
+    final_look = analyze
   end
   -- every watcher ends by the deadline at the latest: the first failure wins, and the soak
   -- passes only when the deadline came with none
@@ -123,6 +129,10 @@ function canary.soak(args)
     if result ~= "pass" then return nil, result end
     table.remove(watchers, i)
     if #watchers == 0 or rr.now() >= deadline then
+      if final_look then
+        local failure = final_look()
+        if failure then return nil, failure end
+      end
       return true
     end
   end

@@ -893,7 +893,11 @@ end
 
 -- flow.rollback(ctx, svc, reason, deploy_record|nil) -> true | nil, err, manual_steps
 -- A rollback on request (plans/rollback.lua, the REPL, recovery): the known-good definition,
--- and the given deploy undone.
+-- and the given deploy undone. A replica is drained first.
+local function find_step(name)
+  for _, st in ipairs(STEPS) do if st.name == name then return st end end
+end
+
 function flow.rollback(ctx, svc, reason, deploy_record)
   local self, uerr = new_run(ctx, svc)
   if not self.unit then
@@ -907,15 +911,15 @@ function flow.rollback(ctx, svc, reason, deploy_record)
     self.props = props
     self.def = flow.definition_state(ctx, svc, props)
   end
+  if self:balancer() then
+    -- out of rotation before it stops: its requests in flight end first (a failed canary)
+    find_step("drain").fn(self)
+  end
   return self:rollback(reason)
 end
 
 -- The phases in which the unit itself was touched (a daemon-reload or a job ran).
 local UNIT_TOUCHED = { apply = true, verify = true, commit = true, rollback = true }
-
-local function find_step(name)
-  for _, st in ipairs(STEPS) do if st.name == name then return st end end
-end
 
 -- flow.recover(ctx, svc, entry) -> outcome, error, info
 -- Resolves one service a killed run left in flight (entry: its run journal entry). A service

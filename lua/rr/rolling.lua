@@ -123,6 +123,9 @@ local function prepare(opts)
   if not platform then
     return nil, table.concat(errs, "\n")
   end
+  -- the units, snapshots and lock a run acts on are this machine's
+  local remote = services.remote_refusal and services.remote_refusal(platform)
+  if remote then return nil, remote end
   local names = opts.services
   if names and #names == 0 then names = nil end
   local order, err = dag.order(platform.services, names)
