@@ -505,3 +505,32 @@ void rr_output_open(lua_State *L) {
         }
         lua_pop(L, 1);
 }
+
+void rr_output_check_opts(lua_State *L, int idx, bool *capture, size_t *max_capture, double *timeout,
+                          double *kill_grace) {
+        if (lua_getfield(L, idx, "capture") != LUA_TNIL)
+                *capture = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+
+        if (lua_getfield(L, idx, "max_capture") != LUA_TNIL) {
+                lua_Integer m = lua_tointeger(L, -1);
+                if (!lua_isinteger(L, -1) || m < 0)
+                        luaL_error(L, "bad option 'max_capture' (non-negative integer expected)");
+                *max_capture = (size_t) m;
+        }
+        lua_pop(L, 1);
+
+        if (lua_getfield(L, idx, "timeout") != LUA_TNIL) {
+                *timeout = lua_tonumber(L, -1);
+                if (!lua_isnumber(L, -1) || !(*timeout > 0 && *timeout < 1e9))
+                        luaL_error(L, "bad option 'timeout' (positive number of seconds expected)");
+        }
+        lua_pop(L, 1);
+
+        if (lua_getfield(L, idx, "kill_grace") != LUA_TNIL) {
+                *kill_grace = lua_tonumber(L, -1);
+                if (!lua_isnumber(L, -1) || !(*kill_grace >= 0 && *kill_grace < 1e9))
+                        luaL_error(L, "bad option 'kill_grace' (non-negative number of seconds expected)");
+        }
+        lua_pop(L, 1);
+}

@@ -55,6 +55,11 @@ struct RrOutput {
  * that uses outputs calls it from its opener; idempotent. */
 void rr_output_open(lua_State *L);
 
+/* The options rr.proc and rr.systemd's m:run share, read from the table at idx (misuse raises):
+ * capture, max_capture, timeout (> 0), kill_grace (>= 0). A field absent leaves its value. */
+void rr_output_check_opts(lua_State *L, int idx, bool *capture, size_t *max_capture, double *timeout,
+                          double *kill_grace);
+
 /* An output not yet connected to pipes: capture, max_capture and the program's name (kept by
  * pointer). */
 void rr_output_init(RrOutput *o, const char *name, bool capture, size_t max_capture,

@@ -649,12 +649,16 @@ static char *ssh_why(SshLink *l) {
         }
         /* ssh's own failures exit 255; a client of a shared connection (ControlMaster) says nothing
          * when the master gives up on the host: its own stderr is gone. */
-        if (l->exited && l->exit_signal)
-                (void) asprintf(&out, "ssh was killed by signal %d", l->exit_signal);
-        else if (l->exited && l->exit_code == 255)
+        /* out of memory: NULL, and the caller says less */
+        if (l->exited && l->exit_signal) {
+                if (asprintf(&out, "ssh was killed by signal %d", l->exit_signal) < 0)
+                        out = NULL;
+        } else if (l->exited && l->exit_code == 255)
                 out = strdup("ssh exited with code 255 (its connection failed or was closed)");
-        else if (l->exited)
-                (void) asprintf(&out, "ssh exited with code %d", l->exit_code);
+        else if (l->exited) {
+                if (asprintf(&out, "ssh exited with code %d", l->exit_code) < 0)
+                        out = NULL;
+        }
         return out;
 }
 

@@ -272,31 +272,7 @@ static void run_parse(lua_State *L, RunArgs *a) {
         } else
                 lua_pop(L, 1);
 
-        if (lua_getfield(L, 3, "capture") != LUA_TNIL)
-                a->capture = lua_toboolean(L, -1);
-        lua_pop(L, 1);
-
-        if (lua_getfield(L, 3, "max_capture") != LUA_TNIL) {
-                lua_Integer m = lua_tointeger(L, -1);
-                if (!lua_isinteger(L, -1) || m < 0)
-                        luaL_error(L, "bad option 'max_capture' (non-negative integer expected)");
-                a->max_capture = (size_t) m;
-        }
-        lua_pop(L, 1);
-
-        if (lua_getfield(L, 3, "timeout") != LUA_TNIL) {
-                a->timeout = lua_tonumber(L, -1);
-                if (!lua_isnumber(L, -1) || !(a->timeout > 0 && a->timeout < 1e9))
-                        luaL_error(L, "bad option 'timeout' (positive number of seconds expected)");
-        }
-        lua_pop(L, 1);
-
-        if (lua_getfield(L, 3, "kill_grace") != LUA_TNIL) {
-                a->kill_grace = lua_tonumber(L, -1);
-                if (!lua_isnumber(L, -1) || !(a->kill_grace >= 0 && a->kill_grace < 1e9))
-                        luaL_error(L, "bad option 'kill_grace' (non-negative number of seconds expected)");
-        }
-        lua_pop(L, 1);
+        rr_output_check_opts(L, 3, &a->capture, &a->max_capture, &a->timeout, &a->kill_grace);
 
         if (lua_getfield(L, 3, "on_line") != LUA_TNIL) {
                 if (lua_type(L, -1) != LUA_TFUNCTION)
