@@ -29,15 +29,7 @@ local BACKEND = "cny"
 -- the example analysis, as shipped
 local ANALYSIS = units.root .. "/hooks/canary.lua"
 
--- Polls fn every 10 ms until it is true, at most `timeout` seconds; returns whether it became true.
-local function eventually(fn, timeout)
-  local deadline = rr.now() + (timeout or 5)
-  while not fn() do
-    if rr.now() > deadline then return false end
-    rr.sleep(0.01)
-  end
-  return true
-end
+local eventually = helpers.eventually
 
 local function index_of(list, pred, from)
   for i = from or 1, #list do
@@ -45,27 +37,7 @@ local function index_of(list, pred, from)
   end
 end
 
--- The events of the platform's latest run (the log keeps earlier runs before it).
-local function last_run(p)
-  local evs = p:events()
-  local run
-  for _, ev in ipairs(evs) do
-    if ev.event == "PLAN_START" then run = ev.run end
-  end
-  local out = {}
-  for _, ev in ipairs(evs) do
-    if run and ev.run == run then out[#out + 1] = ev end
-  end
-  return out
-end
-
-local function events_of(evs, name, service)
-  local out = {}
-  for _, ev in ipairs(evs) do
-    if ev.event == name and (service == nil or ev.service == service) then out[#out + 1] = ev end
-  end
-  return out
-end
+local last_run, events_of = helpers.last_run, helpers.events_of
 
 local function at(evs, name, service)
   return index_of(evs, function(ev) return ev.event == name and (service == nil or ev.service == service) end)
@@ -491,7 +463,7 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     -- began watching)
     local reason = failed[1].error
     assert.is_truthy(reason:find("^canary c%.1 left active %(failed%)")
-      or reason:find("^canary c%.1 changed its main process %(MainPID %d+ %-> 0%)")
+      or reason:find("^canary c%.1: its main process exited %(MainPID %d+ %-> 0%)")
       or reason:find("^canary c%.1 is failed at the start of the soak"), reason)
     assert.matches("canary c%.1", res.stdout .. res.stderr)
     assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(res))

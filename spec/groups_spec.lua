@@ -32,15 +32,7 @@ local helpers = require("spec.support.helpers")
 local MEMBERS = { "g.1", "g.2", "g.3" }
 local BACKEND = "grp"
 
--- Polls fn every 10 ms until it is true, at most `timeout` seconds; returns whether it became true.
-local function eventually(fn, timeout)
-  local deadline = rr.now() + (timeout or 5)
-  while not fn() do
-    if rr.now() > deadline then return false end
-    rr.sleep(0.01)
-  end
-  return true
-end
+local eventually = helpers.eventually
 
 local function index_of(list, pred, from)
   for i = from or 1, #list do
@@ -54,27 +46,7 @@ local function copy(t)
   return c
 end
 
--- The events of the platform's latest run (the log keeps earlier runs before it).
-local function last_run(p)
-  local evs = p:events()
-  local run
-  for _, ev in ipairs(evs) do
-    if ev.event == "PLAN_START" then run = ev.run end
-  end
-  local out = {}
-  for _, ev in ipairs(evs) do
-    if run and ev.run == run then out[#out + 1] = ev end
-  end
-  return out
-end
-
-local function events_of(evs, name, service)
-  local out = {}
-  for _, ev in ipairs(evs) do
-    if ev.event == name and (service == nil or ev.service == service) then out[#out + 1] = ev end
-  end
-  return out
-end
+local last_run, events_of = helpers.last_run, helpers.events_of
 
 local function output(res)
   return ("exit %s\nstdout:\n%s\nstderr:\n%s"):format(tostring(res.exit_code), res.stdout or "", res.stderr or "")

@@ -19,16 +19,8 @@ local balancer = require("rr.balancer")
 local hx = require("spec.support.haproxy")
 local helpers = require("spec.support.helpers")
 
--- HAProxy tells its counters only when asked: poll (every 10 ms) until fn() is true, at most
--- `timeout` seconds. Returns whether it became true.
-local function eventually(fn, timeout)
-  local deadline = rr.now() + (timeout or 5)
-  while not fn() do
-    if rr.now() > deadline then return false end
-    rr.sleep(0.01)
-  end
-  return true
-end
+-- HAProxy tells its counters only when asked: helpers.eventually polls them.
+local eventually = helpers.eventually
 
 local function url(h)
   return "http://127.0.0.1:" .. h.port .. "/health"

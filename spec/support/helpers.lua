@@ -50,4 +50,39 @@ function helpers.run(argv)
   return res
 end
 
+-- Polls fn every 10 ms until it is true, at most `timeout` seconds (default 5): for state only
+-- a poll can read (HAProxy's counters, a file). Returns whether it became true.
+function helpers.eventually(fn, timeout)
+  local rr = require("rr")
+  local deadline = rr.now() + (timeout or 5)
+  while not fn() do
+    if rr.now() > deadline then return false end
+    rr.sleep(0.01)
+  end
+  return true
+end
+
+-- The events of a platform's latest run (its log keeps earlier runs before it).
+function helpers.last_run(p)
+  local evs = p:events()
+  local run
+  for _, ev in ipairs(evs) do
+    if ev.event == "PLAN_START" then run = ev.run end
+  end
+  local out = {}
+  for _, ev in ipairs(evs) do
+    if run and ev.run == run then out[#out + 1] = ev end
+  end
+  return out
+end
+
+-- The events named `name` (of `service`, when given) in a list of events.
+function helpers.events_of(evs, name, service)
+  local out = {}
+  for _, ev in ipairs(evs) do
+    if ev.event == name and (service == nil or ev.service == service) then out[#out + 1] = ev end
+  end
+  return out
+end
+
 return helpers
