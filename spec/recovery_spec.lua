@@ -3,7 +3,6 @@
 -- nothing; --recover leaves every service healthy with its files all-old or all-new; a second
 -- --recover does nothing; --abandon forgets; --resume goes on with the plan.
 local fs = require("rr.fs")
-local cjson = require("cjson")
 local helpers = require("spec.support.helpers")
 local platform = require("spec.support.platform")
 
@@ -57,8 +56,7 @@ describe("an engine killed mid-run", function()
   -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step`. Returns the
   -- result and whether it was killed there.
   local function journal()
-    local text = fs.read(p.state_root .. "/run.journal")
-    return text and cjson.decode(text)
+    return (require("rr.journal").read(p.state_root))
   end
 
   -- Runs the CLI and SIGKILLs it when a progress line for `service` shows `step` (or a line

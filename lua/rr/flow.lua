@@ -841,13 +841,24 @@ function flow.changed_files(files, hashes)
   return out
 end
 
+-- Would a rollback after apply have anything to undo besides restarting the unit? Not when no
+-- code was deployed, no migration ran and the definition is the known good one: then the apply
+-- record need not survive a power cut (journal.durable), which saves two fsyncs per service.
+function Run:apply_has_undo()
+  local def = self.def
+  return not (def and def.known and not def.changed and not def.stale
+    and not self.touched.deploy and not self.touched.migrated)
+end
+
 function Run:go()
   self:emit("SERVICE_RESTART_START", {})
   local force = self.ctx.opts.force
   for _, st in ipairs(STEPS) do
     if not (st.skip_with_force and force) and (not st.when or st.when(self)) then
       -- the journal first: what is announced has been recorded
-      self:journal({ phase = st.name })
+      local fields = { phase = st.name }
+      if st.name == "apply" then fields.undo = self:apply_has_undo() end
+      self:journal(fields)
       if st.shows_own_steps then self.current_step = st.name else self:step(st.name) end
       local ok, reason = st.fn(self)
       if not ok then

@@ -2,12 +2,20 @@
 -- CI job, a dropped SSH session, the OOM killer, a reboot) never leaves a service half done
 -- without anyone knowing.
 --
--- One small JSON file, <state root>/run.journal, rewritten atomically (temp file, fsync,
--- rename) at every phase change of every service in flight: who ran (run id, PID and its start
--- time, boot id, user, argv, services file), the plan's order and what finished, and per
--- service in flight its phase, its deploy record, whether its migration started or finished,
--- whether it passed its post-check on the new version, and the processes it started. A run
--- that ends (PLAN_END) removes it; a journal left behind is an interrupted run.
+-- One file, <state root>/run.journal, of JSON lines: a header (who ran: run id, PID and its
+-- start time, boot id, user, argv, services file, the plan's order), then one record per change
+-- (a service's fields, a service finished, a service forgotten, the run adopted by a recovery),
+-- each appended with one write(). Reading replays them into one table: per service in flight
+-- its phase, its deploy record, whether its migration started or finished, whether it passed
+-- its post-check on the new version, and the processes it started. A run that ends (PLAN_END)
+-- removes the file; a journal left behind is an interrupted run.
+--
+-- Why appends, not a rewrite of the whole state: a service changes phase about eight times, and
+-- rewriting (temp file, rename) a journal that names every service costs a rename each time and
+-- grows with the platform (N services x 8 rewrites of N entries). An append is one write(); a
+-- kill leaves whole lines (one write() per line), and a power cut at most a torn last line,
+-- which reading drops: the records that must survive a power cut are fsynced before the step
+-- they announce (journal.durable).
 --
 -- Who reads it: every acting entry point takes the run lock first; a journal found while the
 -- lock is held by us belongs to a run that died (its lock died with it). Read-only entry points
@@ -15,12 +23,13 @@
 -- the same start time, on the same boot).
 local fs = require("rr.fs")
 local cjson = require("cjson")
+local log = require("rr.log")
 local state = require("rr.state")
 
 local journal = {}
 journal.__index = journal
 
-local VERSION = 1
+local VERSION = 2
 local json = cjson.new()
 
 local function read_line(path)
@@ -58,8 +67,45 @@ function journal.alive(who)
   return start ~= nil and (who.pid_start == nil or start == who.pid_start)
 end
 
-local function encode(data)
-  return json.encode(data)
+-- Header fields: the run; everything else in data is replayed from the records.
+local HEADER = { "version", "run", "pid", "pid_start", "boot_id", "user", "argv", "services_file",
+  "started_at", "kind", "order" }
+
+-- Replays the lines of a journal into data | nil. A last line without its newline was torn by a
+-- power cut: what it said was not durable, so it is dropped; any other bad line is not.
+local function replay(text)
+  local lines = {}
+  for line in text:gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+  local ok, head = pcall(json.decode, lines[1] or "")
+  if not ok or type(head) ~= "table" or head.version ~= VERSION or head.record ~= "run" then return nil end
+  local data = { done = {}, failed = {}, services = {} }
+  for _, k in ipairs(HEADER) do data[k] = head[k] end
+  data.order = type(data.order) == "table" and data.order or {}
+  for i = 2, #lines do
+    local good, r = pcall(json.decode, lines[i])
+    if not good or type(r) ~= "table" then return nil end
+    local name = r.service
+    if r.record == "set" and type(name) == "string" and type(r.set) == "table" then
+      local entry = data.services[name] or {}
+      data.services[name] = entry
+      for k, v in pairs(r.set) do
+        if v == json.null then entry[k] = nil else entry[k] = v end
+      end
+    elseif r.record == "finished" and type(name) == "string" then
+      data.services[name] = nil
+      local list = r.ok and data.done or data.failed
+      list[#list + 1] = name
+    elseif r.record == "forget" and type(name) == "string" then
+      data.services[name] = nil
+    elseif r.record == "renew" and type(r.order) == "table" then
+      data.run, data.order, data.done, data.failed = r.run, r.order, {}, {}
+    elseif r.record == "adopt" then
+      data.pid, data.pid_start, data.boot_id = r.pid, r.pid_start, r.boot_id
+    else
+      return nil
+    end
+  end
+  return data
 end
 
 -- journal.read(root) -> data | nil, message, CODE ("ENOENT": no journal; "EBADMSG": unreadable)
@@ -67,8 +113,8 @@ function journal.read(root)
   local path = state.journal_path(root)
   local text, err, code = fs.read(path)
   if not text then return nil, err, code end
-  local ok, data = pcall(json.decode, text)
-  if not ok or type(data) ~= "table" or data.version ~= VERSION or type(data.services) ~= "table" then
+  local data = replay(text)
+  if not data then
     return nil, ("the run journal %s cannot be read"):format(path), "EBADMSG"
   end
   data.pid = math.tointeger(data.pid) or data.pid
@@ -185,8 +231,17 @@ function journal.remaining(data)
   return out
 end
 
+-- Opens the journal at path for appends -> log file | nil, message, CODE.
+local function open_append(path)
+  local f, err, code = log.open(path, { mode = 384 })
+  if not f then return nil, ("cannot write the run journal %s: %s"):format(path, tostring(err)), code end
+  return f
+end
+
 -- journal.create(root, info) -> j | nil, message, CODE
 -- info = { run =, argv =, services_file =, user =, order = {names}, kind = "rolling"|... }
+-- The header is written atomically and durably (a journal replaced, never appended to another
+-- run's), then the file is kept open for the records.
 function journal.create(root, info)
   local pid = fs.getpid()
   local self = setmetatable({
@@ -199,49 +254,79 @@ function journal.create(root, info)
       kind = info.kind or "rolling", order = info.order or {}, done = {}, failed = {}, services = {},
     },
   }, journal)
-  local ok, err, code = self:write()
-  if not ok then return nil, err, code end
+  local head = { record = "run" }
+  for _, k in ipairs(HEADER) do head[k] = self.data[k] end
+  local under = state.under(root)
+  under.mode = 384
+  under.sync = true
+  local ok, err, code = fs.write_atomic(self.path, json.encode(head) .. "\n", under)
+  if not ok then
+    return nil, ("cannot write the run journal %s: %s"):format(self.path, tostring(err)), code
+  end
+  self.file, err, code = open_append(self.path)
+  if not self.file then return nil, err, code end
   return self
 end
 
--- j:adopt(root, data) -> j: carries on the journal of an interrupted run (recovery): the same
--- record, now written by this process.
+-- journal.adopt(root, data) -> j: carries on the journal of an interrupted run
+-- (recovery): the same record, now appended to by this process.
 function journal.adopt(root, data)
   local pid = fs.getpid()
   data.pid, data.pid_start, data.boot_id = pid, journal.start_time(pid), journal.boot_id()
   data.done = data.done or {}
+  data.failed = data.failed or {}
   data.order = data.order or {}
-  return setmetatable({ root = root, path = state.journal_path(root), data = data }, journal)
+  local self = setmetatable({ root = root, path = state.journal_path(root), data = data }, journal)
+  local err
+  self.file, err = open_append(self.path)
+  if not self.file then
+    -- as for any record that cannot be written: said once, and the recovery goes on
+    self.failed = true
+    io.stderr:write("rrengine: ", err, "\n")
+  end
+  self:append({ record = "adopt", pid = data.pid, pid_start = data.pid_start, boot_id = data.boot_id }, true)
+  return self
 end
 
--- Written into the state root: its temp file is created O_EXCL|O_NOFOLLOW beside it, and a
--- run.journal that is a symlink is refused (`under`), never written through.
--- j:write([durable]): always atomic (a killed engine leaves the old journal or the new one);
--- fsynced unless `durable` is false. Only records whose loss after a power cut errs on the safe
--- side skip the fsync: a phase lost so makes recovery see less progress than there was, and it
--- then rolls back, never forward. Each fsync costs milliseconds per service.
-function journal:write(durable)
-  local under = state.under(self.root)
-  under.mode = 384
-  under.sync = durable ~= false
-  local ok, err, code = fs.write_atomic(self.path, encode(self.data) .. "\n", under)
+-- j:renew(run, order): the adopted journal goes on as a new run's (--resume after a recovery):
+-- its services still in flight stay, what finished is forgotten.
+function journal:renew(run, order)
+  self.data.run, self.data.order, self.data.done, self.data.failed = run, order, {}, {}
+  self:append({ record = "renew", run = run, order = order }, true)
+end
+
+-- j:append(record[, durable]) -> true | nil, message, CODE: one line, fsynced when durable.
+-- A failure is reported once on stderr: the restart goes on (its events still say what
+-- happened).
+function journal:append(record, durable)
+  if not self.file then return nil, "the run journal is closed", "EBADF" end
+  local ok, err, code = self.file:emit(record)
+  if ok and durable then ok, err, code = self.file:sync() end
   if not ok then
-    return nil, ("cannot write the run journal %s: %s"):format(self.path, tostring(err)), code
+    err = ("cannot write the run journal %s: %s"):format(self.path, tostring(err))
+    if not self.failed then
+      self.failed = true
+      io.stderr:write("rrengine: ", err, "\n")
+    end
+    return nil, err, code
   end
   return true
 end
 
 -- Which records must survive a power cut: a deploy about to run, a migration started, the unit
--- about to be touched (apply), a rollback, a member taken out of rotation.
+-- about to be touched (apply) when that changes what a rollback must undo, a rollback, a member
+-- taken out of rotation. Records whose loss errs on the safe side (recovery sees less progress
+-- than there was, and rolls back rather than forward) are not fsynced: each fsync costs
+-- milliseconds per service.
 local DURABLE_PHASES = { apply = true, rollback = true, drain = true }
 function journal.durable(fields)
+  if fields.phase == "apply" and fields.undo == false then return false end
   return fields.deploy_record ~= nil or fields.migration == "started" or fields.drained == true
     or DURABLE_PHASES[fields.phase] == true
 end
 
 -- j:update(service, fields): merges fields into the service's entry (creating it: the service
--- is now in flight) and rewrites the journal. A write that fails is reported once on stderr:
--- the restart goes on (its events still say what happened).
+-- is now in flight) and appends the change.
 function journal:update(service, fields)
   local entry = self.data.services[service]
   if not entry then
@@ -249,11 +334,7 @@ function journal:update(service, fields)
     self.data.services[service] = entry
   end
   for k, v in pairs(fields) do entry[k] = v end
-  local ok, err = self:write(journal.durable(fields))
-  if not ok and not self.failed then
-    self.failed = true
-    io.stderr:write("rrengine: ", err, "\n")
-  end
+  self:append({ record = "set", service = service, set = fields }, journal.durable(fields))
 end
 
 -- j:child(service, pid, what) / j:child_done(service, pid): a process the service's flow
@@ -280,18 +361,19 @@ function journal:finished(service, succeeded)
   local list = succeeded and self.data.done or self.data.failed
   if not list then list = {}; self.data.failed = list end
   list[#list + 1] = service
-  self:write(false)
+  self:append({ record = "finished", service = service, ok = succeeded and true or false })
 end
 
 -- j:forget(service): a service resolved by recovery.
 function journal:forget(service)
   self.data.services[service] = nil
-  self:write(false)
+  self:append({ record = "forget", service = service })
 end
 
 -- j:close(): the run ended: the journal goes.
 function journal:close()
   if not self.path then return true end
+  if self.file then self.file:close(); self.file = nil end
   local ok, err, code = fs.remove(self.path, state.under(self.root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
   fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))

@@ -467,8 +467,7 @@ function rolling.run(opts)
   local j, jerr
   if recovery then
     j = ctx.run_journal
-    j.data.run, j.data.order, j.data.done, j.data.failed = stream.run, order_names, {}, {}
-    j:write()
+    j:renew(stream.run, order_names)
   else
     j, jerr = journal.create(state_root, { run = stream.run, argv = opts.argv, services_file = opts.services_file,
       user = opts.user, order = order_names })
