@@ -3,8 +3,8 @@
 #
 # Completes the engine's options, the plans (plans/*.lua here and beside the installed library),
 # each plan's options (read from the plan's own --help, so they never go stale), service names
-# for --service (read from the services file on the line, else ./services.lua, by rrengine
-# itself), and files or directories where an option wants one. Every rrengine it runs is quiet
+# for --service (read from the services file on the line, else the one rrengine itself would
+# use: ./services.lua, else /etc/rrengine/services.lua or, with --user, the user's own), and files or directories where an option wants one. Every rrengine it runs is quiet
 # and bounded in time: a broken services file completes nothing, silently.
 #
 # Installed as $PREFIX/share/bash-completion/completions/rrengine; zsh uses it through
@@ -59,9 +59,14 @@ _rrengine_plan_options() {
     printf '%s\n' "${_rrengine_opt_cache[$key]}"
 }
 
-# The service names of a services file (nothing when it cannot be loaded).
+# The service names of a services file (nothing when it cannot be loaded). No file named on the
+# line: the one the plan would read, found by rrengine's own rule (rr.cli.find_services).
 _rrengine_services() {
-    local cmd=$1 file=$2
+    local cmd=$1 file=$2 user=$3
+    if [[ -z $file ]]; then
+        file=$(RRENGINE_COMPLETE_USER=$user _rrengine_run "$cmd" -e '
+            io.write(require("rr.cli").find_services(os.getenv("RRENGINE_COMPLETE_USER") == "1") or "")')
+    fi
     [[ -r $file ]] || return 0
     RRENGINE_COMPLETE_SERVICES=$file _rrengine_run "$cmd" -e '
         local platform = require("rr.services").load(os.getenv("RRENGINE_COMPLETE_SERVICES"))
@@ -99,10 +104,11 @@ _rrengine() {
 
     # What is on the line before the word: the plan (the first word that is not an engine
     # option), whether the REPL was asked for, the services file.
-    local i w plan="" repl=0 services=""
+    local i w plan="" repl=0 services="" user=0
     for ((i = 1; i < cword; i++)); do
         w=${COMP_WORDS[i]}
         if [[ $w == "=" ]]; then continue; fi
+        [[ $w == --user ]] && user=1
         if [[ -z $plan ]]; then
             case $w in
                 -e) ((i++)) ;;
@@ -124,7 +130,6 @@ _rrengine() {
         fi
     done
     if [[ -z $services ]]; then
-        services=services.lua
         ((repl)) && [[ -n ${RRENGINE_SERVICES:-} ]] && services=$RRENGINE_SERVICES
     fi
     services=${services/#\~/$HOME}
@@ -175,7 +180,7 @@ _rrengine() {
                 # a comma list: complete its last item
                 local head=""
                 [[ $val == *,* ]] && head=${val%,*},
-                _rrengine_reply "$(_rrengine_services "$cmd" "$services")" "${val##*,}" "$prefix$head" ;;
+                _rrengine_reply "$(_rrengine_services "$cmd" "$services" "$user")" "${val##*,}" "$prefix$head" ;;
             *:FILE) _rrengine_files "$val" "" "$prefix" ;;
             *:DIR) _rrengine_files "$val" dirs "$prefix" ;;
         esac

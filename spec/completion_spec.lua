@@ -122,6 +122,17 @@ describe("bash completion", function()
     assert.equal("", stderr)
   end)
 
+  it("with no services file here, completes from the one the plan would read (--user: the user's own)", function()
+    local cfg = dir .. "/cfg"
+    helpers.write(cfg .. "/rrengine/services.lua", [[return { services = { { name = "gpu.infer", unit = "g.service" } } }]])
+    local env = { XDG_CONFIG_HOME = cfg, HOME = dir, PATH = os.getenv("PATH") }
+    assert.same({ "gpu.infer" },
+      (complete({ helpers.engine, "plans/rolling.lua", "--user", "--service", "" }, { cwd = dir .. "/releases", env = env })))
+    -- ./services.lua comes first, as for the plan
+    assert.same({ "files.api" },
+      (complete({ helpers.engine, "plans/rolling.lua", "--user", "--service", "f" }, { env = env })))
+  end)
+
   it("completes files and directories where an option wants one", function()
     assert.same({ "services.lua" }, (complete({ helpers.engine, "plans/rolling.lua", "--services", "serv" })))
     assert.same({ "releases/v2" }, (complete({ helpers.engine, "plans/rolling.lua", "--deploy-path", "releases/" })))
