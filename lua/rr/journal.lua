@@ -145,6 +145,11 @@ function journal.describe(data)
     if s.deploy_record then detail[#detail + 1] = "deploy record " .. s.deploy_record end
     if s.migration then detail[#detail + 1] = "migration " .. s.migration end
     if s.verified then detail[#detail + 1] = "passed its post-check on the new version" end
+    if type(s.blue_green) == "table" then
+      detail[#detail + 1] = s.switched and ("blue-green: traffic had switched from %s to %s"):format(
+        tostring(s.blue_green.live), tostring(s.blue_green.idle))
+        or ("blue-green: %s live, the release in %s"):format(tostring(s.blue_green.live), tostring(s.blue_green.idle))
+    end
     lines[#lines + 1] = ("  %s: left in phase %s%s"):format(name, tostring(s.phase),
       #detail > 0 and (" (" .. table.concat(detail, ", ") .. ")") or "")
     for _, c in ipairs(journal.live_children(s)) do
@@ -232,8 +237,11 @@ function journal:write(durable)
 end
 
 -- Which records must survive a power cut: a deploy about to run, a migration started, the unit
--- about to be touched (apply), a rollback, a member taken out of rotation.
-local DURABLE_PHASES = { apply = true, rollback = true, drain = true }
+-- about to be touched (apply), a rollback, a member taken out of rotation, a blue-green step.
+local DURABLE_PHASES = { apply = true, rollback = true, drain = true,
+  -- a blue-green release (rr.bluegreen): the idle instance started, traffic switched, the old
+  -- colour stopped
+  ["bg-start"] = true, ["bg-switch"] = true, ["bg-stop-old"] = true }
 function journal.durable(fields)
   return fields.deploy_record ~= nil or fields.migration == "started" or fields.drained == true
     or DURABLE_PHASES[fields.phase] == true
