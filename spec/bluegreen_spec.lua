@@ -119,4 +119,178 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
     assert.equal(before, bgp.tree(s.colours.green.working_dir))
     assert.equal("blue", s:live())
   end)
+
+  it("a new colour that fails its post-check is stopped and undone before any switch: nobody noticed", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local blue_pid = s:unit("blue"):get("MainPID")
+    -- the release breaks its own health endpoint
+    local dir = s:release("broken", { ["app.control"] = "status=500\n" })
+    local load = s:load()
+    local w = s:watch("blue")
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir })
+    w.stop()
+    local r = load.stop()
+    assert.equal(1, res.exit_code, output(res))
+    assert.matches("the idle colour green is unhealthy on the new release", res.stdout .. res.stderr)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the live colour was never out of rotation, never restarted
+    assert.same({ ready = true }, w.seen)
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("blue", s:live())
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    local evs = last_run(s)
+    assert.is_nil(at(evs, "BLUEGREEN_SWITCHED"))
+    local failed = events_of(evs, "BLUEGREEN_FAILED")
+    assert.equal(1, #failed)
+    assert.equal("before the switch", failed[1].stage)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS"), output(res))
+    assert.is_truthy(at(evs, "DEPLOY_UNDONE"), output(res))
+  end)
+
+  it("an analysis that fails during the soak switches back first, then stops and undoes the new colour", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local blue_pid = s:unit("blue"):get("MainPID")
+    local analysis = helpers.write(s.dir .. "/analysis.lua",
+      "return function(info) return false, 'synthetic: error budget spent on ' .. info.live.colour end\n")
+    local file = s:write_services({ blue_green = { analysis = analysis, soak = 3 } }, s.dir .. "/analysis-services.lua")
+    local dir, version = s:release("soakfail")
+    local load = s:load()
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file })
+    local r = load.stop()
+    assert.equal(1, res.exit_code, output(res))
+    assert.matches("analysis: synthetic: error budget spent on green", res.stdout .. res.stderr)
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the traffic is back on blue, which kept running; green stopped, its code as it was
+    assert.equal("blue", s:live())
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    assert.are_not.equal(version, s:on_disk("green"))
+    local evs = last_run(s)
+    local switches = events_of(evs, "BLUEGREEN_SWITCHED")
+    assert.equal(2, #switches, output(res))
+    assert.equal("green", switches[1].to)
+    assert.equal("blue", switches[2].to)
+    assert.is_true(switches[2].back)
+    -- back first: the switch back comes before the stop of green
+    local back = at(evs, "ROLLBACK_START")
+    local stop
+    for i, ev in ipairs(evs) do
+      if ev.event == "UNIT_JOB_DONE" and ev.method == "stop" and ev.unit == s.colours.green.unit and i > back then
+        stop = i
+      end
+    end
+    local switched_back
+    for i, ev in ipairs(evs) do if ev.event == "BLUEGREEN_SWITCHED" and ev.back then switched_back = i end end
+    assert.is_truthy(stop, output(res))
+    assert.is_true(back < switched_back and switched_back < stop)
+    local failed = events_of(evs, "BLUEGREEN_FAILED")
+    assert.equal(1, #failed)
+    assert.equal("after the switch", failed[1].stage)
+  end)
+
+  it("an engine killed during the soak: the next run exits 4; --recover switches back and undoes", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local file = s:write_services({ blue_green = { soak = 60 } }, s.dir .. "/long-soak.lua")
+    local dir = s:release("killed")
+    local load = s:load()
+    local handle
+    local seen = #s.p:events() -- the log keeps the earlier releases
+    local killer = require("rr").spawn(function()
+      assert(helpers.eventually(function() return handle ~= nil end, 10))
+      local switched = helpers.eventually(function()
+        local evs = s.p:events()
+        for i = seen + 1, #evs do
+          if evs[i].event == "BLUEGREEN_SOAK" and evs[i].live == "green" then return true end
+        end
+      end, 60)
+      assert(switched, "the release never reached its soak")
+      assert(handle:kill("KILL"))
+    end)
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir },
+      { services_file = file, spawned = function(h) handle = h end })
+    assert(require("rr").wait(killer))
+    assert.are_not.equal(0, res.exit_code)
+    -- killed after the switch: green serves the new release, blue still runs
+    assert.equal("green", s:live())
+    assert.equal("ready", s:admin("green"))
+    assert.equal("active", s:active("blue"))
+
+    local again = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file })
+    assert.equal(4, again.exit_code, output(again))
+    assert.matches("web: left in phase bg%-soak", again.stderr .. again.stdout)
+    assert.matches("traffic had switched from blue to green", again.stderr .. again.stdout)
+
+    local rec = s:cli({ "--recover" }, { services_file = file })
+    local r = load.stop()
+    assert.equal(1, rec.exit_code, output(rec))
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    assert.equal("blue", s:live())
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    local evs = last_run(s)
+    local ok = events_of(evs, "RECOVERY_SUCCESS", "web")
+    assert.equal(1, #ok, output(rec))
+    assert.equal("switched_back", ok[1].action)
+    -- resolved: a next run goes
+    local dry = s:cli({ "--service", "web", "--dry-run" }, { services_file = file })
+    assert.equal(0, dry.exit_code, output(dry))
+  end)
+
+  it("bad declarations: one line naming the service and the field, exit 2, nothing touched", function()
+    local blue_pid = s:unit("blue"):get("MainPID")
+    local cases = {
+      { { service = { unit = "plain.service" } }, 'service "web": field "unit" is not a valid systemd unit name: '
+        .. '"plain.service" must be a template unit' },
+      { { blue_green = { green = { working_dir = s.colours.blue.working_dir, health = { url = s.colours.green.url },
+          balancer_server = "web_green" } } },
+        'service "web": field "blue_green.green.working_dir" is the same as blue_green.blue\'s' },
+      { { blue_green = { balancer = false } }, 'service "web": blue_green: field "balancer" must be' },
+      { { blue_green = { soak = -1 } }, 'service "web": field "blue_green.soak" must be a number' },
+      { { service = { working_dir = "/srv" } }, 'service "web": field "working_dir" cannot go with "blue_green"' },
+    }
+    for i, case in ipairs(cases) do
+      local file = s:write_services(case[1], ("%s/bad-%d.lua"):format(s.dir, i))
+      local res = s:cli({ "--service", "web" }, { services_file = file })
+      assert.equal(2, res.exit_code, output(res))
+      local lines = {}
+      for line in res.stderr:gmatch("[^\n]+") do lines[#lines + 1] = line end
+      assert.equal(1, #lines, output(res))
+      assert.is_truthy(lines[1]:find(case[2], 1, true), output(res))
+    end
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("blue", s:live())
+  end)
+
+  it("no live colour recorded and both colours active: refused (exit 2) naming both states, nothing touched", function()
+    local record = s.p.state_root .. "/bluegreen/web.live"
+    assert(os.remove(record))
+    s:start("green")
+    local pids = { blue = s:unit("blue"):get("MainPID"), green = s:unit("green"):get("MainPID") }
+    local res = s:cli({ "--service", "web" })
+    assert.equal(2, res.exit_code, output(res))
+    assert.matches("no live colour recorded and [^\n]*@blue%.service is active, [^\n]*@green%.service is active: stop "
+      .. "the one that does not serve", res.stderr)
+    assert.equal(pids.blue, s:unit("blue"):get("MainPID"))
+    assert.equal(pids.green, s:unit("green"):get("MainPID"))
+    assert.is_nil(s:live())
+    -- one active instance is the live one: the release goes to the other
+    assert(s:unit("green"):stop("replace"))
+    local res2 = s:cli({ "--service", "web" })
+    assert.equal(0, res2.exit_code, output(res2))
+    assert.equal("green", s:live())
+    assert.equal("inactive", s:active("blue"))
+  end)
 end)
