@@ -293,4 +293,15 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
     assert.equal("green", s:live())
     assert.equal("inactive", s:active("blue"))
   end)
+
+  it("plans/status.lua shows each colour, the live one named; the stopped idle colour is no failure", function()
+    assert.equal("green", s:live())
+    local h = assert(require("rr.proc").spawn({ helpers.engine, "plans/status.lua", "--user", "--services",
+      s.services_file }, { env = { XDG_STATE_HOME = s.p.xdg_state }, timeout = 60 }))
+    local done, _, _, r = h:wait()
+    local res = done or r
+    assert.equal(0, res.exit_code, output(res))
+    assert.matches("web %[green, live%]%s+[^\n]*@green%.service%s+active", res.stdout)
+    assert.matches("web %[blue, idle%]%s+[^\n]*@blue%.service%s+inactive", res.stdout)
+  end)
 end)
