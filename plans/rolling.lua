@@ -38,7 +38,7 @@ if opts.dry_run then
   local manager, merr = (opts.user and systemd.user or systemd.system)()
   if not manager then die(rolling.EXIT_FAILED, merr) end
   local problems = require("rr.dryrun").run({ order = prep.order, manager = manager, platform = prep.platform,
-    balancers = prep.balancers,
+    balancers = prep.balancers, bluegreen_balancers = prep.bluegreen_balancers,
     state_root = rolling.state_root(opts.user), opts = opts, out = function(line) io.stdout:write(line, "\n") end })
   os.exit(problems > 0 and rolling.EXIT_FAILED or rolling.EXIT_OK)
 end

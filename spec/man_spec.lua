@@ -110,7 +110,8 @@ describe("manual pages", function()
     for list in source:gmatch("local SERVICE_FIELDS = (%b{})") do
       for name in list:gmatch('"([%w_]+)"') do fields[#fields + 1] = name end
     end
-    for _, var in ipairs({ "HEALTH_FIELDS", "TOP_FIELDS", "GROUP_FIELDS", "BALANCER_FIELDS", "CANARY_FIELDS" }) do
+    for _, var in ipairs({ "HEALTH_FIELDS", "TOP_FIELDS", "GROUP_FIELDS", "BALANCER_FIELDS", "CANARY_FIELDS",
+        "BLUE_GREEN_FIELDS", "COLOUR_FIELDS" }) do
       for list in source:gmatch("local " .. var .. " = (%b{})") do
         for name in list:gmatch('"([%w_]+)"') do fields[#fields + 1] = name end
       end

@@ -35,6 +35,11 @@ function dryrun.run(p)
     out("")
     out(("%2d. %s (%s)%s"):format(i, svc.name, svc.unit,
       #svc.depends > 0 and ("  after " .. list(svc.depends)) or ""))
+    if svc.blue_green then
+      -- a blue-green release has steps of its own (rr.bluegreen)
+      require("rr.bluegreen").explain(p, svc, out, problem, warn)
+      goto next_service
+    end
     local unit, uerr, ucode = p.manager:unit(svc.unit)
     local props, err, code
     if unit then
@@ -132,6 +137,7 @@ function dryrun.run(p)
           hc.kind == "http" and hc.url or hc.kind, hc.timeout, hc.retries, svc.stabilize))
       end
     end
+    ::next_service::
   end
   dryrun.schedule(p, out)
   out("")

@@ -1011,4 +1011,9 @@ function flow.recover(ctx, svc, entry)
   return flow.FAILED, reason, { recovered = action }
 end
 
+-- For flows built from these steps (rr.bluegreen): a run of one unit (as flow.run makes it),
+-- and a step of STEPS by name.
+flow.new_run = new_run
+flow.step = find_step
+
 return flow

@@ -191,6 +191,11 @@ function journal.describe(data)
     if s.deploy_record then detail[#detail + 1] = "deploy record " .. s.deploy_record end
     if s.migration then detail[#detail + 1] = "migration " .. s.migration end
     if s.verified then detail[#detail + 1] = "passed its post-check on the new version" end
+    if type(s.blue_green) == "table" then
+      detail[#detail + 1] = s.switched and ("blue-green: traffic had switched from %s to %s"):format(
+        tostring(s.blue_green.live), tostring(s.blue_green.idle))
+        or ("blue-green: %s live, the release in %s"):format(tostring(s.blue_green.live), tostring(s.blue_green.idle))
+    end
     lines[#lines + 1] = ("  %s: left in phase %s%s"):format(name, tostring(s.phase),
       #detail > 0 and (" (" .. table.concat(detail, ", ") .. ")") or "")
     for _, c in ipairs(journal.live_children(s)) do
@@ -315,10 +320,13 @@ end
 
 -- Which records must survive a power cut: a deploy about to run, a migration started, the unit
 -- about to be touched (apply) when that changes what a rollback must undo, a rollback, a member
--- taken out of rotation. Records whose loss errs on the safe side (recovery sees less progress
--- than there was, and rolls back rather than forward) are not fsynced: each fsync costs
--- milliseconds per service.
-local DURABLE_PHASES = { apply = true, rollback = true, drain = true }
+-- taken out of rotation, a blue-green step. Records whose loss errs on the safe side (recovery
+-- sees less progress than there was, and rolls back rather than forward) are not fsynced: each
+-- fsync costs milliseconds per service.
+local DURABLE_PHASES = { apply = true, rollback = true, drain = true,
+  -- a blue-green release (rr.bluegreen): the idle instance started, traffic switched, the old
+  -- colour stopped
+  ["bg-start"] = true, ["bg-switch"] = true, ["bg-stop-old"] = true }
 function journal.durable(fields)
   if fields.phase == "apply" and fields.undo == false then return false end
   return fields.deploy_record ~= nil or fields.migration == "started" or fields.drained == true

@@ -209,7 +209,7 @@ function helpers.status()
     for _, line in ipairs(journal.describe(dead)) do print("!! " .. line) end
     print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
   end
-  local list = platform().services
+  local list = status.expand(platform().services, require("rr.state").root(env.user))
   local here = status.hosts(list)[1] == false
   print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
 end

@@ -14,6 +14,7 @@ local journal = require("rr.journal")
 local balancer = require("rr.balancer")
 local health = require("rr.health")
 local canary = require("rr.canary")
+local bluegreen = require("rr.bluegreen")
 
 local rolling = {}
 
@@ -144,7 +145,7 @@ local function prepare(opts)
     end
     local without = {}
     for _, svc in ipairs(order) do
-      if not svc.working_dir then without[#without + 1] = svc.name end
+      if not svc.working_dir and not svc.blue_green then without[#without + 1] = svc.name end
     end
     if #without == #order then
       return nil, "--deploy: none of the selected services has a working_dir to deploy into"
@@ -186,8 +187,17 @@ local function prepare(opts)
       balancers[svc.group] = b
     end
   end
+  -- a blue-green service's balancer, where its traffic switches between the colours
+  local bg_balancers = {}
+  for _, svc in ipairs(order) do
+    if svc.blue_green then
+      local b, berr = balancer.open(svc.blue_green, nil)
+      if not b then return nil, ("service %q: blue_green: %s"):format(svc.name, tostring(berr)) end
+      bg_balancers[svc.name] = b
+    end
+  end
   return { platform = platform, order = order, names = names, global_hooks = global, hooks = per_service,
-    own_hooks = own, balancers = balancers }
+    own_hooks = own, balancers = balancers, bluegreen_balancers = bg_balancers }
 end
 rolling.prepare = prepare
 
@@ -200,6 +210,16 @@ local function reach_balancers(prep)
       local st, err = b:state({ name = svc.name, server = svc.balancer_server or svc.name })
       if not st then
         return nil, ("cannot reach the balancer of group %q (%s): %s"):format(svc.group, b:describe(), tostring(err))
+      end
+    end
+    b = svc.blue_green and prep.bluegreen_balancers[svc.name]
+    if b then
+      for _, colour in ipairs(bluegreen.COLOURS) do
+        local st, err = b:state({ name = svc.name, server = svc.blue_green[colour].balancer_server })
+        if not st then
+          return nil, ("cannot reach the balancer of blue-green service %q (%s): %s"):format(svc.name, b:describe(),
+            tostring(err))
+        end
       end
     end
   end
@@ -253,7 +273,7 @@ function rolling.recover(ctx, prep, dead)
       blocked[#blocked + 1] = name
       s.errors[name] = why
     else
-      local outcome, err, info = flow.recover(ctx, svc, entry)
+      local outcome, err, info = (svc.blue_green and bluegreen.recover or flow.recover)(ctx, svc, entry)
       info = info or {}
       s.errors[name] = err
       if outcome == flow.SUCCESS then
@@ -369,6 +389,17 @@ function rolling.run(opts)
       .. ": recovery needs it; check the services by hand, then --abandon" })
   end
 
+  -- a blue-green service deploys into its idle colour: which colour is live must be clear
+  -- before anything is touched (recovery takes the colours from the journal)
+  if not (opts.recover or opts.abandon) then
+    for _, svc in ipairs(prep.order) do
+      if svc.blue_green then
+        local live, why = bluegreen.live(manager, state_root, svc, opts.user)
+        if not live then return usage_error(why) end
+      end
+    end
+  end
+
   if not opts.abandon then
     local bok, berr = reach_balancers(prep)
     if not bok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = berr }) end
@@ -391,6 +422,7 @@ function rolling.run(opts)
 
   local ctx = {
     manager = manager, events = stream, state_root = state_root, user = opts.user, balancers = prep.balancers,
+    bluegreen_balancers = prep.bluegreen_balancers,
     services_file = opts.services_file, resume = opts.resume,
     platform = prep.platform,
     opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
@@ -606,7 +638,7 @@ function rolling.run(opts)
         table.remove(pool, i)
         waiting[svc.name] = nil
         launched[svc.name] = true
-        inflight[#inflight + 1] = { svc = svc, task = rr.spawn(flow.run, ctx, svc) }
+        inflight[#inflight + 1] = { svc = svc, task = rr.spawn(svc.blue_green and bluegreen.run or flow.run, ctx, svc) }
       else
         if waiting[svc.name] ~= why then
           waiting[svc.name] = why

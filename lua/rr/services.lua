@@ -55,7 +55,7 @@ local SERVICE_FIELDS = {
   "name", "unit", "kind", "depends", "health", "stabilize", "working_dir",
   "migrate", "migrate_rollback", "reload", "hooks", "deploy_delete",
   "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout",
-  "group", "balancer_server", "host",
+  "group", "balancer_server", "host", "blue_green",
 }
 local HEALTH_FIELDS = { "url", "timeout", "retries", "interval", "expect_body" }
 local DEFAULT_FIELDS = { "health", "stabilize", "start_timeout", "stop_timeout", "migrate_timeout", "deploy_timeout" }
@@ -71,6 +71,12 @@ local TOP_FIELDS = { "defaults", "groups", "services", "host" }
 local GROUP_FIELDS = { "max_unavailable", "balancer", "drain_timeout", "canary" }
 local BALANCER_FIELDS = { "haproxy", "backend", "timeout", "interval" }
 local CANARY_FIELDS = { "count", "soak", "analysis" }
+-- A blue-green service (`blue_green`): its two colours, each an instance of the service's template unit.
+local BLUE_GREEN_FIELDS = { "blue", "green", "balancer", "soak", "drain_timeout", "analysis" }
+local COLOUR_FIELDS = { "working_dir", "health", "balancer_server" }
+local COLOURS = { "blue", "green" }
+-- What a blue-green service takes from its colours instead (each colour has its own).
+local NOT_WITH_BLUE_GREEN = { "working_dir", "health", "group", "balancer_server", "reload" }
 local GROUP_DEFAULTS = { max_unavailable = 1, drain_timeout = 30 }
 -- HAProxy's server and backend names (rr.haproxy refuses anything else in a command line).
 local HAPROXY_NAME = "^[A-Za-z0-9._:-]+$"
@@ -115,6 +121,7 @@ local KNOWN = {
   [DEFAULT_FIELDS] = set_of(DEFAULT_FIELDS), [DEFAULT_HEALTH_FIELDS] = set_of(DEFAULT_HEALTH_FIELDS),
   [TOP_FIELDS] = set_of(TOP_FIELDS), [GROUP_FIELDS] = set_of(GROUP_FIELDS),
   [BALANCER_FIELDS] = set_of(BALANCER_FIELDS), [CANARY_FIELDS] = set_of(CANARY_FIELDS),
+  [BLUE_GREEN_FIELDS] = set_of(BLUE_GREEN_FIELDS), [COLOUR_FIELDS] = set_of(COLOUR_FIELDS),
 }
 local UNIT_SUFFIX_SET = set_of(UNIT_SUFFIXES)
 
@@ -251,6 +258,17 @@ local function unit_name_problem(unit)
     return "may only contain letters, digits and : _ . \\ - (and one \"@\")"
   end
   return nil
+end
+
+-- Why a blue-green service's unit is unusable, or nil: a template PREFIX@.service whose two
+-- instances (PREFIX@blue.service, PREFIX@green.service) are valid unit names.
+local function template_problem(unit)
+  local prefix = unit:match("^(.+)@%.service$")
+  if not prefix then
+    return "must be a template unit PREFIX@.service with blue_green (its instances PREFIX@blue.service and "
+      .. "PREFIX@green.service are the two colours)"
+  end
+  return unit_name_problem(prefix .. "@blue.service")
 end
 
 -- Why a health URL is unusable, or nil: http or https with a host, nothing
@@ -862,6 +880,104 @@ local function check_group_members(report, entries, ctx, graph)
   end
 end
 
+-- A service's `blue_green`: both colours (an instance of the template each, its own working
+-- dir, health URL and balancer server, none shared), the balancer that switches between them,
+-- soak, drain_timeout and analysis. Returns { blue =, green =, balancer =, soak =,
+-- drain_timeout = [, analysis =] }, a colour being { colour, unit, working_dir, health,
+-- balancer_server }; nil when a problem was reported.
+local function check_blue_green(report, where, entry, svc, ctx)
+  local value = entry.blue_green
+  if type(value) ~= "table" then
+    report.add(where, ("field \"blue_green\" must be a table { blue = {...}, green = {...}, balancer = ... }, got %s")
+      :format(describe(value)))
+    return nil
+  end
+  local before = #report.problems
+  check_unknown_fields(report, where, value, BLUE_GREEN_FIELDS, "blue_green.")
+  for _, field in ipairs(NOT_WITH_BLUE_GREEN) do
+    if entry[field] ~= nil then
+      report.add(where, ("field %s cannot go with \"blue_green\" (%s)"):format(quote(field),
+        (field == "working_dir" or field == "health" or field == "balancer_server")
+          and ("each colour has its own: blue_green.blue." .. field .. ", blue_green.green." .. field)
+          or field == "group" and "a blue-green service is not a replica of a group"
+          or "the idle colour is started, never reloaded"))
+    end
+  end
+  local out = { soak = 30, drain_timeout = GROUP_DEFAULTS.drain_timeout }
+  local prefix = type(entry.unit) == "string" and entry.unit:match("^(.+)@%.service$")
+  local seen = { working_dir = {}, url = {}, server = {} }
+  for _, colour in ipairs(COLOURS) do
+    local c = value[colour]
+    local field = "blue_green." .. colour
+    if c == nil then
+      report.add(where, ("field %s is required (its working_dir, health and balancer_server)"):format(quote(field)))
+    elseif type(c) ~= "table" then
+      report.add(where, ("field %s must be a table { working_dir = ..., health = { url = ... }, balancer_server = ... }, "
+        .. "got %s"):format(quote(field), describe(c)))
+    else
+      check_unknown_fields(report, where, c, COLOUR_FIELDS, field .. ".")
+      local col = { colour = colour, unit = prefix and (prefix .. "@" .. colour .. ".service") or nil }
+      if c.working_dir == nil then
+        report.add(where, ("field %s is required"):format(quote(field .. ".working_dir")))
+      else
+        col.working_dir = check_absolute(report, where, field .. ".working_dir", c.working_dir)
+      end
+      if c.health == nil or type(c.health) ~= "table" then
+        report.add(where, ("field %s must be a table { url = \"http://...\" } (the switch needs each colour's own "
+          .. "probe), got %s"):format(quote(field .. ".health"), describe(c.health)))
+      else
+        col.health = check_health(report, where .. ": " .. field, c.health, ctx.defaults)
+      end
+      if c.balancer_server == nil then
+        report.add(where, ("field %s is required (the colour's server at the balancer)"):format(
+          quote(field .. ".balancer_server")))
+      elseif check_type(report, where, field .. ".balancer_server", c.balancer_server, "string") then
+        if not c.balancer_server:match(HAPROXY_NAME) then
+          report.add(where, ("field %s must be %s (an HAProxy server name), got %s"):format(
+            quote(field .. ".balancer_server"), HAPROXY_NAME_TEXT, quote(c.balancer_server)))
+        end
+        col.balancer_server = c.balancer_server
+      end
+      for key, v in pairs({ working_dir = col.working_dir, url = col.health and col.health.url,
+          server = col.balancer_server }) do
+        local other = seen[key][key == "working_dir" and v:gsub("/+$", "") or v]
+        if other then
+          report.add(where, ("field %s is the same as blue_green.%s's: each colour needs its own"):format(
+            quote(field .. "." .. (key == "url" and "health.url" or key == "server" and "balancer_server" or key)),
+            other))
+        end
+        seen[key][key == "working_dir" and v:gsub("/+$", "") or v] = colour
+      end
+      if col.unit then
+        local key = (svc.host or "") .. "\0" .. col.unit
+        if ctx.unit_owner[key] then
+          report.add(where, ("field %s: its instance %s is also the unit of %s"):format(quote(field), quote(col.unit),
+            ctx.unit_owner[key]))
+        else
+          ctx.unit_owner[key] = where
+        end
+      end
+      out[colour] = col
+    end
+  end
+  if value.balancer == nil then
+    report.add(where, "field \"blue_green.balancer\" is required (where traffic switches between the colours: "
+      .. "{ haproxy = SOCKET, backend = NAME } or the path of a Lua script)")
+  else
+    local b = check_balancer(report, where .. ": blue_green", value.balancer, ctx.base_dir)
+    out.balancer = b
+  end
+  if value.soak ~= nil then out.soak = check_number(report, where, "blue_green.soak", value.soak, "stabilize") end
+  if value.drain_timeout ~= nil then
+    out.drain_timeout = check_number(report, where, "blue_green.drain_timeout", value.drain_timeout, "timeout")
+  end
+  if value.analysis ~= nil then
+    out.analysis = check_script_path(report, where, "blue_green.analysis", value.analysis, ctx.base_dir)
+  end
+  if #report.problems > before then return nil end
+  return out
+end
+
 -- The label of service i in messages: its name when it has a usable one.
 local function service_label(i, entry, first_index_of)
   if type(entry) == "table" and type(entry.name) == "string" and entry.name ~= "" then
@@ -912,7 +1028,8 @@ local function check_service(report, i, entry, ctx)
   if entry.unit == nil then
     report.add(where, "field \"unit\" is required")
   elseif check_type(report, where, "unit", entry.unit, "string") then
-    local problem = unit_name_problem(entry.unit)
+    local problem
+    if entry.blue_green ~= nil then problem = template_problem(entry.unit) else problem = unit_name_problem(entry.unit) end
     if problem then
       report.add(where, ("field \"unit\" is not a valid systemd unit name: %s %s"):format(quote(entry.unit), problem))
     else
@@ -966,7 +1083,7 @@ local function check_service(report, i, entry, ctx)
   for _, field in ipairs({ "migrate", "migrate_rollback" }) do
     if entry[field] ~= nil then
       svc[field] = check_argv(report, where, field, entry[field])
-      if entry.working_dir == nil then
+      if entry.working_dir == nil and entry.blue_green == nil then
         report.add(where, ("field %s needs \"working_dir\" (the command runs there)"):format(quote(field)))
       end
     end
@@ -993,6 +1110,8 @@ local function check_service(report, i, entry, ctx)
   end
 
   check_membership(report, where, entry, svc, ctx)
+
+  if entry.blue_green ~= nil then svc.blue_green = check_blue_green(report, where, entry, svc, ctx) end
 
   if #report.problems > before then return nil end
   return svc

@@ -10,6 +10,7 @@
 --     runs/<run>/<svc>/        one deploy record and its backups (rr.deploy)
 --     deploys/<svc>.inflight   names the record of a deploy whose flow has not ended
 --     deploys/<svc>.last       names the record of the last deploy whose flow succeeded
+--     bluegreen/<svc>.live     the live colour of a blue-green service ("blue" or "green")
 --
 -- A deploy record is named by the pointers through three verbs, and nothing else writes them:
 --     begin   before rsync runs: <svc>.inflight names the record. Refused while .inflight names
@@ -188,6 +189,44 @@ function state.deploy_undone(root, service, dir)
       if not ok then return nil, err, code end
     end
   end
+  return true
+end
+
+-- The live colour of a blue-green service: written once a switch is done (and again when a
+-- switch is undone), fsynced with its directory: after a power cut the record never names a
+-- colour that traffic had not reached.
+local COLOURS = { blue = true, green = true }
+
+local function live_path(root, service)
+  return ("%s/bluegreen/%s.live"):format(strip(root), service)
+end
+
+-- state.live_colour(root, service) -> "blue" | "green" | nil, message, CODE ("ENOENT": none
+-- recorded; "EBADMSG": the record holds something else).
+function state.live_colour(root, service)
+  check(root, service, nil, "live_colour")
+  local path = live_path(root, service)
+  local data, err, code = fs.read(path)
+  if not data then return nil, err, code end
+  local colour = data:match("^%s*(.-)%s*$")
+  if not COLOURS[colour] then
+    return nil, ("%s holds %q, not blue or green"):format(path, colour), "EBADMSG"
+  end
+  return colour
+end
+
+-- state.set_live_colour(root, service, colour) -> true | nil, message, CODE: atomically and
+-- durably (temp, fsync, rename, fsync of bluegreen/).
+function state.set_live_colour(root, service, colour)
+  check(root, service, nil, "set_live_colour")
+  if not COLOURS[colour] then
+    error(("rr.state.set_live_colour: colour must be \"blue\" or \"green\", got %s"):format(tostring(colour)), 2)
+  end
+  local parent = strip(root) .. "/bluegreen"
+  local ok, err, code = fs.mkdir_p(parent, 448, state.under(root))
+  if not ok then return nil, ("cannot create %s: %s"):format(parent, tostring(err)), code end
+  ok, err, code = fs.write_atomic(live_path(root, service), colour .. "\n", { mode = 384, under = strip(root) })
+  if not ok then return nil, tostring(err), code end
   return true
 end
 

@@ -33,6 +33,31 @@ function status.collect(manager, list)
   return rows
 end
 
+-- status.expand(list, state_root) -> list: a blue-green service becomes one entry per colour
+-- (its instance and health), named "NAME [COLOUR, live]" or "NAME [COLOUR, idle]" from the live
+-- colour recorded under state_root ("NAME [COLOUR]" when none is recorded); other services as
+-- they are.
+function status.expand(list, state_root)
+  local out = {}
+  for _, svc in ipairs(list) do
+    if svc.blue_green then
+      local live = state_root and require("rr.state").live_colour(state_root, svc.name)
+      for _, colour in ipairs({ "blue", "green" }) do
+        local c = svc.blue_green[colour]
+        local entry = {}
+        for k, v in pairs(svc) do entry[k] = v end
+        entry.unit, entry.health, entry.blue_green = c.unit, c.health, nil
+        entry.name = ("%s [%s%s]"):format(svc.name, colour, live and (live == colour and ", live" or ", idle") or "")
+        entry.colour, entry.live = colour, live == colour
+        out[#out + 1] = entry
+      end
+    else
+      out[#out + 1] = svc
+    end
+  end
+  return out
+end
+
 -- The hosts of a list of services, in order of first appearance, this machine (false) first
 -- when any service is on it.
 function status.hosts(list)

@@ -1,0 +1,307 @@
+-- Blue-green releases end to end: a template unit of the sandboxed user manager with two
+-- instances (@blue, @green), each with its own working dir and port, behind a real HAProxy, a
+-- release deployed by plans/rolling.lua as an operator runs it, under a real wrk load.
+--   spec/support/run-specs ./rrengine spec/bluegreen_spec.lua
+local fs = require("rr.fs")
+local cjson = require("cjson")
+local bgp = require("spec.support.bluegreen")
+local helpers = require("spec.support.helpers")
+
+local events_of = helpers.events_of
+
+local function output(res)
+  return ("exit %s\nstdout:\n%s\nstderr:\n%s"):format(tostring(res.exit_code), res.stdout or "", res.stderr or "")
+end
+
+local function at(evs, name, service)
+  for i, ev in ipairs(evs) do
+    if ev.event == name and (service == nil or ev.service == service) then return i end
+  end
+end
+
+-- The events of the latest run of s.
+local function last_run(s)
+  return helpers.last_run(s.p)
+end
+
+describe("a blue-green service behind a real HAProxy, under a real wrk load", function()
+  local s
+
+  setup(function()
+    s = bgp.new({ soak = 2 })
+  end)
+
+  teardown(function()
+    if s then s:teardown() end
+  end)
+
+  it("a release goes to the idle colour, takes the traffic with no failed request, and the old colour stops", function()
+    local dir, version = s:release("good")
+    local blue_tree = bgp.tree(s.colours.blue.working_dir)
+    assert.is_nil(s:live())
+    assert.equal("inactive", s:active("green"))
+    local load = s:load()
+    local w = s:watch("blue")
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir })
+    w.stop()
+    local r = load.stop()
+    assert.equal(0, res.exit_code, output(res))
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+
+    -- the new release runs in green, which serves; blue stopped, its code untouched
+    assert.equal("green", s:live())
+    assert.equal("active", s:active("green"))
+    assert.equal(version, s:running("green"))
+    assert.equal(version, s:on_disk("green"))
+    assert.equal("inactive", s:active("blue"))
+    assert.equal(blue_tree, bgp.tree(s.colours.blue.working_dir))
+    assert.equal("ready", s:admin("green"))
+    assert.equal("drain", s:admin("blue"))
+    assert.is_true(w.seen.ready, "blue never served during the release")
+
+    local evs = last_run(s)
+    local start, switched, passed = at(evs, "BLUEGREEN_START"), at(evs, "BLUEGREEN_SWITCHED"), at(evs, "BLUEGREEN_PASSED")
+    assert.is_truthy(start, output(res))
+    assert.equal("blue", evs[start].live)
+    assert.equal("green", evs[start].idle)
+    assert.is_truthy(switched, output(res))
+    assert.equal("blue", evs[switched].from)
+    assert.equal("green", evs[switched].to)
+    assert.is_truthy(passed, output(res))
+    -- deployed and checked before the switch; the old colour stopped after the soak
+    local post
+    for i, ev in ipairs(evs) do
+      if ev.event == "HEALTH_CHECK_PASSED" and ev.phase == "post" then post = i end
+    end
+    assert.is_true(at(evs, "DEPLOY_END") < post and post < switched)
+    assert.equal(s.colours.green.working_dir, evs[at(evs, "DEPLOY_START")].target)
+    local soak = at(evs, "BLUEGREEN_SOAK")
+    assert.is_true(switched < soak)
+    local stop
+    for i, ev in ipairs(evs) do
+      if ev.event == "UNIT_JOB_DONE" and ev.method == "stop" and ev.unit == s.colours.blue.unit then stop = i end
+    end
+    assert.is_truthy(stop, "blue was never stopped")
+    assert.is_true(soak < stop and stop < passed)
+    assert.is_nil(at(evs, "ROLLBACK_START"))
+  end)
+
+  it("the live colour survives the engine: the next release deploys into the other colour", function()
+    assert.equal("green", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local dir, version = s:release("second")
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir })
+    assert.equal(0, res.exit_code, output(res))
+    assert.equal("blue", s:live())
+    assert.equal(version, s:running("blue"))
+    assert.equal(version, s:on_disk("blue"))
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+  end)
+
+  it("the dry run names the steps: the live colour, deploy and start of the idle one, switch, soak, stop", function()
+    local dir = s:release("dry")
+    local before = bgp.tree(s.colours.green.working_dir)
+    local res = s:cli({ "--service", "web", "--dry-run", "--deploy", "--deploy-path", dir })
+    assert.equal(0, res.exit_code, output(res))
+    local out = res.stdout
+    assert.matches("blue: [^\n]*active[^\n]*<%- live %(recorded%)", out)
+    assert.matches("green: [^\n]*inactive[^\n]*%(idle%)", out)
+    assert.matches("deploy: rsync %-a [^\n]* %-> " .. s.colours.green.working_dir:gsub("%p", "%%%0") .. "/ %(the idle colour green", out)
+    assert.matches("start [^\n]*@green%.service", out)
+    assert.matches("switch: web_green ready, web_blue drained", out)
+    assert.matches("soak 2s with the traffic", out)
+    assert.matches("stop the old colour [^\n]*@blue%.service", out)
+    assert.equal(before, bgp.tree(s.colours.green.working_dir))
+    assert.equal("blue", s:live())
+  end)
+
+  it("a new colour that fails its post-check is stopped and undone before any switch: nobody noticed", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local blue_pid = s:unit("blue"):get("MainPID")
+    -- the release breaks its own health endpoint
+    local dir = s:release("broken", { ["app.control"] = "status=500\n" })
+    local load = s:load()
+    local w = s:watch("blue")
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir })
+    w.stop()
+    local r = load.stop()
+    assert.equal(1, res.exit_code, output(res))
+    assert.matches("the idle colour green is unhealthy on the new release", res.stdout .. res.stderr)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the live colour was never out of rotation, never restarted
+    assert.same({ ready = true }, w.seen)
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("blue", s:live())
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    local evs = last_run(s)
+    assert.is_nil(at(evs, "BLUEGREEN_SWITCHED"))
+    local failed = events_of(evs, "BLUEGREEN_FAILED")
+    assert.equal(1, #failed)
+    assert.equal("before the switch", failed[1].stage)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS"), output(res))
+    assert.is_truthy(at(evs, "DEPLOY_UNDONE"), output(res))
+  end)
+
+  it("an analysis that fails during the soak switches back first, then stops and undoes the new colour", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local blue_pid = s:unit("blue"):get("MainPID")
+    local analysis = helpers.write(s.dir .. "/analysis.lua",
+      "return function(info) return false, 'synthetic: error budget spent on ' .. info.live.colour end\n")
+    local file = s:write_services({ blue_green = { analysis = analysis, soak = 3 } }, s.dir .. "/analysis-services.lua")
+    local dir, version = s:release("soakfail")
+    local load = s:load()
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file })
+    local r = load.stop()
+    assert.equal(1, res.exit_code, output(res))
+    assert.matches("analysis: synthetic: error budget spent on green", res.stdout .. res.stderr)
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the traffic is back on blue, which kept running; green stopped, its code as it was
+    assert.equal("blue", s:live())
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    assert.are_not.equal(version, s:on_disk("green"))
+    local evs = last_run(s)
+    local switches = events_of(evs, "BLUEGREEN_SWITCHED")
+    assert.equal(2, #switches, output(res))
+    assert.equal("green", switches[1].to)
+    assert.equal("blue", switches[2].to)
+    assert.is_true(switches[2].back)
+    -- back first: the switch back comes before the stop of green
+    local back = at(evs, "ROLLBACK_START")
+    local stop
+    for i, ev in ipairs(evs) do
+      if ev.event == "UNIT_JOB_DONE" and ev.method == "stop" and ev.unit == s.colours.green.unit and i > back then
+        stop = i
+      end
+    end
+    local switched_back
+    for i, ev in ipairs(evs) do if ev.event == "BLUEGREEN_SWITCHED" and ev.back then switched_back = i end end
+    assert.is_truthy(stop, output(res))
+    assert.is_true(back < switched_back and switched_back < stop)
+    local failed = events_of(evs, "BLUEGREEN_FAILED")
+    assert.equal(1, #failed)
+    assert.equal("after the switch", failed[1].stage)
+  end)
+
+  it("an engine killed during the soak: the next run exits 4; --recover switches back and undoes", function()
+    assert.equal("blue", s:live())
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local file = s:write_services({ blue_green = { soak = 60 } }, s.dir .. "/long-soak.lua")
+    local dir = s:release("killed")
+    local load = s:load()
+    local handle
+    local seen = #s.p:events() -- the log keeps the earlier releases
+    local killer = require("rr").spawn(function()
+      assert(helpers.eventually(function() return handle ~= nil end, 10))
+      local switched = helpers.eventually(function()
+        local evs = s.p:events()
+        for i = seen + 1, #evs do
+          if evs[i].event == "BLUEGREEN_SOAK" and evs[i].live == "green" then return true end
+        end
+      end, 60)
+      assert(switched, "the release never reached its soak")
+      assert(handle:kill("KILL"))
+    end)
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir },
+      { services_file = file, spawned = function(h) handle = h end })
+    assert(require("rr").wait(killer))
+    assert.are_not.equal(0, res.exit_code)
+    -- killed after the switch: green serves the new release, blue still runs
+    assert.equal("green", s:live())
+    assert.equal("ready", s:admin("green"))
+    assert.equal("active", s:active("blue"))
+
+    local again = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file })
+    assert.equal(4, again.exit_code, output(again))
+    assert.matches("web: left in phase bg%-soak", again.stderr .. again.stdout)
+    assert.matches("traffic had switched from blue to green", again.stderr .. again.stdout)
+
+    local rec = s:cli({ "--recover" }, { services_file = file })
+    local r = load.stop()
+    assert.equal(1, rec.exit_code, output(rec))
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    assert.equal("blue", s:live())
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+    assert.equal("inactive", s:active("green"))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    local evs = last_run(s)
+    local ok = events_of(evs, "RECOVERY_SUCCESS", "web")
+    assert.equal(1, #ok, output(rec))
+    assert.equal("switched_back", ok[1].action)
+    -- resolved: a next run goes
+    local dry = s:cli({ "--service", "web", "--dry-run" }, { services_file = file })
+    assert.equal(0, dry.exit_code, output(dry))
+  end)
+
+  it("bad declarations: one line naming the service and the field, exit 2, nothing touched", function()
+    local blue_pid = s:unit("blue"):get("MainPID")
+    local cases = {
+      { { service = { unit = "plain.service" } }, 'service "web": field "unit" is not a valid systemd unit name: '
+        .. '"plain.service" must be a template unit' },
+      { { blue_green = { green = { working_dir = s.colours.blue.working_dir, health = { url = s.colours.green.url },
+          balancer_server = "web_green" } } },
+        'service "web": field "blue_green.green.working_dir" is the same as blue_green.blue\'s' },
+      { { blue_green = { balancer = false } }, 'service "web": blue_green: field "balancer" must be' },
+      { { blue_green = { soak = -1 } }, 'service "web": field "blue_green.soak" must be a number' },
+      { { service = { working_dir = "/srv" } }, 'service "web": field "working_dir" cannot go with "blue_green"' },
+    }
+    for i, case in ipairs(cases) do
+      local file = s:write_services(case[1], ("%s/bad-%d.lua"):format(s.dir, i))
+      local res = s:cli({ "--service", "web" }, { services_file = file })
+      assert.equal(2, res.exit_code, output(res))
+      local lines = {}
+      for line in res.stderr:gmatch("[^\n]+") do lines[#lines + 1] = line end
+      assert.equal(1, #lines, output(res))
+      assert.is_truthy(lines[1]:find(case[2], 1, true), output(res))
+    end
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    assert.equal("blue", s:live())
+  end)
+
+  it("no live colour recorded and both colours active: refused (exit 2) naming both states, nothing touched", function()
+    local record = s.p.state_root .. "/bluegreen/web.live"
+    assert(os.remove(record))
+    s:start("green")
+    local pids = { blue = s:unit("blue"):get("MainPID"), green = s:unit("green"):get("MainPID") }
+    local res = s:cli({ "--service", "web" })
+    assert.equal(2, res.exit_code, output(res))
+    assert.matches("no live colour recorded and [^\n]*@blue%.service is active, [^\n]*@green%.service is active: stop "
+      .. "the one that does not serve", res.stderr)
+    assert.equal(pids.blue, s:unit("blue"):get("MainPID"))
+    assert.equal(pids.green, s:unit("green"):get("MainPID"))
+    assert.is_nil(s:live())
+    -- one active instance is the live one: the release goes to the other
+    assert(s:unit("green"):stop("replace"))
+    local res2 = s:cli({ "--service", "web" })
+    assert.equal(0, res2.exit_code, output(res2))
+    assert.equal("green", s:live())
+    assert.equal("inactive", s:active("blue"))
+  end)
+
+  it("plans/status.lua shows each colour, the live one named; the stopped idle colour is no failure", function()
+    assert.equal("green", s:live())
+    local h = assert(require("rr.proc").spawn({ helpers.engine, "plans/status.lua", "--user", "--services",
+      s.services_file }, { env = { XDG_STATE_HOME = s.p.xdg_state }, timeout = 60 }))
+    local done, _, _, r = h:wait()
+    local res = done or r
+    assert.equal(0, res.exit_code, output(res))
+    assert.matches("web %[green, live%]%s+[^\n]*@green%.service%s+active", res.stdout)
+    assert.matches("web %[blue, idle%]%s+[^\n]*@blue%.service%s+inactive", res.stdout)
+  end)
+end)
