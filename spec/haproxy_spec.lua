@@ -152,17 +152,17 @@ describe("rr.haproxy", function()
     assert.equal(7, assert(hp:state("s3")).weight)
   end)
 
-  it("says ENOSERVER for a server the backend does not have, and changes nothing", function()
+  it("says ENOENT for a server the backend does not have, and changes nothing", function()
     local ok, err, code = hp:drain("nope")
     assert.is_nil(ok)
     assert.equal("HAProxy at " .. h.socket .. ": set server app/nope state drain: No such server.", err)
-    assert.equal("ENOSERVER", code)
+    assert.equal("ENOENT", code)
     local st
     st, err, code = hp:state("nope")
     assert.is_nil(st)
     assert.equal("HAProxy at " .. h.socket .. ": backend app has no server nope", err)
-    assert.equal("ENOSERVER", code)
-    assert.same({ nil, err, "ENOSERVER" }, { hp:wait_drained("nope", 1) })
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { hp:wait_drained("nope", 1) })
     for _, s in pairs(assert(hp:servers())) do assert.equal("ready", s.admin) end
   end)
 
@@ -233,6 +233,87 @@ describe("rr.haproxy", function()
   end)
 end)
 
+-- HAProxy looks `show stat NAME` up among frontends too: with a frontend of the backend's name
+-- (a common habit: `frontend api` / `backend api`), the answer was the frontend's, without a
+-- server row, and a drain wait had nothing to wait for.
+describe("rr.haproxy with a frontend of the backend's name", function()
+  local f, h, hp
+
+  setup(function()
+    f = hx.fixture()
+    h = hx.start({
+      servers = { { name = "other", port = f.port } },
+      ports = 1,
+      extra = function(ports)
+        return table.concat({
+          "frontend api",
+          "  bind 127.0.0.1:" .. ports[1],
+          "  default_backend api",
+          "backend api",
+          "  server x 127.0.0.1:" .. f.port,
+          "backend empty",
+        }, "\n")
+      end,
+    })
+    hp = assert(haproxy.new({ socket = h.socket, backend = "api" }))
+  end)
+
+  teardown(function()
+    if h then h:stop() end
+    if f then f:stop() end
+  end)
+
+  it("reads the backend's servers, not the frontend's row", function()
+    local all = assert(hp:stats())
+    assert.same({ "x" }, (function()
+      local names = {}
+      for name in pairs(all) do names[#names + 1] = name end
+      return names
+    end)())
+    local st = assert(hp:state("x"))
+    assert.equal("ready", st.admin)
+    assert.equal(1, st.user_weight)
+  end)
+
+  it("a drain waits for the server's session: a slow request through HAProxy ends first", function()
+    local url = ("http://127.0.0.1:%d/slow?ms=1500"):format(h.ports[1])
+    local sent = rr.now()
+    local slow = rr.spawn(function() return http.get(url, { timeout = 30 }) end)
+    assert.is_true(eventually(function() return assert(hp:stats()).x.sessions == 1 end),
+      "the slow request never reached x")
+    assert.is_true(hp:drain("x"))
+    local ok, st = hp:wait_drained("x", 20)
+    -- x answers 1.5 s after it got the request: its session cannot have ended sooner
+    local waited = rr.now() - sent
+    assert.is_true(ok)
+    assert.equal(0, st.sessions)
+    assert.is_true(waited >= 1.45, ("the drain wait ended %.3f s after the request was sent"):format(waited))
+    local res = assert(select(2, rr.wait(slow)))
+    assert.equal(200, res.status)
+    assert.is_true(hp:ready("x"))
+  end)
+
+  it("an absent server, and a backend without servers, are ENOENT; an unknown backend ENOBACKEND", function()
+    local st, err, code = hp:state("nope")
+    assert.is_nil(st)
+    assert.equal("HAProxy at " .. h.socket .. ": backend api has no server nope", err)
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { hp:wait_drained("nope", 1) })
+    local empty = assert(haproxy.new({ socket = h.socket, backend = "empty" }))
+    local ok
+    ok, err, code = empty:wait_drained("x", 1)
+    assert.is_nil(ok)
+    assert.equal("HAProxy at " .. h.socket .. ": backend empty has no servers", err)
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { empty:state("x") })
+    local fe_only = assert(haproxy.new({ socket = h.socket, backend = "fe" }))
+    ok, err, code = fe_only:wait_drained("other", 1)
+    assert.is_nil(ok)
+    assert.equal("HAProxy at " .. h.socket .. ": no backend fe", err)
+    assert.equal("ENOBACKEND", code)
+  end)
+end)
+
 describe("rr.balancer", function()
   local f, h, dir
 
@@ -288,9 +369,9 @@ describe("rr.balancer", function()
       assert.equal("maint", assert(hp:state("api.1")).admin)
     end)
 
-    it("says ENOSERVER for a member HAProxy does not know", function()
+    it("says ENOENT for a member HAProxy does not know", function()
       local _, _, code = b:drain({ name = "api.9" })
-      assert.equal("ENOSERVER", code)
+      assert.equal("ENOENT", code)
     end)
   end)
 
