@@ -369,6 +369,46 @@ describe("rr.balancer", function()
       assert.equal("maint", assert(hp:state("api.1")).admin)
     end)
 
+    it("enables a canary at its weight, and gives back the weight it had (not the configured one)", function()
+      local hp = assert(haproxy.new({ socket = h.socket, backend = "app" }))
+      local m = { name = "sso.api.2", server = "api-2" }
+      assert(hp:set_weight("api-2", 40))
+      assert(b:drain(m))
+      assert.is_true(b:enable({ name = "sso.api.2", server = "api-2", weight = 4 }))
+      local st = assert(hp:state("api-2"))
+      assert.equal("ready", st.admin)
+      assert.equal(4, st.user_weight)
+      assert.equal(4, st.weight)
+      assert.same({ true, 40 }, { b:restore_weight(m) })
+      assert.equal(40, assert(hp:state("api-2")).user_weight)
+      -- nothing saved any more: nothing to restore
+      assert.same({ true }, { b:restore_weight(m) })
+      -- HAProxy rounds a percentage of the configured weight (1 here) down: 50% would be no traffic
+      local ok, err, code = b:enable({ name = "sso.api.2", server = "api-2", weight = "50%" })
+      assert.is_nil(ok)
+      assert.equal("50% of api-2's configured weight 1 is 0: it would get no traffic (configure the servers with a "
+        .. "larger weight, e.g. `weight 100`, or give a number)", err)
+      assert.equal("EINVAL", code)
+      assert.equal(40, assert(hp:state("api-2")).user_weight)
+      assert.is_true(b:enable({ name = "sso.api.2", server = "api-2", weight = "100%" }))
+      assert.equal(1, assert(hp:state("api-2")).user_weight)
+      assert.same({ true, 40 }, { b:restore_weight(m) })
+      assert.is_true(b:can_weight())
+      assert(hp:set_weight("api-2", "100%"))
+    end)
+
+    it("a weight HAProxy refuses fails the enable, and the member stays out of rotation", function()
+      local hp = assert(haproxy.new({ socket = h.socket, backend = "app" }))
+      local m = { name = "api.1", weight = 300 }
+      assert(b:drain(m))
+      local ok, err, code = b:enable(m)
+      assert.is_nil(ok)
+      assert.matches("Absolute weight can only be between 0 and 256", err, 1, true)
+      assert.equal("EHAPROXY", code)
+      assert.equal("drain", assert(hp:state("api.1")).admin)
+      assert.equal(1, assert(hp:state("api.1")).user_weight)
+    end)
+
     it("says ENOENT for a member HAProxy does not know", function()
       local _, _, code = b:drain({ name = "api.9" })
       assert.equal("ENOENT", code)
@@ -447,6 +487,39 @@ describe("rr.balancer", function()
       assert.equal(1, err:find(script .. ": drain(raises) raised: ", 1, true))
       assert.matches("LB unreachable$", err)
       assert.equal("EBALANCER", code)
+    end)
+
+    it("sets and gives back a weight through the script's weight(member, w)", function()
+      helpers.write(dir .. "/weights.lua", ([[
+        local fs = require("rr.fs")
+        local path = %q
+        return {
+          drain = function() return true end,
+          enable = function(m) return fs.write_atomic(path .. ".enabled", fs.read(path) or "") end,
+          weight = function(m, w)
+            local before = fs.read(path) or "100"
+            assert(fs.write_atomic(path, tostring(w)))
+            return tonumber(before) or before
+          end,
+        }
+      ]]):format(dir .. "/lb/weight"))
+      local b = assert(balancer.open({ balancer = "weights.lua" }, dir))
+      assert.is_true(b:can_weight())
+      assert.is_true(b:enable({ name = "web.1", weight = "10%" }))
+      -- the weight was set before the member went back in rotation
+      assert.equal("10%", fs.read(dir .. "/lb/weight.enabled"))
+      assert.same({ true, 100 }, { b:restore_weight({ name = "web.1" }) })
+      assert.equal("100", fs.read(dir .. "/lb/weight"))
+      local plain = assert(balancer.open({ balancer = script }, dir))
+      assert.is_false(plain:can_weight())
+      local ok, err, code = plain:enable({ name = "web.1", weight = 10 })
+      assert.is_nil(ok)
+      assert.equal(script .. " has no weight(member, w) function", err)
+      assert.equal("EBALANCER", code)
+      helpers.write(dir .. "/badweight.lua", "return { drain = print, enable = print, weight = 10 }")
+      _, err, code = balancer.open({ balancer = "badweight.lua" }, dir)
+      assert.equal("balancer script " .. dir .. "/badweight.lua: weight must be a function", err)
+      assert.equal("EINVAL", code)
     end)
 
     it("never drains a member the script reports in maintenance", function()
