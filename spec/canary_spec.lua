@@ -477,6 +477,91 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     assert.same(before, p:pids())
   end)
 
+  -- A member's unit file and code, as hashes: rel -> "type mode sha256" (without what the
+  -- service writes itself, service.log, and the fixture's control file).
+  local function hashes(n)
+    local svc = p.by_name[n]
+    local out = { ["unit file"] = assert(fs.sha256(svc.unit_path)) }
+    local function walk(rel)
+      local path = rel == "" and svc.working_dir or svc.working_dir .. "/" .. rel
+      for _, name in ipairs(assert(fs.list(path))) do
+        local r = rel == "" and name or rel .. "/" .. name
+        if r ~= "service.log" and not r:match("%.control$") then
+          local st = assert(fs.stat(svc.working_dir .. "/" .. r))
+          out[r] = ("%s %04o %s"):format(st.type, st.mode & 4095,
+            st.type == "file" and assert(fs.sha256(svc.working_dir .. "/" .. r)) or "")
+          if st.type == "dir" then walk(r) end
+        end
+      end
+    end
+    walk("")
+    return out
+  end
+
+  local function status_of(file)
+    return assert(proc.run({ helpers.engine, "plans/status.lua", "--user", "--services", file },
+      { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 30 }))
+  end
+
+  it("plans/rollback.lua --group puts a held canary back byte for byte; the group is on one release again", function()
+    local file = services_with({ count = 1, soak = 1 }, "held-back")
+    -- the canary's definition is known good as it is now (a run of it succeeded)
+    local pre = p:cli({ "--service", "c.1" }, { services_file = file })
+    assert.equal(0, pre.exit_code, output(pre))
+    local before, old = hashes("c.1"), running("c.1")
+    -- an edit of the unit that goes out with the canary, and a release that adds, changes and
+    -- removes nothing of what the service writes
+    helpers.edit(p.by_name["c.1"].unit_path, "%[Service%]", "[Service]\nEnvironment=CANARY_EDIT=1")
+    local dir, version = release("held-back", { ["app.lua"] = "return 'new code'\n", ["lib/new.lua"] = "return 2\n" })
+    local res = p:cli(deploy_args(dir, { "--canary-only" }), { services_file = file })
+    assert.equal(0, res.exit_code, output(res))
+    assert.equal(version, running("c.1"))
+    assert.are_not.same(before, hashes("c.1"))
+    assert.matches("group c: canary held", status_of(file).stdout)
+    local pids = p:pids()
+    local logged = #p:events()
+
+    local w = watch()
+    local rb = p:cli({ "--group", "c" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    w.stop()
+    assert.equal(0, rb.exit_code, output(rb))
+    assert.same(before, hashes("c.1"))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(pids["c.1"], p:pids()["c.1"])
+    assert.equal("active", p:unit("c.1"):get("ActiveState"))
+    local st = assert(hp:state("c.1"))
+    assert.equal("ready", st.admin)
+    -- drained before its restart, back in rotation once healthy; the others never touched
+    assert.is_true(w.drained["c.1"], "the canary was not drained before its rollback")
+    for _, n in ipairs(OTHERS) do
+      assert.equal(pids[n], p:pids()[n], n)
+      assert.is_nil(w.drained[n], n .. " was drained")
+    end
+    local evs = { table.unpack(p:events(), logged + 1) } -- the rollback's (it has no PLAN_START)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(rb))
+    assert.is_truthy(at(evs, "DEFINITION_RESTORED", "c.1"), output(rb))
+    assert.is_truthy(at(evs, "DEPLOY_UNDONE", "c.1"), output(rb))
+    assert.is_nil(at(evs, "ROLLBACK_START", "c.2"))
+    assert.is_false(fs.exists(p.state_root .. "/canary/c.json"), "the held record outlived the rollback")
+    local after = status_of(file).stdout
+    assert.not_matches("canary held", after)
+
+    -- nothing held any more: said, exit 0, nothing touched
+    pids = p:pids()
+    local count = #p:events()
+    local again = p:cli({ "--group", "c" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    assert.equal(0, again.exit_code, output(again))
+    assert.matches("group c has no held canary %(plans/rolling%.lua %-%-canary%-only%): nothing to roll back",
+      again.stdout)
+    assert.same(pids, p:pids())
+    assert.equal(count, #p:events())
+    assert.same(before, hashes("c.1"))
+    -- a group the services file does not have
+    local unknown = p:cli({ "--group", "nope" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    assert.equal(2, unknown.exit_code, output(unknown))
+    assert.equal(('rrengine: unknown group "nope" in %s\n'):format(file), unknown.stderr)
+  end)
+
   it("the analysis sees the canaries and the rest, every soak/4 s and once at the end, where its verdict counts", function()
     local calls = p.dir .. "/analysis.calls"
     os.remove(calls)

@@ -551,8 +551,14 @@ function rolling.run(opts)
         if #list > 0 and #list < #g.members then
           canaries[name] = list
           canary_state[name] = "rolling"
-          canary_info[name] = { succeeded = 0, records = {} }
-          for _, n in ipairs(list) do canary_of[n] = name end
+          canary_info[name] = { succeeded = 0, records = {}, known_good = {} }
+          for _, n in ipairs(list) do
+            canary_of[n] = name
+            -- the definition known good before the canary's flow makes its own so: what a later
+            -- plans/rollback.lua --group of a held canary restores
+            local kg = require("rr.snapshot").known_good(state_root, n)
+            if kg and kg.dir then canary_info[name].known_good[n] = kg.dir:match("[^/]+$") end
+          end
           if g.canary.weight ~= nil and prep.balancers[name] then
             -- the canaries serve at this weight from their enable (rr.flow) until their soak ends
             ctx.canary_weights = ctx.canary_weights or {}
@@ -657,9 +663,11 @@ function rolling.run(opts)
       for _, n in ipairs(canaries[group]) do restore_weight(group, n, "the canary passed") end
       if opts.canary_only then
         canary_state[group] = "held"
+        local deploys = {}
+        for _, n in ipairs(canaries[group]) do deploys[n] = info.records[n] and info.records[n].state_dir or nil end
         local hok, herr = canary.hold(state_root, group, { run = stream.run, release = opts.deploy_path,
           canaries = canaries[group], members = prep.platform.groups[group].members,
-          passed_at = require("rr.log").timestamp() })
+          passed_at = require("rr.log").timestamp(), deploys = deploys, known_good = info.known_good })
         if not hok then
           stream:emit("WARNING", { warning = ("cannot record the held canary of %s: %s"):format(group, tostring(herr)) })
         end
