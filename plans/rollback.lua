@@ -9,11 +9,14 @@
 -- one (.last); one already undone, or one that never started changing files, is left alone (the
 -- details are at the top of lua/rr/rollback.lua). With no known-good snapshot and no deploy to
 -- undo there is nothing to restore: the service is not touched (exit 1).
+--
+-- --group NAME instead puts back the canaries a `plans/rolling.lua --canary-only` run holds
+-- (rr.rollback.group): the group is on one release again, and the held record goes.
 local cli = require("rr.cli")
 local rollback = require("rr.rollback")
 
 local spec = {
-  usage = "rrengine plans/rollback.lua --service NAME [options]",
+  usage = "rrengine plans/rollback.lua --service NAME | --group NAME [options]",
   summary = "Restore a service's last known good definition and undo its code deploy (the unfinished "
     .. "one if a run did not finish, else the last one), then start it and check its health.",
   examples = {
@@ -23,9 +26,14 @@ local spec = {
     { "rrengine plans/rollback.lua --service sso.api --no-code",
       "restore the definition only; leave the code as it is" },
     { "rrengine plans/rollback.lua --service sso.api --user", "the same on your user manager" },
+    { "rrengine plans/rollback.lua --group sso.api",
+      "roll back the canaries of group sso.api held by plans/rolling.lua --canary-only" },
   },
   options = {
     { name = "service", type = "string", value = "NAME", help = "the service to roll back" },
+    { name = "group", type = "string", value = "NAME",
+      help = "roll back the canaries of group NAME held by plans/rolling.lua --canary-only (nothing held: "
+        .. "says so, exit 0)" },
     { name = "deploy-record", key = "deploy_record", type = "string", value = "DIR",
       help = "undo the deploy recorded in DIR (STATE/runs/RUN/SERVICE) instead of the one "
         .. "STATE/deploys/SERVICE.inflight or .last names" },
@@ -39,11 +47,11 @@ local spec = {
     { name = "help", short = "h", help = "show this help" },
   },
   exit_codes = {
-    { 0, "rolled back and healthy" },
+    { 0, "rolled back and healthy (--group: also when the group holds no canary; nothing touched then)" },
     { 1, "nothing was touched: another run holds the lock, the deploy record cannot be read, there is "
       .. "nothing to restore (no known good snapshot and no deploy to undo), or the service manager or "
       .. "the event log cannot be reached" },
-    { 2, "usage or configuration error, nothing touched" },
+    { 2, "usage or configuration error (an unknown --service or --group), nothing touched" },
     { 3, "the rollback failed: manual action needed (steps printed)" },
     { 4, "an earlier run was killed mid-way and is not resolved: nothing touched; run plans/rolling.lua --recover" },
   },
@@ -57,7 +65,13 @@ end
 local opts, platform = cli.plan_start({ ... }, spec, {
   try_help = true,
   check = function(o)
-    if o.service == nil then return nil, "--service NAME is required" end
+    if o.service == nil and o.group == nil then return nil, "--service NAME or --group NAME is required" end
+    if o.service and o.group then
+      return nil, "--service and --group contradict each other (one service, or a group's held canaries)"
+    end
+    if o.group and (o.deploy_record or o.no_code) then
+      return nil, ("--%s goes with --service, not --group"):format(o.deploy_record and "deploy-record" or "no-code")
+    end
     if o.deploy_record and o.no_code then
       return nil, "--deploy-record and --no-code contradict each other (undo that deploy, or leave the code)"
     end
@@ -65,6 +79,15 @@ local opts, platform = cli.plan_start({ ... }, spec, {
     return true
   end,
 })
+if opts.group then
+  local code, msg = rollback.group({ group = opts.group, platform = platform, user = opts.user, force = opts.force,
+    events_file = opts.events_file, services_file = opts.services_file })
+  if code == 3 then msg = ("rollback of the canaries of group %s failed: %s"):format(opts.group, msg) end
+  if code ~= 0 then die(code, msg) end
+  if msg then io.write(msg, "\n") end
+  os.exit(0)
+end
+
 local svc = platform.by_name[opts.service]
 if not svc then die(2, ("unknown service %q in %s"):format(opts.service, opts.services_file)) end
 

@@ -61,7 +61,8 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     p = platform.new(defs, { groups = { c = { max_unavailable = 1 } } })
     p:start()
     local servers = {}
-    for i, n in ipairs(MEMBERS) do servers[i] = { name = n, port = p.by_name[n].port } end
+    -- weight 100: room for a canary's "N%" of it
+    for i, n in ipairs(MEMBERS) do servers[i] = { name = n, port = p.by_name[n].port, weight = 100 } end
     h = hx.start({ servers = servers, backend = BACKEND })
     hp = assert(haproxy.new({ socket = h.socket, backend = BACKEND }))
   end)
@@ -84,6 +85,7 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
         interval = 0.2 })
       assert(ok, ("%s is not healthy: %s"):format(n, tostring(why)))
       assert(hp:ready(n))
+      assert(hp:set_weight(n, "100%"))
     end
     assert.is_nil(fs.read(p.state_root .. "/canary/c.json"), "a canary record is left from before")
   end)
@@ -367,6 +369,197 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
       assert.are_not.equal(before[n], p:pids()[n])
     end
     assert.is_false(fs.exists(p.state_root .. "/canary/c.json"), "the record outlived the promotion")
+  end)
+
+  it("a canary with a weight serves its share of the traffic during the soak, and has its weight back after", function()
+    -- weights the operator gave at run time (the configured one is 100): what the canary gets back
+    for _, n in ipairs(MEMBERS) do assert(hp:set_weight(n, 50)) end
+    local dir, version = release("weighted")
+    local file = services_with({ count = 1, soak = 4, weight = 5 }, "weighted")
+    local load = load_on()
+    local soak = {}
+    local res = p:cli(deploy_args(dir), { services_file = file, on_line = function(_, line)
+      if line:find("canary of c: c.1 on the new release, soaking", 1, true) then
+        local st = assert(hp:state("c.1"))
+        soak.weight, soak.user_weight, soak.admin = st.weight, st.user_weight, st.admin
+        soak.others = { assert(hp:state("c.2")).user_weight, assert(hp:state("c.3")).user_weight }
+        soak.from = hx.server_counts(hp)
+      elseif line:find("canary of c passed", 1, true) then
+        soak.to = hx.server_counts(hp)
+      end
+    end })
+    local r = load.stop()
+    assert.equal(0, res.exit_code, output(res))
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- during the soak: the set weight, read back over the admin socket
+    assert.truthy(soak.from and soak.to, output(res))
+    assert.equal("ready", soak.admin)
+    assert.equal(5, soak.user_weight)
+    assert.equal(5, soak.weight)
+    assert.same({ 50, 50 }, soak.others)
+    -- its share of the requests: about 5/105, far under the third it would get at equal weights
+    local served = delta(soak.from, soak.to)
+    local total = served["c.1"].total + served["c.2"].total + served["c.3"].total
+    local share = served["c.1"].total / total
+    local shares = ("c.1 served %d of %d requests during the soak (%.1f%%)"):format(served["c.1"].total, total,
+      share * 100)
+    assert.is_true(total > 100, shares)
+    assert.is_true(served["c.1"].total > 0, "the canary got no traffic: " .. shares)
+    assert.is_true(share < 0.12, shares)
+    -- after: the weight it had, before the rest rolled; every member on the new release
+    local evs = last_run(p)
+    local enable = index_of(evs, function(ev) return ev.event == "BALANCER_ENABLE" and ev.service == "c.1" end)
+    assert.equal(5, evs[enable].weight)
+    local passed, back = at(evs, "CANARY_PASSED"), at(evs, "BALANCER_WEIGHT", "c.1")
+    assert.is_truthy(back, output(res))
+    assert.equal(50, evs[back].weight)
+    assert.equal("the canary passed", evs[back].reason)
+    assert.is_true(passed < back)
+    for _, n in ipairs(OTHERS) do
+      assert.is_true(back < at(evs, "SERVICE_RESTART_START", n), n .. " rolled before the canary had its weight back")
+      assert.is_nil(evs[at(evs, "BALANCER_ENABLE", n)].weight, n .. " was enabled at a canary weight")
+    end
+    for _, n in ipairs(MEMBERS) do
+      local st = assert(hp:state(n))
+      assert.equal(50, st.user_weight, n)
+      assert.equal("ready", st.admin, n)
+      assert.equal(version, running(n))
+    end
+  end)
+
+  it("a weighted canary that fails is rolled back and back in rotation at the weight it had", function()
+    helpers.write(p.dir .. "/no-analysis.lua", [[return function() return false, "not today" end]])
+    local dir = release("weighted-bad")
+    local file = services_with({ count = 1, soak = 1, weight = "5%", analysis = "no-analysis.lua" }, "weighted-bad")
+    local before, old = p:pids(), running("c.1")
+    local w = watch()
+    local during
+    local res = p:cli(deploy_args(dir), { services_file = file, on_line = function(_, line)
+      if line:find("canary of c: c.1 on the new release, soaking", 1, true) then
+        during = assert(hp:state("c.1")).user_weight
+      end
+    end })
+    w.stop()
+    assert.equal(1, res.exit_code, output(res))
+    assert.equal(5, during) -- 5% of the configured 100
+    local evs = last_run(p)
+    assert.equal("analysis: not today", events_of(evs, "CANARY_FAILED")[1].error)
+    local rolled, back = at(evs, "ROLLBACK_SUCCESS", "c.1"), at(evs, "BALANCER_WEIGHT", "c.1")
+    assert.is_truthy(rolled, output(res))
+    assert.is_truthy(back, output(res))
+    assert.equal(100, evs[back].weight)
+    assert.equal("the canary was rolled back", evs[back].reason)
+    -- the rollback put it back in rotation without the canary weight
+    local enables = events_of(evs, "BALANCER_ENABLE", "c.1")
+    assert.equal(2, #enables)
+    assert.equal("5%", enables[1].weight)
+    assert.is_nil(enables[2].weight)
+    local st = assert(hp:state("c.1"))
+    assert.equal(100, st.user_weight)
+    assert.equal("ready", st.admin)
+    assert.equal(old, running("c.1"))
+    untouched(evs, before, w, "the canary of group c failed: analysis: not today")
+    for _, n in ipairs(OTHERS) do assert.equal(100, assert(hp:state(n)).user_weight, n) end
+  end)
+
+  it("canary.weight with a balancer script that cannot set weights is refused before anything is touched", function()
+    helpers.write(p.dir .. "/noweight-lb.lua", [[
+      return { drain = function() return true end, enable = function() return true end }
+    ]])
+    local file = p:write_services({ groups = { c = { max_unavailable = 1, balancer = "noweight-lb.lua",
+      canary = { count = 1, soak = 1, weight = 10 } } } }, p.dir .. "/noweight.lua")
+    local before = p:pids()
+    local res = p:cli({ "--service", table.concat(MEMBERS, ",") }, { services_file = file })
+    assert.equal(2, res.exit_code, output(res))
+    assert.matches('group "c": canary%.weight needs a balancer that sets weights: balancer script '
+      .. (p.dir .. "/noweight-lb.lua"):gsub("%p", "%%%0") .. " has no weight%(member, w%) function", res.stderr)
+    assert.same(before, p:pids())
+  end)
+
+  -- A member's unit file and code, as hashes: rel -> "type mode sha256" (without what the
+  -- service writes itself, service.log, and the fixture's control file).
+  local function hashes(n)
+    local svc = p.by_name[n]
+    local out = { ["unit file"] = assert(fs.sha256(svc.unit_path)) }
+    local function walk(rel)
+      local path = rel == "" and svc.working_dir or svc.working_dir .. "/" .. rel
+      for _, name in ipairs(assert(fs.list(path))) do
+        local r = rel == "" and name or rel .. "/" .. name
+        if r ~= "service.log" and not r:match("%.control$") then
+          local st = assert(fs.stat(svc.working_dir .. "/" .. r))
+          out[r] = ("%s %04o %s"):format(st.type, st.mode & 4095,
+            st.type == "file" and assert(fs.sha256(svc.working_dir .. "/" .. r)) or "")
+          if st.type == "dir" then walk(r) end
+        end
+      end
+    end
+    walk("")
+    return out
+  end
+
+  local function status_of(file)
+    return assert(proc.run({ helpers.engine, "plans/status.lua", "--user", "--services", file },
+      { env = { XDG_STATE_HOME = p.xdg_state }, timeout = 30 }))
+  end
+
+  it("plans/rollback.lua --group puts a held canary back byte for byte; the group is on one release again", function()
+    local file = services_with({ count = 1, soak = 1 }, "held-back")
+    -- the canary's definition is known good as it is now (a run of it succeeded)
+    local pre = p:cli({ "--service", "c.1" }, { services_file = file })
+    assert.equal(0, pre.exit_code, output(pre))
+    local before, old = hashes("c.1"), running("c.1")
+    -- an edit of the unit that goes out with the canary, and a release that adds, changes and
+    -- removes nothing of what the service writes
+    helpers.edit(p.by_name["c.1"].unit_path, "%[Service%]", "[Service]\nEnvironment=CANARY_EDIT=1")
+    local dir, version = release("held-back", { ["app.lua"] = "return 'new code'\n", ["lib/new.lua"] = "return 2\n" })
+    local res = p:cli(deploy_args(dir, { "--canary-only" }), { services_file = file })
+    assert.equal(0, res.exit_code, output(res))
+    assert.equal(version, running("c.1"))
+    assert.are_not.same(before, hashes("c.1"))
+    assert.matches("group c: canary held", status_of(file).stdout)
+    local pids = p:pids()
+    local logged = #p:events()
+
+    local w = watch()
+    local rb = p:cli({ "--group", "c" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    w.stop()
+    assert.equal(0, rb.exit_code, output(rb))
+    assert.same(before, hashes("c.1"))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(pids["c.1"], p:pids()["c.1"])
+    assert.equal("active", p:unit("c.1"):get("ActiveState"))
+    local st = assert(hp:state("c.1"))
+    assert.equal("ready", st.admin)
+    -- drained before its restart, back in rotation once healthy; the others never touched
+    assert.is_true(w.drained["c.1"], "the canary was not drained before its rollback")
+    for _, n in ipairs(OTHERS) do
+      assert.equal(pids[n], p:pids()[n], n)
+      assert.is_nil(w.drained[n], n .. " was drained")
+    end
+    local evs = { table.unpack(p:events(), logged + 1) } -- the rollback's (it has no PLAN_START)
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(rb))
+    assert.is_truthy(at(evs, "DEFINITION_RESTORED", "c.1"), output(rb))
+    assert.is_truthy(at(evs, "DEPLOY_UNDONE", "c.1"), output(rb))
+    assert.is_nil(at(evs, "ROLLBACK_START", "c.2"))
+    assert.is_false(fs.exists(p.state_root .. "/canary/c.json"), "the held record outlived the rollback")
+    local after = status_of(file).stdout
+    assert.not_matches("canary held", after)
+
+    -- nothing held any more: said, exit 0, nothing touched
+    pids = p:pids()
+    local count = #p:events()
+    local again = p:cli({ "--group", "c" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    assert.equal(0, again.exit_code, output(again))
+    assert.matches("group c has no held canary %(plans/rolling%.lua %-%-canary%-only%): nothing to roll back",
+      again.stdout)
+    assert.same(pids, p:pids())
+    assert.equal(count, #p:events())
+    assert.same(before, hashes("c.1"))
+    -- a group the services file does not have
+    local unknown = p:cli({ "--group", "nope" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
+    assert.equal(2, unknown.exit_code, output(unknown))
+    assert.equal(('rrengine: unknown group "nope" in %s\n'):format(file), unknown.stderr)
   end)
 
   it("the analysis sees the canaries and the rest, every soak/4 s and once at the end, where its verdict counts", function()

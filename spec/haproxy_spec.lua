@@ -152,17 +152,17 @@ describe("rr.haproxy", function()
     assert.equal(7, assert(hp:state("s3")).weight)
   end)
 
-  it("says ENOSERVER for a server the backend does not have, and changes nothing", function()
+  it("says ENOENT for a server the backend does not have, and changes nothing", function()
     local ok, err, code = hp:drain("nope")
     assert.is_nil(ok)
     assert.equal("HAProxy at " .. h.socket .. ": set server app/nope state drain: No such server.", err)
-    assert.equal("ENOSERVER", code)
+    assert.equal("ENOENT", code)
     local st
     st, err, code = hp:state("nope")
     assert.is_nil(st)
     assert.equal("HAProxy at " .. h.socket .. ": backend app has no server nope", err)
-    assert.equal("ENOSERVER", code)
-    assert.same({ nil, err, "ENOSERVER" }, { hp:wait_drained("nope", 1) })
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { hp:wait_drained("nope", 1) })
     for _, s in pairs(assert(hp:servers())) do assert.equal("ready", s.admin) end
   end)
 
@@ -233,6 +233,87 @@ describe("rr.haproxy", function()
   end)
 end)
 
+-- HAProxy looks `show stat NAME` up among frontends too: with a frontend of the backend's name
+-- (a common habit: `frontend api` / `backend api`), the answer was the frontend's, without a
+-- server row, and a drain wait had nothing to wait for.
+describe("rr.haproxy with a frontend of the backend's name", function()
+  local f, h, hp
+
+  setup(function()
+    f = hx.fixture()
+    h = hx.start({
+      servers = { { name = "other", port = f.port } },
+      ports = 1,
+      extra = function(ports)
+        return table.concat({
+          "frontend api",
+          "  bind 127.0.0.1:" .. ports[1],
+          "  default_backend api",
+          "backend api",
+          "  server x 127.0.0.1:" .. f.port,
+          "backend empty",
+        }, "\n")
+      end,
+    })
+    hp = assert(haproxy.new({ socket = h.socket, backend = "api" }))
+  end)
+
+  teardown(function()
+    if h then h:stop() end
+    if f then f:stop() end
+  end)
+
+  it("reads the backend's servers, not the frontend's row", function()
+    local all = assert(hp:stats())
+    assert.same({ "x" }, (function()
+      local names = {}
+      for name in pairs(all) do names[#names + 1] = name end
+      return names
+    end)())
+    local st = assert(hp:state("x"))
+    assert.equal("ready", st.admin)
+    assert.equal(1, st.user_weight)
+  end)
+
+  it("a drain waits for the server's session: a slow request through HAProxy ends first", function()
+    local url = ("http://127.0.0.1:%d/slow?ms=1500"):format(h.ports[1])
+    local sent = rr.now()
+    local slow = rr.spawn(function() return http.get(url, { timeout = 30 }) end)
+    assert.is_true(eventually(function() return assert(hp:stats()).x.sessions == 1 end),
+      "the slow request never reached x")
+    assert.is_true(hp:drain("x"))
+    local ok, st = hp:wait_drained("x", 20)
+    -- x answers 1.5 s after it got the request: its session cannot have ended sooner
+    local waited = rr.now() - sent
+    assert.is_true(ok)
+    assert.equal(0, st.sessions)
+    assert.is_true(waited >= 1.45, ("the drain wait ended %.3f s after the request was sent"):format(waited))
+    local res = assert(select(2, rr.wait(slow)))
+    assert.equal(200, res.status)
+    assert.is_true(hp:ready("x"))
+  end)
+
+  it("an absent server, and a backend without servers, are ENOENT; an unknown backend ENOBACKEND", function()
+    local st, err, code = hp:state("nope")
+    assert.is_nil(st)
+    assert.equal("HAProxy at " .. h.socket .. ": backend api has no server nope", err)
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { hp:wait_drained("nope", 1) })
+    local empty = assert(haproxy.new({ socket = h.socket, backend = "empty" }))
+    local ok
+    ok, err, code = empty:wait_drained("x", 1)
+    assert.is_nil(ok)
+    assert.equal("HAProxy at " .. h.socket .. ": backend empty has no servers", err)
+    assert.equal("ENOENT", code)
+    assert.same({ nil, err, "ENOENT" }, { empty:state("x") })
+    local fe_only = assert(haproxy.new({ socket = h.socket, backend = "fe" }))
+    ok, err, code = fe_only:wait_drained("other", 1)
+    assert.is_nil(ok)
+    assert.equal("HAProxy at " .. h.socket .. ": no backend fe", err)
+    assert.equal("ENOBACKEND", code)
+  end)
+end)
+
 describe("rr.balancer", function()
   local f, h, dir
 
@@ -288,9 +369,49 @@ describe("rr.balancer", function()
       assert.equal("maint", assert(hp:state("api.1")).admin)
     end)
 
-    it("says ENOSERVER for a member HAProxy does not know", function()
+    it("enables a canary at its weight, and gives back the weight it had (not the configured one)", function()
+      local hp = assert(haproxy.new({ socket = h.socket, backend = "app" }))
+      local m = { name = "sso.api.2", server = "api-2" }
+      assert(hp:set_weight("api-2", 40))
+      assert(b:drain(m))
+      assert.is_true(b:enable({ name = "sso.api.2", server = "api-2", weight = 4 }))
+      local st = assert(hp:state("api-2"))
+      assert.equal("ready", st.admin)
+      assert.equal(4, st.user_weight)
+      assert.equal(4, st.weight)
+      assert.same({ true, 40 }, { b:restore_weight(m) })
+      assert.equal(40, assert(hp:state("api-2")).user_weight)
+      -- nothing saved any more: nothing to restore
+      assert.same({ true }, { b:restore_weight(m) })
+      -- HAProxy rounds a percentage of the configured weight (1 here) down: 50% would be no traffic
+      local ok, err, code = b:enable({ name = "sso.api.2", server = "api-2", weight = "50%" })
+      assert.is_nil(ok)
+      assert.equal("50% of api-2's configured weight 1 is 0: it would get no traffic (configure the servers with a "
+        .. "larger weight, e.g. `weight 100`, or give a number)", err)
+      assert.equal("EINVAL", code)
+      assert.equal(40, assert(hp:state("api-2")).user_weight)
+      assert.is_true(b:enable({ name = "sso.api.2", server = "api-2", weight = "100%" }))
+      assert.equal(1, assert(hp:state("api-2")).user_weight)
+      assert.same({ true, 40 }, { b:restore_weight(m) })
+      assert.is_true(b:can_weight())
+      assert(hp:set_weight("api-2", "100%"))
+    end)
+
+    it("a weight HAProxy refuses fails the enable, and the member stays out of rotation", function()
+      local hp = assert(haproxy.new({ socket = h.socket, backend = "app" }))
+      local m = { name = "api.1", weight = 300 }
+      assert(b:drain(m))
+      local ok, err, code = b:enable(m)
+      assert.is_nil(ok)
+      assert.matches("Absolute weight can only be between 0 and 256", err, 1, true)
+      assert.equal("EHAPROXY", code)
+      assert.equal("drain", assert(hp:state("api.1")).admin)
+      assert.equal(1, assert(hp:state("api.1")).user_weight)
+    end)
+
+    it("says ENOENT for a member HAProxy does not know", function()
       local _, _, code = b:drain({ name = "api.9" })
-      assert.equal("ENOSERVER", code)
+      assert.equal("ENOENT", code)
     end)
   end)
 
@@ -366,6 +487,39 @@ describe("rr.balancer", function()
       assert.equal(1, err:find(script .. ": drain(raises) raised: ", 1, true))
       assert.matches("LB unreachable$", err)
       assert.equal("EBALANCER", code)
+    end)
+
+    it("sets and gives back a weight through the script's weight(member, w)", function()
+      helpers.write(dir .. "/weights.lua", ([[
+        local fs = require("rr.fs")
+        local path = %q
+        return {
+          drain = function() return true end,
+          enable = function(m) return fs.write_atomic(path .. ".enabled", fs.read(path) or "") end,
+          weight = function(m, w)
+            local before = fs.read(path) or "100"
+            assert(fs.write_atomic(path, tostring(w)))
+            return tonumber(before) or before
+          end,
+        }
+      ]]):format(dir .. "/lb/weight"))
+      local b = assert(balancer.open({ balancer = "weights.lua" }, dir))
+      assert.is_true(b:can_weight())
+      assert.is_true(b:enable({ name = "web.1", weight = "10%" }))
+      -- the weight was set before the member went back in rotation
+      assert.equal("10%", fs.read(dir .. "/lb/weight.enabled"))
+      assert.same({ true, 100 }, { b:restore_weight({ name = "web.1" }) })
+      assert.equal("100", fs.read(dir .. "/lb/weight"))
+      local plain = assert(balancer.open({ balancer = script }, dir))
+      assert.is_false(plain:can_weight())
+      local ok, err, code = plain:enable({ name = "web.1", weight = 10 })
+      assert.is_nil(ok)
+      assert.equal(script .. " has no weight(member, w) function", err)
+      assert.equal("EBALANCER", code)
+      helpers.write(dir .. "/badweight.lua", "return { drain = print, enable = print, weight = 10 }")
+      _, err, code = balancer.open({ balancer = "badweight.lua" }, dir)
+      assert.equal("balancer script " .. dir .. "/badweight.lua: weight must be a function", err)
+      assert.equal("EINVAL", code)
     end)
 
     it("never drains a member the script reports in maintenance", function()

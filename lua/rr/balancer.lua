@@ -10,12 +10,20 @@
 --   ... restart, post-check ...
 --   assert(b:enable(member))
 --
+-- A canary serves at a weight of its own while it soaks: `b:enable(member)` with member.weight
+-- set sets that weight before the member goes back in rotation, and remembers the weight it had;
+-- `b:restore_weight(member)` gives that weight back (the canary passed, or it was rolled back).
+--
 -- A group's `balancer` is either { haproxy = SOCKET, backend = NAME } or the path of a script
 -- (relative to the services file's directory) returning
 --   { drain = fn(member), enable = fn(member)            -- true | nil/false, message
 --     [, sessions = fn(member)]                          -- number | nil, message
 --     [, state = fn(member)]                             -- { admin =, ... } | nil, message
---     [, wait_drained = fn(member, timeout)] }           -- true | nil, message
+--     [, wait_drained = fn(member, timeout)]             -- true | nil, message
+--     [, weight = fn(member, w)] }                         -- the weight it had | nil, message
+-- weight(member, w) sets the member's weight (w as the services file's canary.weight says: a
+-- number, or "N%" of its configured weight) and returns the one it had, which is given back
+-- to weight(member, previous) to restore it.
 -- A member is { name = service name, server = balancer_server or the service name }.
 local rr = require("rr")
 local haproxy = require("rr.haproxy")
@@ -66,10 +74,58 @@ function Haproxy:drain(member)
   return self.hp:drain(server)
 end
 
--- b:enable(member) -> true | nil, message, code
+-- The weight a member had before set_weight, per server, until restore_weight (one balancer
+-- object per group and run: a canary's weight is restored by the run that set it).
+local function saved_of(self)
+  self.saved = self.saved or {}
+  return self.saved
+end
+
+-- b:set_weight(member, w) -> previous | nil, message, code: w an integer 0..256 or "N%" of the
+-- server's configured weight. The weight it had (its user weight: 0 while drained is not it) is
+-- kept for restore_weight, the first time only.
+function Haproxy:set_weight(member, w)
+  local server = server_of(member)
+  local saved = saved_of(self)
+  local pct = type(w) == "string" and tonumber(w:match("^(%d+)%%$"))
+  if saved[server] == nil or pct then
+    local st, err, code = self.hp:state(server)
+    if not st then return nil, err, code end
+    -- HAProxy rounds "N%" of the configured weight down: of a weight 1, anything below 100% is 0
+    if pct and pct > 0 and st.initial_weight and st.initial_weight * pct // 100 == 0 then
+      return nil, ("%s of %s's configured weight %d is 0: it would get no traffic (configure the servers with "
+        .. "a larger weight, e.g. `weight 100`, or give a number)"):format(w, server, st.initial_weight), "EINVAL"
+    end
+    if saved[server] == nil then saved[server] = st.user_weight or st.initial_weight or st.weight end
+  end
+  local ok, err, code = self.hp:set_weight(server, w)
+  if not ok then return nil, err, code end
+  return saved[server]
+end
+
+-- b:restore_weight(member) -> true, weight | true (nothing to restore) | nil, message, code
+function Haproxy:restore_weight(member)
+  local server = server_of(member)
+  local saved = saved_of(self)
+  local w = saved[server]
+  if w == nil then return true end
+  local ok, err, code = self.hp:set_weight(server, w)
+  if not ok then return nil, err, code end
+  saved[server] = nil
+  return true, w
+end
+
+-- b:enable(member) -> true | nil, message, code: with member.weight, that weight first, so that
+-- the member never serves at its full weight on the way.
 function Haproxy:enable(member)
+  if member.weight ~= nil then
+    local ok, err, code = self:set_weight(member, member.weight)
+    if not ok then return nil, err, code end
+  end
   return self.hp:ready(server_of(member))
 end
+
+function Haproxy:can_weight() return true end
 
 -- b:wait_drained(member, timeout) -> true | nil, message, "ETIMEDOUT"
 function Haproxy:wait_drained(member, timeout)
@@ -124,7 +180,36 @@ function Script:drain(member)
   return true
 end
 
+function Script:can_weight() return self.script.weight ~= nil end
+
+function Script:set_weight(member, w)
+  if not self.script.weight then
+    return nil, ("%s has no weight(member, w) function"):format(self.path), "EBALANCER"
+  end
+  local server = server_of(member)
+  local saved = saved_of(self)
+  local previous, err, code = self:call("weight", member, w)
+  if not previous then return nil, err, code end
+  if saved[server] == nil then saved[server] = previous end
+  return saved[server]
+end
+
+function Script:restore_weight(member)
+  local server = server_of(member)
+  local saved = saved_of(self)
+  local w = saved[server]
+  if w == nil then return true end
+  local ok, err, code = self:call("weight", member, w)
+  if not ok then return nil, err, code end
+  saved[server] = nil
+  return true, w
+end
+
 function Script:enable(member)
+  if member.weight ~= nil then
+    local ok, err, code = self:set_weight(member, member.weight)
+    if not ok then return nil, err, code end
+  end
   local ok, err, code = self:call("enable", member)
   if not ok then return nil, err, code end
   return true
@@ -178,7 +263,7 @@ local function load_script(path)
       return nil, ("balancer script %s has no %s(member) function"):format(path, name), "EINVAL"
     end
   end
-  for _, name in ipairs({ "sessions", "state", "wait_drained" }) do
+  for _, name in ipairs({ "sessions", "state", "wait_drained", "weight" }) do
     if script[name] ~= nil and type(script[name]) ~= "function" then
       return nil, ("balancer script %s: %s must be a function"):format(path, name), "EINVAL"
     end

@@ -398,11 +398,13 @@ function Run:balancer()
   return b, { name = self.svc.name, server = self.svc.balancer_server or self.svc.name }, g
 end
 
--- Puts a drained member back in rotation -> true | nil, message.
-function Run:enable(why)
+-- Puts a drained member back in rotation -> true | nil, message. `weighted`: on the new version,
+-- where a canary serves at its group's canary weight (ctx.canary_weights, set by rr.rolling).
+function Run:enable(why, weighted)
   if not self.touched.drained then return true end
   local b, member = self:balancer()
   if not b then return true end
+  if weighted and self.ctx.canary_weights then member.weight = self.ctx.canary_weights[self.svc.name] end
   local ok, err = b:enable(member)
   if not ok then
     self:emit("BALANCER_FAILED", { action = "enable", server = member.server, error = err })
@@ -410,7 +412,7 @@ function Run:enable(why)
   end
   self.touched.drained = nil
   self:journal({ drained = false })
-  self:emit("BALANCER_ENABLE", { server = member.server, balancer = b:describe(), reason = why })
+  self:emit("BALANCER_ENABLE", { server = member.server, balancer = b:describe(), reason = why, weight = member.weight })
   return true
 end
 
@@ -732,7 +734,7 @@ STEPS[#STEPS + 1] = { name = "verify", shows_own_steps = true, skip_with_force =
   end
   self:journal({ verified = true })
   -- healthy on the new version: back in rotation, then stabilized while serving
-  ok, err = self:enable("post-check passed")
+  ok, err = self:enable("post-check passed", true)
   if not ok then return nil, err end
   ok, err = self:stabilize()
   if not ok then

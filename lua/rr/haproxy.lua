@@ -11,7 +11,7 @@
 -- the connection, so the answer is everything read until end of file. Every answer ends with an
 -- empty line; a `set` command that worked answers nothing else, so any text is HAProxy's error.
 -- The commands (HAProxy 2.6's doc/management.txt): `set server B/S state ready|drain|maint`,
--- `set weight B/S W`, `show stat B 4 -1` (CSV, servers of B), `show servers state B`.
+-- `set weight B/S W`, `show stat -1 6 -1` (CSV, backends and servers), `show servers state B`.
 local rr = require("rr")
 local socket = require("rr.socket")
 
@@ -37,7 +37,7 @@ local OP_STATES = { [0] = "stopped", [1] = "starting", [2] = "running", [3] = "s
 
 -- HAProxy's one-line error answers and the codes they become.
 local ERRORS = {
-  { "^No such server", "ENOSERVER" },
+  { "^No such server", "ENOENT" },
   { "^No such backend", "ENOBACKEND" },
   { "^No such proxy", "ENOBACKEND" },
   { "^Permission denied", "EPERM" },
@@ -234,31 +234,50 @@ local function admin_of(mask)
   return "ready"
 end
 
+-- `show stat` rows: type 1 is a backend, 2 a server (0 a frontend, 3 a listener).
+local TYPE_BACKEND, TYPE_SERVER = "1", "2"
+
+-- Why `show stat -1 6 -1` and not `show stat BACKEND 4 -1`: HAProxy looks a proxy name up among
+-- frontends and backends alike, so when a frontend has the backend's name the answer is the
+-- frontend's (no server rows at all), and a drain wait would find nothing to wait for. The
+-- backend and server rows of every proxy, filtered by pxname and type, are the backend's.
+local STAT_LINE = "show stat -1 6 -1"
+
 -- The traffic side of every server of the backend (one `show stat`): name -> { status =,
--- sessions =, queued =, weight =, total = }.
+-- sessions =, queued =, weight =, total = } | nil, message, code ("ENOBACKEND": HAProxy has no
+-- backend of that name; "ENOENT": the backend has no server).
 function Haproxy:stats()
-  local line = ("show stat %s 4 -1"):format(self.backend)
-  local answer, err, code = self:command(line)
+  local answer, err, code = self:command(STAT_LINE)
   if not answer then return nil, err, code end
   local rows = parse_stat(answer)
   if not rows then
     local first = answer:match("^[^\n]*")
-    code = first:match("^No such") and "ENOBACKEND" or "EHAPROXY"
-    return nil, ("HAProxy at %s: %s: %s"):format(self.socket, line, first), code
+    return nil, ("HAProxy at %s: %s: %s"):format(self.socket, STAT_LINE, first), "EHAPROXY"
   end
-  local out = {}
+  local out, backend, servers = {}, false, 0
   for _, r in ipairs(rows) do
-    if r.pxname == self.backend and r.svname ~= "BACKEND" and r.svname ~= "FRONTEND" then
-      out[r.svname] = {
-        name = r.svname,
-        status = r.status,
-        sessions = tonumber(r.scur) or 0,
-        queued = tonumber(r.qcur) or 0,
-        weight = tonumber(r.weight),
-        total = tonumber(r.stot) or 0,
-        check = r.check_status ~= "" and r.check_status or nil,
-      }
+    if r.pxname == self.backend then
+      if r.type == TYPE_BACKEND then
+        backend = true
+      elseif r.type == TYPE_SERVER then
+        servers = servers + 1
+        out[r.svname] = {
+          name = r.svname,
+          status = r.status,
+          sessions = tonumber(r.scur) or 0,
+          queued = tonumber(r.qcur) or 0,
+          weight = tonumber(r.weight),
+          total = tonumber(r.stot) or 0,
+          check = r.check_status ~= "" and r.check_status or nil,
+        }
+      end
     end
+  end
+  if not backend then
+    return nil, ("HAProxy at %s: no backend %s"):format(self.socket, self.backend), "ENOBACKEND"
+  end
+  if servers == 0 then
+    return nil, ("HAProxy at %s: backend %s has no servers"):format(self.socket, self.backend), "ENOENT"
   end
   return out
 end
@@ -283,6 +302,7 @@ function Haproxy:servers()
       s.admin_state = mask
       s.operational = OP_STATES[tonumber(a.srv_op_state)] or a.srv_op_state
       s.initial_weight = tonumber(a.srv_iweight)
+      s.user_weight = tonumber(a.srv_uweight)
     end
   end
   return stats
@@ -290,7 +310,9 @@ end
 
 -- hp:state(server) -> { name =, admin = "ready"|"drain"|"maint", status = "UP"|"DRAIN"|"MAINT"|
 -- "DOWN"|..., sessions =, queued =, weight =, initial_weight =, total =, operational = } |
--- nil, message, code ("ENOSERVER": the backend has no such server).
+-- nil, message, code ("ENOENT": the backend has no such server, or no server at all;
+-- "ENOBACKEND": HAProxy has no such backend). weight is the effective one (0 while drained),
+-- user_weight the one `set weight` gave (srv_uweight), initial_weight the configured one.
 function Haproxy:state(server)
   local ok, err, code = check_server(server)
   if not ok then return nil, err, code end
@@ -299,12 +321,13 @@ function Haproxy:state(server)
   if not all then return nil, err, code end
   local s = all[server]
   if not s then
-    return nil, ("HAProxy at %s: backend %s has no server %s"):format(self.socket, self.backend, server), "ENOSERVER"
+    return nil, ("HAProxy at %s: backend %s has no server %s"):format(self.socket, self.backend, server), "ENOENT"
   end
   return s
 end
 
--- hp:wait_drained(server, timeout [, interval]) -> true, stats | nil, message, "ETIMEDOUT", stats:
+-- hp:wait_drained(server, timeout [, interval]) -> true, stats | nil, message, "ETIMEDOUT", stats |
+-- nil, message, "ENOENT" (no such server: nothing to wait for is no drained server) | nil, message, code:
 -- waits until the server has no current session and nothing queued. HAProxy does not say when
 -- that happens: `show stat` is read every `interval` seconds (hp.interval, 0.1 by default).
 function Haproxy:wait_drained(server, timeout, interval)
@@ -319,7 +342,7 @@ function Haproxy:wait_drained(server, timeout, interval)
     if not all then return nil, err, code end
     local s = all[server]
     if not s then
-      return nil, ("HAProxy at %s: backend %s has no server %s"):format(self.socket, self.backend, server), "ENOSERVER"
+      return nil, ("HAProxy at %s: backend %s has no server %s"):format(self.socket, self.backend, server), "ENOENT"
     end
     if s.sessions == 0 and s.queued == 0 then return true, s end
     local left = deadline - rr.now()

@@ -23,6 +23,8 @@ local snapshot = require("rr.snapshot")
 local state = require("rr.state")
 local journal = require("rr.journal")
 local ui = require("rr.ui")
+local canary = require("rr.canary")
+local balancer = require("rr.balancer")
 
 local rollback = {}
 
@@ -269,6 +271,132 @@ function rollback.run(args)
       warn(("rolled back, but cannot remove %s: %s"):format(state.pointer(state_root, svc.name, kind),
         tostring(rmerr)))
     end
+  end
+  return 0
+end
+
+-- The held canaries of a group (plans/rolling.lua --canary-only) put back: each one drained, its
+-- known-good definition from before the canary run restored (the record names it: the canary's
+-- own successful flow made the new one known good), its deploy undone, started, checked, back in
+-- rotation once healthy; then the record goes, and the group is on one release again.
+--
+-- rollback.group{ group =, platform =, user =, manager =, state_root =, events_file =, force =,
+--   view =, say =, services_file = } -> exit_code, message|nil, code|nil
+--   0, message|nil          rolled back (message nil), or nothing held: message says so, nothing touched
+--   1, message, code        nothing touched: ESTATE, EMANAGER, ELOCKED, EEVENTS, EJOURNAL, EBALANCER
+--   2, message, "EUNKNOWN"  no such group in the services file
+--   3, message, "EROLLBACK" a canary's rollback failed (the record stays, the message lists which)
+--   4, message, "EINTERRUPTED"
+function rollback.group(args)
+  if type(args) ~= "table" or type(args.group) ~= "string" or type(args.platform) ~= "table" then
+    error("rollback.group: args.group (a group name) and args.platform are required", 2)
+  end
+  local name, platform = args.group, args.platform
+  local g = platform.groups and platform.groups[name]
+  if not g then
+    return 2, ("unknown group %q in %s"):format(name, tostring(args.services_file or platform.source)), "EUNKNOWN"
+  end
+  local state_root = args.state_root or state.root(args.user)
+  local held = canary.held(state_root, name)
+  if not held then
+    return 0, ("group %s has no held canary (plans/rolling.lua --canary-only): nothing to roll back"):format(name)
+  end
+
+  local manager, opened = args.manager, nil
+  if not manager then
+    local merr
+    manager, merr = (args.user and systemd.user or systemd.system)()
+    if not manager then return 1, tostring(merr), "EMANAGER" end
+    opened = manager
+  end
+  local close_manager <close> = opened
+  local lock_path = state.lock_path(state_root)
+  local lock <close>, lerr, lcode = fs.lock(lock_path)
+  if not lock then
+    if lcode ~= "EWOULDBLOCK" then
+      return 1, ("cannot take the run lock (%s): %s"):format(lock_path, tostring(lerr)), "ESTATE"
+    end
+    return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
+  end
+  local dead = journal.interrupted(state_root, { locked = true })
+  if dead then return 4, table.concat(journal.describe(dead), "\n"), "EINTERRUPTED" end
+  -- read again under the lock: a --promote that ran meanwhile released it
+  held = canary.held(state_root, name)
+  if not held then
+    return 0, ("group %s has no held canary (plans/rolling.lua --canary-only): nothing to roll back"):format(name)
+  end
+
+  local balancers = {}
+  if g.balancer then
+    local b, berr = balancer.open(g, nil)
+    if not b then return 1, ("group %q: %s"):format(name, tostring(berr)), "EBALANCER" end
+    balancers[name] = b
+  end
+
+  local view = args.view or ui.new({})
+  local say = args.say or function(text) view:line(text) end
+  local stream, eerr = events.open({ path = args.events_file or state.events_file(args.user),
+    view = function(ev) view:event(ev) end })
+  if not stream then return 1, tostring(eerr), "EEVENTS" end
+  local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
+
+  local list = {}
+  for _, n in ipairs(held.canaries or {}) do
+    if platform.by_name[n] then list[#list + 1] = n end
+  end
+  local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
+    platform = platform, balancers = balancers, opts = { force = args.force }, hooks_for = function() return nil end }
+  local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
+    user = args.user, order = list, kind = "rollback" })
+  if not j then return 1, jerr, "EJOURNAL" end
+  ctx.run_journal = j
+
+  say(("group %s: rolling back the canaries held since %s (run %s): %s"):format(name, tostring(held.passed_at),
+    tostring(held.run), table.concat(list, ", ")))
+  local failed = {}
+  for _, n in ipairs(list) do
+    local svc = platform.by_name[n]
+    -- the definition known good before the canary's run, when the record names one that is not
+    -- the known-good one now
+    local before = held.known_good and held.known_good[n]
+    local now = snapshot.known_good(state_root, n)
+    if before and not (now and now.dir and now.dir:match("[^/]+$") == before) then
+      local snap, perr = snapshot.promote(state_root, n, { name = before })
+      if snap then
+        say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
+      else
+        say(("%s: the known-good snapshot from before the canary (%s) is gone: %s; the current known good is "
+          .. "restored"):format(n, before, tostring(perr)))
+      end
+    end
+    -- the canary's deploy: the one its run recorded, else the last one its pointer names
+    local dir = held.deploys and held.deploys[n]
+    if not dir then dir = state.read_pointer(state_root, n, "last") end
+    local record
+    if dir and fs.exists(dir .. "/deploy.json") then
+      local r, derr = deploy.load(dir)
+      if not r then
+        failed[#failed + 1] = ("%s: cannot read its deploy record %s: %s"):format(n, dir, tostring(derr))
+        goto next
+      end
+      if r.state ~= "undone" then record = r end
+    end
+    j:update(n, { phase = "rollback", deploy_record = record and record.state_dir or nil })
+    do
+      local ok, err = flow.rollback(ctx, svc, ("the held canary of group %s is rolled back (plans/rollback.lua "
+        .. "--group)"):format(name), record)
+      j:finished(n, ok and true or false)
+      if not ok then failed[#failed + 1] = ("%s: %s"):format(n, tostring(err)) end
+    end
+    ::next::
+  end
+  j:close()
+  if #failed > 0 then
+    return 3, table.concat(failed, "; "), "EROLLBACK"
+  end
+  local ok, rerr = canary.release(state_root, name)
+  if not ok and fs.exists(state_root .. "/canary/" .. name .. ".json") then
+    return 1, ("rolled back, but cannot remove the held record of group %s: %s"):format(name, tostring(rerr)), "ESTATE"
   end
   return 0
 end

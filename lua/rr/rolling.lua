@@ -184,6 +184,10 @@ local function prepare(opts)
     if g and g.balancer and not balancers[g.name or svc.group] then
       local b, berr = balancer.open(g, nil)
       if not b then return nil, ("group %q: %s"):format(svc.group, tostring(berr)) end
+      if g.canary and g.canary.weight ~= nil and not b:can_weight() then
+        return nil, ("group %q: canary.weight needs a balancer that sets weights: %s has no weight(member, w) function")
+          :format(svc.group, b:describe())
+      end
       balancers[svc.group] = b
     end
   end
@@ -578,8 +582,19 @@ function rolling.run(opts)
         if #list > 0 and #list < #g.members then
           canaries[name] = list
           canary_state[name] = "rolling"
-          canary_info[name] = { succeeded = 0, records = {} }
-          for _, n in ipairs(list) do canary_of[n] = name end
+          canary_info[name] = { succeeded = 0, records = {}, known_good = {} }
+          for _, n in ipairs(list) do
+            canary_of[n] = name
+            -- the definition known good before the canary's flow makes its own so: what a later
+            -- plans/rollback.lua --group of a held canary restores
+            local kg = require("rr.snapshot").known_good(state_root, n)
+            if kg and kg.dir then canary_info[name].known_good[n] = kg.dir:match("[^/]+$") end
+          end
+          if g.canary.weight ~= nil and prep.balancers[name] then
+            -- the canaries serve at this weight from their enable (rr.flow) until their soak ends
+            ctx.canary_weights = ctx.canary_weights or {}
+            for _, n in ipairs(list) do ctx.canary_weights[n] = g.canary.weight end
+          end
         end
       end
     end
@@ -650,6 +665,24 @@ function rolling.run(opts)
     end
   end
 
+  -- A canary's balancer weight back to the one it had before the run set its canary weight
+  -- (nothing to do when it was never set).
+  local function restore_weight(group, n, why)
+    if ctx.canary_weights then ctx.canary_weights[n] = nil end
+    local b = prep.balancers[group]
+    if not b or prep.platform.groups[group].canary.weight == nil then return end
+    local svc = prep.platform.by_name[n]
+    local member = { name = n, server = svc.balancer_server or n }
+    local ok, w = b:restore_weight(member)
+    if not ok then
+      stream:emit("WARNING", { service = n, unit = svc.unit, warning = ("cannot give %s its weight back at %s: %s")
+        :format(member.server, b:describe(), tostring(w)) })
+    elseif w ~= nil then
+      stream:emit("BALANCER_WEIGHT", { service = n, unit = svc.unit, server = member.server, balancer = b:describe(),
+        weight = w, reason = why })
+    end
+  end
+
   -- A canary that soaked: passed (the rest may go, or the group is held), or failed (every
   -- canary rolled back, the rest never touched).
   local function soak_ended(group, ok, why)
@@ -657,11 +690,15 @@ function rolling.run(opts)
     if ok then
       stream:emit("CANARY_PASSED", { group = group, canaries = canaries[group],
         duration_ms = math.floor((rr.now() - info.soak_t0) * 1000 + 0.5) })
+      -- its share of the traffic back before the rest rolls
+      for _, n in ipairs(canaries[group]) do restore_weight(group, n, "the canary passed") end
       if opts.canary_only then
         canary_state[group] = "held"
+        local deploys = {}
+        for _, n in ipairs(canaries[group]) do deploys[n] = info.records[n] and info.records[n].state_dir or nil end
         local hok, herr = canary.hold(state_root, group, { run = stream.run, release = opts.deploy_path,
           canaries = canaries[group], members = prep.platform.groups[group].members,
-          passed_at = require("rr.log").timestamp() })
+          passed_at = require("rr.log").timestamp(), deploys = deploys, known_good = info.known_good })
         if not hok then
           stream:emit("WARNING", { warning = ("cannot record the held canary of %s: %s"):format(group, tostring(herr)) })
         end
@@ -674,7 +711,11 @@ function rolling.run(opts)
     stream:emit("CANARY_FAILED", { group = group, canaries = canaries[group], error = why })
     s.canary_failed = s.canary_failed or {}
     s.canary_failed[group] = why
-    -- the canaries go back to the old release: code and definition
+    -- the canaries go back to the old release: code and definition; back in rotation (once
+    -- healthy) at the weight they had
+    if ctx.canary_weights then
+      for _, n in ipairs(canaries[group]) do ctx.canary_weights[n] = nil end
+    end
     for _, n in ipairs(canaries[group]) do
       local svc = prep.platform.by_name[n]
       local rok, rerr = flow.rollback(ctx, svc, "the canary of group " .. group .. " failed: " .. tostring(why),
@@ -683,6 +724,7 @@ function rolling.run(opts)
       s.failed[#s.failed + 1] = n
       s.errors = s.errors or {}
       s.errors[n] = "canary failed: " .. tostring(why)
+      restore_weight(group, n, "the canary was rolled back")
       if rok then
         s.rolled_back[#s.rolled_back + 1] = n
         if info.records[n] then state.deploy_undone(state_root, n, info.records[n].state_dir) end
@@ -769,6 +811,11 @@ function rolling.run(opts)
     ::continue::
   end
   stop_ticker()
+  -- a canary whose group failed otherwise (its own flow, or another canary's) has its weight back too
+  for group, list in pairs(canaries) do
+    for _, n in ipairs(list) do restore_weight(group, n, ("the canary of group %s %s"):format(group,
+      canary_state[group] == "failed" and "failed" or "ended")) end
+  end
 
   local blocked = assert(dag.blocked_by(prep.platform.services, s.failed))
   for _, svc in ipairs(prep.order) do

@@ -70,7 +70,7 @@ local TOP_FIELDS = { "defaults", "groups", "services", "host" }
 -- A replica group (`groups[NAME]`), its balancer table and its (reserved) canary.
 local GROUP_FIELDS = { "max_unavailable", "balancer", "drain_timeout", "canary" }
 local BALANCER_FIELDS = { "haproxy", "backend", "timeout", "interval" }
-local CANARY_FIELDS = { "count", "soak", "analysis" }
+local CANARY_FIELDS = { "count", "soak", "analysis", "weight" }
 -- A blue-green service (`blue_green`): its two colours, each an instance of the service's template unit.
 local BLUE_GREEN_FIELDS = { "blue", "green", "balancer", "soak", "drain_timeout", "analysis" }
 local COLOUR_FIELDS = { "working_dir", "health", "balancer_server" }
@@ -652,7 +652,23 @@ local function check_balancer(report, where, value, base_dir)
   return out
 end
 
--- A group's canary (reserved: validated and kept, not acted on yet).
+-- A canary's balancer weight while it soaks: an HAProxy weight from 1 to 256, or "N%" (1 to 100)
+-- of the server's configured weight. 0 would be no traffic, which no soak can judge.
+local function check_canary_weight(report, where, value)
+  if type(value) == "string" then
+    local digits = value:match("^(%d+)%%$")
+    local n = digits and math.tointeger(tonumber(digits))
+    if n and n >= 1 and n <= 100 then return value end
+  elseif math.type(value) == "integer" or (type(value) == "number" and math.tointeger(value)) then
+    local n = math.tointeger(value)
+    if n >= 1 and n <= 256 then return n end
+  end
+  report.add(where, ("field \"canary.weight\" must be a balancer weight (a whole number from 1 to 256) or a "
+    .. "percentage of the server's configured weight \"N%%\" from \"1%%\" to \"100%%\", got %s"):format(describe(value)))
+  return nil
+end
+
+-- A group's canary: { count, soak, analysis, weight }.
 local function check_canary(report, where, value, base_dir)
   if type(value) ~= "table" then
     report.add(where, ("field \"canary\" must be a table { count = ..., soak = ..., analysis = ... }, got %s"):format(
@@ -670,6 +686,7 @@ local function check_canary(report, where, value, base_dir)
   if value.analysis ~= nil then
     canary.analysis = check_script_path(report, where, "canary.analysis", value.analysis, base_dir)
   end
+  if value.weight ~= nil then canary.weight = check_canary_weight(report, where, value.weight) end
   if #report.problems > before then return nil end
   return canary
 end
@@ -695,6 +712,9 @@ local function check_group(report, name, value, base_dir)
     group.drain_timeout = check_number(report, where, "drain_timeout", value.drain_timeout, "timeout")
   end
   if value.canary ~= nil then group.canary = check_canary(report, where, value.canary, base_dir) end
+  if group.canary and group.canary.weight ~= nil and value.balancer == nil then
+    report.add(where, "field \"canary.weight\" needs a \"balancer\" (the weight is the canary's server weight there)")
+  end
   if #report.problems > before then return nil end
   return group
 end
@@ -1126,7 +1146,7 @@ end
 -- { name, max_unavailable (as written), max_unavailable_count (members),
 -- balancer (nil, { haproxy, backend [, timeout] [, interval] } or a script's
 -- path), drain_timeout, members = { names, declaration order }[, canary =
--- { count, count_members[, soak][, analysis] }] }; its members have `group`
+-- { count, count_members[, soak][, analysis][, weight] }] }; its members have `group`
 -- and, when it has a balancer, `balancer_server` (default: the service name).
 function services.validate(tbl, source_name, base_dir)
   if source_name ~= nil and type(source_name) ~= "string" then

@@ -842,6 +842,25 @@ describe("rr.services", function()
           .. 'analysis = ... }, got boolean true' }, problems_of(replicas({ canary = true })))
       end)
 
+      it("checks the canary's weight: 1 to 256 or \"1%\" to \"100%\", and only with a balancer", function()
+        local hp = { haproxy = "/h.sock", backend = "b" }
+        local platform = assert(services.validate(replicas({ balancer = hp, canary = { weight = 10 } })))
+        assert.equal(10, platform.groups["sso.api"].canary.weight)
+        platform = assert(services.validate(replicas({ balancer = hp, canary = { weight = "5%" } })))
+        assert.equal("5%", platform.groups["sso.api"].canary.weight)
+        platform = assert(services.validate(replicas({ balancer = "lb.lua", canary = { weight = 256 } })))
+        assert.equal(256, platform.groups["sso.api"].canary.weight)
+        for _, bad in ipairs({ 0, 257, 1.5, "0%", "101%", "10", true }) do
+          local problems = problems_of(replicas({ balancer = hp, canary = { weight = bad } }))
+          assert.equal(1, #problems, tostring(bad))
+          assert.matches('^services%.lua: group "sso%.api": field "canary%.weight" must be a balancer weight %(a whole '
+            .. 'number from 1 to 256%) or a percentage of the server\'s configured weight "N%%" from "1%%" to "100%%", got ',
+            problems[1])
+        end
+        assert.same({ 'services.lua: group "sso.api": field "canary.weight" needs a "balancer" (the weight is the '
+          .. 'canary\'s server weight there)' }, problems_of(replicas({ canary = { weight = 10 } })))
+      end)
+
       it("loads a file with groups, bracketed names and all", function()
         local path = fixture([[
           return {
