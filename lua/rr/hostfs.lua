@@ -204,7 +204,7 @@ function hostfs.remote(host, opts)
   if type(host) ~= "string" or host == "" then misuse("rr.hostfs.remote: bad host %s", tostring(host)) end
   local ssh_config = opts.ssh_config
   local timeout = opts.timeout or 120
-  local h = { host = host, remote = true, calls = 0 }
+  local h = { host = host, remote = true, calls = 0, ssh_config = ssh_config }
 
   -- Runs one operation -> res | nil, message, CODE, res
   local function op(name, args, extra, what)

@@ -14,6 +14,7 @@
 -- (status, the dry run) take no lock and ask whether the writer is still alive (its PID with
 -- the same start time, on the same boot).
 local fs = require("rr.fs")
+local hostfs = require("rr.hostfs")
 local cjson = require("cjson")
 local state = require("rr.state")
 
@@ -26,6 +27,11 @@ local json = cjson.new()
 local function read_line(path)
   local data = fs.read(path)
   return data and data:match("^%s*(.-)%s*$") or nil
+end
+
+-- This machine's name: a journal on a host names the engine host that wrote it.
+function journal.hostname()
+  return read_line("/proc/sys/kernel/hostname") or "?"
 end
 
 function journal.boot_id()
@@ -63,9 +69,9 @@ local function encode(data)
 end
 
 -- journal.read(root) -> data | nil, message, CODE ("ENOENT": no journal; "EBADMSG": unreadable)
-function journal.read(root)
+function journal.read(root, hfs)
   local path = state.journal_path(root)
-  local text, err, code = fs.read(path)
+  local text, err, code = (hfs or fs).read(path)
   if not text then return nil, err, code end
   local ok, data = pcall(json.decode, text)
   if not ok or type(data) ~= "table" or data.version ~= VERSION or type(data.services) ~= "table" then
@@ -82,7 +88,7 @@ end
 -- The journal of a run that ended without finishing. locked: the caller holds the run lock, so
 -- any journal there is a dead run's; otherwise its writer must be gone.
 function journal.interrupted(root, opts)
-  local data, err, code = journal.read(root)
+  local data, err, code = journal.read(root, opts and opts.fs)
   if not data then
     if code == "EBADMSG" then
       -- a journal we cannot read is still a run that did not finish
@@ -90,7 +96,8 @@ function journal.interrupted(root, opts)
     end
     return nil
   end
-  if not (opts and opts.locked) and journal.alive(data) then return nil end
+  -- a journal on another host was written by an engine elsewhere: only the lock tells
+  if not (opts and opts.locked) and (opts and opts.fs and opts.fs.remote or journal.alive(data)) then return nil end
   return data
 end
 
@@ -191,12 +198,14 @@ function journal.create(root, info)
   local pid = fs.getpid()
   local self = setmetatable({
     root = root,
+    fs = info.fs or hostfs.here(),
     path = state.journal_path(root),
     data = {
       version = VERSION, run = info.run, pid = pid, pid_start = journal.start_time(pid),
       boot_id = journal.boot_id(), user = info.user or false, argv = info.argv or {},
       services_file = info.services_file, started_at = os.date("!%Y-%m-%dT%H:%M:%SZ"),
       kind = info.kind or "rolling", order = info.order or {}, done = {}, failed = {}, services = {},
+      host = info.host, engine_host = journal.hostname(),
     },
   }, journal)
   local ok, err, code = self:write()
@@ -206,12 +215,12 @@ end
 
 -- j:adopt(root, data) -> j: carries on the journal of an interrupted run (recovery): the same
 -- record, now written by this process.
-function journal.adopt(root, data)
+function journal.adopt(root, data, hfs)
   local pid = fs.getpid()
   data.pid, data.pid_start, data.boot_id = pid, journal.start_time(pid), journal.boot_id()
   data.done = data.done or {}
   data.order = data.order or {}
-  return setmetatable({ root = root, path = state.journal_path(root), data = data }, journal)
+  return setmetatable({ root = root, fs = hfs or hostfs.here(), path = state.journal_path(root), data = data }, journal)
 end
 
 -- Written into the state root: its temp file is created O_EXCL|O_NOFOLLOW beside it, and a
@@ -224,7 +233,7 @@ function journal:write(durable)
   local under = state.under(self.root)
   under.mode = 384
   under.sync = durable ~= false
-  local ok, err, code = fs.write_atomic(self.path, encode(self.data) .. "\n", under)
+  local ok, err, code = self.fs.write_atomic(self.path, encode(self.data) .. "\n", under)
   if not ok then
     return nil, ("cannot write the run journal %s: %s"):format(self.path, tostring(err)), code
   end
@@ -292,17 +301,17 @@ end
 -- j:close(): the run ended: the journal goes.
 function journal:close()
   if not self.path then return true end
-  local ok, err, code = fs.remove(self.path, state.under(self.root))
+  local ok, err, code = self.fs.remove(self.path, state.under(self.root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
-  fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))
+  self.fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))
   self.path = nil
   return true
 end
 
 -- journal.remove(root): forget an interrupted run (--abandon).
-function journal.remove(root)
+function journal.remove(root, hfs)
   local path = state.journal_path(root)
-  local ok, err, code = fs.remove(path, state.under(root))
+  local ok, err, code = (hfs or fs).remove(path, state.under(root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
   return true
 end
