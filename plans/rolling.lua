@@ -27,7 +27,7 @@ local run_opts = {
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
   accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
   recover = opts.recover, resume = opts.resume, abandon = opts.abandon, argv = { ... },
-  canary_only = opts.canary_only, promote = opts.promote,
+  canary_only = opts.canary_only, promote = opts.promote, host = opts.host, ssh_config = opts.ssh_config,
 }
 
 if opts.dry_run then

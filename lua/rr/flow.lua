@@ -17,6 +17,7 @@ local flow = {}
 flow.SUCCESS = "success"
 flow.FAILED = "failed"             -- not touched, or failed and rolled back
 flow.ROLLBACK_FAILED = "rollback_failed"
+flow.UNRESOLVED = "unresolved"     -- its host was lost mid-flow: neither finished nor rolled back
 
 -- Where a service lives: { manager, fs (rr.hostfs), state_root, journal (rr.journal | nil),
 -- host (nil: this machine) }. A run over several hosts gives ctx.hosts[host or false] per host:
@@ -476,8 +477,9 @@ end
 -- The same on another host: `systemd-run --wait --pipe` through ssh (rr.remote quotes every
 -- word for the remote shell), so the command is a transient unit of that host's manager there
 -- too: RuntimeMaxSec= ends everything it started at the timeout, even when this engine is gone.
--- systemd expands `$VAR` in an ExecStart= argv (a `$$` is one `$`): every `$` is doubled, so
--- the arguments arrive byte for byte.
+-- systemd expands `$VAR` and `${VAR}` in an ExecStart= argv, so the command's words never go
+-- there: they travel on stdin, NUL-separated (spec/hosts_rolling_spec.lua checks spaces, quotes,
+-- `$`, `%`, backslashes and tabs byte for byte).
 function Run:run_remote_command(argv, output_event)
   local svc = self.svc
   local timeout = svc.migrate_timeout or 1800
@@ -490,11 +492,16 @@ function Run:run_remote_command(argv, output_event)
     words[#words + 1] = w
   end
   if svc.working_dir then words[#words + 1] = "--working-directory=" .. svc.working_dir end
-  words[#words + 1] = "--"
-  for _, a in ipairs(argv) do words[#words + 1] = (tostring(a):gsub("%$", "$$$$")) end
+  -- the command's words go through stdin, never through ExecStart=: xargs -0 hands them to
+  -- `exec "$@"` as they are (the command's own stdin is /dev/null, as with m:run)
+  for _, w in ipairs({ "--", "xargs", "-0", "-x", "sh", "-c", 'exec "$@"', "rrengine-run" }) do
+    words[#words + 1] = w
+  end
+  local parts = {}
+  for i, a in ipairs(argv) do parts[i] = tostring(a) end
   local t0 = rr.now()
   local res, err, code, r = self.fs.run(words, {
-    timeout = timeout + 10, capture = true,
+    timeout = timeout + 10, capture = true, stdin = table.concat(parts, "\0") .. "\0",
     on_line = function(stream, line) self:emit(output_event, { stream = stream, line = line }) end,
   })
   if res then return res end
@@ -514,6 +521,16 @@ function Run:fail(reason)
   if self.veto then
     self:emit("SERVICE_SKIPPED", { reason = self.veto })
     return flow.FAILED, self.veto, { touched = false, vetoed = true }
+  end
+  local lost = self:host_lost()
+  if lost then
+    -- Nothing can be undone on a host that cannot be reached: its journal there keeps what was
+    -- in flight, and --recover resolves it once the host is back.
+    local phase = self.current_step or "?"
+    local why = ("host %s was lost in phase %s (%s): %s"):format(svc.host, phase, lost, reason)
+    self:emit("SERVICE_RESTART_FAILED", { error = why, host = svc.host, host_lost = true, phase = phase,
+      duration_ms = ms(rr.now() - self.t0) })
+    return flow.UNRESOLVED, why, { host_lost = lost, phase = phase }
   end
   local rolled_back, problem, steps
   if self.touched.unit then
@@ -537,6 +554,19 @@ function Run:fail(reason)
     return flow.FAILED, reason, { rolled_back = true }
   end
   return flow.FAILED, reason, { touched = false }
+end
+
+-- Whether the service's host was lost -> why | nil. Asked on a failure only: one command on the
+-- host (a connection that works answers in milliseconds; a dead one fails at once, a silent one
+-- within 10 s).
+function Run:host_lost()
+  local place = flow.place(self.ctx, self.svc)
+  if not self.fs or not self.fs.remote then return nil end
+  if place.lost then return place.lost end
+  local ok, err, code = self.fs.run({ "true" }, { timeout = 5 })
+  if ok or code == "EEXIT" then return nil end
+  place.lost = tostring(err)
+  return place.lost
 end
 
 -- A word for a POSIX shell, quoted only when it needs to be (manual steps are pasted).

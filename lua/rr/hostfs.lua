@@ -68,7 +68,7 @@ rmtree) under "$2" "$1"
 symlink) exec ln -s -- "$1" "$2" ;;
 fsyncdir) exec sync -- "$1" ;;
 write|copy)
-  # write PATH MODE SYNC ROOT (data on stdin) / copy SRC PATH MODE SYNC ROOT
+  # write PATH MODE SYNC ROOT LENGTH (data on stdin) / copy SRC PATH MODE SYNC ROOT
   if [ "$op" = copy ]; then
     s=$1; shift
     [ -L "$s" ] && fail ELOOP "$s is a symbolic link"
@@ -81,7 +81,12 @@ write|copy)
   [ -d "$d" ] || fail ENOENT "$d: No such file or directory"
   t=$(mktemp -- "$d/.$b.XXXXXX") || exit 1
   trap 'rm -f -- "$t"' EXIT
-  if [ "$op" = copy ]; then cp -p -- "$s" "$t" || exit 1; else cat >"$t" || exit 1; fi
+  if [ "$op" = copy ]; then cp -p -- "$s" "$t" || exit 1
+  else
+    # all of it, or nothing: an engine killed mid-send ends stdin early
+    cat >"$t" || exit 1
+    [ "$(wc -c <"$t")" -eq "$5" ] || fail EIO "$p: the data was cut short in transfer; left as it was"
+  fi
   if [ -n "$m" ]; then chmod "$m" "$t" || exit 1
   elif [ "$op" = write ]; then
     if [ -f "$p" ] && [ ! -L "$p" ]; then chmod --reference="$p" "$t" && { chown --reference="$p" "$t" 2>/dev/null; :; } || exit 1
@@ -382,7 +387,8 @@ function hostfs.remote(host, opts)
     local root = under_of(o)
     check_under(root, path)
     local sync = not (o and o.sync == false)
-    return done(op("write", { path, octal(o and o.mode) or "", sync and "1" or "0", root }, { stdin = data }, path))
+    return done(op("write", { path, octal(o and o.mode) or "", sync and "1" or "0", root, ("%d"):format(#data) },
+      { stdin = data }, path))
   end
 
   function h.copy_atomic(src, dst, o)
