@@ -34,6 +34,12 @@ if opts.dry_run then
   -- the run's own preparation: every check that refuses a run (exit 2) refuses the dry run
   local prep, perr = rolling.prepare(run_opts)
   if not prep then die(rolling.EXIT_USAGE, perr) end
+  for _, svc in ipairs(prep.order) do
+    if svc.host then
+      die(rolling.EXIT_USAGE, ("service %s is on host %s: the dry run reads this machine's manager only (not yet "
+        .. "the hosts'); plans/status.lua shows every host"):format(svc.name, svc.host))
+    end
+  end
   local systemd = require("rr.systemd")
   local manager, merr = (opts.user and systemd.user or systemd.system)()
   if not manager then die(rolling.EXIT_FAILED, merr) end
