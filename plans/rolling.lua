@@ -27,13 +27,19 @@ local run_opts = {
   continue_on_error = opts.continue_on_error, hook_files = opts.hook_files,
   accept_unknown_definition = opts.accept_unknown_definition, journal = opts.journal, ui = view,
   recover = opts.recover, resume = opts.resume, abandon = opts.abandon, argv = { ... },
-  canary_only = opts.canary_only, promote = opts.promote,
+  canary_only = opts.canary_only, promote = opts.promote, host = opts.host, ssh_config = opts.ssh_config,
 }
 
 if opts.dry_run then
   -- the run's own preparation: every check that refuses a run (exit 2) refuses the dry run
   local prep, perr = rolling.prepare(run_opts)
   if not prep then die(rolling.EXIT_USAGE, perr) end
+  for _, svc in ipairs(prep.order) do
+    if svc.host then
+      die(rolling.EXIT_USAGE, ("service %s is on host %s: the dry run reads this machine's manager only (not yet "
+        .. "the hosts'); plans/status.lua shows every host"):format(svc.name, svc.host))
+    end
+  end
   local systemd = require("rr.systemd")
   local manager, merr = (opts.user and systemd.user or systemd.system)()
   if not manager then die(rolling.EXIT_FAILED, merr) end

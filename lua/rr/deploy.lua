@@ -41,11 +41,17 @@
 --   * rsync's quick check skips a file whose size and mtime match, even when its bytes
 --     differ; pass checksum = true when the deploy path's mtimes are normalized (Nix,
 --     reproducible archives).
-local fs = require("rr.fs")
+local hostfs = require("rr.hostfs")
 local state = require("rr.state")
 local proc = require("rr.proc")
+local remote = require("rr.remote")
 local cjson = require("cjson")
 
+-- The module is made once per host (make(fs), fs an rr.hostfs handle): deploy.on(handle) is the
+-- same API acting on that host's files; deploy itself is this machine's.
+local function make(fs)
+-- The deploy source is always this machine's (rsync sends it to the host).
+local lfs = hostfs.here()
 local deploy = {}
 
 local MANIFEST = "deploy.json"
@@ -302,7 +308,7 @@ local function check_space(record, items)
   local release, backups = 0, 0
   for _, item in ipairs(items) do
     if item.action == "created" or item.action == "changed" then
-      local st = fs.stat(join(record.source, item.path))
+      local st = lfs.stat(join(record.source, item.path))
       if st then release = release + blocks(st.type == "file" and st.size or 0, tsv.bsize) end
     end
   end
@@ -405,7 +411,8 @@ local function check_apply_opts(opts)
 end
 
 -- Resolves a directory argument: its real path, or nil, err when it is not a directory.
-local function existing_dir(path, what)
+local function existing_dir(path, what, dfs)
+  local fs = dfs or fs
   local st, err = fs.stat(path)
   if not st then
     return nil, ("%s %s does not exist: %s"):format(what, path, tostring(err))
@@ -429,6 +436,13 @@ local function rsync_argv(record, extra, with_backup)
   if with_backup then
     argv[#argv + 1] = "--backup"
     argv[#argv + 1] = "--backup-dir=" .. record.backup_dir
+  end
+  if fs.remote then
+    -- from this machine to the host, through its ssh connection: the receiving rsync there
+    -- makes the backups (--backup-dir is a path on the host)
+    local options = { table.unpack(argv, 2) }
+    return remote.rsync_argv(fs.host, options, record.source .. "/", record.target .. "/",
+      { ssh_config = fs.ssh_config })
   end
   argv[#argv + 1] = "--"
   argv[#argv + 1] = record.source .. "/"
@@ -500,12 +514,12 @@ end
 -- apply returns (the error says whether that worked; the record is the third value).
 function deploy.apply(opts)
   check_apply_opts(opts)
-  local source, err = existing_dir(opts.source, "deploy source")
+  local source, err = existing_dir(opts.source, "deploy source", lfs)
   if not source then return nil, err end
   local target
   target, err = existing_dir(opts.target, "working dir")
   if not target then return nil, err end
-  if inside(source, target) or inside(target, source) then
+  if not fs.remote and (inside(source, target) or inside(target, source)) then
     return nil, ("deploy source %s and working dir %s overlap"):format(source, target)
   end
 
@@ -513,7 +527,7 @@ function deploy.apply(opts)
   local state_dir = strip_slash(absolute(opts.state_dir))
   local state_root = opts.state_root and strip_slash(absolute(opts.state_root)) or implied_root(state_dir)
   local real_state = future_real(state_dir)
-  if inside(real_state, target) or inside(real_state, source) then
+  if inside(real_state, target) or (not fs.remote and inside(real_state, source)) then
     return nil, ("the deploy state dir %s is inside %s: rsync would copy or delete it")
       :format(state_dir, inside(real_state, target) and target or source)
   end
@@ -530,6 +544,7 @@ function deploy.apply(opts)
     backup_dir = state_dir .. "/backup",
     delete = opts.delete == true,
     checksum = opts.checksum == true,
+    host = fs.host,
     created_at = now_rfc3339(),
     state = "applying",
   }
@@ -574,7 +589,7 @@ function deploy.apply(opts)
     max_capture = MAX_LISTING,
     timeout = opts.timeout,
     on_line = opts.on_line,
-  }, opts.on_spawn, opts.manager)
+  }, opts.on_spawn, not fs.remote and opts.manager or nil)
   local out = res or (type(rres) == "table" and rres) or nil
   if res then
     -- What rsync reports it did replaces the prediction.
@@ -663,7 +678,7 @@ end
 
 -- Runs a small command (chmod, chown, rsync) for undo; nil, err when it fails.
 local function run(argv)
-  local res, err, _, r = proc.run(argv, { capture = true })
+  local res, err, _, r = fs.run(argv, { capture = true })
   if not res then
     return nil, tostring(err) .. stderr_tail(r)
   end
@@ -1016,11 +1031,11 @@ function deploy.prune(state_root, service, opts)
     if type(dir) ~= "string" or dir == "" then
       error(("rr.deploy.prune: protect[%d] must be a path (string)"):format(i), 2)
     end
-    protected[state.canonical(dir)] = true
+    protected[state.canonical(dir, fs)] = true
   end
   for _, kind in ipairs({ "inflight", "last" }) do
-    local dir = state.read_pointer(state_root, service, kind)
-    if dir then protected[state.canonical(dir)] = true end
+    local dir = state.read_pointer(state_root, service, kind, fs)
+    if dir then protected[state.canonical(dir, fs)] = true end
   end
 
   local runs = strip_slash(state_root) .. "/runs"
@@ -1031,7 +1046,7 @@ function deploy.prune(state_root, service, opts)
   local leftover = "." .. service .. ".pruning"
 
   local function remove_dir(run_dir, dir)
-    local ok, err = state.discard(dir, run_dir .. "/" .. leftover, state_root)
+    local ok, err = state.discard(dir, run_dir .. "/" .. leftover, state_root, fs)
     if not ok then
       problems[#problems + 1] = err
       return
@@ -1075,7 +1090,7 @@ function deploy.prune(state_root, service, opts)
   for i, r in ipairs(records) do
     if i <= keep then
       keep_dir(r.dir, "newest")
-    elseif protected[state.canonical(r.dir)] then
+    elseif protected[state.canonical(r.dir, fs)] then
       keep_dir(r.dir, "protected")
     elseif r.record.state == "applying" or r.record.state == "failed" then
       keep_dir(r.dir, "unfinished")
@@ -1098,5 +1113,24 @@ end
 
 -- Exposed for the specs: the itemize parser is the part most tied to rsync's output.
 deploy._parse_item = parse_item
+
+return deploy
+end
+
+local instances = setmetatable({}, { __mode = "k" })
+local deploy = make(hostfs.here())
+instances[hostfs.here()] = deploy
+
+-- deploy.on(handle) -> the module acting on the files of handle's host (rr.hostfs).
+function deploy.on(h)
+  if h == nil then return deploy end
+  local m = instances[h]
+  if not m then
+    m = make(h)
+    m.on = deploy.on
+    instances[h] = m
+  end
+  return m
+end
 
 return deploy

@@ -8,6 +8,8 @@ local snapshot = require("rr.snapshot")
 local deploy = require("rr.deploy")
 local proc = require("rr.proc")
 local state = require("rr.state")
+local hostfs = require("rr.hostfs")
+local remote = require("rr.remote")
 
 local flow = {}
 
@@ -15,6 +17,17 @@ local flow = {}
 flow.SUCCESS = "success"
 flow.FAILED = "failed"             -- not touched, or failed and rolled back
 flow.ROLLBACK_FAILED = "rollback_failed"
+flow.UNRESOLVED = "unresolved"     -- its host was lost mid-flow: neither finished nor rolled back
+
+-- Where a service lives: { manager, fs (rr.hostfs), state_root, journal (rr.journal | nil),
+-- host (nil: this machine) }. A run over several hosts gives ctx.hosts[host or false] per host:
+-- the host's manager, its files, its state root and its run journal; without it, everything is
+-- this machine's (ctx.manager, ctx.state_root, ctx.run_journal).
+function flow.place(ctx, svc)
+  local p = ctx.hosts and ctx.hosts[svc.host or false]
+  if p then return p end
+  return { manager = ctx.manager, fs = hostfs.here(), state_root = ctx.state_root, journal = ctx.run_journal }
+end
 
 local function ms(seconds)
   return math.floor(seconds * 1000 + 0.5)
@@ -38,7 +51,8 @@ end
 -- Drop-ins on disk that systemd does not list yet. systemd 252 notices neither a drop-in in a
 -- brand-new <unit>.d/ directory (NeedDaemonReload stays "no") nor lists it in DropInPaths, so
 -- without this look a new drop-in would be "reloaded" without ever being applied.
-function flow.unlisted_dropins(svc, props, user)
+function flow.unlisted_dropins(svc, props, user, hfs)
+  local fs = hfs or fs
   local listed, found, seen = {}, {}, {}
   for _, p in ipairs(props.DropInPaths or {}) do listed[p] = true end
   -- beside the unit file, and where an operator drops overrides (systemctl edit writes to
@@ -47,10 +61,12 @@ function flow.unlisted_dropins(svc, props, user)
   local fragment = props.FragmentPath
   if fragment and fragment ~= "" then dirs[#dirs + 1] = fragment:match("^(.*)/[^/]+$") end
   if user then
-    local config = os.getenv("XDG_CONFIG_HOME")
-    if not config or config == "" then config = (os.getenv("HOME") or "") .. "/.config" end
+    -- the host's own directories (its sessions' variables)
+    local getenv = fs.getenv or os.getenv
+    local config = getenv("XDG_CONFIG_HOME")
+    if not config or config == "" then config = (getenv("HOME") or "") .. "/.config" end
     dirs[#dirs + 1] = config .. "/systemd/user"
-    if os.getenv("XDG_RUNTIME_DIR") then dirs[#dirs + 1] = os.getenv("XDG_RUNTIME_DIR") .. "/systemd/user" end
+    if getenv("XDG_RUNTIME_DIR") then dirs[#dirs + 1] = getenv("XDG_RUNTIME_DIR") .. "/systemd/user" end
   else
     dirs[#dirs + 1] = "/etc/systemd/system"
     dirs[#dirs + 1] = "/run/systemd/system"
@@ -74,12 +90,14 @@ end
 -- differ. Used by the flow, the dry run and plans/rollback.lua.
 function flow.definition_state(ctx, svc, props)
   local current = flow.definition_files(props)
-  local unlisted = flow.unlisted_dropins(svc, props, ctx.user)
+  local place = flow.place(ctx, svc)
+  local snaps = snapshot.on(place.fs)
+  local unlisted = flow.unlisted_dropins(svc, props, ctx.user, place.fs)
   for _, path in ipairs(unlisted) do
     current[#current + 1] = { path = path, role = "dropin" }
   end
-  local known = snapshot.known_good(ctx.state_root, svc.name)
-  local changes = known and snapshot.diff(known, current, { unit = svc.unit }) or {}
+  local known = snaps.known_good(place.state_root, svc.name)
+  local changes = known and snaps.diff(known, current, { unit = svc.unit }) or {}
   -- ctx.initially_stale: what the run saw before any service's daemon-reload, which also
   -- clears NeedDaemonReload on the units that come later in the run.
   local stale = props.NeedDaemonReload == true or #unlisted > 0
@@ -168,7 +186,7 @@ function Run:job(method)
 end
 
 function Run:daemon_reload()
-  local ok, err = self.ctx.manager:daemon_reload()
+  local ok, err = self.manager:daemon_reload()
   self:emit(ok and "DAEMON_RELOAD" or "DAEMON_RELOAD_FAILED", { error = err })
   return ok, err
 end
@@ -243,7 +261,12 @@ end
 function Run:manual_steps()
   local sc = self.ctx.user and "systemctl --user" or "systemctl"
   local unit = self.svc.unit
+  local fs = self.fs
   local steps = { ("%s stop %s"):format(sc, unit) }
+  if self.svc.host then
+    table.insert(steps, 1, ("ssh %s   # the steps below run on %s, the rrengine one here"):format(
+      flow.shell_quote(self.svc.host), self.svc.host))
+  end
   -- only a deploy still not undone: an undo that already happened is not repeated
   if self.touched.deploy then
     steps[#steps + 1] = ("rrengine plans/rollback.lua%s%s --service %s --deploy-record %s   # undo the code deploy")
@@ -251,6 +274,7 @@ function Run:manual_steps()
         self.ctx.user and " --user" or "", self.svc.name, flow.shell_quote(self.touched.deploy.state_dir or "?"))
   end
   local known = self.def and self.def.known
+  local snapshot = self.snaps
   if known then
     -- only the files that still differ from the known good: what was restored is not repeated
     for _, f in ipairs(known.files or {}) do
@@ -315,12 +339,12 @@ function Run:rollback(reason)
   if self.def and self.def.known then
     local props = self.unit:properties() or self.props or {}
     local current = flow.definition_files(props)
-    for _, path in ipairs(flow.unlisted_dropins(self.svc, props, self.ctx.user)) do
+    for _, path in ipairs(flow.unlisted_dropins(self.svc, props, self.ctx.user, self.fs)) do
       current[#current + 1] = { path = path, role = "dropin" }
     end
     -- Files the known-good had that systemd no longer lists (a drop-in removed since) come
     -- back too: restore works on the union of both lists.
-    local restored, rerr = snapshot.restore(self.def.known, current, { unit = self.svc.unit })
+    local restored, rerr = self.snaps.restore(self.def.known, current, { unit = self.svc.unit })
     if restored then
       self:emit("DEFINITION_RESTORED", { restored = restored.restored, removed = restored.removed,
         manual = restored.manual, snapshot = self.def.known.dir })
@@ -378,13 +402,13 @@ function Run:undo_deploy()
   local record = self.touched.deploy
   if not record then return true end
   if self.undo_failed then return nil, "undo deploy: " .. self.undo_failed end
-  local ok, err = deploy.undo(record)
+  local ok, err = self.deploys.undo(record)
   if not ok then
     self.undo_failed = tostring(err)
     return nil, "undo deploy: " .. tostring(err)
   end
   self:emit("DEPLOY_UNDONE", { target = record.target })
-  state.deploy_undone(self.ctx.state_root, self.svc.name, record.state_dir)
+  state.deploy_undone(self.state_root, self.svc.name, record.state_dir, self.fs)
   self.touched.deploy = nil
   return true
 end
@@ -418,7 +442,7 @@ end
 
 -- Records the flow's progress in the run journal (when the run keeps one).
 function Run:journal(fields)
-  local j = self.ctx.run_journal
+  local j = flow.place(self.ctx, self.svc).journal
   if j then j:update(self.svc.name, fields) end
 end
 
@@ -429,9 +453,10 @@ end
 -- unit's main process is in the run journal while it runs: a later run must not act on this
 -- service while a migration of a dead run goes on.
 function Run:run_command(argv, output_event)
-  local svc, j = self.svc, self.ctx.run_journal
+  local svc, j = self.svc, flow.place(self.ctx, self.svc).journal
+  if self.fs.remote then return self:run_remote_command(argv, output_event) end
   local pid
-  local res, err, code, r = self.ctx.manager:run(argv, {
+  local res, err, code, r = self.manager:run(argv, {
     cwd = svc.working_dir,
     -- a migration killed half-way is worse than a slow one: 30 minutes unless the service says
     timeout = svc.migrate_timeout or 1800,
@@ -451,6 +476,46 @@ function Run:run_command(argv, output_event)
   return nil, err, code, r
 end
 
+-- The same on another host: `systemd-run --wait --pipe` through ssh (rr.remote quotes every
+-- word for the remote shell), so the command is a transient unit of that host's manager there
+-- too: RuntimeMaxSec= ends everything it started at the timeout, even when this engine is gone.
+-- systemd expands `$VAR` and `${VAR}` in an ExecStart= argv, so the command's words never go
+-- there: they travel on stdin, NUL-separated (spec/hosts_rolling_spec.lua checks spaces, quotes,
+-- `$`, `%`, backslashes and tabs byte for byte).
+function Run:run_remote_command(argv, output_event)
+  local svc = self.svc
+  local timeout = svc.migrate_timeout or 1800
+  local name = ("rrengine-%s-%s-%08x"):format((output_event:lower():gsub("_output$", ""):gsub("_", "-")),
+    (svc.name:gsub("[^%w:_.-]", "_")), math.random(0, 0x7fffffff)):sub(1, 240)
+  local words = { "systemd-run" }
+  if self.ctx.user then words[#words + 1] = "--user" end
+  for _, w in ipairs({ "--wait", "--pipe", "--quiet", "--collect", "--unit=" .. name,
+      "-p", ("RuntimeMaxSec=%d"):format(math.ceil(timeout)), "-p", "TimeoutStopSec=2" }) do
+    words[#words + 1] = w
+  end
+  if svc.working_dir then words[#words + 1] = "--working-directory=" .. svc.working_dir end
+  -- the command's words go through stdin, never through ExecStart=: xargs -0 hands them to
+  -- `exec "$@"` as they are (the command's own stdin is /dev/null, as with m:run)
+  for _, w in ipairs({ "--", "xargs", "-0", "-x", "sh", "-c", 'exec "$@"', "rrengine-run" }) do
+    words[#words + 1] = w
+  end
+  local parts = {}
+  for i, a in ipairs(argv) do parts[i] = tostring(a) end
+  local t0 = rr.now()
+  local res, err, code, r = self.fs.run(words, {
+    timeout = timeout + 10, capture = true, stdin = table.concat(parts, "\0") .. "\0",
+    on_line = function(stream, line) self:emit(output_event, { stream = stream, line = line }) end,
+  })
+  if res then return res end
+  if code == "EEXIT" and rr.now() - t0 >= timeout then
+    return nil, ("%s on %s timed out after %g s (killed)"):format(tostring(argv[1]), svc.host, timeout), "ETIMEDOUT", r
+  end
+  if code == "EEXIT" then
+    err = ("%s on %s exited with code %s"):format(tostring(argv[1]), svc.host, tostring(r and r.exit_code))
+  end
+  return nil, err, code, r
+end
+
 -- Ends the flow with a failure, undoing what the steps touched: a full rollback once the unit
 -- was touched, else only the deploy (the service still runs what it ran).
 function Run:fail(reason)
@@ -458,6 +523,16 @@ function Run:fail(reason)
   if self.veto then
     self:emit("SERVICE_SKIPPED", { reason = self.veto })
     return flow.FAILED, self.veto, { touched = false, vetoed = true }
+  end
+  local lost = self:host_lost()
+  if lost then
+    -- Nothing can be undone on a host that cannot be reached: its journal there keeps what was
+    -- in flight, and --recover resolves it once the host is back.
+    local phase = self.current_step or "?"
+    local why = ("host %s was lost in phase %s (%s): %s"):format(svc.host, phase, lost, reason)
+    self:emit("SERVICE_RESTART_FAILED", { error = why, host = svc.host, host_lost = true, phase = phase,
+      duration_ms = ms(rr.now() - self.t0) })
+    return flow.UNRESOLVED, why, { host_lost = lost, phase = phase }
   end
   local rolled_back, problem, steps
   if self.touched.unit then
@@ -481,6 +556,19 @@ function Run:fail(reason)
     return flow.FAILED, reason, { rolled_back = true }
   end
   return flow.FAILED, reason, { touched = false }
+end
+
+-- Whether the service's host was lost -> why | nil. Asked on a failure only: one command on the
+-- host (a connection that works answers in milliseconds; a dead one fails at once, a silent one
+-- within 10 s).
+function Run:host_lost()
+  local place = flow.place(self.ctx, self.svc)
+  if not self.fs or not self.fs.remote then return nil end
+  if place.lost then return place.lost end
+  local ok, err, code = self.fs.run({ "true" }, { timeout = 5 })
+  if ok or code == "EEXIT" then return nil end
+  place.lost = tostring(err)
+  return place.lost
 end
 
 -- A word for a POSIX shell, quoted only when it needs to be (manual steps are pasted).
@@ -547,9 +635,9 @@ STEPS[#STEPS + 1] = { name = "snapshot", fn = function(self)
   local def = flow.definition_state(ctx, svc, self.props)
   self.def = def
   if not def.known and self.prechecked and not def.stale then
-    local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
+    local snap, err = self.snaps.capture(self.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
     if snap then
-      snap, err = snapshot.promote(ctx.state_root, svc.name, snap)
+      snap, err = self.snaps.promote(self.state_root, svc.name, snap)
     end
     if not snap then
       return nil, "cannot snapshot the unit definition: " .. tostring(err)
@@ -573,7 +661,7 @@ STEPS[#STEPS + 1] = { name = "snapshot", fn = function(self)
   end
   -- What the definition files hold now: a deploy or a migration may change one of them (an
   -- environment file shipped with the release), which then needs a restart, not a reload.
-  self.def_hashes = flow.hashes(def.current)
+  self.def_hashes = flow.hashes(def.current, self.fs)
   return true
 end }
 
@@ -583,24 +671,25 @@ STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opt
   local ctx, svc, opts = self.ctx, self.svc, self.ctx.opts
   local t0 = rr.now()
   self:emit("DEPLOY_START", { source = opts.deploy_path, target = svc.working_dir })
-  local record_dir = state.record_dir(ctx.state_root, ctx.events.run, svc.name)
+  local record_dir = state.record_dir(self.state_root, ctx.events.run, svc.name)
   -- Named before rsync runs: an engine killed from here on leaves the pointer to the record that
   -- undoes it.
-  local pok, perr = state.deploy_begin(ctx.state_root, svc.name, record_dir)
+  local pok, perr = state.deploy_begin(self.state_root, svc.name, record_dir, self.fs)
   if not pok then
     return nil, "cannot record the deploy before running it: " .. tostring(perr)
   end
   self.record_dir = record_dir
   self:journal({ deploy_record = record_dir })
-  local record, err, partial = deploy.apply{
+  local j = flow.place(ctx, svc).journal
+  local record, err, partial = self.deploys.apply{
     source = opts.deploy_path, target = svc.working_dir, delete = svc.deploy_delete,
     -- rsync's quick check (size + mtime) would skip a changed file of the same size built in
     -- the same second: a release must land whole, so compare contents.
     checksum = true,
-    state_dir = record_dir, timeout = svc.deploy_timeout or 1800, manager = ctx.manager,
-    on_spawn = ctx.run_journal and function(pid, what)
-      ctx.run_journal:child(svc.name, pid, what)
-      return function() ctx.run_journal:child_done(svc.name, pid) end
+    state_dir = record_dir, timeout = svc.deploy_timeout or 1800, manager = self.manager,
+    on_spawn = j and function(pid, what)
+      j:child(svc.name, pid, what)
+      return function() j:child_done(svc.name, pid) end
     end,
   }
   if not record then
@@ -612,7 +701,7 @@ STEPS[#STEPS + 1] = { name = "deploy", when = function(self) return self.ctx.opt
       self.undo_failed = "the partial deploy could not be undone"
       return nil, "deploy failed: " .. tostring(err)
     end
-    state.deploy_undone(ctx.state_root, svc.name, record_dir)
+    state.deploy_undone(self.state_root, svc.name, record_dir, self.fs)
     return nil, "deploy failed (working dir left as it was): " .. tostring(err)
   end
   self.touched.deploy = record
@@ -677,7 +766,7 @@ STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self
   if def.changed then
     -- systemd's own check, before the daemon-reload makes a typo the running definition (and,
     -- once healthy, the known good one: systemd ignores an unknown key with a warning)
-    local findings = flow.verify_definition(self.ctx, def)
+    local findings = flow.verify_definition(self.ctx, def, self.fs)
     if #findings > 0 then
       self:emit("DEFINITION_INVALID", { findings = findings })
       local text = findings[1] .. (#findings > 1 and (" (and %d more)"):format(#findings - 1) or "")
@@ -697,7 +786,7 @@ STEPS[#STEPS + 1] = { name = "apply", shows_own_steps = true, fn = function(self
     end
     props = self.unit:properties() or props
   end
-  local changed = flow.changed_files(def.current, self.def_hashes)
+  local changed = flow.changed_files(def.current, self.def_hashes, self.fs)
   if #changed > 0 then
     def.changed = true
     self:emit("DEFINITION_CHANGED", { changes = changed, by = "deploy or migration" })
@@ -762,10 +851,10 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
     self.known_good_kept = true
   else
     local cur = self.unit:properties() or self.props
-    local snap, serr = snapshot.capture(ctx.state_root, svc.name, flow.definition_files(cur),
+    local snap, serr = self.snaps.capture(self.state_root, svc.name, flow.definition_files(cur),
       { run = ctx.events.run, unit = svc.unit })
     if snap then
-      snap, serr = snapshot.promote(ctx.state_root, svc.name, snap)
+      snap, serr = self.snaps.promote(self.state_root, svc.name, snap)
     end
     if not snap then
       self:emit("WARNING", { warning = "cannot record the known-good snapshot: " .. tostring(serr) })
@@ -773,9 +862,9 @@ STEPS[#STEPS + 1] = { name = "commit", shows_own_steps = true, fn = function(sel
   end
   local record = self.touched.deploy
   if record then
-    state.deploy_commit(ctx.state_root, svc.name, self.record_dir)
+    state.deploy_commit(self.state_root, svc.name, self.record_dir, self.fs)
     -- old deploy backups go; this one, and any unfinished one, stay
-    deploy.prune(ctx.state_root, svc.name, { keep = deploy.KEEP, protect = { record.state_dir } })
+    self.deploys.prune(self.state_root, svc.name, { keep = deploy.KEEP, protect = { record.state_dir } })
   end
   return true
 end }
@@ -785,7 +874,7 @@ flow.STEPS = STEPS
 -- flow.verify_definition(ctx, def) -> { finding, ... }: what `systemd-analyze verify` says about
 -- the unit's own files (its lines that name one of them; other units' problems are not this
 -- service's), or the verifier's failure itself. Empty: nothing found.
-function flow.verify_definition(ctx, def)
+function flow.verify_definition(ctx, def, hfs)
   local unit_file
   local ours = {}
   for _, f in ipairs(def.current) do
@@ -797,7 +886,8 @@ function flow.verify_definition(ctx, def)
   if ctx.user then argv[#argv + 1] = "--user" end
   argv[#argv + 1] = "verify"
   argv[#argv + 1] = unit_file
-  local res, _, _, r = proc.run(argv, { timeout = 60 })
+  -- on the unit's host: its systemd reads its files
+  local res, _, _, r = (hfs or hostfs.here()).run(argv, { timeout = 60, capture = true })
   local out = res or (type(r) == "table" and r) or nil
   if not out then
     return {} -- no verifier here (not installed): nothing to say, the flow goes on
@@ -821,7 +911,8 @@ function flow.verify_definition(ctx, def)
 end
 
 -- flow.hashes(files) -> { [path] = sha256 | false (absent) }
-function flow.hashes(files)
+function flow.hashes(files, hfs)
+  local fs = hfs or fs
   local out = {}
   for _, f in ipairs(files) do
     out[f.path] = fs.sha256(f.path) or false
@@ -831,7 +922,8 @@ end
 
 -- flow.changed_files(files, hashes) -> { "changed PATH", ... }: which of the files differ from
 -- the hashes taken earlier.
-function flow.changed_files(files, hashes)
+function flow.changed_files(files, hashes, hfs)
+  local fs = hfs or fs
   local out = {}
   if not hashes then return out end
   for _, f in ipairs(files) do
@@ -876,8 +968,16 @@ end
 flow.is_cancel = rr.is_cancel
 
 local function new_run(ctx, svc)
-  local unit, err = ctx.manager:unit(svc.unit)
-  return setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = unit, touched = {} }, Run), err
+  local place = flow.place(ctx, svc)
+  local unit, err
+  if place.manager then
+    unit, err = place.manager:unit(svc.unit)
+  else
+    err = place.error or ("host " .. tostring(svc.host) .. " cannot be reached")
+  end
+  return setmetatable({ ctx = ctx, svc = svc, t0 = rr.now(), unit = unit, touched = {}, manager = place.manager,
+    fs = place.fs, state_root = place.state_root, snaps = snapshot.on(place.fs), deploys = deploy.on(place.fs) },
+    Run), err
 end
 
 -- flow.run(ctx, svc) -> outcome, error, info
@@ -955,14 +1055,14 @@ function flow.recover(ctx, svc, entry)
   self.def = flow.definition_state(ctx, svc, props)
   if entry.deploy_record then
     self.record_dir = entry.deploy_record
-    local record = deploy.load(entry.deploy_record)
+    local record = self.deploys.load(entry.deploy_record)
     if record and record.state ~= "undone" then
       self.touched.deploy = record
-    elseif not record and fs.exists(entry.deploy_record .. "/backup") then
+    elseif not record and self.fs.exists(entry.deploy_record .. "/backup") then
       return failed(("the deploy record %s cannot be read: undo that deploy by hand"):format(entry.deploy_record),
         flow.ROLLBACK_FAILED)
     else
-      state.deploy_undone(ctx.state_root, svc.name, entry.deploy_record) -- never started, or undone
+      state.deploy_undone(self.state_root, svc.name, entry.deploy_record, self.fs) -- never started, or undone
     end
   end
   self.touched.migrated = entry.migration == "finished"

@@ -22,6 +22,7 @@
 -- (status, the dry run) take no lock and ask whether the writer is still alive (its PID with
 -- the same start time, on the same boot).
 local fs = require("rr.fs")
+local hostfs = require("rr.hostfs")
 local cjson = require("cjson")
 local log = require("rr.log")
 local state = require("rr.state")
@@ -35,6 +36,11 @@ local json = cjson.new()
 local function read_line(path)
   local data = fs.read(path)
   return data and data:match("^%s*(.-)%s*$") or nil
+end
+
+-- This machine's name: a journal on a host names the engine host that wrote it.
+function journal.hostname()
+  return read_line("/proc/sys/kernel/hostname") or "?"
 end
 
 function journal.boot_id()
@@ -69,7 +75,7 @@ end
 
 -- Header fields: the run; everything else in data is replayed from the records.
 local HEADER = { "version", "run", "pid", "pid_start", "boot_id", "user", "argv", "services_file",
-  "started_at", "kind", "order" }
+  "started_at", "kind", "order", "host", "engine_host" }
 
 -- Replays the lines of a journal into data | nil. A last line without its newline was torn by a
 -- power cut: what it said was not durable, so it is dropped; any other bad line is not.
@@ -109,9 +115,9 @@ local function replay(text)
 end
 
 -- journal.read(root) -> data | nil, message, CODE ("ENOENT": no journal; "EBADMSG": unreadable)
-function journal.read(root)
+function journal.read(root, hfs)
   local path = state.journal_path(root)
-  local text, err, code = fs.read(path)
+  local text, err, code = (hfs or fs).read(path)
   if not text then return nil, err, code end
   local data = replay(text)
   if not data then
@@ -128,7 +134,7 @@ end
 -- The journal of a run that ended without finishing. locked: the caller holds the run lock, so
 -- any journal there is a dead run's; otherwise its writer must be gone.
 function journal.interrupted(root, opts)
-  local data, err, code = journal.read(root)
+  local data, err, code = journal.read(root, opts and opts.fs)
   if not data then
     if code == "EBADMSG" then
       -- a journal we cannot read is still a run that did not finish
@@ -136,7 +142,8 @@ function journal.interrupted(root, opts)
     end
     return nil
   end
-  if not (opts and opts.locked) and journal.alive(data) then return nil end
+  -- a journal on another host was written by an engine elsewhere: only the lock tells
+  if not (opts and opts.locked) and (opts and opts.fs and opts.fs.remote or journal.alive(data)) then return nil end
   return data
 end
 
@@ -251,43 +258,60 @@ function journal.create(root, info)
   local pid = fs.getpid()
   local self = setmetatable({
     root = root,
+    fs = info.fs or hostfs.here(),
     path = state.journal_path(root),
     data = {
       version = VERSION, run = info.run, pid = pid, pid_start = journal.start_time(pid),
       boot_id = journal.boot_id(), user = info.user or false, argv = info.argv or {},
       services_file = info.services_file, started_at = os.date("!%Y-%m-%dT%H:%M:%SZ"),
       kind = info.kind or "rolling", order = info.order or {}, done = {}, failed = {}, services = {},
+      host = info.host, engine_host = journal.hostname(),
     },
   }, journal)
   local head = { record = "run" }
   for _, k in ipairs(HEADER) do head[k] = self.data[k] end
+  local line = json.encode(head)
   local under = state.under(root)
   under.mode = 384
   under.sync = true
-  local ok, err, code = fs.write_atomic(self.path, json.encode(head) .. "\n", under)
+  local ok, err, code = self.fs.write_atomic(self.path, line .. "\n", under)
   if not ok then
     return nil, ("cannot write the run journal %s: %s"):format(self.path, tostring(err)), code
   end
-  self.file, err, code = open_append(self.path)
-  if not self.file then return nil, err, code end
+  if self.fs.remote then
+    self.lines = { line }
+  else
+    self.file, err, code = open_append(self.path)
+    if not self.file then return nil, err, code end
+  end
   return self
 end
 
--- journal.adopt(root, data) -> j: carries on the journal of an interrupted run
+-- journal.adopt(root, data[, hfs]) -> j: carries on the journal of an interrupted run
 -- (recovery): the same record, now appended to by this process.
-function journal.adopt(root, data)
+function journal.adopt(root, data, hfs)
   local pid = fs.getpid()
   data.pid, data.pid_start, data.boot_id = pid, journal.start_time(pid), journal.boot_id()
   data.done = data.done or {}
   data.failed = data.failed or {}
   data.order = data.order or {}
-  local self = setmetatable({ root = root, path = state.journal_path(root), data = data }, journal)
+  local self = setmetatable({ root = root, fs = hfs or hostfs.here(), path = state.journal_path(root), data = data },
+    journal)
   local err
-  self.file, err = open_append(self.path)
-  if not self.file then
+  if self.fs.remote then
+    local text
+    text, err = self.fs.read(self.path)
+    if text then
+      self.lines = {}
+      for line in text:gmatch("([^\n]*)\n") do self.lines[#self.lines + 1] = line end
+    end
+  else
+    self.file, err = open_append(self.path)
+  end
+  if not (self.file or self.lines) then
     -- as for any record that cannot be written: said once, and the recovery goes on
     self.failed = true
-    io.stderr:write("rrengine: ", err, "\n")
+    io.stderr:write("rrengine: ", tostring(err), "\n")
   end
   self:append({ record = "adopt", pid = data.pid, pid_start = data.pid_start, boot_id = data.boot_id }, true)
   return self
@@ -301,12 +325,24 @@ function journal:renew(run, order)
 end
 
 -- j:append(record[, durable]) -> true | nil, message, CODE: one line, fsynced when durable.
--- A failure is reported once on stderr: the restart goes on (its events still say what
--- happened).
+-- Here, one write() on the open file. On another host there is no append over ssh that a kill
+-- cannot cut short, so the whole file is written again, atomically, through the host's handle
+-- (one ssh command either way). A failure is reported once on stderr: the restart goes on (its
+-- events still say what happened).
 function journal:append(record, durable)
-  if not self.file then return nil, "the run journal is closed", "EBADF" end
-  local ok, err, code = self.file:emit(record)
-  if ok and durable then ok, err, code = self.file:sync() end
+  local ok, err, code
+  if self.file then
+    ok, err, code = self.file:emit(record)
+    if ok and durable then ok, err, code = self.file:sync() end
+  elseif self.lines then
+    self.lines[#self.lines + 1] = json.encode(record)
+    local under = state.under(self.root)
+    under.mode = 384
+    under.sync = durable and true or false
+    ok, err, code = self.fs.write_atomic(self.path, table.concat(self.lines, "\n") .. "\n", under)
+  else
+    ok, err, code = nil, "the run journal is closed", "EBADF"
+  end
   if not ok then
     err = ("cannot write the run journal %s: %s"):format(self.path, tostring(err))
     if not self.failed then
@@ -382,17 +418,18 @@ end
 function journal:close()
   if not self.path then return true end
   if self.file then self.file:close(); self.file = nil end
-  local ok, err, code = fs.remove(self.path, state.under(self.root))
+  self.lines = nil
+  local ok, err, code = self.fs.remove(self.path, state.under(self.root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
-  fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))
+  self.fs.fsync_dir(self.path:match("^(.*)/[^/]+$"))
   self.path = nil
   return true
 end
 
 -- journal.remove(root): forget an interrupted run (--abandon).
-function journal.remove(root)
+function journal.remove(root, hfs)
   local path = state.journal_path(root)
-  local ok, err, code = fs.remove(path, state.under(root))
+  local ok, err, code = (hfs or fs).remove(path, state.under(root))
   if not ok and code ~= "ENOENT" then return nil, err, code end
   return true
 end

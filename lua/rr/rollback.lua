@@ -185,6 +185,12 @@ function rollback.run(args)
     if type(spell[k]) ~= "string" then error(("rollback.run: args.spell.%s must be a string"):format(k), 2) end
   end
 
+  if svc.host then
+    -- this machine's manager and state would be acted on: refused until rollback reaches hosts
+    return 2, ("service %s is on host %s: a rollback on request does not reach remote hosts yet; "
+      .. "plans/rolling.lua rolls it back when its restart fails, and --recover resolves a killed run"):format(
+      svc.name, svc.host), "EREMOTE"
+  end
   local explicit
   if args.deploy_record then
     if not svc.working_dir then

@@ -15,6 +15,8 @@ local balancer = require("rr.balancer")
 local health = require("rr.health")
 local canary = require("rr.canary")
 local bluegreen = require("rr.bluegreen")
+local hostfs = require("rr.hostfs")
+local remote = require("rr.remote")
 
 local rolling = {}
 
@@ -100,6 +102,8 @@ local function summary_of(s)
     events_file = s.events_file,
     message = s.message,
     services_recovered = s.recovered,
+    services_unresolved = s.unresolved,
+    hosts_lost = s.host_lost,
   }
 end
 
@@ -124,14 +128,42 @@ local function prepare(opts)
   if not platform then
     return nil, table.concat(errs, "\n")
   end
-  -- the units, snapshots and lock a run acts on are this machine's
-  local remote = services.remote_refusal and services.remote_refusal(platform)
-  if remote then return nil, remote end
   local names = opts.services
   if names and #names == 0 then names = nil end
+  -- -H HOST: the services on that host (a platform without hosts: all of them, on HOST)
+  if opts.host then
+    local host, problem = services.parse_host(opts.host)
+    if not host then return nil, ("option --host %s: %s"):format(("%q"):format(opts.host), problem) end
+    local any = false
+    for _, svc in ipairs(platform.services) do if svc.host then any = true break end end
+    if not any then
+      for _, svc in ipairs(platform.services) do svc.host = host end
+    else
+      local wanted, picked = nil, {}
+      if names then wanted = {}; for _, n in ipairs(names) do wanted[n] = true end end
+      for _, svc in ipairs(platform.services) do
+        if svc.host == host and (not wanted or wanted[svc.name]) then picked[#picked + 1] = svc.name end
+      end
+      if #picked == 0 then
+        return nil, ("no %sservice of %s is on host %s"):format(names and "selected " or "",
+          tostring(platform.source or opts.services_file or "the services file"), host)
+      end
+      names = picked
+    end
+  end
   local order, err = dag.order(platform.services, names)
   if not order then
     return nil, err
+  end
+  -- Blue-green releases and canaries keep their records (live colour, held canaries) in this
+  -- machine's state directory and act through its manager: on another host they would act on
+  -- the wrong machine, so they are refused before anything is touched.
+  for _, svc in ipairs(order) do
+    local group = svc.group and platform.groups and platform.groups[svc.group]
+    if svc.host and (svc.blue_green or (group and group.canary)) then
+      return nil, ("service %s is on host %s: %s releases on remote hosts are not supported yet (run them on that host)")
+        :format(svc.name, svc.host, svc.blue_green and "blue-green" or "canary")
+    end
   end
   if opts.deploy then
     if not opts.deploy_path then
@@ -251,9 +283,11 @@ end
 -- new version, or rolled back to the old. A service whose migration or rsync of the dead run is
 -- still running is left alone (and stays in the journal). Exit code: 0 every service finished,
 -- 1 one was rolled back, 3 a rollback failed, 4 one is still blocked.
-function rolling.recover(ctx, prep, dead)
-  local j = journal.adopt(ctx.state_root, dead)
-  ctx.run_journal = j
+function rolling.recover(ctx, prep, dead, place)
+  place = place or { state_root = ctx.state_root, fs = hostfs.here() }
+  local j = journal.adopt(place.state_root, dead, place.fs)
+  place.journal = j
+  if not place.host then ctx.run_journal = j end
   local stream = ctx.events
   local names = journal.in_flight(dead)
   stream:emit("PLAN_START", { recover = dead.run, order = names, pid = fs.getpid() })
@@ -356,41 +390,123 @@ function rolling.run(opts)
   if parallel <= 0 then parallel = math.huge end
   local state_root = opts.state_root or rolling.state_root(opts.user)
 
-  local manager, opened = opts.manager, nil
-  if not manager then
-    manager, err = (opts.user and systemd.user or systemd.system)()
-    if not manager then
-      return summary_of({ exit_code = rolling.EXIT_FAILED, error = err })
+  -- The hosts the selected services live on: this machine (false) and each remote host. Each
+  -- gets a place (rr.flow.place): its manager, its files (rr.hostfs), its state root, its lock
+  -- and its run journal. Remote hosts are opened at once, one task each.
+  local has_local, remote_hosts, seen_host = false, {}, {}
+  for _, svc in ipairs(prep.order) do
+    if not svc.host then
+      has_local = true
+    elseif not seen_host[svc.host] then
+      seen_host[svc.host] = true
+      remote_hosts[#remote_hosts + 1] = svc.host
     end
-    opened = manager
   end
-  local close_manager <close> = opened -- a manager opened here is closed on every way out
+  if #remote_hosts == 0 then has_local = true end
+  local ssh_config = opts.ssh_config
+  if ssh_config then hostfs.configure({ ssh_config = ssh_config }) end
+  local places = {}
+  -- managers and locks opened here are released on every way out
+  local close_places <close> = setmetatable({}, { __close = function()
+    for _, p in pairs(places) do
+      if p.lock then p.lock:unlock() end
+      if p.opened then p.opened:close() end
+    end
+  end })
 
-  local ok, merr = fs.mkdir_p(state_root, 448)
-  if not ok then
-    return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("cannot create %s: %s"):format(state_root, merr) })
+  local manager = opts.manager
+  if has_local then
+    local opened
+    if not manager then
+      manager, err = (opts.user and systemd.user or systemd.system)()
+      if not manager then
+        return summary_of({ exit_code = rolling.EXIT_FAILED, error = err })
+      end
+      opened = manager
+    end
+    places[false] = { manager = manager, opened = opened, fs = hostfs.here(), state_root = state_root }
+    local ok, merr = fs.mkdir_p(state_root, 448)
+    if not ok then
+      return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("cannot create %s: %s"):format(state_root, merr) })
+    end
+    local lock_path = state.lock_path(state_root)
+    local lock, lerr, lcode = fs.lock(lock_path)
+    if not lock then
+      local what = lcode == "EWOULDBLOCK" and "another rrengine run holds the lock on this manager"
+        or "cannot take the run lock"
+      return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("%s (%s): %s"):format(what, lock_path, lerr) })
+    end
+    places[false].lock = lock
   end
-  local lock_path = state.lock_path(state_root)
-  local lock <close>, lerr, lcode = fs.lock(lock_path)
-  if not lock then
-    local what = lcode == "EWOULDBLOCK" and "another rrengine run holds the lock on this manager"
-      or "cannot take the run lock"
-    return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("%s (%s): %s"):format(what, lock_path, lerr) })
+  if #remote_hosts > 0 then
+    local tasks = {}
+    for i, host in ipairs(remote_hosts) do
+      tasks[i] = rr.spawn(function()
+        local p = { host = host, fs = hostfs.get(host) }
+        places[host] = p
+        local m, merr = systemd.remote(host, { user = opts.user or false, ssh_config = ssh_config })
+        if not m then return nil, merr end
+        p.manager, p.opened = m, m
+        p.state_root = opts.host_state_root or hostfs.state_root(p.fs, opts.user)
+        local ok, derr = p.fs.mkdir_p(p.state_root, 448)
+        if not ok then return nil, ("cannot create %s on %s: %s"):format(p.state_root, host, tostring(derr)) end
+        local lock, lerr, lcode = remote.lock(host, { ssh_config = ssh_config, path = state.lock_path(p.state_root) })
+        if not lock then
+          if lcode == "EWOULDBLOCK" then
+            return nil, ("another rrengine run holds the lock on %s (%s): %s"):format(host,
+              state.lock_path(p.state_root), lerr)
+          end
+          return nil, lerr
+        end
+        p.lock = lock
+        return true
+      end)
+    end
+    local results = rr.wait(tasks)
+    local problems = {}
+    for i, r in ipairs(results) do
+      -- r = { ok, results... } per task
+      if not r[1] then
+        problems[#problems + 1] = ("%s: %s"):format(remote_hosts[i], tostring(r[2]))
+      elseif not r[2] then
+        problems[#problems + 1] = tostring(r[3])
+      end
+    end
+    if #problems > 0 then
+      return summary_of({ exit_code = rolling.EXIT_FAILED, error = table.concat(problems, "\n") })
+    end
   end
+  -- the place of each host, in a fixed order: this machine first, then the hosts as named
+  local place_list = {}
+  if places[false] then place_list[1] = places[false] end
+  for _, host in ipairs(remote_hosts) do place_list[#place_list + 1] = places[host] end
 
-  -- An earlier run that died mid-way (its lock died with it, so a journal here is a dead run's):
-  -- nothing is touched until it is resolved.
-  local dead = journal.interrupted(state_root, { locked = true })
+  -- An earlier run that died mid-way (its lock died with it, so a journal here is a dead run's),
+  -- on any of the hosts: nothing is touched until it is resolved.
+  local deads = {}
+  for _, p in ipairs(place_list) do
+    local d = journal.interrupted(p.state_root, { locked = true, fs = p.fs })
+    if d then deads[#deads + 1] = { place = p, data = d } end
+  end
+  local dead = deads[1] and deads[1].data
   if dead and not (opts.recover or opts.abandon) then
-    return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = table.concat(journal.describe(dead), "\n") })
+    local lines = {}
+    for _, d in ipairs(deads) do
+      if d.place.host then lines[#lines + 1] = ("on host %s (%s):"):format(d.place.host, d.place.state_root) end
+      for _, l in ipairs(journal.describe(d.data)) do lines[#lines + 1] = l end
+    end
+    return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = table.concat(lines, "\n") })
   end
   if not dead and (opts.recover or opts.abandon) then
     return summary_of({ exit_code = rolling.EXIT_OK,
-      message = ("no interrupted run on this manager: nothing to %s"):format(opts.abandon and "abandon" or "recover") })
+      message = ("no interrupted run on %s: nothing to %s"):format(#remote_hosts > 0 and "these hosts" or "this manager",
+        opts.abandon and "abandon" or "recover") })
   end
-  if dead and dead.unreadable and opts.recover then
-    return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = dead.unreadable
-      .. ": recovery needs it; check the services by hand, then --abandon" })
+  for _, d in ipairs(deads) do
+    if d.data.unreadable and opts.recover then
+      return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = d.data.unreadable
+        .. ": recovery needs it; check the services by hand, then --abandon" })
+    end
   end
 
   -- a blue-green service deploys into its idle colour: which colour is live must be clear
@@ -427,6 +543,7 @@ function rolling.run(opts)
   local ctx = {
     manager = manager, events = stream, state_root = state_root, user = opts.user, balancers = prep.balancers,
     bluegreen_balancers = prep.bluegreen_balancers,
+    hosts = places,
     services_file = opts.services_file, resume = opts.resume,
     platform = prep.platform,
     opts = { force = opts.force, deploy = opts.deploy, deploy_path = opts.deploy_path,
@@ -436,8 +553,10 @@ function rolling.run(opts)
   }
 
   if opts.abandon then
-    local ok, rerr = journal.remove(state_root)
-    if not ok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = rerr }) end
+    for _, d in ipairs(deads) do
+      local ok, rerr = journal.remove(d.place.state_root, d.place.fs)
+      if not ok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = rerr }) end
+    end
     stream:emit("RUN_ABANDONED", { abandoned_run = dead.run, abandoned_pid = dead.pid,
       in_flight = journal.in_flight(dead), pid = fs.getpid(), user = os.getenv("USER") or os.getenv("LOGNAME"),
       uid = fs.getuid and fs.getuid() or nil })
@@ -448,7 +567,22 @@ function rolling.run(opts)
 
   local recovery
   if opts.recover then
-    recovery = rolling.recover(ctx, prep, dead)
+    for _, d in ipairs(deads) do
+      local r = rolling.recover(ctx, prep, d.data, d.place)
+      if not recovery then
+        recovery = r
+      else
+        for _, key in ipairs({ "succeeded", "failed", "rolled_back", "rollback_failed", "recovered", "remaining" }) do
+          for _, n in ipairs(r[key] or {}) do table.insert(recovery[key], n) end
+        end
+        for n, e in pairs(r.errors or {}) do recovery.errors[n] = e end
+        local rank = { [rolling.EXIT_OK] = 0, [rolling.EXIT_FAILED] = 1, [rolling.EXIT_UNRESOLVED] = 2,
+          [rolling.EXIT_ROLLBACK_FAILED] = 3 }
+        if (rank[r.exit_code] or 0) > (rank[recovery.exit_code] or 0) then recovery.exit_code = r.exit_code end
+        recovery.message = recovery.message .. "\n" .. r.message
+        recovery.error = recovery.error or r.error
+      end
+    end
     if not opts.resume or recovery.exit_code ~= rolling.EXIT_OK and recovery.exit_code ~= rolling.EXIT_FAILED
         or #recovery.remaining == 0 then
       recovery.run, recovery.events_file, recovery.seen = stream.run, events_file or nil, seen
@@ -471,12 +605,13 @@ function rolling.run(opts)
     scan[i] = rr.spawn(function()
       for k = i, #prep.order, 32 do
         local svc = prep.order[k]
-        local unit = manager:unit(svc.unit)
+        local place = flow.place(ctx, svc)
+        local unit = place.manager and place.manager:unit(svc.unit)
         local need = unit and unit:get("NeedDaemonReload")
         local fragment = unit and unit:get("FragmentPath")
         local dropins = unit and unit:get("DropInPaths")
         if need or (fragment and #flow.unlisted_dropins(svc, { FragmentPath = fragment, DropInPaths = dropins },
-            opts.user) > 0) then
+            opts.user, place.fs) > 0) then
           ctx.initially_stale[svc.name] = true
         end
       end
@@ -499,21 +634,31 @@ function rolling.run(opts)
       events_file = events_file or nil })
   end
 
-  -- The run journal: what a later run needs to know if this one dies.
-  local j, jerr
-  if recovery then
-    j = ctx.run_journal
-    j:renew(stream.run, order_names)
-  else
-    j, jerr = journal.create(state_root, { run = stream.run, argv = opts.argv, services_file = opts.services_file,
-      user = opts.user, order = order_names })
-    if not j then
-      stream:emit("PLAN_END", { result = "failed", exit_code = rolling.EXIT_FAILED, error = jerr,
-        succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
-      return summary_of({ exit_code = rolling.EXIT_FAILED, error = jerr, skipped = order_names, run = stream.run,
-        events_file = events_file or nil })
+  -- The run journal: what a later run needs to know if this one dies. One per host, in that
+  -- host's state root, naming only that host's services (its --resume runs those).
+  for _, p in ipairs(place_list) do
+    local names = {}
+    for _, n in ipairs(order_names) do
+      if (prep.platform.by_name[n].host or false) == (p.host or false) then names[#names + 1] = n end
     end
-    ctx.run_journal = j
+    if p.journal then
+      p.journal:renew(stream.run, names)
+    else
+      local pj, jerr = journal.create(p.state_root, { run = stream.run, argv = opts.argv,
+        services_file = opts.services_file, user = opts.user, order = names, fs = p.fs, host = p.host })
+      if not pj then
+        for _, q in ipairs(place_list) do if q.journal then q.journal:close() end end
+        stream:emit("PLAN_END", { result = "failed", exit_code = rolling.EXIT_FAILED, error = jerr,
+          succeeded = 0, failed = 0, rolled_back = 0, skipped = #order_names, duration_ms = 0 })
+        return summary_of({ exit_code = rolling.EXIT_FAILED, error = jerr, skipped = order_names, run = stream.run,
+          events_file = events_file or nil })
+      end
+      p.journal = pj
+    end
+  end
+  if places[false] then ctx.run_journal = places[false].journal end
+  local function journal_of(name)
+    return places[prep.platform.by_name[name].host or false].journal
   end
 
   local inflight = {}
@@ -546,6 +691,7 @@ function rolling.run(opts)
   local done, taken, launched = {}, {}, {}
   local pool = {} -- ready and not launched, the best candidate last
   local waiting = {} -- [name] = why a ready service waits (a group's budget)
+  local lost_skip = {} -- [name] = why a ready service never started (its host was lost)
   local s = { succeeded = {}, failed = {}, rolled_back = {}, rollback_failed = {}, skipped = {}, run = stream.run,
     events_file = events_file or nil, seen = seen }
   -- the longest remaining dependency chain first, then declaration order
@@ -625,7 +771,8 @@ function rolling.run(opts)
       local busy = false
       for _, e in ipairs(inflight) do if e.svc.name == name then busy = true break end end
       if name ~= svc.name and not busy then
-        local unit = manager:unit(m.unit)
+        local mp = flow.place(ctx, m)
+        local unit = mp.manager and mp.manager:unit(m.unit)
         local kind = unit and health.snapshot(unit, m.health) or "unhealthy"
         if kind ~= "healthy" then
           down = down + 1
@@ -647,9 +794,15 @@ function rolling.run(opts)
     local i = #pool
     while i >= 1 and #inflight < parallel do
       local svc = pool[i]
-      local room, why = group_room(svc)
+      local lost_place = svc.host and places[svc.host] and places[svc.host].lost
+      local room, why
+      if not lost_place then room, why = group_room(svc) end
       if ctx.interrupted or ctx.aborted_by then return end
-      if room then
+      if lost_place then
+        -- nothing new starts on a host that was lost
+        table.remove(pool, i)
+        lost_skip[svc.name] = ("host %s was lost: %s"):format(svc.host, lost_place)
+      elseif room then
         table.remove(pool, i)
         waiting[svc.name] = nil
         launched[svc.name] = true
@@ -727,7 +880,10 @@ function rolling.run(opts)
       restore_weight(group, n, "the canary was rolled back")
       if rok then
         s.rolled_back[#s.rolled_back + 1] = n
-        if info.records[n] then state.deploy_undone(state_root, n, info.records[n].state_dir) end
+        if info.records[n] then
+          local np = flow.place(ctx, svc)
+          state.deploy_undone(np.state_root, n, info.records[n].state_dir, np.fs)
+        end
       else
         s.rollback_failed[#s.rollback_failed + 1] = n
         ctx.aborted_by = ctx.aborted_by or n
@@ -763,7 +919,7 @@ function rolling.run(opts)
       -- flow.run catches its own errors; this is a bug in the runner's reach, still contained.
       outcome, ferr = flow.FAILED, "internal error: " .. tostring(outcome)
     end
-    j:finished(name, outcome == flow.SUCCESS)
+    journal_of(name):finished(name, outcome == flow.SUCCESS)
     if outcome == flow.SUCCESS then
       done[name] = true
       s.succeeded[#s.succeeded + 1] = name
@@ -795,6 +951,15 @@ function rolling.run(opts)
       s.failed[#s.failed + 1] = name
       s.rollback_failed[#s.rollback_failed + 1] = name
       ctx.aborted_by = ctx.aborted_by or name -- the platform needs a human now
+    elseif outcome == flow.UNRESOLVED then
+      -- its host was lost: the other hosts' independent work goes on
+      s.failed[#s.failed + 1] = name
+      s.unresolved = s.unresolved or {}
+      s.unresolved[#s.unresolved + 1] = name
+      local p = places[entry.svc.host]
+      p.lost = p.lost or (info and info.host_lost) or "lost"
+      p.left = p.left or {}
+      p.left[#p.left + 1] = ("%s (phase %s)"):format(name, tostring(info and info.phase))
     else
       s.failed[#s.failed + 1] = name
       if info and info.rolled_back then s.rolled_back[#s.rolled_back + 1] = name end
@@ -817,7 +982,9 @@ function rolling.run(opts)
       canary_state[group] == "failed" and "failed" or "ended")) end
   end
 
-  local blocked = assert(dag.blocked_by(prep.platform.services, s.failed))
+  local never = { table.unpack(s.failed) }
+  for n in pairs(lost_skip) do never[#never + 1] = n end
+  local blocked = assert(dag.blocked_by(prep.platform.services, never))
   for _, svc in ipairs(prep.order) do
     if not launched[svc.name] then
       local cs = svc.group and canary_state[svc.group]
@@ -827,6 +994,10 @@ function rolling.run(opts)
       elseif cs == "failed" then
         reason = ("the canary of group %s failed: %s"):format(svc.group,
           tostring(s.canary_failed and s.canary_failed[svc.group] or "see its canaries"))
+      elseif lost_skip[svc.name] then
+        reason = lost_skip[svc.name]
+      elseif svc.host and places[svc.host] and places[svc.host].lost then
+        reason = ("host %s was lost: %s"):format(svc.host, places[svc.host].lost)
       elseif waiting[svc.name] and not ctx.interrupted and not ctx.aborted_by then
         reason = "never had room in its group's budget (" .. waiting[svc.name] .. ")"
       else
@@ -841,8 +1012,31 @@ function rolling.run(opts)
   -- An interrupt that came after the last service had started stopped nothing: the run is
   -- what it is (a CI script must not read a complete, healthy run as a failure).
   s.interrupted = ctx.interrupted ~= nil and #s.skipped > 0
+  -- What a lost host was left with, and how to resume once it is back.
+  local lost_lines = {}
+  for _, p in ipairs(place_list) do
+    if p.lost then
+      local left = {}
+      for _, svc in ipairs(prep.order) do
+        if svc.host == p.host and not launched[svc.name] then left[#left + 1] = svc.name end
+      end
+      lost_lines[#lost_lines + 1] = ("host %s was lost mid-run: %s"):format(p.host, p.lost)
+      lost_lines[#lost_lines + 1] = "  in flight there, neither finished nor rolled back: "
+        .. (p.left and table.concat(p.left, ", ") or "none")
+      lost_lines[#lost_lines + 1] = "  not started there: " .. (#left > 0 and table.concat(left, ", ") or "none")
+      lost_lines[#lost_lines + 1] = "  once it is back: " .. journal.resolve_command({
+        services_file = opts.services_file, user = opts.user }, "--recover") .. " --resume"
+        .. "   (its run journal on the host says what it left)"
+      s.host_lost = s.host_lost or {}
+      s.host_lost[#s.host_lost + 1] = p.host
+    end
+  end
+  if #lost_lines > 0 then s.message = table.concat(lost_lines, "\n") end
   if #s.rollback_failed > 0 then
     s.exit_code = rolling.EXIT_ROLLBACK_FAILED
+  elseif s.host_lost then
+    -- its journal stays on the lost host: the next run there refuses until --recover
+    s.exit_code = rolling.EXIT_UNRESOLVED
   elseif s.interrupted then
     s.exit_code = rolling.EXIT_INTERRUPTED
   elseif #s.failed > 0 or #s.skipped > (s.held or 0) then -- held on purpose (--canary-only) is no failure
@@ -861,7 +1055,10 @@ function rolling.run(opts)
     succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back, skipped = #s.skipped,
   })
   rr.off_signal(on_signal)
-  j:close()
+  for _, p in ipairs(place_list) do
+    -- a host lost mid-run keeps its journal: the next run there says what it left
+    if not p.lost then p.journal:close() end
+  end
   for group, ci in pairs(canary_info) do
     if ci.promoted and s.exit_code == rolling.EXIT_OK then canary.release(state_root, group) end
   end

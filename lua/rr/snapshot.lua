@@ -49,11 +49,14 @@
 --     restore/diff's opts.unit; for a snapshot taken without it, from the unit file's name
 --     (FragmentPath; for a template "foo@.service", any "foo@<instance>.service.d" counts as
 --     own). With no name at all, no drop-in is own: nothing is touched that might be shared.
-local fs = require("rr.fs")
+local hostfs = require("rr.hostfs")
 local state = require("rr.state")
 local proc = require("rr.proc")
 local cjson = require("cjson")
 
+-- The module is made once per host (make(fs), fs an rr.hostfs handle): snapshot.on(handle) is the
+-- same API acting on that host's files; snapshot itself is this machine's.
+local function make(fs)
 local snapshot = {}
 
 snapshot.KEEP = 5
@@ -213,7 +216,7 @@ function snapshot.prune(state_root, service, keep)
   local removed = 0
   for i = 1, #entries - keep do
     local name = entries[i].name
-    if name ~= current and state.discard(dir .. "/" .. name, dir .. "/" .. name .. ".trash", state_root) then
+    if name ~= current and state.discard(dir .. "/" .. name, dir .. "/" .. name .. ".trash", state_root, fs) then
       removed = removed + 1
     end
   end
@@ -658,6 +661,25 @@ function snapshot.unified_diff(snap, path, opts)
       math.min(count, max_lines), old or "/dev/null", new or "/dev/null")
   end
   return table.concat(lines)
+end
+
+return snapshot
+end
+
+local instances = setmetatable({}, { __mode = "k" })
+local snapshot = make(hostfs.here())
+instances[hostfs.here()] = snapshot
+
+-- snapshot.on(handle) -> the module acting on the files of handle's host (rr.hostfs).
+function snapshot.on(h)
+  if h == nil then return snapshot end
+  local m = instances[h]
+  if not m then
+    m = make(h)
+    m.on = snapshot.on
+    instances[h] = m
+  end
+  return m
 end
 
 return snapshot

@@ -23,7 +23,10 @@
 -- creates or writes below it is ever reached through one: every write here goes through rr.fs's
 -- `under = root` (state.under(root)), and a symlinked deploys/ is an error naming it, nothing
 -- touched.
-local fs = require("rr.fs")
+--
+-- Every function that touches files takes, last and optional, the rr.hostfs handle of the host
+-- the root is on (default: this machine's rr.fs).
+local rrfs = require("rr.fs")
 
 local state = {}
 
@@ -70,17 +73,18 @@ function state.record_dir(root, run, service)
   return ("%s/runs/%s/%s"):format(strip(root), run, service)
 end
 
--- state.canonical(path) -> the one form in which two paths are compared everywhere: trimmed,
+-- state.canonical(path[, fs]) -> the one form in which two paths are compared everywhere: trimmed,
 -- without trailing slashes, symlinks resolved when the path exists.
-function state.canonical(path)
+function state.canonical(path, fs)
+  fs = fs or rrfs
   local p = strip(path)
   return fs.realpath(p) or p
 end
 
 -- state.same_path(a, b) -> true when both name the same directory (nil never matches).
-function state.same_path(a, b)
+function state.same_path(a, b, fs)
   if a == nil or b == nil then return false end
-  return state.canonical(a) == state.canonical(b)
+  return state.canonical(a, fs) == state.canonical(b, fs)
 end
 
 local function check(root, service, kind, fname)
@@ -107,7 +111,8 @@ end
 
 -- state.read_pointer(root, service, kind) -> record dir | nil, message, CODE ("ENOENT": no such
 -- pointer; "EINVAL": it is empty).
-function state.read_pointer(root, service, kind)
+function state.read_pointer(root, service, kind, fs)
+  fs = fs or rrfs
   check(root, service, kind, "read_pointer")
   local path = pointer_path(root, service, kind)
   local data, err, code = fs.read(path)
@@ -120,7 +125,8 @@ end
 -- state.write_pointer(root, service, kind, dir) -> true | nil, message, CODE: atomically (temp,
 -- fsync, rename, fsync of deploys/). Low level: the flow uses begin/commit/undone; tools and
 -- specs use this to set a pointer by hand.
-function state.write_pointer(root, service, kind, dir)
+function state.write_pointer(root, service, kind, dir, fs)
+  fs = fs or rrfs
   check(root, service, kind, "write_pointer")
   if type(dir) ~= "string" or dir == "" then
     error("rr.state.write_pointer: dir must be a path (string)", 2)
@@ -134,7 +140,8 @@ function state.write_pointer(root, service, kind, dir)
 end
 
 -- state.remove_pointer(root, service, kind) -> true | nil, message, CODE (no pointer: true).
-function state.remove_pointer(root, service, kind)
+function state.remove_pointer(root, service, kind, fs)
+  fs = fs or rrfs
   check(root, service, kind, "remove_pointer")
   local ok, err, code = fs.remove(pointer_path(root, service, kind), state.under(root))
   if not ok and code ~= "ENOENT" then return nil, tostring(err), code end
@@ -143,7 +150,7 @@ function state.remove_pointer(root, service, kind)
 end
 
 -- Is the deploy recorded in dir finished with (undone, or never started changing files)?
-local function record_settled(dir)
+local function record_settled(dir, fs)
   local data = fs.read(dir .. "/deploy.json")
   if not data then
     -- no record and no backup: the deploy never started changing files
@@ -153,24 +160,26 @@ local function record_settled(dir)
 end
 
 -- state.deploy_begin(root, service, dir) -> true | nil, message, "EUNFINISHED" | nil, message, CODE
-function state.deploy_begin(root, service, dir)
+function state.deploy_begin(root, service, dir, fs)
+  fs = fs or rrfs
   check(root, service, nil, "deploy_begin")
-  local named = state.read_pointer(root, service, "inflight")
-  if named and not state.same_path(named, dir) and not record_settled(named) then
+  local named = state.read_pointer(root, service, "inflight", fs)
+  if named and not state.same_path(named, dir, fs) and not record_settled(named, fs) then
     return nil, ("an earlier deploy of %s did not finish (%s names %s): undo it first"):format(
       service, pointer_path(root, service, "inflight"), named), "EUNFINISHED"
   end
-  return state.write_pointer(root, service, "inflight", dir)
+  return state.write_pointer(root, service, "inflight", dir, fs)
 end
 
 -- state.deploy_commit(root, service, dir) -> true | nil, message, CODE: the deploy recorded in
 -- dir became the last good one.
-function state.deploy_commit(root, service, dir)
+function state.deploy_commit(root, service, dir, fs)
+  fs = fs or rrfs
   check(root, service, nil, "deploy_commit")
-  local named = state.read_pointer(root, service, "inflight")
-  if not state.same_path(named, dir) then
+  local named = state.read_pointer(root, service, "inflight", fs)
+  if not state.same_path(named, dir, fs) then
     -- the pointer is not this deploy's: write .last directly, leave .inflight alone
-    return state.write_pointer(root, service, "last", dir)
+    return state.write_pointer(root, service, "last", dir, fs)
   end
   local ok, err, code = fs.rename(pointer_path(root, service, "inflight"), pointer_path(root, service, "last"),
     state.under(root))
@@ -181,11 +190,12 @@ end
 
 -- state.deploy_undone(root, service, dir) -> true | nil, message, CODE: every pointer naming
 -- dir is removed (a pointer naming another record stays).
-function state.deploy_undone(root, service, dir)
+function state.deploy_undone(root, service, dir, fs)
+  fs = fs or rrfs
   check(root, service, nil, "deploy_undone")
   for kind in pairs(KINDS) do
-    if state.same_path(state.read_pointer(root, service, kind), dir) then
-      local ok, err, code = state.remove_pointer(root, service, kind)
+    if state.same_path(state.read_pointer(root, service, kind, fs), dir, fs) then
+      local ok, err, code = state.remove_pointer(root, service, kind, fs)
       if not ok then return nil, err, code end
     end
   end
@@ -234,7 +244,8 @@ end
 -- that a crash never leaves half of it under its own name: one rename to `trash` (fsynced), then
 -- the removal. A leftover trash from an earlier crash is removed first. root: the state root both
 -- lie under (nothing below it is followed through a symlink).
-function state.discard(dir, trash, root)
+function state.discard(dir, trash, root, fs)
+  fs = fs or rrfs
   local opts = root and state.under(root) or nil
   fs.remove_tree(trash, opts)
   local ok, err, code = fs.rename(dir, trash, opts)

@@ -181,7 +181,8 @@ function ui:step(svc, step)
   end
   s.step = step
   if not self.live and not self.quiet then
-    self:line(("%-24s %s"):format(svc.name, step))
+    -- a service on another host is named with it (NAME@HOST)
+    self:line(("%-24s %s"):format(svc.host and (svc.name .. "@" .. svc.host) or svc.name, step))
   else
     self:draw_live()
   end

@@ -1,0 +1,125 @@
+-- rr.hostfs: a host's files behind rr.fs's names. The test hosts share this machine's file
+-- system, so every remote answer is checked against rr.fs's own on the same path: the same
+-- values, the same failure codes.
+--
+--   spec/support/run-specs ./rrengine spec/hostfs_spec.lua
+local fs = require("rr.fs")
+local hostfs = require("rr.hostfs")
+local hosts = require("spec.support.hosts")
+
+describe("rr.hostfs", function()
+  local hs, h, dir
+
+  lazy_setup(function()
+    hs = hosts.start(1)
+    h = hostfs.remote(hs[1].name, { ssh_config = hs[1].ssh_config })
+    dir = assert(fs.mkdtemp("/tmp/rr-hostfs-"))
+  end)
+
+  lazy_teardown(function()
+    if dir then fs.remove_tree(dir) end
+    if hs then hosts.stop(hs) end
+  end)
+
+  it("here() is rr.fs with run and getenv", function()
+    local here = hostfs.here()
+    assert.equal(fs.stat, here.stat)
+    assert.is_false(here.remote)
+    assert.equal(os.getenv("HOME"), here.getenv("HOME"))
+    assert.equal("hi\n", assert(here.run({ "echo", "hi" }, { capture = true })).stdout)
+  end)
+
+  it("writes atomically with a mode, reads back byte for byte, and reports what rr.fs reports", function()
+    local data = "a\0b'c\"$d\\e\n" .. string.rep("x", 70000)
+    local p = dir .. "/w.bin"
+    assert(h.write_atomic(p, data, { mode = "0640" }))
+    assert.equal(data, fs.read(p))
+    assert.equal(data, h.read(p))
+    local st, lst = assert(h.stat(p)), assert(fs.stat(p))
+    for _, k in ipairs({ "type", "mode", "size", "uid", "gid", "ino", "dev", "nlink" }) do
+      assert.equal(lst[k], st[k], k)
+    end
+    assert.near(lst.mtime, st.mtime, 1e-6)
+    assert.equal(416, st.mode)
+    -- a replaced file keeps its mode
+    assert(h.write_atomic(p, "new"))
+    assert.equal(416, fs.stat(p).mode)
+    assert.equal(fs.sha256(p), h.sha256(p))
+    -- nothing left beside it
+    assert.same({ "w.bin" }, h.list(dir))
+    assert.same(fs.list(dir), h.list(dir))
+  end)
+
+  it("fails as rr.fs fails: the same codes, the path and the host named", function()
+    local missing = dir .. "/nope"
+    local _, err, code = h.read(missing)
+    assert.equal("ENOENT", code)
+    assert.matches("nope", err)
+    assert.matches(hs[1].name, err)
+    assert.equal(select(3, fs.stat(missing)), select(3, h.stat(missing)))
+    assert.is_false(h.exists(missing))
+    assert.equal("EISDIR", select(3, h.read(dir)))
+    assert.equal("EISDIR", select(3, h.sha256(dir)))
+    assert.equal("ENOTDIR", select(3, h.list(dir .. "/w.bin")))
+    assert.equal("EINVAL", select(3, h.readlink(dir .. "/w.bin")))
+    assert.equal("ENOENT", select(3, h.remove(missing)))
+    assert(h.mkdir_p(dir .. "/full/sub", "0700"))
+    assert.equal("ENOTEMPTY", select(3, h.remove(dir .. "/full")))
+    assert.equal("ENOTDIR", select(3, h.mkdir_p(dir .. "/w.bin/x")))
+    assert.equal("ENOENT", select(3, h.write_atomic(dir .. "/no/such/dir", "x")))
+  end)
+
+  it("copies, links, renames and removes trees as rr.fs does", function()
+    local src = dir .. "/src"
+    assert(fs.write_atomic(src, "copy me", { mode = "0600" }))
+    assert(h.copy_atomic(src, dir .. "/dst"))
+    assert.equal("copy me", fs.read(dir .. "/dst"))
+    assert.equal(384, fs.stat(dir .. "/dst").mode)
+    assert.equal(fs.stat(src).mtime, fs.stat(dir .. "/dst").mtime)
+    assert(h.symlink("src", dir .. "/ln"))
+    assert.equal("src", h.readlink(dir .. "/ln"))
+    assert.equal("link", h.stat(dir .. "/ln").type)
+    assert.equal("file", h.stat(dir .. "/ln", true).type)
+    assert.equal("ELOOP", select(3, h.copy_atomic(dir .. "/ln", dir .. "/x")))
+    assert.equal("EEXIST", select(3, h.symlink("src", dir .. "/ln")))
+    assert.equal(fs.realpath(dir .. "/ln"), h.realpath(dir .. "/ln"))
+    assert(h.rename(dir .. "/dst", dir .. "/dst2"))
+    assert.is_false(fs.exists(dir .. "/dst"))
+    assert(h.remove_tree(dir .. "/full"))
+    assert.is_false(fs.exists(dir .. "/full"))
+    assert.equal("EPERM", select(3, h.remove_tree("/tmp")))
+    local many = assert(h.stat_many({ src, dir .. "/gone", dir .. "/ln" }))
+    assert.equal("file", many[src].type)
+    assert.is_false(many[dir .. "/gone"])
+    assert.equal("link", many[dir .. "/ln"].type)
+    local sv, lsv = assert(h.statvfs(dir)), assert(fs.statvfs(dir))
+    assert.equal(lsv.size, sv.size)
+    assert.equal(lsv.bsize, sv.bsize)
+  end)
+
+  it("never writes through a symlink below the state root (under)", function()
+    local root = dir .. "/root"
+    assert(fs.mkdir_p(root .. "/real", 448))
+    assert(fs.symlink(dir, root .. "/runs"))
+    local _, err, code = h.mkdir_p(root .. "/runs/r1", 448, { under = root })
+    assert.equal("ELOOP", code)
+    assert.matches("symbolic link", err)
+    assert.equal("ELOOP", select(3, h.write_atomic(root .. "/runs/f", "x", { under = root })))
+    assert.is_false(fs.exists(dir .. "/r1"))
+    assert.is_false(fs.exists(dir .. "/f"))
+    assert(h.write_atomic(root .. "/real/f", "x", { under = root }))
+    assert.has_error(function() h.write_atomic("/elsewhere/f", "x", { under = root }) end)
+    assert.has_error(function() h.read("relative/path") end)
+  end)
+
+  it("reads the host's own environment, and names an unreachable host", function()
+    assert.equal(hs[1].env.XDG_STATE_HOME, h.getenv("XDG_STATE_HOME"))
+    assert.equal(hs[1].env.XDG_STATE_HOME .. "/rrengine", hostfs.state_root(h, true))
+    assert.equal("/var/lib/rrengine", hostfs.state_root(h, false))
+    local gone = hostfs.remote("nosuchhost", { ssh_config = hs[1].ssh_config })
+    local _, err, code = gone.stat("/tmp")
+    assert.equal("EHOSTUNREACH", code)
+    assert.matches("nosuchhost", err)
+    assert.truthy(gone.lost)
+  end)
+end)
