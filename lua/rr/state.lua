@@ -211,9 +211,10 @@ local function live_path(root, service)
   return ("%s/bluegreen/%s.live"):format(strip(root), service)
 end
 
--- state.live_colour(root, service) -> "blue" | "green" | nil, message, CODE ("ENOENT": none
--- recorded; "EBADMSG": the record holds something else).
-function state.live_colour(root, service)
+-- state.live_colour(root, service[, fs]) -> "blue" | "green" | nil, message, CODE ("ENOENT":
+-- none recorded; "EBADMSG": the record holds something else).
+function state.live_colour(root, service, fs)
+  fs = fs or rrfs
   check(root, service, nil, "live_colour")
   local path = live_path(root, service)
   local data, err, code = fs.read(path)
@@ -225,9 +226,10 @@ function state.live_colour(root, service)
   return colour
 end
 
--- state.set_live_colour(root, service, colour) -> true | nil, message, CODE: atomically and
--- durably (temp, fsync, rename, fsync of bluegreen/).
-function state.set_live_colour(root, service, colour)
+-- state.set_live_colour(root, service, colour[, fs]) -> true | nil, message, CODE: atomically
+-- and durably (temp, fsync, rename, fsync of bluegreen/).
+function state.set_live_colour(root, service, colour, fs)
+  fs = fs or rrfs
   check(root, service, nil, "set_live_colour")
   if not COLOURS[colour] then
     error(("rr.state.set_live_colour: colour must be \"blue\" or \"green\", got %s"):format(tostring(colour)), 2)
