@@ -481,8 +481,19 @@ static void run_job_removed(SdOp *o, const char *job, const char *result) {
                         return;
                 }
                 /* The unit's properties came before its job's end: run_never_started() knows. */
-                if (r->on_start && !run_never_started(r))
-                        rr_output_call(&r->out, push_start_args, r);
+                if (r->on_start) {
+                        int q;
+
+                        if (!run_never_started(r))
+                                rr_output_call(&r->out, push_start_args, r);
+                        /* Only now are the pipes read (see manager_l_run): the lines come after on_start. */
+                        q = rr_output_watch(&r->out);
+                        if (q < 0) {
+                                sdop_fail(o, strerrorname_np(-q), "cannot read the output of %s: %s", r->name,
+                                          strerror(-q));
+                                return;
+                        }
+                }
         } else if (r->stop_job && !r->stop_ended && streq(job, r->stop_job))
                 r->stop_ended = true;
         else
@@ -897,7 +908,10 @@ int manager_l_run(lua_State *L) {
         if (q < 0)
                 return sdop_abandon(L, &r->base, q, what);
         r->created = true;
-        q = rr_output_watch(&r->out);
+        /* With on_start, the pipes are read once the start job has ended, so that on_start comes
+         * before any line: a program writes as soon as it runs, before the manager's JobRemoved
+         * reaches us. Until then its output waits in the pipes. */
+        q = r->on_start ? 0 : rr_output_watch(&r->out);
         if (q >= 0)
                 q = sdop_set_timeout(&r->base, a.timeout > 0 ? a.timeout : -1);
         if (q < 0)

@@ -325,6 +325,19 @@ describe("m:run", function()
     end)
   end)
 
+  it("calls on_start before the first line, even for a program that writes as soon as it runs", function()
+    -- the first line is in the pipe before the manager's JobRemoved (what on_start waits for)
+    -- reaches the engine; many runs make that race show
+    for i = 1, 25 do
+      local order = {}
+      assert(m:run({ "sh", "-c", "echo first; echo second" }, {
+        on_start = function() order[#order + 1] = "start" end,
+        on_line = function(_, line) order[#order + 1] = line end,
+      }))
+      assert.same({ "start", "first", "second" }, order, "run " .. i)
+    end
+  end)
+
   it("is not disturbed by a daemon-reload while it runs", function()
     local fifo = dir .. "/go.fifo"
     helpers.run({ "mkfifo", fifo })
