@@ -233,6 +233,23 @@ end
 
 -- job.run{ p, method = "sequential"|"parallel"|"shell", parallel = N, m = manager, root, dir,
 --   manager_pid, wrap = {argv words before the engine's} } -> result table (see run.lua for the fields it prints).
+-- The whole machine's CPU time so far, from /proc/stat: busy seconds (everything but idle and
+-- iowait) and the number of CPUs. Tells whether a run was bound by the machine rather than by
+-- systemd's one thread.
+function job.machine_cpu()
+  local text = fs.read("/proc/stat")
+  if not text then return nil end
+  local ticks = {}
+  for v in (text:match("^cpu%s+([^\n]+)") or ""):gmatch("%d+") do ticks[#ticks + 1] = tonumber(v) end
+  local n = 0
+  for _ in text:gmatch("\ncpu%d+") do n = n + 1 end
+  if #ticks < 5 or n == 0 then return nil end
+  local total = 0
+  for i = 1, math.min(#ticks, 8) do total = total + ticks[i] end
+  local hz = 100 -- USER_HZ: /proc/stat counts in 1/100 s on Linux
+  return (total - ticks[4] - ticks[5]) / hz, n
+end
+
 function job.run(o)
   local p = o.p
   local tag = ("%s-%s"):format(p.label, o.method)
@@ -254,11 +271,14 @@ function job.run(o)
   fs.remove(events)
   for _, u in ipairs(p.units) do fs.remove(u.ready_file) end
   local mgr0 = job.cpu_ns(o.manager_pid)
+  local busy0, ncpu = job.machine_cpu()
   local t0 = rr.now()
   local res, err, _, r = proc.run(argv, { cwd = o.root, timeout = 600, max_capture = 4 * 1024 * 1024 })
   local t1 = rr.now()
   local mgr1 = job.cpu_ns(o.manager_pid)
+  local busy1 = job.machine_cpu()
   local out = { label = p.label, method = o.method, n = p.n, delay = p.delay, wall = t1 - t0, argv = argv }
+  if busy0 and busy1 then out.machine_busy, out.ncpu = busy1 - busy0, ncpu end
   if not res then
     local detail = type(r) == "table" and ((r.stderr or "") .. (r.stdout or "")):sub(-600) or ""
     out.error = ("%s: %s"):format(tostring(err), detail)

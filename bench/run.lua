@@ -279,6 +279,12 @@ local function bench_size(p)
     print(("  parallel: wall %s vs the DAG bound %s (critical path incl. job times %s, manager CPU %s):"
       .. " %.2fx the bound"):format(secs(par.wall), secs(bound), secs(par.critical_path),
       secs(par.manager_cpu), par.wall / bound))
+    if par.machine_busy then
+      print(("  parallel: the machine's %d CPUs were busy %s of the %s available during that run (%.0f%%):"
+        .. " engine %s, systemd %s, the rest fixtures, kernel and bus"):format(par.ncpu, secs(par.machine_busy),
+        secs(par.wall * par.ncpu), 100 * par.machine_busy / (par.wall * par.ncpu), secs(par.cpu or 0),
+        secs(par.manager_cpu or 0)))
+    end
   end
   phase_table(seq, par)
   print()
