@@ -359,15 +359,12 @@ function rollback.group(args)
     -- the definition known good before the canary's run, when the record names one that is not
     -- the known-good one now
     local before = held.known_good and held.known_good[n]
-    local now = snapshot.known_good(state_root, n)
-    if before and not (now and now.dir and now.dir:match("[^/]+$") == before) then
-      local snap, perr = snapshot.promote(state_root, n, { name = before })
-      if snap then
-        say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
-      else
-        say(("%s: the known-good snapshot from before the canary (%s) is gone: %s; the current known good is "
-          .. "restored"):format(n, before, tostring(perr)))
-      end
+    local snap, changed = canary.put_back_known_good(state_root, n, before)
+    if snap and changed then
+      say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
+    elseif before and not snap then
+      say(("%s: the known-good snapshot from before the canary (%s) is gone: %s; the current known good is "
+        .. "restored"):format(n, before, tostring(changed)))
     end
     -- the canary's deploy: the one its run recorded, else the last one its pointer names
     local dir = held.deploys and held.deploys[n]

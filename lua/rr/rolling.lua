@@ -50,6 +50,9 @@ local function note(seen, ev)
     d.method, d.duration_ms = ev.method or d.method, ev.duration_ms
   elseif what == "SERVICE_SKIPPED" then
     d.reason = ev.reason
+  elseif what == "SNAPSHOT_KNOWN_GOOD" then
+    -- a service's first run: the definition it ran before the run, made known good
+    d.first_snapshot = d.first_snapshot or ev.snapshot
   end
 end
 
@@ -604,6 +607,9 @@ function rolling.run(opts)
     local g = svc.group and prep.platform.groups and prep.platform.groups[svc.group]
     if not g then return true end
     local cs = canary_state[svc.group]
+    if cs == "failed" and canary_of[svc.name] then
+      return nil, ("the canary of group %s failed"):format(svc.group)
+    end
     if cs and cs ~= "passed" and not canary_of[svc.name] then
       if cs == "failed" or cs == "held" then
         return nil, ("the canary of group %s %s"):format(svc.group, cs == "held" and "is held (--canary-only)"
@@ -683,6 +689,29 @@ function rolling.run(opts)
     end
   end
 
+  -- A canary on the new release back on the old one, when its group's canary failed: code and
+  -- the definition known good before the run; back in rotation (once healthy) at the weight it had.
+  local function roll_back_canary(group, n, why)
+    local info = canary_info[group]
+    local svc = prep.platform.by_name[n]
+    if ctx.canary_weights then ctx.canary_weights[n] = nil end
+    local rok = canary.roll_back(ctx, svc, { reason = "the canary of group " .. group .. " failed: " .. tostring(why),
+      record = info.records[n], before = info.known_good[n], group = group })
+    for i, x in ipairs(s.succeeded) do if x == n then table.remove(s.succeeded, i) break end end
+    s.failed[#s.failed + 1] = n
+    s.errors = s.errors or {}
+    s.errors[n] = "canary failed: " .. tostring(why)
+    restore_weight(group, n, "the canary was rolled back")
+    j:finished(n, false)
+    if rok then
+      s.rolled_back[#s.rolled_back + 1] = n
+      if info.records[n] then state.deploy_undone(state_root, n, info.records[n].state_dir) end
+    else
+      s.rollback_failed[#s.rollback_failed + 1] = n
+      ctx.aborted_by = ctx.aborted_by or n
+    end
+  end
+
   -- A canary that soaked: passed (the rest may go, or the group is held), or failed (every
   -- canary rolled back, the rest never touched).
   local function soak_ended(group, ok, why)
@@ -716,23 +745,7 @@ function rolling.run(opts)
     if ctx.canary_weights then
       for _, n in ipairs(canaries[group]) do ctx.canary_weights[n] = nil end
     end
-    for _, n in ipairs(canaries[group]) do
-      local svc = prep.platform.by_name[n]
-      local rok, rerr = flow.rollback(ctx, svc, "the canary of group " .. group .. " failed: " .. tostring(why),
-        info.records[n])
-      for i, x in ipairs(s.succeeded) do if x == n then table.remove(s.succeeded, i) break end end
-      s.failed[#s.failed + 1] = n
-      s.errors = s.errors or {}
-      s.errors[n] = "canary failed: " .. tostring(why)
-      restore_weight(group, n, "the canary was rolled back")
-      if rok then
-        s.rolled_back[#s.rolled_back + 1] = n
-        if info.records[n] then state.deploy_undone(state_root, n, info.records[n].state_dir) end
-      else
-        s.rollback_failed[#s.rollback_failed + 1] = n
-        ctx.aborted_by = ctx.aborted_by or n
-      end
-    end
+    for _, n in ipairs(canaries[group]) do roll_back_canary(group, n, why) end
     if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or ("the canary of group " .. group) end
   end
 
@@ -768,10 +781,18 @@ function rolling.run(opts)
       done[name] = true
       s.succeeded[#s.succeeded + 1] = name
       local group = canary_of[name]
-      if group and canary_state[group] == "rolling" then
-        local ci = canary_info[group]
-        ci.succeeded = ci.succeeded + 1
+      local ci = group and canaries[group] and canary_info[group]
+      if ci then
         ci.records[name] = info and info.deploy_record or nil
+        if not ci.known_good[name] then ci.known_good[name] = canary.snapshot_name(seen.by[name] and seen.by[name].first_snapshot) end
+        ci.passed = ci.passed or {}
+        ci.passed[#ci.passed + 1] = name
+      end
+      if ci and canary_state[group] == "failed" then
+        -- another canary of its group failed its own flow while this one was in flight
+        roll_back_canary(group, name, ci.failed_why)
+      elseif group and canary_state[group] == "rolling" then
+        ci.succeeded = ci.succeeded + 1
         if ci.succeeded == #canaries[group] then
           -- every canary is on the new release: watch them serve
           local g = prep.platform.groups[group]
@@ -801,12 +822,18 @@ function rolling.run(opts)
       if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or name end
     end
     s.errors = s.errors or {}
-    s.errors[name] = ferr
+    if ferr ~= nil or outcome ~= flow.SUCCESS then s.errors[name] = ferr end
     if canary_of[name] and outcome ~= flow.SUCCESS and canary_state[canary_of[name]] == "rolling" then
-      -- a canary that failed its own flow: the rest of its group is never touched
-      canary_state[canary_of[name]] = "failed"
-      stream:emit("CANARY_FAILED", { group = canary_of[name], canaries = canaries[canary_of[name]],
-        error = ("%s: %s"):format(name, tostring(ferr)) })
+      -- a canary that failed its own flow: the rest of its group is never touched, and the
+      -- canaries already on the new release go back to the old one
+      local group = canary_of[name]
+      local ci = canary_info[group]
+      canary_state[group] = "failed"
+      ci.failed_why = ("%s: %s"):format(name, tostring(ferr))
+      stream:emit("CANARY_FAILED", { group = group, canaries = canaries[group], error = ci.failed_why })
+      s.canary_failed = s.canary_failed or {}
+      s.canary_failed[group] = ci.failed_why
+      for _, n in ipairs(ci.passed or {}) do roll_back_canary(group, n, ci.failed_why) end
     end
     ::continue::
   end
