@@ -463,6 +463,59 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     for _, n in ipairs(OTHERS) do assert.equal(100, assert(hp:state(n)).user_weight, n) end
   end)
 
+  it("a canary's weight outlives a killed engine: SIGKILL in a weighted soak, --recover gives it back", function()
+    -- weights the operator gave at run time: what the canary must get back
+    for _, n in ipairs(MEMBERS) do assert(hp:set_weight(n, 50)) end
+    local dir = release("weighted-killed")
+    local file = services_with({ count = 1, soak = 60, weight = 5 }, "weighted-killed")
+    local journal_path = require("rr.state").journal_path(p.state_root)
+    local function killed_in_soak()
+      local handle, during
+      local res = p:cli(deploy_args(dir), { services_file = file, spawned = function(h) handle = h end,
+        on_line = function(_, line)
+          if not during and line:find("canary of c: c.1 on the new release, soaking", 1, true) then
+            during = assert(hp:state("c.1")).user_weight
+            assert(handle:kill("KILL"))
+          end
+        end })
+      assert.is_truthy(during, "the canary never soaked:\n" .. output(res))
+      assert.are_not.equal(0, res.exit_code)
+      assert.equal(5, during)
+      -- the dead run left the canary weight
+      assert.equal(5, assert(hp:state("c.1")).user_weight)
+      assert.is_true(fs.exists(journal_path))
+    end
+    local left = "c%.1: its canary weight was not given back: server c%.1 at HAProxy [^\n]* backend cny had weight 50 "
+      .. "before the run"
+
+    killed_in_soak()
+    -- the next run touches nothing and names the weight left
+    local pids = p:pids()
+    local again = p:cli({ "--service", "c.2" }, { services_file = file })
+    assert.equal(4, again.exit_code, output(again))
+    assert.matches(left, again.stderr)
+    assert.same(pids, p:pids())
+    local rec = p:cli({ "--recover" }, { services_file = file })
+    assert.equal(0, rec.exit_code, output(rec))
+    -- read back over the admin socket
+    local st = assert(hp:state("c.1"))
+    assert.equal(50, st.user_weight)
+    assert.equal("ready", st.admin)
+    local back = events_of(last_run(p), "BALANCER_WEIGHT", "c.1")
+    assert.equal(1, #back, output(rec))
+    assert.equal(50, back[1].weight)
+    assert.equal("recovery: the weight it had before the interrupted run", back[1].reason)
+    assert.is_false(fs.exists(journal_path), "the recovery left the run journal")
+
+    -- --abandon forgets the run and says what it leaves as it is
+    killed_in_soak()
+    local ab = p:cli({ "--abandon" }, { services_file = file })
+    assert.equal(0, ab.exit_code, output(ab))
+    assert.matches("left as it is: " .. left, ab.stdout .. ab.stderr)
+    assert.equal(5, assert(hp:state("c.1")).user_weight)
+    assert.is_false(fs.exists(journal_path))
+  end)
+
   it("canary.weight with a balancer script that cannot set weights is refused before anything is touched", function()
     helpers.write(p.dir .. "/noweight-lb.lua", [[
       return { drain = function() return true end, enable = function() return true end }

@@ -298,6 +298,9 @@ function rolling.recover(ctx, prep, dead)
       end
     end
   end
+  -- the canary weights the dead run had set: back to the ones it recorded before setting them
+  local weights_left = rolling.recover_weights(ctx, prep, j)
+  for _, why in ipairs(weights_left) do blocked[#blocked + 1] = why end
   s.remaining = journal.remaining(j.data)
   local not_started = journal.not_started(j.data)
   if #s.rollback_failed > 0 then
@@ -314,6 +317,7 @@ function rolling.recover(ctx, prep, dead)
     lines[#lines + 1] = ("  %s: %s"):format(name, s.errors[name] and tostring(s.errors[name])
       or "finished on the new version")
   end
+  for _, why in ipairs(weights_left) do lines[#lines + 1] = "  " .. why end
   if #not_started > 0 then
     lines[#lines + 1] = "  not done by the interrupted run: " .. table.concat(not_started, ", ")
       .. " (--recover --resume runs them)"
@@ -321,7 +325,7 @@ function rolling.recover(ctx, prep, dead)
   s.message = "recovery of run " .. tostring(dead.run) .. ":\n" .. table.concat(lines, "\n")
   if s.exit_code ~= rolling.EXIT_OK then
     local first = s.failed[1] or blocked[1]
-    s.error = first and ("%s: %s"):format(first, tostring(s.errors[first])) or nil
+    s.error = first and (s.errors[first] and ("%s: %s"):format(first, tostring(s.errors[first])) or first) or nil
   end
   stream:emit("PLAN_END", { result = s.exit_code == 0 and "success" or "failed", recover = dead.run,
     exit_code = s.exit_code, succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back,
@@ -331,6 +335,36 @@ function rolling.recover(ctx, prep, dead)
     if not ctx.resume then j:close() end
   end
   return s
+end
+
+-- rolling.recover_weights(ctx, prep, j) -> { why, ... }: gives each canary whose weight an
+-- interrupted run had set (j.data.weights) the weight it recorded before, at its group's balancer,
+-- with a BALANCER_WEIGHT event; what cannot be given back is returned (and stays in the journal).
+function rolling.recover_weights(ctx, prep, j)
+  local left, names = {}, {}
+  for n in pairs(j.data.weights or {}) do names[#names + 1] = n end
+  table.sort(names)
+  for _, n in ipairs(names) do
+    local w = j.data.weights[n]
+    local g = prep.platform.groups and prep.platform.groups[w.group]
+    local b, err = ctx.balancers and ctx.balancers[w.group], nil
+    if not b and g and g.balancer then b, err = balancer.open(g, nil) end
+    local weight = math.tointeger(w.weight) or w.weight
+    local ok
+    if b then ok, err = b:set_weight({ name = n, server = w.server }, weight) end
+    if ok then
+      ctx.events:emit("BALANCER_WEIGHT", { service = n, server = w.server, balancer = b:describe(), weight = weight,
+        reason = "recovery: the weight it had before the interrupted run" })
+      j:weight_restored(n)
+    else
+      local why = ("%s: cannot give server %s its weight %s back at %s: %s"):format(n, tostring(w.server),
+        tostring(weight), tostring(w.balancer), b and tostring(err) or ("group %s has no balancer in %s"):format(
+        tostring(w.group), tostring(ctx.services_file or "the services file")))
+      ctx.events:emit("WARNING", { service = n, warning = why })
+      left[#left + 1] = why
+    end
+  end
+  return left
 end
 
 -- rolling.run(opts) -> summary (see summary_of). opts:
@@ -441,12 +475,15 @@ function rolling.run(opts)
   if opts.abandon then
     local ok, rerr = journal.remove(state_root)
     if not ok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = rerr }) end
+    -- what --abandon leaves as it is: a canary weight the run set and never gave back
+    local left = ""
+    for _, line in ipairs(journal.describe_weights(dead)) do left = left .. "\nleft as it is: " .. line end
     stream:emit("RUN_ABANDONED", { abandoned_run = dead.run, abandoned_pid = dead.pid,
       in_flight = journal.in_flight(dead), pid = fs.getpid(), user = os.getenv("USER") or os.getenv("LOGNAME"),
       uid = fs.getuid and fs.getuid() or nil })
     return summary_of({ exit_code = rolling.EXIT_OK, run = stream.run, events_file = events_file or nil,
-      message = ("forgot the interrupted run %s (in flight: %s)"):format(tostring(dead.run),
-        #journal.in_flight(dead) > 0 and table.concat(journal.in_flight(dead), ", ") or "none") })
+      message = ("forgot the interrupted run %s (in flight: %s)%s"):format(tostring(dead.run),
+        #journal.in_flight(dead) > 0 and table.concat(journal.in_flight(dead), ", ") or "none", left) })
   end
 
   local recovery
@@ -594,9 +631,18 @@ function rolling.run(opts)
             if kg and kg.dir then canary_info[name].known_good[n] = kg.dir:match("[^/]+$") end
           end
           if g.canary.weight ~= nil and prep.balancers[name] then
-            -- the canaries serve at this weight from their enable (rr.flow) until their soak ends
+            -- the canaries serve at this weight from their enable (rr.flow) until their soak ends;
+            -- the weight each has now goes into the run journal first (durably), so that an engine
+            -- killed meanwhile leaves --recover what to give back
             ctx.canary_weights = ctx.canary_weights or {}
-            for _, n in ipairs(list) do ctx.canary_weights[n] = g.canary.weight end
+            local b = prep.balancers[name]
+            for _, n in ipairs(list) do
+              ctx.canary_weights[n] = g.canary.weight
+              local server = prep.platform.by_name[n].balancer_server or n
+              local st = b:state({ name = n, server = server })
+              local w = st and (st.user_weight or st.weight)
+              if w ~= nil then j:weight(n, { group = name, server = server, balancer = b:describe(), weight = w }) end
+            end
           end
         end
       end
@@ -680,6 +726,7 @@ function rolling.run(opts)
     local svc = prep.platform.by_name[n]
     local member = { name = n, server = svc.balancer_server or n }
     local ok, w = b:restore_weight(member)
+    if ok then j:weight_restored(n) end
     if not ok then
       stream:emit("WARNING", { service = n, unit = svc.unit, warning = ("cannot give %s its weight back at %s: %s")
         :format(member.server, b:describe(), tostring(w)) })
