@@ -678,8 +678,11 @@ STEPS[#STEPS + 1] = { name = "bg-stop-old", fn = function(self)
   self.I:step("stop-old")
   local ok, err = self.L:job("stop")
   if not ok then
-    self:emit("WARNING", { warning = ("the old colour %s (%s) did not stop: %s; the release stands (%s serves)")
-      :format(self.live, self.L.svc.unit, tostring(err), self.idle) })
+    -- the new colour serves and soaked: undoing the release for this would be worse
+    self.old_running = ("the old colour %s (%s) did not stop: %s; the release stands (%s serves): stop it by hand "
+      .. "(%s stop %s)"):format(self.live, self.L.svc.unit, tostring(err), self.idle,
+      self.ctx.user and "systemctl --user" or "systemctl", self.L.svc.unit)
+    self:emit("WARNING", { warning = self.old_running })
   end
   return true
 end }
@@ -708,10 +711,13 @@ function Release:go()
       end
     end
   end
-  self:emit("BLUEGREEN_PASSED", { live = self.idle, previous = self.live, duration_ms = ms(rr.now() - self.t0) })
-  I:emit("SERVICE_RESTART_SUCCESS", { method = "blue-green", colour = self.idle, duration_ms = ms(rr.now() - self.t0) })
+  self:emit("BLUEGREEN_PASSED", { live = self.idle, previous = self.live, duration_ms = ms(rr.now() - self.t0),
+    old_running = self.old_running })
+  I:emit("SERVICE_RESTART_SUCCESS", { method = "blue-green", colour = self.idle, duration_ms = ms(rr.now() - self.t0),
+    warning = self.old_running })
   I:hook("on_success", self.svc, { method = "blue-green", colour = self.idle })
-  return flow.SUCCESS, nil, { method = "blue-green", deploy_record = I.touched.deploy, live = self.idle }
+  return flow.SUCCESS, nil, { method = "blue-green", deploy_record = I.touched.deploy, live = self.idle,
+    warning = self.old_running }
 end
 
 -- bluegreen.run(ctx, svc) -> outcome, error, info: one release of a blue-green service (as

@@ -212,6 +212,9 @@ function helpers.status()
   local list = status.expand(platform().services, require("rr.state").root(env.user))
   local here = status.hosts(list)[1] == false
   print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
+  for _, line in ipairs(status.held(require("rr.state").root(env.user), { services_file = env.file, user = env.user })) do
+    print(line)
+  end
 end
 
 -- recover([{resume = true} | {abandon = true}]) -> text: as plans/rolling.lua --recover

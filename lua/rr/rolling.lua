@@ -48,6 +48,8 @@ local function note(seen, ev)
   elseif what == "SERVICE_RESTART_SUCCESS" or what == "SERVICE_RESTART_FAILED" or what == "RECOVERY_SUCCESS"
       or what == "RECOVERY_FAILED" then
     d.method, d.duration_ms = ev.method or d.method, ev.duration_ms
+    -- succeeded, with something left for a human (a blue-green old colour that did not stop)
+    d.warning = what == "SERVICE_RESTART_SUCCESS" and ev.warning or nil
   elseif what == "SERVICE_SKIPPED" then
     d.reason = ev.reason
   elseif what == "SNAPSHOT_KNOWN_GOOD" then
@@ -81,7 +83,7 @@ local function per_service(s)
     local err = s.errors and s.errors[name]
     if err == nil and outcome[name] == "skipped" then err = d.reason end
     list[i] = { name = name, outcome = outcome[name], method = d.method, duration_ms = d.duration_ms,
-      error = err ~= nil and tostring(err) or nil }
+      error = err ~= nil and tostring(err) or nil, warning = d.warning }
   end
   return list
 end
