@@ -351,6 +351,7 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
     local dir, version = s:release("no-way-back")
     local blue_control = s.colours.blue.working_dir .. "/app.control"
     local blue_pid = s:unit("blue"):get("MainPID")
+    local green_tree = bgp.tree(s.colours.green.working_dir)
     local load = s:load()
     local broke = false
     local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file,
@@ -387,5 +388,87 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
       out)
     assert.matches("set server web/web_green state drain", out)
     assert.matches("plans/rollback%.lua[^\n]* %-%-service web %-%-deploy%-record ", out)
+
+    -- the manual steps, as an operator types them once blue serves again, end on blue
+    assert(s.hp:ready(s.colours.blue.server))
+    assert(s.hp:drain(s.colours.green.server))
+    assert(s:unit("green"):stop("replace"))
+    local live_file = assert(out:match("echo blue > (%S+)"), out)
+    helpers.write(live_file, "blue\n")
+    local record = assert(out:match("%-%-deploy%-record (%S+)"), out)
+    local undo = s:cli({ "--service", "web", "--deploy-record", record }, { plan = "plans/rollback.lua", timeout = 60 })
+    assert.equal(0, undo.exit_code, output(undo))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    assert.equal("blue", s:live())
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+  end)
+
+  it("plans/rollback.lua --service: back to the release the other colour still has, under wrk, no failed request", function()
+    -- as an operator finds it: two good releases in a row, the earlier one in the idle colour
+    assert(helpers.eventually(function() return s:running("blue") ~= nil end, 10))
+    local first_dir, first = s:release("first")
+    local a = s:cli({ "--service", "web", "--deploy", "--deploy-path", first_dir })
+    assert.equal(0, a.exit_code, output(a))
+    local second_dir, second = s:release("second")
+    local b = s:cli({ "--service", "web", "--deploy", "--deploy-path", second_dir })
+    assert.equal(0, b.exit_code, output(b))
+    local live = s:live()
+    local prev = live == "blue" and "green" or "blue"
+    assert.equal(second, s:running(live))
+    assert.equal(first, s:on_disk(prev))
+    assert.equal("inactive", s:active(prev))
+    local trees = { blue = bgp.tree(s.colours.blue.working_dir), green = bgp.tree(s.colours.green.working_dir) }
+    local logged = #s.p:events()
+
+    local load = s:load()
+    local w = s:watch(live)
+    local res = s:cli({ "--service", "web" }, { plan = "plans/rollback.lua", timeout = 60 })
+    w.stop()
+    local r = load.stop()
+    assert.equal(0, res.exit_code, output(res))
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the earlier release serves from the other colour; the later one stopped; no code changed
+    assert.equal(prev, s:live())
+    assert.equal(first, s:running(prev))
+    assert.equal("ready", s:admin(prev))
+    assert.equal("drain", s:admin(live))
+    assert.equal("inactive", s:active(live))
+    assert.is_true(w.seen.ready, live .. " never served during the rollback")
+    assert.equal(trees.blue, bgp.tree(s.colours.blue.working_dir))
+    assert.equal(trees.green, bgp.tree(s.colours.green.working_dir))
+    assert.is_false(fs.exists(require("rr.state").journal_path(s.p.state_root)))
+    -- the steps of a release: started and checked out of rotation, then the switch, then the stop
+    local evs = { table.unpack(s.p:events(), logged + 1) }
+    local start = at(evs, "BLUEGREEN_START")
+    assert.is_truthy(start, output(res))
+    assert.is_true(evs[start].rollback)
+    local post, enable, switched, stop
+    for i, ev in ipairs(evs) do
+      if ev.event == "HEALTH_CHECK_PASSED" and ev.phase == "post" and ev.unit == s.colours[prev].unit then post = i end
+      if ev.event == "BALANCER_ENABLE" and ev.server == s.colours[prev].server then enable = enable or i end
+      if ev.event == "BLUEGREEN_SWITCHED" then switched = i end
+      if ev.event == "UNIT_JOB_DONE" and ev.method == "stop" and ev.unit == s.colours[live].unit then stop = i end
+    end
+    assert.is_truthy(post and enable and switched and stop, output(res))
+    assert.is_true(start < post and post < enable and enable < switched and switched < stop)
+    assert.equal(live, evs[switched].from)
+    assert.equal(prev, evs[switched].to)
+    assert.matches("blue%-green web passed: " .. prev .. " live", res.stdout)
+
+    -- --no-code and --deploy-record mean nothing here: refused, nothing touched
+    local pid = s:unit(prev):get("MainPID")
+    local bad = s:cli({ "--service", "web", "--no-code" }, { plan = "plans/rollback.lua", timeout = 60 })
+    assert.equal(2, bad.exit_code, output(bad))
+    assert.matches('service "web" is blue%-green', bad.stderr)
+    assert.equal(pid, s:unit(prev):get("MainPID"))
+
+    -- the REPL's restart() does not restart a colour in place
+    local repl = assert(require("rr.proc").run({ helpers.engine, "-i" }, { stdin = 'print(restart("web"))\n', timeout = 60,
+      env = { XDG_STATE_HOME = s.p.xdg_state, HOME = s.dir, RRENGINE_SERVICES = s.services_file, RRENGINE_USER = "1" } }))
+    assert.matches("not restarted: web is blue%-green; [^\n]*plans/rolling%.lua %-%-service web", repl.stdout)
+    assert.equal(pid, s:unit(prev):get("MainPID"))
+    assert.equal(prev, s:live())
   end)
 end)
