@@ -345,6 +345,7 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     assert.matches("group c: canary held since " .. held.passed_at:gsub("%p", "%%%0") .. ": c%.1 on the new release",
       st.stdout)
     assert.matches("%-%-promote", st.stdout)
+    assert.matches("or roll the canaries back with rrengine plans/rollback%.lua %-%-group c %-%-services ", st.stdout)
     local dry = p:cli({ "--dry-run" }, { services_file = file })
     assert.equal(0, dry.exit_code, output(dry))
     assert.matches("canary held: c%.1 passed at [^\n]*1 of 3 members on the new release; promote: [^\n]*%-%-promote",
