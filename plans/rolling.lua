@@ -64,7 +64,7 @@ if opts.json then
   end
   local function service(entry)
     local fields = {}
-    for i, k in ipairs({ "name", "outcome", "method", "duration_ms", "error" }) do
+    for i, k in ipairs({ "name", "outcome", "method", "duration_ms", "error", "warning" }) do
       fields[i] = cjson.encode(k) .. ":" .. value(entry[k])
     end
     return "{" .. table.concat(fields, ",") .. "}"
@@ -88,6 +88,9 @@ if opts.json then
   io.stdout:write("{", table.concat(parts, ","), "}\n")
 else
   if summary.message then io.stdout:write(summary.message, "\n") end
+  for _, entry in ipairs(summary.services or {}) do
+    if entry.warning then io.stdout:write(("%s %s, but: %s\n"):format(entry.name, entry.outcome, entry.warning)) end
+  end
   if summary.exit_code == rolling.EXIT_UNRESOLVED and summary.error then
     io.stderr:write("rrengine: ", summary.error, "\n")
   elseif summary.error and #summary.services_succeeded + #summary.services_failed == 0 and not summary.interrupted then

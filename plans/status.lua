@@ -79,10 +79,8 @@ else
   io.write(status.format(rows), "\n")
   -- groups held after their canary (--canary-only): on purpose on two releases
   local state_root = require("rr.state").root(opts.user)
-  for group, rec in pairs(require("rr.canary").all_held(state_root)) do
-    io.write(("group %s: canary held since %s: %s on the new release, the rest not yet "
-      .. "(rrengine plans/rolling.lua --promote)\n"):format(group, tostring(rec.passed_at),
-      table.concat(rec.canaries or {}, ", ")))
+  for _, line in ipairs(status.held(state_root, { services_file = opts.services_file, user = opts.user })) do
+    io.write(line, "\n")
   end
 end
 if dead then os.exit(4) end

@@ -6,6 +6,8 @@ local fs = require("rr.fs")
 local cjson = require("cjson")
 local bgp = require("spec.support.bluegreen")
 local helpers = require("spec.support.helpers")
+local units = require("spec.support.units")
+local platform = require("spec.support.platform")
 
 local events_of = helpers.events_of
 
@@ -303,5 +305,170 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
     assert.equal(0, res.exit_code, output(res))
     assert.matches("web %[green, live%]%s+[^\n]*@green%.service%s+active", res.stdout)
     assert.matches("web %[blue, idle%]%s+[^\n]*@blue%.service%s+inactive", res.stdout)
+  end)
+
+  it("an old colour that does not stop after a good switch: a warning, the release stands, the summary says so", function()
+    assert.equal("green", s:live())
+    -- systemd refuses to stop green on request: the stop job of the release fails
+    local dropin = units.dir() .. "/" .. s.colours.green.unit .. ".d/refuse-stop.conf"
+    helpers.write(dropin, "[Unit]\nRefuseManualStop=yes\n")
+    assert(platform.manager():daemon_reload())
+    local dir, version = s:release("stuck-old")
+    local load = s:load()
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir })
+    local r = load.stop()
+    assert(os.remove(dropin))
+    assert(platform.manager():daemon_reload())
+    assert.equal(0, res.exit_code, output(res))
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the release stands: blue serves the new release; green still runs, out of rotation
+    assert.equal("blue", s:live())
+    assert.equal(version, s:running("blue"))
+    assert.equal("ready", s:admin("blue"))
+    assert.equal("drain", s:admin("green"))
+    assert.equal("active", s:active("green"))
+    local evs = last_run(s)
+    assert.is_nil(at(evs, "ROLLBACK_START"), output(res))
+    local passed = events_of(evs, "BLUEGREEN_PASSED")
+    assert.equal(1, #passed, output(res))
+    assert.matches("^the old colour green %([^)]*@green%.service%) did not stop: .+; the release stands %(blue serves%): "
+      .. "stop it by hand %(systemctl %-%-user stop [^)]*@green%.service%)$", passed[1].old_running)
+    assert.matches("blue%-green web passed: blue live, but the old colour green still runs", res.stdout)
+    assert.matches("\nweb succeeded, but: the old colour green [^\n]*did not stop", res.stdout)
+    -- what the summary says by hand works
+    assert(s:unit("green"):stop("replace"))
+  end)
+
+  it("a switch back to an old colour that is unhealthy: traffic stays on the new one, exit 3, manual steps", function()
+    assert.equal("blue", s:live())
+    assert.equal("inactive", s:active("green"))
+    -- the analysis fails at its last look, once the old colour (blue) went bad meanwhile
+    local analysis = helpers.write(s.dir .. "/late-analysis.lua", "return function(info) "
+      .. "if info.elapsed < info.soak * 0.9 then return true end return false, 'synthetic: too late' end\n")
+    local file = s:write_services({ blue_green = { analysis = analysis, soak = 2 } }, s.dir .. "/late-services.lua")
+    local dir, version = s:release("no-way-back")
+    local blue_control = s.colours.blue.working_dir .. "/app.control"
+    local blue_pid = s:unit("blue"):get("MainPID")
+    local green_tree = bgp.tree(s.colours.green.working_dir)
+    local load = s:load()
+    local broke = false
+    local res = s:cli({ "--service", "web", "--deploy", "--deploy-path", dir }, { services_file = file,
+      on_line = function(_, line)
+        if not broke and line:find("blue-green web: green serves, soaking", 1, true) then
+          broke = true
+          helpers.write(blue_control, "status=500\n")
+        end
+      end })
+    local r = load.stop()
+    assert(os.remove(blue_control))
+    assert.is_true(broke, "no soak line:\n" .. output(res))
+    assert.equal(3, res.exit_code, output(res))
+    -- no client saw it: green kept the traffic
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    assert.equal("green", s:live())
+    assert.equal("ready", s:admin("green"))
+    assert.equal("drain", s:admin("blue"))
+    assert.equal("active", s:active("green"))
+    assert.equal(version, s:running("green"))
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+    local evs = last_run(s)
+    local failed = events_of(evs, "ROLLBACK_FAILED")
+    assert.equal(1, #failed, output(res))
+    assert.matches("^cannot switch back: the old colour blue %([^)]*@blue%.service%) is unhealthy", failed[1].error)
+    assert.equal(1, #events_of(evs, "BLUEGREEN_SWITCHED"), "traffic switched back")
+    -- the steps an operator types, printed
+    local out = res.stdout .. res.stderr
+    assert.matches("ROLLBACK FAILED: cannot switch back", out)
+    assert.matches("manual steps:", out)
+    assert.matches("once [^\n]*@blue%.service serves again: echo 'set server web/web_blue state ready' | socat stdio ",
+      out)
+    assert.matches("set server web/web_green state drain", out)
+    assert.matches("plans/rollback%.lua[^\n]* %-%-service web %-%-deploy%-record ", out)
+
+    -- the manual steps, as an operator types them once blue serves again, end on blue
+    assert(s.hp:ready(s.colours.blue.server))
+    assert(s.hp:drain(s.colours.green.server))
+    assert(s:unit("green"):stop("replace"))
+    local live_file = assert(out:match("echo blue > (%S+)"), out)
+    helpers.write(live_file, "blue\n")
+    local record = assert(out:match("%-%-deploy%-record (%S+)"), out)
+    local undo = s:cli({ "--service", "web", "--deploy-record", record }, { plan = "plans/rollback.lua", timeout = 60 })
+    assert.equal(0, undo.exit_code, output(undo))
+    assert.equal(green_tree, bgp.tree(s.colours.green.working_dir))
+    assert.equal("blue", s:live())
+    assert.equal(blue_pid, s:unit("blue"):get("MainPID"))
+  end)
+
+  it("plans/rollback.lua --service: back to the release the other colour still has, under wrk, no failed request", function()
+    -- as an operator finds it: two good releases in a row, the earlier one in the idle colour
+    assert(helpers.eventually(function() return s:running("blue") ~= nil end, 10))
+    local first_dir, first = s:release("first")
+    local a = s:cli({ "--service", "web", "--deploy", "--deploy-path", first_dir })
+    assert.equal(0, a.exit_code, output(a))
+    local second_dir, second = s:release("second")
+    local b = s:cli({ "--service", "web", "--deploy", "--deploy-path", second_dir })
+    assert.equal(0, b.exit_code, output(b))
+    local live = s:live()
+    local prev = live == "blue" and "green" or "blue"
+    assert.equal(second, s:running(live))
+    assert.equal(first, s:on_disk(prev))
+    assert.equal("inactive", s:active(prev))
+    local trees = { blue = bgp.tree(s.colours.blue.working_dir), green = bgp.tree(s.colours.green.working_dir) }
+    local logged = #s.p:events()
+
+    local load = s:load()
+    local w = s:watch(live)
+    local res = s:cli({ "--service", "web" }, { plan = "plans/rollback.lua", timeout = 60 })
+    w.stop()
+    local r = load.stop()
+    assert.equal(0, res.exit_code, output(res))
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
+    -- the earlier release serves from the other colour; the later one stopped; no code changed
+    assert.equal(prev, s:live())
+    assert.equal(first, s:running(prev))
+    assert.equal("ready", s:admin(prev))
+    assert.equal("drain", s:admin(live))
+    assert.equal("inactive", s:active(live))
+    assert.is_true(w.seen.ready, live .. " never served during the rollback")
+    assert.equal(trees.blue, bgp.tree(s.colours.blue.working_dir))
+    assert.equal(trees.green, bgp.tree(s.colours.green.working_dir))
+    assert.is_false(fs.exists(require("rr.state").journal_path(s.p.state_root)))
+    -- the steps of a release: started and checked out of rotation, then the switch, then the stop
+    local evs = { table.unpack(s.p:events(), logged + 1) }
+    local start = at(evs, "BLUEGREEN_START")
+    assert.is_truthy(start, output(res))
+    assert.is_true(evs[start].rollback)
+    local post, enable, switched, stop
+    for i, ev in ipairs(evs) do
+      if ev.event == "HEALTH_CHECK_PASSED" and ev.phase == "post" and ev.unit == s.colours[prev].unit then post = i end
+      if ev.event == "BALANCER_ENABLE" and ev.server == s.colours[prev].server then enable = enable or i end
+      if ev.event == "BLUEGREEN_SWITCHED" then switched = i end
+      if ev.event == "UNIT_JOB_DONE" and ev.method == "stop" and ev.unit == s.colours[live].unit then stop = i end
+    end
+    assert.is_truthy(post and enable and switched and stop, output(res))
+    assert.is_true(start < post and post < enable and enable < switched and switched < stop)
+    assert.equal(live, evs[switched].from)
+    assert.equal(prev, evs[switched].to)
+    assert.matches("blue%-green web passed: " .. prev .. " live", res.stdout)
+
+    -- --no-code and --deploy-record mean nothing here: refused, nothing touched
+    local pid = s:unit(prev):get("MainPID")
+    local bad = s:cli({ "--service", "web", "--no-code" }, { plan = "plans/rollback.lua", timeout = 60 })
+    assert.equal(2, bad.exit_code, output(bad))
+    assert.matches('service "web" is blue%-green', bad.stderr)
+    assert.equal(pid, s:unit(prev):get("MainPID"))
+
+    -- the REPL's restart() does not restart a colour in place
+    local repl = assert(require("rr.proc").run({ helpers.engine, "-i" }, { stdin = 'print(restart("web"))\n', timeout = 60,
+      env = { XDG_STATE_HOME = s.p.xdg_state, HOME = s.dir, RRENGINE_SERVICES = s.services_file, RRENGINE_USER = "1" } }))
+    assert.matches("not restarted: web is blue%-green; [^\n]*plans/rolling%.lua %-%-service web", repl.stdout)
+    assert.equal(pid, s:unit(prev):get("MainPID"))
+    assert.equal(prev, s:live())
   end)
 end)

@@ -345,6 +345,7 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     assert.matches("group c: canary held since " .. held.passed_at:gsub("%p", "%%%0") .. ": c%.1 on the new release",
       st.stdout)
     assert.matches("%-%-promote", st.stdout)
+    assert.matches("or roll the canaries back with rrengine plans/rollback%.lua %-%-group c %-%-services ", st.stdout)
     local dry = p:cli({ "--dry-run" }, { services_file = file })
     assert.equal(0, dry.exit_code, output(dry))
     assert.matches("canary held: c%.1 passed at [^\n]*1 of 3 members on the new release; promote: [^\n]*%-%-promote",
@@ -463,6 +464,59 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     for _, n in ipairs(OTHERS) do assert.equal(100, assert(hp:state(n)).user_weight, n) end
   end)
 
+  it("a canary's weight outlives a killed engine: SIGKILL in a weighted soak, --recover gives it back", function()
+    -- weights the operator gave at run time: what the canary must get back
+    for _, n in ipairs(MEMBERS) do assert(hp:set_weight(n, 50)) end
+    local dir = release("weighted-killed")
+    local file = services_with({ count = 1, soak = 60, weight = 5 }, "weighted-killed")
+    local journal_path = require("rr.state").journal_path(p.state_root)
+    local function killed_in_soak()
+      local handle, during
+      local res = p:cli(deploy_args(dir), { services_file = file, spawned = function(h) handle = h end,
+        on_line = function(_, line)
+          if not during and line:find("canary of c: c.1 on the new release, soaking", 1, true) then
+            during = assert(hp:state("c.1")).user_weight
+            assert(handle:kill("KILL"))
+          end
+        end })
+      assert.is_truthy(during, "the canary never soaked:\n" .. output(res))
+      assert.are_not.equal(0, res.exit_code)
+      assert.equal(5, during)
+      -- the dead run left the canary weight
+      assert.equal(5, assert(hp:state("c.1")).user_weight)
+      assert.is_true(fs.exists(journal_path))
+    end
+    local left = "c%.1: its canary weight was not given back: server c%.1 at HAProxy [^\n]* backend cny had weight 50 "
+      .. "before the run"
+
+    killed_in_soak()
+    -- the next run touches nothing and names the weight left
+    local pids = p:pids()
+    local again = p:cli({ "--service", "c.2" }, { services_file = file })
+    assert.equal(4, again.exit_code, output(again))
+    assert.matches(left, again.stderr)
+    assert.same(pids, p:pids())
+    local rec = p:cli({ "--recover" }, { services_file = file })
+    assert.equal(0, rec.exit_code, output(rec))
+    -- read back over the admin socket
+    local st = assert(hp:state("c.1"))
+    assert.equal(50, st.user_weight)
+    assert.equal("ready", st.admin)
+    local back = events_of(last_run(p), "BALANCER_WEIGHT", "c.1")
+    assert.equal(1, #back, output(rec))
+    assert.equal(50, back[1].weight)
+    assert.equal("recovery: the weight it had before the interrupted run", back[1].reason)
+    assert.is_false(fs.exists(journal_path), "the recovery left the run journal")
+
+    -- --abandon forgets the run and says what it leaves as it is
+    killed_in_soak()
+    local ab = p:cli({ "--abandon" }, { services_file = file })
+    assert.equal(0, ab.exit_code, output(ab))
+    assert.matches("left as it is: " .. left, ab.stdout .. ab.stderr)
+    assert.equal(5, assert(hp:state("c.1")).user_weight)
+    assert.is_false(fs.exists(journal_path))
+  end)
+
   it("canary.weight with a balancer script that cannot set weights is refused before anything is touched", function()
     helpers.write(p.dir .. "/noweight-lb.lua", [[
       return { drain = function() return true end, enable = function() return true end }
@@ -560,6 +614,106 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
     local unknown = p:cli({ "--group", "nope" }, { plan = "plans/rollback.lua", services_file = file, timeout = 60 })
     assert.equal(2, unknown.exit_code, output(unknown))
     assert.equal(('rrengine: unknown group "nope" in %s\n'):format(file), unknown.stderr)
+  end)
+
+  -- The known-good snapshot pointer of a member (the name of its known-good snapshot).
+  local function known_good_pointer(n)
+    return (assert(fs.read(p.state_root .. "/snapshots/" .. n .. "/current")):gsub("%s+$", ""))
+  end
+
+  it("a canary whose soak fails gets its definition from before the run back, byte for byte, and that pointer", function()
+    helpers.write(p.dir .. "/never-analysis.lua", [[return function() return false, "not this release" end]])
+    local file = services_with({ count = 1, soak = 1, analysis = "never-analysis.lua" }, "soak-definition")
+    -- the canary's definition is known good as it is now (a run of it succeeded)
+    local pre = p:cli({ "--service", "c.1" }, { services_file = services_with({ count = 1, soak = 0 }, "soak-pre") })
+    assert.equal(0, pre.exit_code, output(pre))
+    local before, old, pointer = hashes("c.1"), running("c.1"), known_good_pointer("c.1")
+    -- an edit of the unit that goes out with the canary (its own flow succeeds with it and makes
+    -- it known good), and a release whose soak fails
+    helpers.edit(p.by_name["c.1"].unit_path, "%[Service%]", "[Service]\nEnvironment=CANARY_SOAK_EDIT=1")
+    local dir, version = release("soak-definition", { ["app.lua"] = "return 'new code'\n", ["lib/new.lua"] = "return 3\n" })
+    local before_pids = p:pids()
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    assert.equal(1, res.exit_code, output(res))
+    local evs = last_run(p)
+    assert.equal("analysis: not this release", events_of(evs, "CANARY_FAILED")[1].error)
+    -- the canary's own flow made the edit known good before the soak failed ...
+    assert.is_truthy(at(evs, "SERVICE_RESTART_SUCCESS", "c.1"), output(res))
+    -- ... and its rollback made the one from before the run known good again, then restored it
+    local kg = at(evs, "KNOWN_GOOD_RESTORED", "c.1")
+    assert.is_truthy(kg, output(res))
+    assert.equal(p.state_root .. "/snapshots/c.1/" .. pointer, evs[kg].snapshot)
+    assert.is_true(kg < at(evs, "ROLLBACK_START", "c.1"))
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.1"), output(res))
+    assert.same(before, hashes("c.1"))
+    assert.equal(pointer, known_good_pointer("c.1"))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(version, running("c.1"))
+    assert.is_false(p:unit("c.1"):get("NeedDaemonReload"))
+    assert.equal("ready", assert(hp:state("c.1")).admin)
+    untouched(evs, before_pids, w, "the canary of group c failed: analysis: not this release")
+  end)
+
+  it("count 2: a canary whose own flow fails rolls back the canary already on the new release; the rest untouched", function()
+    local file = services_with({ count = 2, soak = 1 }, "count2")
+    local pre = p:cli({ "--service", "c.1,c.2" }, { services_file = file })
+    assert.equal(0, pre.exit_code, output(pre))
+    local before, old, pointer = hashes("c.1"), running("c.1"), known_good_pointer("c.1")
+    -- the release breaks c.2's health endpoint only: c.1 (first) passes its flow, c.2 fails its own
+    local dir, version = release("count2", { ["c.2.control"] = "status=500\n", ["app.lua"] = "return 'two'\n" })
+    local pids = p:pids()
+    local load = load_on()
+    local w = watch()
+    local res = p:cli(deploy_args(dir), { services_file = file })
+    w.stop()
+    local r = load.stop()
+    assert.equal(1, res.exit_code, output(res))
+    local evs = last_run(p)
+    local failed = events_of(evs, "CANARY_FAILED")
+    assert.equal(1, #failed, output(res))
+    assert.same({ "c.1", "c.2" }, failed[1].canaries)
+    assert.matches("^c%.2: ", failed[1].error)
+    assert.is_nil(at(evs, "CANARY_START"), "the canaries soaked")
+    -- c.1 was on the new release, then drained, rolled back, back in rotation once healthy
+    local ok1, cf = at(evs, "SERVICE_RESTART_SUCCESS", "c.1"), at(evs, "CANARY_FAILED")
+    assert.is_truthy(ok1, output(res))
+    assert.is_true(ok1 < cf)
+    local function after_failure(name)
+      return index_of(evs, function(ev) return ev.event == name and ev.service == "c.1" end, cf)
+    end
+    local drain, rb, enable = after_failure("BALANCER_DRAIN"), after_failure("ROLLBACK_START"),
+      after_failure("BALANCER_ENABLE")
+    assert.is_truthy(drain, "c.1 was not drained before its rollback:\n" .. output(res))
+    assert.is_truthy(rb, output(res))
+    assert.is_truthy(enable, output(res))
+    assert.is_truthy(after_failure("ROLLBACK_SUCCESS"), output(res))
+    -- out of rotation before its restart, back once healthy on the old release
+    local healthy = index_of(evs, function(ev) return ev.event == "HEALTH_CHECK_PASSED" and ev.service == "c.1"
+      and ev.phase == "rollback" end, cf)
+    assert.is_true(drain < rb and rb < healthy and healthy < enable)
+    assert.is_truthy(after_failure("DEPLOY_UNDONE"), output(res))
+    assert.same(before, hashes("c.1"))
+    assert.equal(pointer, known_good_pointer("c.1"))
+    assert.equal(old, running("c.1"))
+    assert.are_not.equal(pids["c.1"], p:pids()["c.1"])
+    -- c.2 rolled back by its own flow; both in rotation; c.3 never touched
+    assert.is_truthy(at(evs, "ROLLBACK_SUCCESS", "c.2"), output(res))
+    assert.are_not.equal(version, on_disk("c.2"))
+    for _, n in ipairs({ "c.1", "c.2" }) do assert.equal("ready", assert(hp:state(n)).admin, n) end
+    assert.equal(pids["c.3"], p:pids()["c.3"])
+    assert.is_nil(w.drained["c.3"], "c.3 was drained")
+    assert.is_nil(at(evs, "SERVICE_RESTART_START", "c.3"))
+    assert.are_not.equal(version, on_disk("c.3"))
+    assert.matches("^the canary of group c failed: c%.2: ", events_of(evs, "SERVICE_SKIPPED", "c.3")[1].reason)
+    local summary = ("%s %s"):format(res.stdout, res.stderr)
+    assert.matches("c%.1", summary)
+    assert.is_true(w.max <= 1, "more than one member out of rotation at once")
+    -- no client saw it
+    assert.is_true(r.requests > 100, r.output)
+    assert.equal(0, r.non2xx, r.output)
+    assert.equal(0, r.socket_errors, r.output)
   end)
 
   it("the analysis sees the canaries and the rest, every soak/4 s and once at the end, where its verdict counts", function()

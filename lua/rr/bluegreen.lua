@@ -392,6 +392,10 @@ function Release:manual_steps()
     steps[#steps + 1] = ("# at %s: %s in rotation, %s out"):format(self:describe_balancer(), live_server, idle_server)
   end
   steps[#steps + 1] = ("%s stop %s"):format(sc, self.I.svc.unit)
+  -- the colour that serves is the live one: a next release must not deploy into it
+  steps[#steps + 1] = ("echo %s > %s   # %s is the live colour again"):format(self.live,
+    flow.shell_quote(("%s/bluegreen/%s.live"):format(tostring(self.ctx.state_root):gsub("/+$", ""), self.svc.name)),
+    self.live)
   if self.I.touched.deploy then
     steps[#steps + 1] = ("rrengine plans/rollback.lua%s --service %s --deploy-record %s   # undo the code deploy"):format(
       self.ctx.user and " --user" or "", self.svc.name, flow.shell_quote(self.I.touched.deploy.state_dir or "?"))
@@ -678,8 +682,11 @@ STEPS[#STEPS + 1] = { name = "bg-stop-old", fn = function(self)
   self.I:step("stop-old")
   local ok, err = self.L:job("stop")
   if not ok then
-    self:emit("WARNING", { warning = ("the old colour %s (%s) did not stop: %s; the release stands (%s serves)")
-      :format(self.live, self.L.svc.unit, tostring(err), self.idle) })
+    -- the new colour serves and soaked: undoing the release for this would be worse
+    self.old_running = ("the old colour %s (%s) did not stop: %s; the release stands (%s serves): stop it by hand "
+      .. "(%s stop %s)"):format(self.live, self.L.svc.unit, tostring(err), self.idle,
+      self.ctx.user and "systemctl --user" or "systemctl", self.L.svc.unit)
+    self:emit("WARNING", { warning = self.old_running })
   end
   return true
 end }
@@ -708,10 +715,13 @@ function Release:go()
       end
     end
   end
-  self:emit("BLUEGREEN_PASSED", { live = self.idle, previous = self.live, duration_ms = ms(rr.now() - self.t0) })
-  I:emit("SERVICE_RESTART_SUCCESS", { method = "blue-green", colour = self.idle, duration_ms = ms(rr.now() - self.t0) })
+  self:emit("BLUEGREEN_PASSED", { live = self.idle, previous = self.live, duration_ms = ms(rr.now() - self.t0),
+    old_running = self.old_running })
+  I:emit("SERVICE_RESTART_SUCCESS", { method = "blue-green", colour = self.idle, duration_ms = ms(rr.now() - self.t0),
+    warning = self.old_running })
   I:hook("on_success", self.svc, { method = "blue-green", colour = self.idle })
-  return flow.SUCCESS, nil, { method = "blue-green", deploy_record = I.touched.deploy, live = self.idle }
+  return flow.SUCCESS, nil, { method = "blue-green", deploy_record = I.touched.deploy, live = self.idle,
+    warning = self.old_running }
 end
 
 -- bluegreen.run(ctx, svc) -> outcome, error, info: one release of a blue-green service (as
@@ -734,6 +744,69 @@ function bluegreen.run(ctx, svc)
     return self:fail("internal error in step " .. tostring(self.I.current_step) .. ": " .. tostring(outcome))
   end
   return outcome, err, info
+end
+
+-- The steps of a rollback on request: the previous release still sits in the idle colour's
+-- working dir (a release never touches the live colour's), so going back is a release of it.
+local ON_REQUEST = { "inspect", "bg-start", "bg-verify", "bg-switch", "bg-stop-old" }
+
+-- bluegreen.rollback(ctx, svc, reason) -> true, warning|nil | nil, message, manual_steps|nil
+-- Back to the release before the last one, on request (plans/rollback.lua --service, the
+-- REPL's rollback(name)): the idle colour, which still has it, (re)started out of rotation,
+-- post-checked and stabilized, then traffic switched to it and the current colour stopped, and
+-- the new live colour recorded. Nothing serves differently before the switch; the journal
+-- phases are a release's (bg-start, bg-verify, bg-switch, bg-stop-old), so that --recover
+-- resolves an interrupted one as it does a release. A failure undoes what was done (traffic
+-- back first): manual_steps nil; an undo that failed returns them. ctx as bluegreen.run's.
+function bluegreen.rollback(ctx, svc, reason)
+  local recorded, rerr, rcode = state.live_colour(ctx.state_root, svc.name)
+  if not recorded then
+    if rcode == "ENOENT" then
+      return nil, ("blue-green service %s: no live colour recorded (no release of it finished here): nothing to go "
+        .. "back to"):format(svc.name)
+    end
+    return nil, ("blue-green service %s: %s"):format(svc.name, tostring(rerr))
+  end
+  local live, idle = recorded, bluegreen.other(recorded)
+  if not fs.stat(svc.blue_green[idle].working_dir, true) then
+    return nil, ("the idle colour %s has no working dir %s: no earlier release to go back to"):format(idle,
+      svc.blue_green[idle].working_dir)
+  end
+  local self, uerr = new_release(ctx, svc, live, idle)
+  if uerr then return nil, "cannot reach the unit: " .. tostring(uerr) end
+  local I = self.I
+  self:emit("BLUEGREEN_START", { live = live, idle = idle, live_unit = self.L.svc.unit, idle_unit = I.svc.unit,
+    rollback = true, reason = reason })
+  self.started = true
+  local steps = {}
+  for _, st in ipairs(STEPS) do steps[st.name] = st end
+  for _, name in ipairs(ON_REQUEST) do
+    local st = steps[name]
+    if not (st.skip_with_force and ctx.opts.force) then
+      local fields = { phase = name, blue_green = { live = live, idle = idle } }
+      for k, v in pairs(st.journal or {}) do fields[k] = v end
+      self:journal(fields)
+      I.current_step = name
+      local ok, why = st.fn(self)
+      if not ok then
+        local why_all = ("the rollback to %s failed: %s"):format(idle, tostring(why))
+        local rok, uerr2, manual = true, nil, nil
+        if I.touched.unit or self.switched then rok, uerr2, manual = self:rollback(why_all) end
+        self:emit("BLUEGREEN_FAILED", { live = live, idle = idle, error = why_all, rollback = true,
+          stage = self.reached_switch and "after the switch" or "before the switch" })
+        if not rok then return nil, why_all .. "; undoing it failed: " .. tostring(uerr2), manual or {} end
+        return nil, why_all
+      end
+      if name == "inspect" then
+        -- what rr.bluegreen's rollback needs of the definition: the template's, as it is
+        self.def = bluegreen.definition_state(ctx, svc, I.props, self.L.props)
+        I.def = self.def
+      end
+    end
+  end
+  self:emit("BLUEGREEN_PASSED", { live = idle, previous = live, rollback = true, duration_ms = ms(rr.now() - self.t0),
+    old_running = self.old_running })
+  return true, self.old_running
 end
 
 -- The phases after which the idle instance was touched, and those after which the old colour

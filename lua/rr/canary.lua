@@ -12,6 +12,8 @@ local health = require("rr.health")
 local chunk = require("rr.chunk")
 local hooks = require("rr.hooks")
 local state = require("rr.state")
+local snapshot = require("rr.snapshot")
+local flow = require("rr.flow")
 
 local canary = {}
 
@@ -136,6 +138,43 @@ function canary.soak(args)
       return true
     end
   end
+end
+
+-- The name of a snapshot directory (what the held record and the run keep per canary).
+function canary.snapshot_name(dir)
+  return type(dir) == "string" and dir:match("[^/]+$") or nil
+end
+
+-- canary.put_back_known_good(root, name, before) -> snap, changed | nil, message
+-- A canary's own successful flow made its new definition the known good one; a canary rolled
+-- back must get the definition known good before the canary run (`before`, a snapshot name)
+-- back, and the known-good pointer with it. nil `before`: nothing was known good before, the
+-- pointer is left as it is (snap nil, changed false).
+function canary.put_back_known_good(root, name, before)
+  if not before then return nil, false end
+  local now = snapshot.known_good(root, name)
+  if now and canary.snapshot_name(now.dir) == before then return now, false end
+  local snap, err = snapshot.promote(root, name, { name = before })
+  if not snap then return nil, err end
+  return snap, true
+end
+
+-- canary.roll_back(ctx, svc, args) -> true | nil, message, manual_steps
+-- One canary back on the release it had: the definition known good before the canary run
+-- (args.before) becomes the known good one again and is restored, its deploy (args.record)
+-- undone; a replica is drained first and back in rotation once healthy (rr.flow.rollback).
+-- args = { reason =, record = deploy record | nil, before = snapshot name | nil, group = name }
+function canary.roll_back(ctx, svc, args)
+  local snap, changed = canary.put_back_known_good(ctx.state_root, svc.name, args.before)
+  if snap and changed then
+    ctx.events:emit("KNOWN_GOOD_RESTORED", { service = svc.name, unit = svc.unit, snapshot = snap.dir,
+      reason = ("the definition known good before the canary of group %s"):format(tostring(args.group)) })
+  elseif args.before and not snap then
+    ctx.events:emit("WARNING", { service = svc.name, unit = svc.unit, warning = ("the known-good snapshot from "
+      .. "before the canary (%s) cannot be made the known good one again: %s; the current known good is restored")
+      :format(args.before, tostring(changed)) })
+  end
+  return flow.rollback(ctx, svc, args.reason, args.record)
 end
 
 -- The canary record of a group held after its canary (--canary-only).

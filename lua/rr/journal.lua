@@ -105,6 +105,11 @@ local function replay(text)
       data.services[name] = nil
     elseif r.record == "renew" and type(r.order) == "table" then
       data.run, data.order, data.done, data.failed = r.run, r.order, {}, {}
+    elseif r.record == "weight" and type(name) == "string" and type(r.weight) == "table" then
+      data.weights = data.weights or {}
+      data.weights[name] = r.weight
+    elseif r.record == "weight_restored" and type(name) == "string" then
+      if data.weights then data.weights[name] = nil end
     elseif r.record == "adopt" then
       data.pid, data.pid_start, data.boot_id = r.pid, r.pid_start, r.boot_id
     else
@@ -213,6 +218,7 @@ function journal.describe(data)
   if #journal.in_flight(data) == 0 then
     lines[#lines + 1] = "  no service was in flight"
   end
+  for _, line in ipairs(journal.describe_weights(data)) do lines[#lines + 1] = "  " .. line end
   local left = journal.not_started(data)
   if #left > 0 then
     lines[#lines + 1] = "  not started: " .. table.concat(left, ", ")
@@ -220,6 +226,20 @@ function journal.describe(data)
   lines[#lines + 1] = "resolve: " .. journal.resolve_command(data, "--recover")
     .. "   (or, once fixed by hand: " .. journal.resolve_command(data, "--abandon") .. ")"
   return lines
+end
+
+-- The canary weights a run set and had not given back: { "SERVICE: server S at BALANCER has
+-- weight W; it had P before the run", ... } (without the weight now: nothing is asked of the balancer).
+function journal.describe_weights(data)
+  local out, names = {}, {}
+  for n in pairs(data.weights or {}) do names[#names + 1] = n end
+  table.sort(names)
+  for _, n in ipairs(names) do
+    local w = data.weights[n]
+    out[#out + 1] = ("%s: its canary weight was not given back: server %s at %s had weight %s before the run")
+      :format(n, tostring(w.server), tostring(w.balancer), tostring(math.tointeger(w.weight) or w.weight))
+  end
+  return out
 end
 
 -- The services of the plan that never started.
@@ -396,6 +416,21 @@ function journal:child_done(service, pid)
   local kept = {}
   for _, c in ipairs(entry.children) do if c.pid ~= pid then kept[#kept + 1] = c end end
   self:update(service, { children = kept })
+end
+
+-- j:weight(service, { group =, server =, balancer =, weight = }): the weight a canary had before the
+-- run sets its canary weight (durable, written before that weight is set), so that --recover
+-- gives it back; j:weight_restored(service): it has it back.
+function journal:weight(service, info)
+  self.data.weights = self.data.weights or {}
+  self.data.weights[service] = info
+  return self:append({ record = "weight", service = service, weight = info }, true)
+end
+
+function journal:weight_restored(service)
+  if not (self.data.weights and self.data.weights[service]) then return true end
+  self.data.weights[service] = nil
+  return self:append({ record = "weight_restored", service = service })
 end
 
 -- j:finished(service, succeeded): the service's flow ended (succeeded, or failed and was

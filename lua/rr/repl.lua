@@ -212,6 +212,9 @@ function helpers.status()
   local list = status.expand(platform().services, require("rr.state").root(env.user))
   local here = status.hosts(list)[1] == false
   print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
+  for _, line in ipairs(status.held(require("rr.state").root(env.user), { services_file = env.file, user = env.user })) do
+    print(line)
+  end
 end
 
 -- recover([{resume = true} | {abandon = true}]) -> text: as plans/rolling.lua --recover
@@ -249,7 +252,15 @@ end
 -- force, skip_migrations, hook_files, accept_unknown_definition (as rr.rolling_restart).
 function helpers.restart(name, opts)
   opts = opts or {}
-  opts.services = { service(name).name }
+  local svc = service(name)
+  if svc.blue_green and not opts.deploy_path then
+    -- without a release, the idle colour would take the traffic with the code it still has
+    -- (the previous release): not a restart; and restarting the live colour in place defeats it
+    return ("not restarted: %s is blue-green; a colour restarted in place would drop its traffic: release it with "
+      .. "rrengine plans/rolling.lua --service %s --deploy --deploy-path DIR (or restart(%q, { deploy_path = DIR })), "
+      .. "go back with rollback(%q)"):format(svc.name, svc.name, svc.name, svc.name)
+  end
+  opts.services = { svc.name }
   opts.deploy = opts.deploy_path ~= nil
   opts.user = env.user
   opts.services_file = env.file

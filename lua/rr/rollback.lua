@@ -191,9 +191,13 @@ function rollback.run(args)
       .. "plans/rolling.lua rolls it back when its restart fails, and --recover resolves a killed run"):format(
       svc.name, svc.host), "EREMOTE"
   end
+  if svc.blue_green and no_code then
+    return 2, ("service %q is blue-green: its rollback switches back to the release its other colour still has, "
+      .. "and changes neither colour's code (%s goes with other services)"):format(svc.name, spell.no_code), "EBLUEGREEN"
+  end
   local explicit
   if args.deploy_record then
-    if not svc.working_dir then
+    if not svc.working_dir and not svc.blue_green then
       return 2, ("service %q has no working_dir: no deploy record can be its"):format(svc.name), "ENOWORKDIR"
     end
     explicit = state.canonical(args.deploy_record)
@@ -224,6 +228,9 @@ function rollback.run(args)
   if dead then
     return 4, table.concat(journal.describe(dead), "\n"), "EINTERRUPTED"
   end
+
+  if svc.blue_green and explicit then return rollback.bluegreen_undo(args, manager, state_root, explicit) end
+  if svc.blue_green then return rollback.bluegreen(args, manager, state_root) end
 
   local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell)
   if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
@@ -278,6 +285,75 @@ function rollback.run(args)
         tostring(rmerr)))
     end
   end
+  return 0
+end
+
+-- A blue-green service back on the release before its last one (rr.bluegreen.rollback): its
+-- other colour started, checked, given the traffic, the current one stopped. Called by
+-- rollback.run under the run lock; returns as rollback.run (1 "EFAILED": it failed and was undone,
+-- traffic where it was; 3 "EROLLBACK": that undo failed too, the manual steps shown).
+function rollback.bluegreen(args, manager, state_root)
+  local svc = args.svc
+  local b, berr = balancer.open(svc.blue_green, nil)
+  if not b then return 1, ("service %q: blue_green: %s"):format(svc.name, tostring(berr)), "EBALANCER" end
+  local view = args.view or ui.new({})
+  local warn = args.warn or function(text) io.stderr:write("rrengine: ", text, "\n") end
+  local stream, eerr = events.open({ path = args.events_file or state.events_file(args.user),
+    view = function(ev) view:event(ev) end })
+  if not stream then return 1, tostring(eerr), "EEVENTS" end
+  local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
+  local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
+    platform = args.platform, bluegreen_balancers = { [svc.name] = b }, services_file = args.services_file,
+    opts = { force = args.force }, hooks_for = function() return nil end }
+  local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
+    user = args.user, order = { svc.name }, kind = "rollback" })
+  if not j then return 1, jerr, "EJOURNAL" end
+  ctx.run_journal = j
+  local ok, err, manual = require("rr.bluegreen").rollback(ctx, svc, args.reason or "manual rollback")
+  if ok or not manual then j:close() end
+  stream:close()
+  if ok then
+    if err then warn(err) end
+    return 0
+  end
+  if manual then return 3, tostring(err), "EROLLBACK" end
+  return 1, tostring(err), "EFAILED"
+end
+
+-- The deploy a blue-green release made into a colour undone (--deploy-record DIR: the manual step
+-- a failed blue-green rollback prints): only into a colour that is neither the recorded live one
+-- nor running. Returns as rollback.run.
+function rollback.bluegreen_undo(args, manager, state_root, dir)
+  local svc = args.svc
+  local record, derr = deploy.load(dir)
+  if not record then return 1, ("cannot read the deploy record %s: %s"):format(dir, tostring(derr)), "ERECORD" end
+  local colour
+  for _, c in ipairs({ "blue", "green" }) do
+    if state.same_path(record.target, svc.blue_green[c].working_dir) then colour = c end
+  end
+  if not colour then
+    return 2, ("the deploy record %s is a deploy into %s, not into a working_dir of %s"):format(dir,
+      tostring(record.target), svc.name), "EFOREIGN"
+  end
+  local say = args.say or function(text) (args.view or ui.new({})):line(text) end
+  if record.state == "undone" then
+    say(("deploy record %s: already undone; the code is left as it is"):format(dir))
+    return 0
+  end
+  if state.live_colour(state_root, svc.name) == colour then
+    return 1, ("the deploy record %s went into %s's working dir, and %s is the live colour: switch the traffic and "
+      .. "record the other colour live first"):format(dir, colour, colour), "ELIVE"
+  end
+  local unit = manager:unit(svc.blue_green[colour].unit)
+  local active = unit and unit:get("ActiveState")
+  if active ~= "inactive" and active ~= "failed" then
+    return 1, ("%s is %s: stop it before its code is put back"):format(svc.blue_green[colour].unit,
+      tostring(active)), "EACTIVE"
+  end
+  local ok, err = deploy.undo(record)
+  if not ok then return 3, ("undo of the deploy %s failed: %s"):format(dir, tostring(err)), "EROLLBACK" end
+  state.deploy_undone(state_root, svc.name, record.state_dir or dir)
+  say(("deploy %s undone in %s (the %s colour)"):format(dir, record.target, colour))
   return 0
 end
 
@@ -365,15 +441,12 @@ function rollback.group(args)
     -- the definition known good before the canary's run, when the record names one that is not
     -- the known-good one now
     local before = held.known_good and held.known_good[n]
-    local now = snapshot.known_good(state_root, n)
-    if before and not (now and now.dir and now.dir:match("[^/]+$") == before) then
-      local snap, perr = snapshot.promote(state_root, n, { name = before })
-      if snap then
-        say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
-      else
-        say(("%s: the known-good snapshot from before the canary (%s) is gone: %s; the current known good is "
-          .. "restored"):format(n, before, tostring(perr)))
-      end
+    local snap, changed = canary.put_back_known_good(state_root, n, before)
+    if snap and changed then
+      say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
+    elseif before and not snap then
+      say(("%s: the known-good snapshot from before the canary (%s) is gone: %s; the current known good is "
+        .. "restored"):format(n, before, tostring(changed)))
     end
     -- the canary's deploy: the one its run recorded, else the last one its pointer names
     local dir = held.deploys and held.deploys[n]

@@ -50,8 +50,13 @@ local function note(seen, ev)
   elseif what == "SERVICE_RESTART_SUCCESS" or what == "SERVICE_RESTART_FAILED" or what == "RECOVERY_SUCCESS"
       or what == "RECOVERY_FAILED" then
     d.method, d.duration_ms = ev.method or d.method, ev.duration_ms
+    -- succeeded, with something left for a human (a blue-green old colour that did not stop)
+    d.warning = what == "SERVICE_RESTART_SUCCESS" and ev.warning or nil
   elseif what == "SERVICE_SKIPPED" then
     d.reason = ev.reason
+  elseif what == "SNAPSHOT_KNOWN_GOOD" then
+    -- a service's first run: the definition it ran before the run, made known good
+    d.first_snapshot = d.first_snapshot or ev.snapshot
   end
 end
 
@@ -80,7 +85,7 @@ local function per_service(s)
     local err = s.errors and s.errors[name]
     if err == nil and outcome[name] == "skipped" then err = d.reason end
     list[i] = { name = name, outcome = outcome[name], method = d.method, duration_ms = d.duration_ms,
-      error = err ~= nil and tostring(err) or nil }
+      error = err ~= nil and tostring(err) or nil, warning = d.warning }
   end
   return list
 end
@@ -329,6 +334,9 @@ function rolling.recover(ctx, prep, dead, place)
       end
     end
   end
+  -- the canary weights the dead run had set: back to the ones it recorded before setting them
+  local weights_left = rolling.recover_weights(ctx, prep, j)
+  for _, why in ipairs(weights_left) do blocked[#blocked + 1] = why end
   s.remaining = journal.remaining(j.data)
   local not_started = journal.not_started(j.data)
   if #s.rollback_failed > 0 then
@@ -345,6 +353,7 @@ function rolling.recover(ctx, prep, dead, place)
     lines[#lines + 1] = ("  %s: %s"):format(name, s.errors[name] and tostring(s.errors[name])
       or "finished on the new version")
   end
+  for _, why in ipairs(weights_left) do lines[#lines + 1] = "  " .. why end
   if #not_started > 0 then
     lines[#lines + 1] = "  not done by the interrupted run: " .. table.concat(not_started, ", ")
       .. " (--recover --resume runs them)"
@@ -352,7 +361,7 @@ function rolling.recover(ctx, prep, dead, place)
   s.message = "recovery of run " .. tostring(dead.run) .. ":\n" .. table.concat(lines, "\n")
   if s.exit_code ~= rolling.EXIT_OK then
     local first = s.failed[1] or blocked[1]
-    s.error = first and ("%s: %s"):format(first, tostring(s.errors[first])) or nil
+    s.error = first and (s.errors[first] and ("%s: %s"):format(first, tostring(s.errors[first])) or first) or nil
   end
   stream:emit("PLAN_END", { result = s.exit_code == 0 and "success" or "failed", recover = dead.run,
     exit_code = s.exit_code, succeeded = #s.succeeded, failed = #s.failed, rolled_back = #s.rolled_back,
@@ -362,6 +371,36 @@ function rolling.recover(ctx, prep, dead, place)
     if not ctx.resume then j:close() end
   end
   return s
+end
+
+-- rolling.recover_weights(ctx, prep, j) -> { why, ... }: gives each canary whose weight an
+-- interrupted run had set (j.data.weights) the weight it recorded before, at its group's balancer,
+-- with a BALANCER_WEIGHT event; what cannot be given back is returned (and stays in the journal).
+function rolling.recover_weights(ctx, prep, j)
+  local left, names = {}, {}
+  for n in pairs(j.data.weights or {}) do names[#names + 1] = n end
+  table.sort(names)
+  for _, n in ipairs(names) do
+    local w = j.data.weights[n]
+    local g = prep.platform.groups and prep.platform.groups[w.group]
+    local b, err = ctx.balancers and ctx.balancers[w.group], nil
+    if not b and g and g.balancer then b, err = balancer.open(g, nil) end
+    local weight = math.tointeger(w.weight) or w.weight
+    local ok
+    if b then ok, err = b:set_weight({ name = n, server = w.server }, weight) end
+    if ok then
+      ctx.events:emit("BALANCER_WEIGHT", { service = n, server = w.server, balancer = b:describe(), weight = weight,
+        reason = "recovery: the weight it had before the interrupted run" })
+      j:weight_restored(n)
+    else
+      local why = ("%s: cannot give server %s its weight %s back at %s: %s"):format(n, tostring(w.server),
+        tostring(weight), tostring(w.balancer), b and tostring(err) or ("group %s has no balancer in %s"):format(
+        tostring(w.group), tostring(ctx.services_file or "the services file")))
+      ctx.events:emit("WARNING", { service = n, warning = why })
+      left[#left + 1] = why
+    end
+  end
+  return left
 end
 
 -- rolling.run(opts) -> summary (see summary_of). opts:
@@ -553,16 +592,19 @@ function rolling.run(opts)
   }
 
   if opts.abandon then
+    local left = ""
     for _, d in ipairs(deads) do
       local ok, rerr = journal.remove(d.place.state_root, d.place.fs)
       if not ok then return summary_of({ exit_code = rolling.EXIT_FAILED, error = rerr }) end
+      -- what --abandon leaves as it is: a canary weight the run set and never gave back
+      for _, line in ipairs(journal.describe_weights(d.data)) do left = left .. "\nleft as it is: " .. line end
     end
     stream:emit("RUN_ABANDONED", { abandoned_run = dead.run, abandoned_pid = dead.pid,
       in_flight = journal.in_flight(dead), pid = fs.getpid(), user = os.getenv("USER") or os.getenv("LOGNAME"),
       uid = fs.getuid and fs.getuid() or nil })
     return summary_of({ exit_code = rolling.EXIT_OK, run = stream.run, events_file = events_file or nil,
-      message = ("forgot the interrupted run %s (in flight: %s)"):format(tostring(dead.run),
-        #journal.in_flight(dead) > 0 and table.concat(journal.in_flight(dead), ", ") or "none") })
+      message = ("forgot the interrupted run %s (in flight: %s)%s"):format(tostring(dead.run),
+        #journal.in_flight(dead) > 0 and table.concat(journal.in_flight(dead), ", ") or "none", left) })
   end
 
   local recovery
@@ -737,9 +779,18 @@ function rolling.run(opts)
             if kg and kg.dir then canary_info[name].known_good[n] = kg.dir:match("[^/]+$") end
           end
           if g.canary.weight ~= nil and prep.balancers[name] then
-            -- the canaries serve at this weight from their enable (rr.flow) until their soak ends
+            -- the canaries serve at this weight from their enable (rr.flow) until their soak ends;
+            -- the weight each has now goes into the run journal first (durably), so that an engine
+            -- killed meanwhile leaves --recover what to give back
             ctx.canary_weights = ctx.canary_weights or {}
-            for _, n in ipairs(list) do ctx.canary_weights[n] = g.canary.weight end
+            local b = prep.balancers[name]
+            for _, n in ipairs(list) do
+              ctx.canary_weights[n] = g.canary.weight
+              local server = prep.platform.by_name[n].balancer_server or n
+              local st = b:state({ name = n, server = server })
+              local w = st and (st.user_weight or st.weight)
+              if w ~= nil then journal_of(n):weight(n, { group = name, server = server, balancer = b:describe(), weight = w }) end
+            end
           end
         end
       end
@@ -750,6 +801,9 @@ function rolling.run(opts)
     local g = svc.group and prep.platform.groups and prep.platform.groups[svc.group]
     if not g then return true end
     local cs = canary_state[svc.group]
+    if cs == "failed" and canary_of[svc.name] then
+      return nil, ("the canary of group %s failed"):format(svc.group)
+    end
     if cs and cs ~= "passed" and not canary_of[svc.name] then
       if cs == "failed" or cs == "held" then
         return nil, ("the canary of group %s %s"):format(svc.group, cs == "held" and "is held (--canary-only)"
@@ -827,12 +881,39 @@ function rolling.run(opts)
     local svc = prep.platform.by_name[n]
     local member = { name = n, server = svc.balancer_server or n }
     local ok, w = b:restore_weight(member)
+    if ok then journal_of(n):weight_restored(n) end
     if not ok then
       stream:emit("WARNING", { service = n, unit = svc.unit, warning = ("cannot give %s its weight back at %s: %s")
         :format(member.server, b:describe(), tostring(w)) })
     elseif w ~= nil then
       stream:emit("BALANCER_WEIGHT", { service = n, unit = svc.unit, server = member.server, balancer = b:describe(),
         weight = w, reason = why })
+    end
+  end
+
+  -- A canary on the new release back on the old one, when its group's canary failed: code and
+  -- the definition known good before the run; back in rotation (once healthy) at the weight it had.
+  local function roll_back_canary(group, n, why)
+    local info = canary_info[group]
+    local svc = prep.platform.by_name[n]
+    if ctx.canary_weights then ctx.canary_weights[n] = nil end
+    local rok = canary.roll_back(ctx, svc, { reason = "the canary of group " .. group .. " failed: " .. tostring(why),
+      record = info.records[n], before = info.known_good[n], group = group })
+    for i, x in ipairs(s.succeeded) do if x == n then table.remove(s.succeeded, i) break end end
+    s.failed[#s.failed + 1] = n
+    s.errors = s.errors or {}
+    s.errors[n] = "canary failed: " .. tostring(why)
+    restore_weight(group, n, "the canary was rolled back")
+    journal_of(n):finished(n, false)
+    if rok then
+      s.rolled_back[#s.rolled_back + 1] = n
+      if info.records[n] then
+        local np = flow.place(ctx, svc)
+        state.deploy_undone(np.state_root, n, info.records[n].state_dir, np.fs)
+      end
+    else
+      s.rollback_failed[#s.rollback_failed + 1] = n
+      ctx.aborted_by = ctx.aborted_by or n
     end
   end
 
@@ -869,26 +950,7 @@ function rolling.run(opts)
     if ctx.canary_weights then
       for _, n in ipairs(canaries[group]) do ctx.canary_weights[n] = nil end
     end
-    for _, n in ipairs(canaries[group]) do
-      local svc = prep.platform.by_name[n]
-      local rok, rerr = flow.rollback(ctx, svc, "the canary of group " .. group .. " failed: " .. tostring(why),
-        info.records[n])
-      for i, x in ipairs(s.succeeded) do if x == n then table.remove(s.succeeded, i) break end end
-      s.failed[#s.failed + 1] = n
-      s.errors = s.errors or {}
-      s.errors[n] = "canary failed: " .. tostring(why)
-      restore_weight(group, n, "the canary was rolled back")
-      if rok then
-        s.rolled_back[#s.rolled_back + 1] = n
-        if info.records[n] then
-          local np = flow.place(ctx, svc)
-          state.deploy_undone(np.state_root, n, info.records[n].state_dir, np.fs)
-        end
-      else
-        s.rollback_failed[#s.rollback_failed + 1] = n
-        ctx.aborted_by = ctx.aborted_by or n
-      end
-    end
+    for _, n in ipairs(canaries[group]) do roll_back_canary(group, n, why) end
     if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or ("the canary of group " .. group) end
   end
 
@@ -924,10 +986,18 @@ function rolling.run(opts)
       done[name] = true
       s.succeeded[#s.succeeded + 1] = name
       local group = canary_of[name]
-      if group and canary_state[group] == "rolling" then
-        local ci = canary_info[group]
-        ci.succeeded = ci.succeeded + 1
+      local ci = group and canaries[group] and canary_info[group]
+      if ci then
         ci.records[name] = info and info.deploy_record or nil
+        if not ci.known_good[name] then ci.known_good[name] = canary.snapshot_name(seen.by[name] and seen.by[name].first_snapshot) end
+        ci.passed = ci.passed or {}
+        ci.passed[#ci.passed + 1] = name
+      end
+      if ci and canary_state[group] == "failed" then
+        -- another canary of its group failed its own flow while this one was in flight
+        roll_back_canary(group, name, ci.failed_why)
+      elseif group and canary_state[group] == "rolling" then
+        ci.succeeded = ci.succeeded + 1
         if ci.succeeded == #canaries[group] then
           -- every canary is on the new release: watch them serve
           local g = prep.platform.groups[group]
@@ -966,12 +1036,18 @@ function rolling.run(opts)
       if not opts.continue_on_error then ctx.aborted_by = ctx.aborted_by or name end
     end
     s.errors = s.errors or {}
-    s.errors[name] = ferr
+    if ferr ~= nil or outcome ~= flow.SUCCESS then s.errors[name] = ferr end
     if canary_of[name] and outcome ~= flow.SUCCESS and canary_state[canary_of[name]] == "rolling" then
-      -- a canary that failed its own flow: the rest of its group is never touched
-      canary_state[canary_of[name]] = "failed"
-      stream:emit("CANARY_FAILED", { group = canary_of[name], canaries = canaries[canary_of[name]],
-        error = ("%s: %s"):format(name, tostring(ferr)) })
+      -- a canary that failed its own flow: the rest of its group is never touched, and the
+      -- canaries already on the new release go back to the old one
+      local group = canary_of[name]
+      local ci = canary_info[group]
+      canary_state[group] = "failed"
+      ci.failed_why = ("%s: %s"):format(name, tostring(ferr))
+      stream:emit("CANARY_FAILED", { group = group, canaries = canaries[group], error = ci.failed_why })
+      s.canary_failed = s.canary_failed or {}
+      s.canary_failed[group] = ci.failed_why
+      for _, n in ipairs(ci.passed or {}) do roll_back_canary(group, n, ci.failed_why) end
     end
     ::continue::
   end

@@ -155,4 +155,30 @@ function status.format(rows)
   return table.concat(lines, "\n")
 end
 
+-- status.held(state_root[, opts]) -> { line, ... }: the groups held after their canary
+-- (plans/rolling.lua --canary-only), on purpose on two releases, each with both ways on:
+-- promote the rest, or put the canaries back. opts.services_file / opts.user: as the commands
+-- an operator pastes must say them.
+function status.held(state_root, opts)
+  opts = opts or {}
+  local tail = ""
+  if opts.services_file then
+    local f = tostring(opts.services_file)
+    if not f:match("^[%w%._/:@%%+=,-]+$") then f = "'" .. f:gsub("'", "'\\''") .. "'" end
+    tail = tail .. " --services " .. f
+  end
+  if opts.user then tail = tail .. " --user" end
+  local held, names = require("rr.canary").all_held(state_root), {}
+  for group in pairs(held) do names[#names + 1] = group end
+  table.sort(names)
+  local lines = {}
+  for _, group in ipairs(names) do
+    local rec = held[group]
+    lines[#lines + 1] = ("group %s: canary held since %s: %s on the new release, the rest not yet: promote with "
+      .. "rrengine plans/rolling.lua --promote%s, or roll the canaries back with rrengine plans/rollback.lua --group "
+      .. "%s%s"):format(group, tostring(rec.passed_at), table.concat(rec.canaries or {}, ", "), tail, group, tail)
+  end
+  return lines
+end
+
 return status

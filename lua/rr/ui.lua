@@ -229,6 +229,33 @@ local SHOW = {
     return ("!! canary of %s FAILED: %s — rolling the canaries back; the rest is not touched"):format(ev.group,
       tostring(ev.error))
   end,
+  BALANCER_WEIGHT = function(ev)
+    return ("  %-22s weight %s at %s (%s)"):format(ev.service, tostring(ev.weight), tostring(ev.balancer),
+      tostring(ev.reason))
+  end,
+  KNOWN_GOOD_RESTORED = function(ev)
+    return ("  %-22s known good again: %s (%s)"):format(ev.service, tostring(ev.snapshot), tostring(ev.reason))
+  end,
+  BLUEGREEN_START = function(ev)
+    return ("◆ blue-green %s: %s live, the release goes to %s (%s)"):format(ev.service, tostring(ev.live),
+      tostring(ev.idle), tostring(ev.idle_unit))
+  end,
+  BLUEGREEN_SWITCHED = function(ev)
+    return ("◆ blue-green %s: traffic %s from %s to %s (%s)"):format(ev.service, ev.back and "switched back" or "switched",
+      tostring(ev.from), tostring(ev.to), fmt_ms(ev.duration_ms))
+  end,
+  BLUEGREEN_SOAK = function(ev)
+    return ("◆ blue-green %s: %s serves, soaking %gs while %s keeps running"):format(ev.service, tostring(ev.live),
+      ev.soak or 0, tostring(ev.previous))
+  end,
+  BLUEGREEN_PASSED = function(ev)
+    return ("◆ blue-green %s passed: %s live%s"):format(ev.service, tostring(ev.live),
+      ev.old_running and (", but the old colour %s still runs: %s"):format(tostring(ev.previous), tostring(ev.old_running))
+        or "")
+  end,
+  BLUEGREEN_FAILED = function(ev)
+    return ("!! blue-green %s FAILED %s: %s"):format(ev.service, tostring(ev.stage), tostring(ev.error))
+  end,
   SERVICE_WAITING = function(ev) return ("  %-22s waits: %s"):format(ev.service, ev.reason) end,
   RECOVERY_FAILED = function(ev) return ("!! %-21s not recovered: %s"):format(ev.service, ev.error) end,
   RUN_ABANDONED = function(ev)
