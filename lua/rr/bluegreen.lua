@@ -177,8 +177,12 @@ function bluegreen.explain(p, svc, out, problem, warn)
   if opts.deploy then
     steps[#steps + 1] = ("deploy: rsync -a %s/ -> %s/ (the idle colour %s; undone on rollback)"):format(
       opts.deploy_path, bg[idle].working_dir, idle)
-    if not fs.stat(bg[idle].working_dir, true) then problem(("working_dir %s does not exist"):format(bg[idle].working_dir)) end
+  else
+    steps[#steps + 1] = ("same release: rsync -a %s/ -> %s/ (the live colour's code into the idle colour %s, which "
+      .. "still holds the release before it; undone on rollback)"):format(bg[live].working_dir, bg[idle].working_dir,
+      idle)
   end
+  if not fs.stat(bg[idle].working_dir, true) then problem(("working_dir %s does not exist"):format(bg[idle].working_dir)) end
   if svc.migrate then
     steps[#steps + 1] = opts.skip_migrations and "migrate: skipped (--skip-migrations)"
       or ("migrate: %s (in %s; not undone on rollback)"):format(table.concat(svc.migrate, " "), bg[idle].working_dir)
@@ -737,6 +741,16 @@ function bluegreen.run(ctx, svc)
   if uerr then
     self.I:emit("SERVICE_RESTART_START", {})
     return self:fail("cannot reach the unit: " .. tostring(uerr))
+  end
+  if not ctx.opts.deploy then
+    -- A restart without a release: the idle colour still holds the release before the live
+    -- one, and switching to it as it is would roll the code back. The live colour's release is
+    -- copied into it first (rsync, with the same undo record as a deploy), so the restart
+    -- serves the same code, with no request lost.
+    local ictx = setmetatable({}, { __index = ctx })
+    ictx.opts = setmetatable({ deploy = true, deploy_path = svc.blue_green[live].working_dir },
+      { __index = ctx.opts })
+    self.I.ctx = ictx
   end
   local ok, outcome, err, info = pcall(Release.go, self)
   if not ok and flow.is_cancel(outcome) then error(outcome, 0) end
