@@ -10,10 +10,17 @@
 -- The lock holds while the engine lives, and no longer: a remote holder (flock on the lock file,
 -- then a sleep that keeps the descriptor) on a connection of its own, which dies with that
 -- connection (PR_SET_PDEATHSIG from setpriv: its parent is the connection's sshd process), whose
--- local ssh dies with the engine (setpriv again: its parent is the engine). Why not the shared
--- ControlMaster connection: a command on it outlives its ssh client (the connection's sshd
--- process, its parent, stays), and a command that waits for the end of its input cannot be
+-- local ssh dies with the engine (setpriv again: its parent is the engine). Why not a client of
+-- someone's ControlMaster connection: a command on it outlives its ssh client (the connection's
+-- sshd process, its parent, stays), and a command that waits for the end of its input cannot be
 -- used, since rr.proc closes a child's stdin once written.
+--
+-- The lock's connection is the host's one connection for the run: it is the ControlMaster
+-- (ControlPersist=no, a socket in a private directory of ours), and every later ssh to that host
+-- (commands, rsync) goes through it until the lock is released: one TCP connection and one
+-- authentication per host, however many files a deploy stats and hashes. Our options come first
+-- on the command line, where ssh takes the first value of each: the user's own config cannot
+-- send them elsewhere. When it dies with the engine, every session on it dies too.
 local rr = require("rr")
 local proc = require("rr.proc")
 local fs = require("rr.fs")
@@ -97,7 +104,15 @@ function remote.command_line(argv, opts)
   return table.concat(parts, " ")
 end
 
--- ssh's own options for every command: no X11, no terminal, never a prompt nobody would see.
+-- The control socket of each host whose lock this engine holds: host -> path.
+local shared = {}
+-- The private directory of those sockets (mode 0700), made at the first lock.
+local control_dir
+local control_seq = 0
+
+-- ssh's own options for every command: no X11, no terminal, never a prompt nobody would see;
+-- then the host's shared connection, if this engine holds one (extra's own ControlPath, first
+-- on the line, wins).
 local function ssh_prefix(host, opts, extra)
   local argv = { "ssh" }
   local cfg = ssh_config(opts)
@@ -107,6 +122,9 @@ local function ssh_prefix(host, opts, extra)
   end
   for _, a in ipairs({ "-x", "-T", "-o", "BatchMode=yes" }) do argv[#argv + 1] = a end
   for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+  if shared[host] then
+    for _, a in ipairs({ "-o", "ControlMaster=no", "-o", "ControlPath=" .. shared[host] }) do argv[#argv + 1] = a end
+  end
   argv[#argv + 1] = "--"
   argv[#argv + 1] = check_host(host)
   return argv
@@ -274,6 +292,7 @@ function Lock:unlock()
   local p = self.proc
   if not p then return true end
   self.proc = nil
+  if self._control and shared[self._host] == self._control then shared[self._host] = nil end
   if p:running() then
     local ok = remote.run(self._host, { "sh", "-c", RELEASER, "rr-unlock", self._pid, self._path },
       { ssh_config = self._ssh_config, timeout = 10 })
@@ -281,6 +300,10 @@ function Lock:unlock()
     if ok then rr.with_timeout(10, p.wait, p) end
   end
   p:close()
+  if control_dir and next(shared) == nil then
+    fs.remove_tree(control_dir)
+    control_dir = nil
+  end
   return true
 end
 Lock.__close = Lock.unlock
@@ -295,6 +318,10 @@ function Lock:path() return self._path end
 
 -- The host.
 function Lock:host() return self._host end
+
+-- The control socket of the host's shared connection (every ssh to the host goes through it
+-- while the lock is held), or nil when ssh could not make one.
+function Lock:control_path() return self._control end
 
 -- What this lock wrote into the file (who holds it).
 function Lock:holder() return self._holder end
@@ -325,8 +352,22 @@ function remote.lock(host, opts)
   if type(holder) ~= "string" then misuse("bad option 'holder' (a string expected)") end
   local limit = (opts.timeout or 30) + wait
 
-  -- A connection of its own (no ControlMaster), in a process that dies with the engine.
-  local cmd = ssh_prefix(host, opts, { "-o", "ControlMaster=no", "-o", "ControlPath=none" })
+  -- A connection of its own, in a process that dies with the engine, and the master of the
+  -- host's later ssh commands (see the top of the file).
+  local control
+  if not control_dir then
+    local base = os.getenv("XDG_RUNTIME_DIR")
+    if not base or base:sub(1, 1) ~= "/" then base = "/tmp" end
+    control_dir = fs.mkdtemp(base .. "/rrengine-ssh.")
+  end
+  local extra = { "-o", "ControlMaster=no", "-o", "ControlPath=none" }
+  if control_dir and not shared[host] then
+    control_seq = control_seq + 1
+    -- short: a unix socket path has at most 107 bytes
+    control = ("%s/%d"):format(control_dir, control_seq)
+    extra = { "-o", "ControlMaster=yes", "-o", "ControlPath=" .. control, "-o", "ControlPersist=no" }
+  end
+  local cmd = ssh_prefix(host, opts, extra)
   cmd[#cmd + 1] = remote.command_line({ "sh", "-c", HOLDER, "rr-lock", opts.path or "", holder,
     opts.user and "user" or "system", ("%d"):format(math.ceil(wait)) })
   table.insert(cmd, 1, "--")
@@ -358,8 +399,14 @@ function remote.lock(host, opts)
   gate:cancel()
   if acquired then
     exited:cancel()
+    -- the holder runs, so the master is up and its socket listens
+    if control and fs.exists(control) then shared[host] = control else control = nil end
     return setmetatable({ proc = p, _pid = acquired.pid, _path = acquired.path, _host = host, _holder = holder,
-                          _ssh_config = ssh_config(opts) }, Lock)
+                          _ssh_config = ssh_config(opts), _control = control }, Lock)
+  end
+  if control_dir and next(shared) == nil then
+    fs.remove_tree(control_dir)
+    control_dir = nil
   end
   if p:running() then
     exited:cancel()
