@@ -153,7 +153,9 @@ describe("rr.http", function()
       assert.is_nil(res)
       assert.equal("connect_timeout", code)
       assert.matches("^connect timed out after %d+%.%d s$", err)
-      assert.is_true(elapsed >= 0.5 and elapsed < 4, "elapsed " .. elapsed) -- not the 5 s total
+      -- the code, not the clock, tells it from the 5 s total (setting TLS up can take seconds
+      -- under valgrind)
+      assert.is_true(elapsed >= 0.5, "elapsed " .. elapsed)
     end)
 
     it("keeps max_body bytes of an oversized body and marks it truncated", function()
@@ -271,8 +273,9 @@ describe("rr.http", function()
       end
       local elapsed = loop.now() - t0
       assert.same({ [200] = 200 }, statuses)
-      -- One after the other they would take 100 s; together, about 0.5 s.
-      assert.is_true(elapsed < 2, "200 concurrent requests took " .. elapsed .. " s")
+      -- One after the other they would take 100 s; together, about 0.5 s (a few under valgrind):
+      -- a bound that tells concurrent from serial, not a speed.
+      assert.is_true(elapsed < 20, "200 concurrent requests took " .. elapsed .. " s")
       assert.equal(0, http.stats().requests)
     end)
 
