@@ -367,6 +367,10 @@ local function bench_big_job(p)
     print(("  DAG bound %s (critical path %s, manager CPU %s): wall %.2fx the bound"):format(secs(r.bound),
       secs(r.critical_path), secs(r.manager_cpu), r.wall / r.bound))
   end
+  if r.machine_busy then
+    print(("  the machine's %d CPUs were busy %s of the %s available during that run (%.0f%%)"):format(r.ncpu,
+      secs(r.machine_busy), secs(r.wall * r.ncpu), 100 * r.machine_busy / (r.wall * r.ncpu)))
+  end
   phase_table(nil, r)
   results.big = r
   print()

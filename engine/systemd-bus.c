@@ -253,8 +253,9 @@ int bus_props_next(sd_bus_message *msg, const char **name) {
         return r < 0 ? r : 1;
 }
 
-/* Add the properties of a GetAll reply (a{sv}) to the table at absolute index t. */
-static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
+/* Add the properties of a GetAll reply (a{sv}) to the table at absolute index t: all of them,
+ * or only the n_want named in want (the others skipped unread). */
+static int props_to_table(lua_State *L, sd_bus_message *reply, int t, char *const *want, size_t n_want) {
         const char *name;
         int r;
 
@@ -262,6 +263,15 @@ static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
         if (r < 0)
                 return r;
         while ((r = bus_props_next(reply, &name)) > 0) {
+                if (want && !strv_contains(want, n_want, name)) {
+                        r = sd_bus_message_skip(reply, "v");
+                        if (r < 0)
+                                return r;
+                        r = sd_bus_message_exit_container(reply);
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
                 r = bus_push_property(L, reply, name);
                 if (r < 0)
                         return r;
@@ -275,16 +285,18 @@ static int props_to_table(lua_State *L, sd_bus_message *reply, int t) {
         return sd_bus_message_exit_container(reply);
 }
 
-/* Push one table with the properties of every GetAll reply in replies (NULL entries skipped): 1.
+/* Push one table with the properties of every GetAll reply in replies (NULL entries skipped), or
+ * only the n_want named in want (NULL: all): 1.
  * When a reply cannot be parsed: nil, "cannot parse the properties of <name>: ...", "bad-reply"
  * (3), and nothing else is left on the stack. */
-int bus_push_props(lua_State *L, sd_bus_message *const *replies, size_t n, const char *name) {
+int bus_push_props(lua_State *L, sd_bus_message *const *replies, size_t n, const char *name, char *const *want,
+                   size_t n_want) {
         int top = lua_gettop(L), r = 0;
 
-        lua_newtable(L);
+        lua_createtable(L, 0, want ? (int) n_want : 0);
         for (size_t i = 0; i < n && r >= 0; i++)
                 if (replies[i])
-                        r = props_to_table(L, replies[i], top + 1);
+                        r = props_to_table(L, replies[i], top + 1, want, n_want);
         if (r < 0)
                 return bus_push_props_error(L, top, name, r);
         lua_settop(L, top + 1);

@@ -236,7 +236,8 @@ int bus_push_property(lua_State *L, sd_bus_message *msg, const char *name);
 int bus_push_props_error(lua_State *L, int top, const char *name, int r);
 /* Push one table with the properties of every GetAll reply in replies (NULL entries skipped): 1.
  * When a reply cannot be parsed: nil, message, "bad-reply" (3), nothing else left. */
-int bus_push_props(lua_State *L, sd_bus_message *const *replies, size_t n, const char *name);
+int bus_push_props(lua_State *L, sd_bus_message *const *replies, size_t n, const char *name, char *const *want,
+                   size_t n_want);
 /* Enter the next entry of a property array (a{sv}) and read its name: 1 with the value (a
  * variant) next, for the caller to read or skip before it exits the entry; 0 at the end of the
  * array; or a negative errno. */

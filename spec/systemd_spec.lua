@@ -253,6 +253,17 @@ describe("rr.systemd", function()
       assert.equal("table", type(p.Environment))
       assert.equal("RR_SPEC=1", p.Environment[1])
 
+      -- Only the named ones, from either interface, the same values; an unknown name is absent.
+      local few = assert(u:properties({ "ActiveState", "MainPID", "EnvironmentFiles", "NoSuchProperty" }))
+      local keys = {}
+      for k in pairs(few) do keys[#keys + 1] = k end
+      table.sort(keys)
+      assert.same({ "ActiveState", "EnvironmentFiles", "MainPID" }, keys)
+      assert.equal(p.MainPID, few.MainPID)
+      assert.same(p.EnvironmentFiles, few.EnvironmentFiles)
+      assert.has_error(function() u:properties({}) end, "bad argument #1 to 'properties' (empty list)")
+      assert.has_error(function() u:properties({ "ActiveState", 42 }) end)
+
       -- One property, from either interface.
       assert.equal(p.MainPID, u:get("MainPID"))
       assert.equal("active", u:get("ActiveState"))
