@@ -119,7 +119,8 @@ local HELP = {
   { "restart", "restart(name[, opts])", "the whole flow of plans/rolling.lua for one service, with rollback",
     'restart("sso.api")',
     "Pre-check, known-good snapshot, deploy, migrations, reload or restart, post-check, stabilization;\n"
-      .. "an unhealthy new version is rolled back. Options:\n"
+      .. "an unhealthy new version is rolled back. A service with a host is restarted there (ssh,\n"
+      .. "$RR_SSH_CONFIG), under that host's lock, with its records kept on that host. Options:\n"
       .. "  deploy_path = DIR           deploy that code into the service's working_dir first\n"
       .. "  skip_migrations = true      do not run migrate\n"
       .. "  force = true                skip health checks and stabilization (emergency only)\n"
@@ -131,7 +132,8 @@ local HELP = {
     'rollback("sso.api")',
     "As plans/rollback.lua: under the run lock, the last known good unit file, drop-ins and\n"
       .. "environment files restored, the deploy undone (an unfinished one, else the last one), then\n"
-      .. "daemon-reload, start, health check. On a terminal it asks \"roll back NAME? [y/N]\" first.\n"
+      .. "daemon-reload, start, health check; a service with a host on that host (ssh, $RR_SSH_CONFIG),\n"
+      .. "with the records kept there. On a terminal it asks \"roll back NAME? [y/N]\" first.\n"
       .. "Options:\n"
       .. "  yes = true                  do not ask\n"
       .. "  no_code = true              restore the definition only; leave the code\n"
@@ -249,11 +251,14 @@ end
 -- force, skip_migrations, hook_files, accept_unknown_definition (as rr.rolling_restart).
 function helpers.restart(name, opts)
   opts = opts or {}
-  opts.services = { service(name).name }
+  local svc = service(name)
+  opts.services = { svc.name }
   opts.deploy = opts.deploy_path ~= nil
   opts.user = env.user
   opts.services_file = env.file
-  opts.manager = manager()
+  -- a service on another host: its host's manager, files, lock and journal (rr.places, ssh
+  -- with $RR_SSH_CONFIG); this machine's manager is not needed for it
+  opts.manager = not svc.host and manager() or nil
   opts.ui = require("rr.ui").new({})
   local s = rolling.run(opts)
   if s.success then
@@ -289,7 +294,7 @@ function helpers.rollback(name, opts)
     end
   end
   local call = ("rollback(%q, {%%s})"):format(svc.name)
-  local args = { svc = svc, platform = platform(), user = env.user, manager = manager(),
+  local args = { svc = svc, platform = platform(), user = env.user, manager = not svc.host and manager() or nil,
     deploy_record = opts.deploy_record, no_code = opts.no_code, force = opts.force,
     reason = "manual rollback (REPL)", view = require("rr.ui").new({}),
     spell = { no_code = call:format("no_code = true"), deploy_record = call:format("deploy_record = DIR"),
