@@ -171,4 +171,112 @@ describe("acting on a remote host", function()
     assert.equal("active", show("ActiveState"))
     assert.is_false(fs.exists(state_root .. "/run.journal"))
   end)
+
+  it("the dry run reads a remote service on its host, takes no lock and touches nothing", function()
+    local res = rolling({ "--service", "api", "--deploy", "--deploy-path", release })
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    local text = assert(fs.read(unit_path))
+    helpers.edit(unit_path, "%[Service%]", "[Service]\nEnvironment=EDITED=3")
+    -- another run holds h1's lock: a dry run does not need it
+    local lock <close> = assert(remote.lock("h1", { ssh_config = cfg, holder = "host=spec pid=4242",
+      path = state_root .. "/run.lock" }))
+    local unit_edited, started, listing = fs.sha256(unit_path), show("ActiveEnterTimestampMonotonic"), state_listing()
+    res = rolling({ "--dry-run", "--diff", "--service", "api", "--deploy", "--deploy-path", release2 })
+    local listing_after = state_listing()
+    lock:unlock()
+    local unit_after = fs.sha256(unit_path)
+    assert(fs.write_atomic(unit_path, text))
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("now: active, healthy", res.stdout)
+    assert.matches("rollback restores: the known%-good definition of run", res.stdout)
+    assert.matches("definition modified: " .. unit_path:gsub("%p", "%%%0"), res.stdout)
+    assert.matches("\n%s+%+Environment=EDITED=3\n", res.stdout)
+    assert.matches("last deploy on h1: " .. (state_root .. "/runs/"):gsub("%p", "%%%0"), res.stdout)
+    assert.matches("deploy: rsync %-a " .. release2:gsub("%p", "%%%0"), res.stdout)
+    assert.matches("daemon%-reload first", res.stdout)
+    -- nothing touched on h1: its state root, the unit file, the unit
+    assert.equal(listing, listing_after)
+    assert.equal(started, show("ActiveEnterTimestampMonotonic"))
+    assert.equal("good2\n", fs.read(wd .. "/version"))
+    assert.equal(unit_edited, unit_after)
+  end)
+
+  it("a remote migration of a killed engine blocks --recover (exit 4, naming its unit) until it has ended", function()
+    local tree_before = tree(wd)
+    local fifo = dir .. "/go"
+    assert(proc.run({ "mkfifo", fifo }))
+    services_file((', migrate = { "/bin/sh", "-c", %q, "m", %q }'):format('echo waiting for go; read x < "$1"', fifo))
+    local argv = { helpers.engine, "plans/rolling.lua", "--user", "--services", file, "--ssh-config", cfg,
+      "--events", dir .. "/events.jsonl", "--service", "api", "--deploy", "--deploy-path", release2 }
+    -- the migration's own line: it runs on h1
+    local p = hosts.spawn_until(argv, "waiting for go", 60, { cwd = units.root })
+    p:kill("SIGKILL")
+    p:wait()
+    p:close()
+    local j = assert(host_journal())
+    local unit = assert(j.services.api.children[1].unit)
+    assert.matches("^rrengine%-migration%-api%-%x+%.service$", unit)
+
+    local res = rolling({ "--recover" })
+    assert.equal(4, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("still running from the interrupted run: unit " .. unit:gsub("%p", "%%%0") .. " on h1", res.stderr)
+    -- untouched meanwhile: the release is still there, the journal too
+    assert.equal("good3\n", fs.read(wd .. "/version"))
+    assert.is_true(fs.exists(state_root .. "/run.journal"))
+    -- a plain run names it too
+    res = rolling({})
+    assert.equal(4, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("still running from that run: unit " .. unit:gsub("%p", "%%%0") .. " on h1", res.stderr)
+
+    -- the migration ends; then --recover resolves: the deploy undone
+    assert(proc.run({ "sh", "-c", 'echo go > "$0"', fifo }, { timeout = 30 }))
+    wait_gone(unit)
+    res = rolling({ "--recover" })
+    services_file()
+    assert.equal(1, res.exit_code, res.stdout .. res.stderr)
+    assert.equal(tree_before, tree(wd))
+    assert.is_false(fs.exists(state_root .. "/run.journal"))
+  end)
+
+  it("plans/status.lua tells whether the run that wrote a host's journal still runs, or that it cannot tell", function()
+    local path = state_root .. "/run.journal"
+    local function write_journal(engine_host, pid)
+      local head = { record = "run", version = 2, run = "r-spec", pid = pid, pid_start = journal.start_time(pid),
+        boot_id = journal.boot_id(), user = true, argv = {}, services_file = file, started_at = "2026-01-01T00:00:00Z",
+        kind = "rolling", order = { "api" }, host = "h1", engine_host = engine_host }
+      local set = { record = "set", service = "api", set = { phase = "migrate" } }
+      assert(fs.write_atomic(path, cjson.encode(head) .. "\n" .. cjson.encode(set) .. "\n"))
+    end
+    local function status()
+      return child("plans/status.lua", {})
+    end
+    -- written on this machine by a process that runs (this one): a run in progress
+    write_journal(journal.hostname(), fs.getpid())
+    local res = status()
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("== on host h1 %(" .. state_root:gsub("%p", "%%%0") .. "%): run r%-spec is in progress %(pid "
+      .. fs.getpid() .. " on this machine", res.stdout)
+    -- written by an engine on another machine: its pid means nothing here
+    write_journal("ci-elsewhere", fs.getpid())
+    res = status()
+    assert.equal(0, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("%?%? on host h1 [^\n]*: a run journal written by an engine on ci%-elsewhere, pid " .. fs.getpid()
+      .. " %(run r%-spec[^\n]*%): cannot tell whether it still runs\n", res.stdout)
+    assert.matches("%?%?   api: left in phase migrate", res.stdout)
+    assert.not_matches("interrupted", res.stdout)
+    -- the dry run says the same
+    res = rolling({ "--dry-run" })
+    assert.matches("%?%? on host h1 [^\n]*: a run journal written by an engine on ci%-elsewhere", res.stdout)
+    -- written here by a process that has ended: an interrupted run (exit 4)
+    local gone = assert(proc.spawn({ "true" }))
+    local gone_pid = gone:pid()
+    gone:wait()
+    gone:close()
+    write_journal(journal.hostname(), gone_pid)
+    res = status()
+    fs.remove(path)
+    assert.equal(4, res.exit_code, res.stdout .. res.stderr)
+    assert.matches("!! on host h1 [^\n]*: an earlier run was interrupted: run r%-spec %(pid " .. gone_pid, res.stdout)
+    assert.matches("!!   api: left in phase migrate", res.stdout)
+  end)
 end)

@@ -51,7 +51,11 @@ function dryrun.run(p)
   end
   for _, l in ipairs(looked) do
     local mark = ({ dead = "!! ", unknown = "?? ", alive = "== " })[l.look.writer]
-    for _, line in ipairs(journal.look_lines(l.look, l.host, l.root)) do out(mark .. line) end
+    local pl = p.places and p.places[l.host or false]
+    for _, line in ipairs(journal.look_lines(l.look, l.host, l.root,
+        { unit_alive = journal.unit_alive_on(pl and pl.manager or p.manager) })) do
+      out(mark .. line)
+    end
     if l.look.writer == "dead" then
       out("!! the run below would refuse (exit 4) until that is resolved")
       problems = problems + 1

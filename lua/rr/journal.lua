@@ -20,7 +20,10 @@
 -- Who reads it: every acting entry point takes the run lock first; a journal found while the
 -- lock is held by us belongs to a run that died (its lock died with it). Read-only entry points
 -- (status, the dry run) take no lock and ask whether the writer is still alive (its PID with
--- the same start time, on the same boot).
+-- the same start time, on the same boot) when it ran on this machine (the header's engine_host);
+-- a journal on a host written by an engine elsewhere cannot be asked: they say so
+-- (journal.writer). A migration on a host is a transient unit there, named before it starts:
+-- whether it still runs is asked of that host's manager.
 local fs = require("rr.fs")
 local hostfs = require("rr.hostfs")
 local cjson = require("cjson")
@@ -180,15 +183,16 @@ function journal.look(root, hfs)
   return { data = data, writer = writer, note = note }
 end
 
--- journal.look_lines(look[, host, root]) -> lines: what an operator reads about it. A dead run:
+-- journal.look_lines(look[, host, root[, opts]]) -> lines: what an operator reads about it (opts
+-- as journal.describe's). A dead run:
 -- journal.describe's lines (named by its host); one whose writer is unknown: that, then what it
 -- has in flight; a run in progress: one line.
-function journal.look_lines(look, host, root)
+function journal.look_lines(look, host, root, opts)
   local where = host and ("on host %s (%s): "):format(host, tostring(root)) or ""
   if look.writer == "alive" then
     return { where .. look.note }
   end
-  local lines = journal.describe(look.data)
+  local lines = journal.describe(look.data, opts)
   if look.writer == "unknown" then
     lines[1] = "a run journal " .. look.note
   end

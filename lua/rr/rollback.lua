@@ -211,7 +211,7 @@ function rollback.run(args)
   local dead = journal.interrupted(state_root, { locked = true, fs = hfs })
   if dead then
     return 4, (svc.host and ("on host %s (%s):\n"):format(svc.host, state_root) or "")
-      .. table.concat(journal.describe(dead), "\n"), "EINTERRUPTED"
+      .. table.concat(journal.describe(dead, { unit_alive = journal.unit_alive_on(manager) }), "\n"), "EINTERRUPTED"
   end
 
   local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell, hfs)

@@ -296,10 +296,11 @@ function rolling.recover(ctx, prep, dead, place)
   for _, name in ipairs(names) do
     local entry = dead.services[name]
     local svc = prep.platform.by_name[name]
-    local live = journal.live_children(entry)
+    -- a migration on a host is a transient unit there: its manager says whether it still runs
+    local live = journal.live_children(entry, { unit_alive = journal.unit_alive_on(place.manager or ctx.manager) })
     if #live > 0 then
       local what = {}
-      for _, c in ipairs(live) do what[#what + 1] = ("pid %d (%s)"):format(c.pid, tostring(c.what)) end
+      for _, c in ipairs(live) do what[#what + 1] = journal.child_text(c) end
       local why = "still running from the interrupted run: " .. table.concat(what, ", ")
       stream:emit("RECOVERY_FAILED", { service = name, unit = svc and svc.unit, error = why, blocked = true })
       blocked[#blocked + 1] = name
@@ -418,7 +419,9 @@ function rolling.run(opts)
     local lines = {}
     for _, d in ipairs(deads) do
       if d.place.host then lines[#lines + 1] = ("on host %s (%s):"):format(d.place.host, d.place.state_root) end
-      for _, l in ipairs(journal.describe(d.data)) do lines[#lines + 1] = l end
+      for _, l in ipairs(journal.describe(d.data, { unit_alive = journal.unit_alive_on(d.place.manager) })) do
+        lines[#lines + 1] = l
+      end
     end
     return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = table.concat(lines, "\n") })
   end
