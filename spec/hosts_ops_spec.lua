@@ -267,6 +267,11 @@ describe("acting on a remote host", function()
     -- the dry run says the same
     res = rolling({ "--dry-run" })
     assert.matches("%?%? on host h1 [^\n]*: a run journal written by an engine on ci%-elsewhere", res.stdout)
+    -- and the REPL's status()
+    local rres, rerr, _, rr_ = proc.run({ helpers.engine, "-i", "--user", "--services", file }, { stdin = "status()\n",
+      timeout = 60, cwd = units.root, env = { RR_SSH_CONFIG = cfg, RRENGINE_SERVICES = false, RRENGINE_USER = false } })
+    rres = rres or rr_ or error(rerr)
+    assert.matches("%?%? on host h1 [^\n]*: a run journal written by an engine on ci%-elsewhere", rres.stdout)
     -- written here by a process that has ended: an interrupted run (exit 4)
     local gone = assert(proc.spawn({ "true" }))
     local gone_pid = gone:pid()

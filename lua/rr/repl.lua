@@ -204,16 +204,20 @@ function helpers.services_file(path)
 end
 
 function helpers.status()
-  -- a run that was killed mid-way comes first: its services may be half done
-  local journal = require("rr.journal")
-  local dead = journal.interrupted(require("rr.state").root(env.user))
-  if dead then
-    for _, line in ipairs(journal.describe(dead)) do print("!! " .. line) end
-    print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
-  end
   local list = status.expand(platform().services, require("rr.state").root(env.user))
   local here = status.hosts(list)[1] == false
-  print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
+  local rows, unreachable = status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })
+  -- a run that was killed mid-way comes first, here or on a host: its services may be half done
+  -- (a host's journal written by an engine elsewhere: whether it runs cannot be told from here)
+  local journal = require("rr.journal")
+  for _, f in ipairs(status.journals(list, { user = env.user, skip = unreachable })) do
+    local mark = ({ dead = "!! ", unknown = "?? ", alive = "== " })[f.look.writer]
+    for _, line in ipairs(journal.look_lines(f.look, f.host, f.root)) do print(mark .. line) end
+    if f.look.writer == "dead" then
+      print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
+    end
+  end
+  print(status.format(rows))
 end
 
 -- recover([{resume = true} | {abandon = true}]) -> text: as plans/rolling.lua --recover

@@ -409,11 +409,7 @@ function rolling.run(opts)
 
   -- An earlier run that died mid-way (its lock died with it, so a journal here is a dead run's),
   -- on any of the hosts: nothing is touched until it is resolved.
-  local deads = {}
-  for _, p in ipairs(place_list) do
-    local d = journal.interrupted(p.state_root, { locked = true, fs = p.fs })
-    if d then deads[#deads + 1] = { place = p, data = d } end
-  end
+  local deads = set:interrupted()
   local dead = deads[1] and deads[1].data
   if dead and not (opts.recover or opts.abandon) then
     local lines = {}
