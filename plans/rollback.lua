@@ -10,6 +10,9 @@
 -- details are at the top of lua/rr/rollback.lua). With no known-good snapshot and no deploy to
 -- undo there is nothing to restore: the service is not touched (exit 1).
 --
+-- A service with a host is rolled back on that host (its manager, and the records, lock and
+-- journal in its state root), from any engine host.
+--
 -- --group NAME instead puts back the canaries a `plans/rolling.lua --canary-only` run holds
 -- (rr.rollback.group): the group is on one release again, and the held record goes.
 local cli = require("rr.cli")
@@ -42,6 +45,8 @@ local spec = {
       help = "the services file (default: ./services.lua, else /etc/rrengine/services.lua; with --user "
         .. "$XDG_CONFIG_HOME/rrengine/services.lua)" },
     { name = "user", help = "talk to your user service manager, as systemctl --user" },
+    { name = "ssh-config", key = "ssh_config", type = "string", value = "FILE",
+      help = "the ssh config for a service on another host (default: $RR_SSH_CONFIG, else ssh's own)" },
     { name = "events", key = "events_file", type = "string", value = "FILE", help = "event log (default as plans/rolling.lua)" },
     { name = "force", help = "skip the health check after the start" },
     { name = "help", short = "h", help = "show this help" },
@@ -94,6 +99,7 @@ if not svc then die(2, ("unknown service %q in %s"):format(opts.service, opts.se
 local code, msg = rollback.run({ svc = svc, platform = platform, user = opts.user,
   deploy_record = opts.deploy_record, no_code = opts.no_code, force = opts.force,
   events_file = opts.events_file, reason = "manual rollback (plans/rollback.lua)", services_file = opts.services_file,
+  ssh_config = opts.ssh_config,
   spell = { no_code = "--no-code", deploy_record = "--deploy-record DIR", named = "--deploy-record" } })
 if code == 3 then msg = ("rollback of %s failed: %s"):format(svc.name, msg) end
 if code ~= 0 then die(code, msg) end

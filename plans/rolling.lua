@@ -34,18 +34,17 @@ if opts.dry_run then
   -- the run's own preparation: every check that refuses a run (exit 2) refuses the dry run
   local prep, perr = rolling.prepare(run_opts)
   if not prep then die(rolling.EXIT_USAGE, perr) end
-  for _, svc in ipairs(prep.order) do
-    if svc.host then
-      die(rolling.EXIT_USAGE, ("service %s is on host %s: the dry run reads this machine's manager only (not yet "
-        .. "the hosts'); plans/status.lua shows every host"):format(svc.name, svc.host))
-    end
-  end
-  local systemd = require("rr.systemd")
-  local manager, merr = (opts.user and systemd.user or systemd.system)()
-  if not manager then die(rolling.EXIT_FAILED, merr) end
-  local problems = require("rr.dryrun").run({ order = prep.order, manager = manager, platform = prep.platform,
-    balancers = prep.balancers, bluegreen_balancers = prep.bluegreen_balancers,
-    state_root = rolling.state_root(opts.user), opts = opts, out = function(line) io.stdout:write(line, "\n") end })
+  -- every host of the plan read where it is (its manager, files, state root), no lock taken
+  local places = require("rr.places")
+  local set, serr = places.open({ hosts = places.hosts(prep.order), user = opts.user, lock = false,
+    ssh_config = opts.ssh_config })
+  if not set then die(rolling.EXIT_FAILED, serr) end
+  local local_place = set.by[false]
+  local problems = require("rr.dryrun").run({ order = prep.order, manager = local_place and local_place.manager,
+    places = set.by, platform = prep.platform, balancers = prep.balancers,
+    bluegreen_balancers = prep.bluegreen_balancers, state_root = rolling.state_root(opts.user), opts = opts,
+    out = function(line) io.stdout:write(line, "\n") end })
+  set:close()
   os.exit(problems > 0 and rolling.EXIT_FAILED or rolling.EXIT_OK)
 end
 

@@ -1,7 +1,10 @@
 -- rrengine plans/status.lua [--services FILE] [--user] [-H HOST] [--ssh-config FILE] [--json]:
 -- every service's unit state and health, checked concurrently, on every host the services file
 -- names (one manager per host, through ssh). Exit 0 when all are healthy, 1 otherwise (a host
--- that cannot be reached too), 4 when a killed run is not resolved (it is shown first).
+-- that cannot be reached too), 4 when a killed run is not resolved (it is shown first, "!!"), on
+-- this machine or on a host. A host's journal written by an engine on another machine is shown
+-- ("??": that engine's PID cannot be checked from here) without changing the exit code; a run in
+-- progress ("==") neither.
 local cli = require("rr.cli")
 local systemd = require("rr.systemd")
 local status = require("rr.status")
@@ -64,18 +67,26 @@ if not opts.host and status.hosts(list)[1] == false then
 end
 -- a blue-green service: a row per colour, the live one named
 list = status.expand(list, require("rr.state").root(opts.user))
-local rows = status.collect_hosts(list, { manager = manager, user = opts.user, ssh_config = opts.ssh_config })
--- a run that was killed mid-way comes first: its services may be half done
+local rows, unreachable = status.collect_hosts(list, { manager = manager, user = opts.user,
+  ssh_config = opts.ssh_config })
+-- a run that was killed mid-way comes first, on any host: its services may be half done. A journal
+-- on a host written by an engine elsewhere is shown as such: whether that run still goes on
+-- cannot be told from here.
 local journal = require("rr.journal")
-local dead = journal.interrupted(require("rr.state").root(opts.user))
+local found = status.journals(list, { user = opts.user, ssh_config = opts.ssh_config, skip = unreachable })
+local dead = false
+for _, f in ipairs(found) do
+  if f.look.writer == "dead" then dead = true end
+end
 if opts.json then
   local out = require("cjson").encode(rows)
   io.write(out, "\n")
 else
-  if dead then
-    for _, line in ipairs(journal.describe(dead)) do io.write("!! ", line, "\n") end
-    io.write("\n")
+  for _, f in ipairs(found) do
+    local mark = ({ dead = "!! ", unknown = "?? ", alive = "== " })[f.look.writer]
+    for _, line in ipairs(journal.look_lines(f.look, f.host, f.root)) do io.write(mark, line, "\n") end
   end
+  if #found > 0 then io.write("\n") end
   io.write(status.format(rows), "\n")
   -- groups held after their canary (--canary-only): on purpose on two releases
   local state_root = require("rr.state").root(opts.user)

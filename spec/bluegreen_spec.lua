@@ -491,11 +491,14 @@ describe("a blue-green service behind a real HAProxy, under a real wrk load", fu
     assert.matches('service "web" is blue%-green', bad.stderr)
     assert.equal(pid, s:unit(prev):get("MainPID"))
 
-    -- the REPL's restart() does not restart a colour in place
-    local repl = assert(require("rr.proc").run({ helpers.engine, "-i" }, { stdin = 'print(restart("web"))\n', timeout = 60,
+    -- the REPL's restart() restarts it as plans/rolling.lua does: the same release, from the
+    -- other colour, never a colour restarted in place
+    local version = s:running(prev)
+    local repl = assert(require("rr.proc").run({ helpers.engine, "-i" }, { stdin = 'print(restart("web"))\n', timeout = 120,
       env = { XDG_STATE_HOME = s.p.xdg_state, HOME = s.dir, RRENGINE_SERVICES = s.services_file, RRENGINE_USER = "1" } }))
-    assert.matches("not restarted: web is blue%-green; [^\n]*plans/rolling%.lua %-%-service web", repl.stdout)
-    assert.equal(pid, s:unit(prev):get("MainPID"))
-    assert.equal(prev, s:live())
+    assert.matches("ok: web restarted", repl.stdout)
+    assert.equal(live, s:live())
+    assert.equal(version, s:running(live))
+    assert.equal("inactive", s:active(prev))
   end)
 end)

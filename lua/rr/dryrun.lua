@@ -1,6 +1,8 @@
 -- The dry run: the ordered plan with each service's steps and why, after read-only checks
 -- (unit loaded, definition readable, paths exist, current health). It starts no job and
--- writes no file — not even the event log or the lock.
+-- writes no file — not even the event log or the lock. A service on another host is read on
+-- that host (p.places, rr.places opened without locks): its manager, its definition files, its
+-- known-good snapshot, its deploy records and its run journal.
 local fs = require("rr.fs")
 local health = require("rr.health")
 local flow = require("rr.flow")
@@ -12,7 +14,17 @@ local function list(t)
   return table.concat(t, ", ")
 end
 
--- dryrun.run{ order, manager, state_root, opts, out = fn(line) } -> problems (count), warnings
+-- The place of a service for the dry run: p.places[host or false] when given, else this
+-- machine's manager and files.
+local function place_of(p, svc)
+  local pl = p.places and p.places[svc.host or false]
+  if pl then return pl end
+  return { manager = p.manager, fs = fs, state_root = p.state_root }
+end
+
+-- dryrun.run{ order, manager, state_root, places, opts, out = fn(line) } -> problems (count), warnings
+-- places: rr.places's set.by (every host of order, opened read-only); without it, this machine's
+-- manager and state_root.
 function dryrun.run(p)
   local out, opts = p.out, p.opts
   local problems, warnings = 0, 0
@@ -21,13 +33,38 @@ function dryrun.run(p)
   local selected = {}
   for _, svc in ipairs(p.order) do selected[svc.unit] = true end
 
-  -- a killed run first: the real run would refuse (exit 4) until it is resolved
-  local dead = p.state_root and require("rr.journal").interrupted(p.state_root)
-  if dead then
-    for _, line in ipairs(require("rr.journal").describe(dead)) do out("!! " .. line) end
-    out("!! the run below would refuse (exit 4) until that is resolved")
+  -- a killed run first, on any host: the real run would refuse (exit 4) until it is resolved
+  local journal = require("rr.journal")
+  local looked = {}
+  if p.places then
+    for _, svc in ipairs(p.order) do
+      local key = svc.host or false
+      if looked[key] == nil then
+        local pl = p.places[key]
+        looked[key] = pl and pl.state_root and journal.look(pl.state_root, pl.fs) or false
+        if looked[key] then looked[#looked + 1] = { host = svc.host, root = pl.state_root, look = looked[key] } end
+      end
+    end
+  else
+    local dead = p.state_root and journal.interrupted(p.state_root)
+    if dead then looked[1] = { root = p.state_root, look = { data = dead, writer = "dead" } } end
+  end
+  for _, l in ipairs(looked) do
+    local mark = ({ dead = "!! ", unknown = "?? ", alive = "== " })[l.look.writer]
+    local pl = p.places and p.places[l.host or false]
+    for _, line in ipairs(journal.look_lines(l.look, l.host, l.root,
+        { unit_alive = journal.unit_alive_on(pl and pl.manager or p.manager) })) do
+      out(mark .. line)
+    end
+    if l.look.writer == "dead" then
+      out("!! the run below would refuse (exit 4) until that is resolved")
+      problems = problems + 1
+    elseif l.look.writer == "unknown" then
+      out("?? if that run has ended, the run below would refuse (exit 4) until it is resolved")
+    else
+      out("== the run below would be refused while that run holds the lock")
+    end
     out("")
-    problems = problems + 1
   end
   out(("Dry run: %d service(s), in this order. Nothing will be changed.%s"):format(#p.order,
     opts.force and " (--force: no health checks, no stabilization)" or ""))
@@ -40,7 +77,9 @@ function dryrun.run(p)
       require("rr.bluegreen").explain(p, svc, out, problem, warn)
       goto next_service
     end
-    local unit, uerr, ucode = p.manager:unit(svc.unit)
+    local place = place_of(p, svc)
+    local hfs = place.fs
+    local unit, uerr, ucode = place.manager:unit(svc.unit)
     local props, err, code
     if unit then
       props, err, code = unit:properties()
@@ -58,12 +97,13 @@ function dryrun.run(p)
       if kind ~= "healthy" and not opts.force then
         problem("the pre-restart health check would fail: the service would not be touched")
       end
-      local readable = props.FragmentPath ~= "" and fs.read(props.FragmentPath)
+      local readable = props.FragmentPath ~= "" and hfs.read(props.FragmentPath)
       if not readable then
         problem(("unit file %s is not readable"):format(props.FragmentPath))
       end
 
-      local def = flow.definition_state({ state_root = p.state_root, user = opts.user }, svc, props)
+      local def = flow.definition_state({ state_root = place.state_root, user = opts.user, hosts = p.places }, svc,
+        props)
       if def.known then
         out(("     rollback restores: the known-good definition of run %s (%s)"):format(
           tostring(def.known.run), tostring(def.known.created)))
@@ -77,7 +117,7 @@ function dryrun.run(p)
         out(("     definition %s: %s%s"):format(c.change, c.path,
           c.shared and (" (a %s drop-in: rollback leaves it as it is)"):format(c.scope or "shared") or ""))
         if opts.diff and c.change == "modified" then
-          for line in (snapshot.unified_diff(def.known, c.path) or ""):gmatch("[^\n]+") do
+          for line in (snapshot.on(hfs).unified_diff(def.known, c.path) or ""):gmatch("[^\n]+") do
             out("       " .. line)
           end
         end
@@ -86,10 +126,11 @@ function dryrun.run(p)
       if opts.deploy and svc.working_dir then
         out(("     deploy: rsync -a %s/ -> %s/%s (undone on rollback)"):format(opts.deploy_path, svc.working_dir,
           svc.deploy_delete and " with --delete" or ""))
-        if not fs.stat(svc.working_dir, true) then
+        if not hfs.stat(svc.working_dir, true) then
           problem(("working_dir %s does not exist"):format(svc.working_dir))
         end
       end
+      if svc.working_dir then dryrun.deploy_records(place, svc, out, warn) end
       if svc.migrate then
         if opts.skip_migrations then
           out("     migrate: skipped (--skip-migrations)")
@@ -143,6 +184,23 @@ function dryrun.run(p)
   out("")
   out(("Dry run done: %d problem(s), %d warning(s)."):format(problems, warnings))
   return problems, warnings
+end
+
+-- What the deploy pointers of svc say (on its host): an unfinished deploy (a run that did not
+-- finish, or whose undo failed: the next deploy is refused until it is undone), and the last one,
+-- which plans/rollback.lua undoes.
+function dryrun.deploy_records(place, svc, out, warn)
+  local state = require("rr.state")
+  local where = svc.host and (" on " .. svc.host) or ""
+  local inflight = state.read_pointer(place.state_root, svc.name, "inflight", place.fs)
+  if inflight then
+    warn(("an unfinished deploy%s: %s names %s (plans/rollback.lua --service %s undoes it; a new deploy is "
+      .. "refused until then)"):format(where, state.pointer(place.state_root, svc.name, "inflight"), inflight, svc.name))
+  end
+  local last = state.read_pointer(place.state_root, svc.name, "last", place.fs)
+  if last then
+    out(("     last deploy%s: %s (plans/rollback.lua undoes it)"):format(where, last))
+  end
 end
 
 -- services.lua's `depends` against the unit's own ordering: a declared dependency the unit

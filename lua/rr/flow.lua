@@ -508,11 +508,18 @@ function Run:run_remote_command(argv, output_event)
   end
   local parts = {}
   for i, a in ipairs(argv) do parts[i] = tostring(a) end
+  -- Named in the host's journal before it starts (its PID is the host's): a run that resolves a
+  -- killed one asks that host's manager whether the unit still runs, and leaves the service alone
+  -- until it has ended (it keeps running when this engine dies, up to RuntimeMaxSec=).
+  local j = flow.place(self.ctx, svc).journal
+  if j then j:child_unit(svc.name, name .. ".service", svc.host, table.concat(parts, " ")) end
   local t0 = rr.now()
   local res, err, code, r = self.fs.run(words, {
     timeout = timeout + 10, capture = true, stdin = table.concat(parts, "\0") .. "\0",
     on_line = function(stream, line) self:emit(output_event, { stream = stream, line = line }) end,
   })
+  -- ended (or its host lost: then the journal stays as it was, and recovery asks the host)
+  if j and (res or code == "EEXIT") then j:child_unit_done(svc.name, name .. ".service") end
   if res then return res end
   if code == "EEXIT" and rr.now() - t0 >= timeout then
     return nil, ("%s on %s timed out after %g s (killed)"):format(tostring(argv[1]), svc.host, timeout), "ETIMEDOUT", r

@@ -20,7 +20,10 @@
 -- Who reads it: every acting entry point takes the run lock first; a journal found while the
 -- lock is held by us belongs to a run that died (its lock died with it). Read-only entry points
 -- (status, the dry run) take no lock and ask whether the writer is still alive (its PID with
--- the same start time, on the same boot).
+-- the same start time, on the same boot) when it ran on this machine (the header's engine_host);
+-- a journal on a host written by an engine elsewhere cannot be asked: they say so
+-- (journal.writer). A migration on a host is a transient unit there, named before it starts:
+-- whether it still runs is asked of that host's manager.
 local fs = require("rr.fs")
 local hostfs = require("rr.hostfs")
 local cjson = require("cjson")
@@ -152,13 +155,91 @@ function journal.interrupted(root, opts)
   return data
 end
 
--- The children of a dead run's service that still run: { {pid =, what =}, ... }.
-function journal.live_children(entry)
+-- journal.writer(data) -> "alive" | "dead" | "unknown", note: whether the run that wrote a
+-- journal still runs, asked without its lock (status, the dry run). A journal written on this
+-- machine (its engine_host; one without it is this machine's) is checked as journal.alive does.
+-- One written by an engine on another machine cannot be: its PID means nothing here, so the answer
+-- is "unknown" and the note says so, rather than calling a run that may be going on dead.
+function journal.writer(data)
+  if data.unreadable then return "dead", data.unreadable end
+  if data.engine_host == nil or data.engine_host == journal.hostname() then
+    if journal.alive(data) then
+      return "alive", ("run %s is in progress (pid %s on this machine, started %s)"):format(tostring(data.run),
+        tostring(data.pid), tostring(data.started_at))
+    end
+    return "dead", nil
+  end
+  return "unknown", ("written by an engine on %s, pid %s (run %s, started %s): cannot tell whether it still runs")
+    :format(tostring(data.engine_host), tostring(data.pid), tostring(data.run), tostring(data.started_at))
+end
+
+-- journal.look(root[, hfs]) -> nil (no journal, or it cannot be read from here) | { data =,
+-- writer = "alive" | "dead" | "unknown", note = }: a read-only look at the journal under root (on
+-- hfs's host), for what status and the dry run show. An unreadable journal is a dead run's.
+function journal.look(root, hfs)
+  local data, err, code = journal.read(root, hfs)
+  if not data then
+    if code == "EBADMSG" then
+      return { data = { unreadable = err, services = {}, order = {}, done = {} }, writer = "dead" }
+    end
+    return nil
+  end
+  local writer, note = journal.writer(data)
+  return { data = data, writer = writer, note = note }
+end
+
+-- journal.look_lines(look[, host, root[, opts]]) -> lines: what an operator reads about it (opts
+-- as journal.describe's). A dead run:
+-- journal.describe's lines (named by its host); one whose writer is unknown: that, then what it
+-- has in flight; a run in progress: one line.
+function journal.look_lines(look, host, root, opts)
+  local where = host and ("on host %s (%s): "):format(host, tostring(root)) or ""
+  if look.writer == "alive" then
+    return { where .. look.note }
+  end
+  local lines = journal.describe(look.data, opts)
+  if look.writer == "unknown" then
+    lines[1] = "a run journal " .. look.note
+  end
+  lines[1] = where .. lines[1]
+  return lines
+end
+
+-- The children of a dead run's service that still run: { {pid =, what =} | {unit =, host =,
+-- what =}, ... }. A process here is checked by its PID and start time; a transient unit on a
+-- host (a remote migration) by opts.unit_alive(child) -> bool, which asks that host's manager
+-- (journal.unit_alive_on). Without it such a unit counts as running: nothing is known to have
+-- ended it.
+function journal.live_children(entry, opts)
   local out = {}
   for _, c in ipairs(entry.children or {}) do
-    if journal.alive(c) then out[#out + 1] = c end
+    if c.unit then
+      if not (opts and opts.unit_alive) or opts.unit_alive(c) then out[#out + 1] = c end
+    elseif journal.alive(c) then
+      out[#out + 1] = c
+    end
   end
   return out
+end
+
+-- journal.unit_alive_on(manager) -> fn(child) -> bool: whether a child transient unit is still
+-- loaded and not inactive on manager's host (a unit that ended was collected: it is gone). A
+-- manager that cannot answer counts it as running.
+function journal.unit_alive_on(manager)
+  return function(c)
+    if not manager then return true end
+    local u, _, code = manager:unit(c.unit)
+    if not u then return code ~= "ENOENT" and code ~= "org.freedesktop.systemd1.NoSuchUnit" end
+    local st = u:get("ActiveState")
+    if st == nil then return true end
+    return st ~= "inactive" and st ~= "failed"
+  end
+end
+
+-- One child in words: "pid N (WHAT)" or "unit U on HOST (WHAT)".
+function journal.child_text(c)
+  if c.unit then return ("unit %s on %s (%s)"):format(c.unit, tostring(c.host), tostring(c.what)) end
+  return ("pid %d (%s)"):format(c.pid, tostring(c.what))
 end
 
 -- journal.resolve_command(data, how) -> the complete command that resolves the interrupted run
@@ -188,8 +269,9 @@ function journal.in_flight(data)
   return names
 end
 
--- journal.describe(data) -> lines: what an operator must know about an interrupted run.
-function journal.describe(data)
+-- journal.describe(data[, opts]) -> lines: what an operator must know about an interrupted run.
+-- opts.unit_alive: as for journal.live_children.
+function journal.describe(data, opts)
   if data.unreadable then
     return { ("an earlier run did not finish, and %s"):format(data.unreadable),
       "resolve: look at the services by hand, then remove that file" }
@@ -210,9 +292,9 @@ function journal.describe(data)
     end
     lines[#lines + 1] = ("  %s: left in phase %s%s"):format(name, tostring(s.phase),
       #detail > 0 and (" (" .. table.concat(detail, ", ") .. ")") or "")
-    for _, c in ipairs(journal.live_children(s)) do
-      lines[#lines + 1] = ("    still running from that run: pid %d (%s): nothing acts on %s until it has ended")
-        :format(c.pid, tostring(c.what), name)
+    for _, c in ipairs(journal.live_children(s, opts)) do
+      lines[#lines + 1] = ("    still running from that run: %s: nothing acts on %s until it has ended")
+        :format(journal.child_text(c), name)
     end
   end
   if #journal.in_flight(data) == 0 then
@@ -414,7 +496,27 @@ function journal:child_done(service, pid)
   local entry = self.data.services[service]
   if not entry or not entry.children then return end
   local kept = {}
-  for _, c in ipairs(entry.children) do if c.pid ~= pid then kept[#kept + 1] = c end end
+  for _, c in ipairs(entry.children) do if c.unit or c.pid ~= pid then kept[#kept + 1] = c end end
+  self:update(service, { children = kept })
+end
+
+-- j:child_unit(service, unit, host, what) / j:child_unit_done(service, unit): a transient unit
+-- the service's flow starts on a host (a remote migration), recorded durably before it starts:
+-- its PID is another machine's, so a later run asks that host's manager whether it still runs.
+function journal:child_unit(service, unit, host, what)
+  local entry = self.data.services[service] or {}
+  local children = entry.children or {}
+  children[#children + 1] = { unit = unit, host = host, what = what }
+  entry.children = children
+  self.data.services[service] = entry
+  self:append({ record = "set", service = service, set = { children = children } }, true)
+end
+
+function journal:child_unit_done(service, unit)
+  local entry = self.data.services[service]
+  if not entry or not entry.children then return end
+  local kept = {}
+  for _, c in ipairs(entry.children) do if c.unit ~= unit then kept[#kept + 1] = c end end
   self:update(service, { children = kept })
 end
 

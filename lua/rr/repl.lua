@@ -119,7 +119,8 @@ local HELP = {
   { "restart", "restart(name[, opts])", "the whole flow of plans/rolling.lua for one service, with rollback",
     'restart("sso.api")',
     "Pre-check, known-good snapshot, deploy, migrations, reload or restart, post-check, stabilization;\n"
-      .. "an unhealthy new version is rolled back. Options:\n"
+      .. "an unhealthy new version is rolled back. A service with a host is restarted there (ssh,\n"
+      .. "$RR_SSH_CONFIG), under that host's lock, with its records kept on that host. Options:\n"
       .. "  deploy_path = DIR           deploy that code into the service's working_dir first\n"
       .. "  skip_migrations = true      do not run migrate\n"
       .. "  force = true                skip health checks and stabilization (emergency only)\n"
@@ -131,7 +132,8 @@ local HELP = {
     'rollback("sso.api")',
     "As plans/rollback.lua: under the run lock, the last known good unit file, drop-ins and\n"
       .. "environment files restored, the deploy undone (an unfinished one, else the last one), then\n"
-      .. "daemon-reload, start, health check. On a terminal it asks \"roll back NAME? [y/N]\" first.\n"
+      .. "daemon-reload, start, health check; a service with a host on that host (ssh, $RR_SSH_CONFIG),\n"
+      .. "with the records kept there. On a terminal it asks \"roll back NAME? [y/N]\" first.\n"
       .. "Options:\n"
       .. "  yes = true                  do not ask\n"
       .. "  no_code = true              restore the definition only; leave the code\n"
@@ -202,16 +204,20 @@ function helpers.services_file(path)
 end
 
 function helpers.status()
-  -- a run that was killed mid-way comes first: its services may be half done
-  local journal = require("rr.journal")
-  local dead = journal.interrupted(require("rr.state").root(env.user))
-  if dead then
-    for _, line in ipairs(journal.describe(dead)) do print("!! " .. line) end
-    print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
-  end
   local list = status.expand(platform().services, require("rr.state").root(env.user))
   local here = status.hosts(list)[1] == false
-  print(status.format(status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })))
+  local rows, unreachable = status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })
+  -- a run that was killed mid-way comes first, here or on a host: its services may be half done
+  -- (a host's journal written by an engine elsewhere: whether it runs cannot be told from here)
+  local journal = require("rr.journal")
+  for _, f in ipairs(status.journals(list, { user = env.user, skip = unreachable })) do
+    local mark = ({ dead = "!! ", unknown = "?? ", alive = "== " })[f.look.writer]
+    for _, line in ipairs(journal.look_lines(f.look, f.host, f.root)) do print(mark .. line) end
+    if f.look.writer == "dead" then
+      print("!! recover() resolves it (or recover({ abandon = true }) once fixed by hand)")
+    end
+  end
+  print(status.format(rows))
   for _, line in ipairs(status.held(require("rr.state").root(env.user), { services_file = env.file, user = env.user })) do
     print(line)
   end
@@ -253,18 +259,13 @@ end
 function helpers.restart(name, opts)
   opts = opts or {}
   local svc = service(name)
-  if svc.blue_green and not opts.deploy_path then
-    -- without a release, the idle colour would take the traffic with the code it still has
-    -- (the previous release): not a restart; and restarting the live colour in place defeats it
-    return ("not restarted: %s is blue-green; a colour restarted in place would drop its traffic: release it with "
-      .. "rrengine plans/rolling.lua --service %s --deploy --deploy-path DIR (or restart(%q, { deploy_path = DIR })), "
-      .. "go back with rollback(%q)"):format(svc.name, svc.name, svc.name, svc.name)
-  end
   opts.services = { svc.name }
   opts.deploy = opts.deploy_path ~= nil
   opts.user = env.user
   opts.services_file = env.file
-  opts.manager = manager()
+  -- a service on another host: its host's manager, files, lock and journal (rr.places, ssh
+  -- with $RR_SSH_CONFIG); this machine's manager is not needed for it
+  opts.manager = not svc.host and manager() or nil
   opts.ui = require("rr.ui").new({})
   local s = rolling.run(opts)
   if s.success then
@@ -300,7 +301,7 @@ function helpers.rollback(name, opts)
     end
   end
   local call = ("rollback(%q, {%%s})"):format(svc.name)
-  local args = { svc = svc, platform = platform(), user = env.user, manager = manager(),
+  local args = { svc = svc, platform = platform(), user = env.user, manager = not svc.host and manager() or nil,
     deploy_record = opts.deploy_record, no_code = opts.no_code, force = opts.force,
     reason = "manual rollback (REPL)", view = require("rr.ui").new({}),
     spell = { no_code = call:format("no_code = true"), deploy_record = call:format("deploy_record = DIR"),

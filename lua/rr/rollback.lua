@@ -25,6 +25,7 @@ local journal = require("rr.journal")
 local ui = require("rr.ui")
 local canary = require("rr.canary")
 local balancer = require("rr.balancer")
+local places = require("rr.places")
 
 local rollback = {}
 
@@ -39,18 +40,18 @@ local SPELL_KEYS = {
 -- The deploy record to undo, from args.deploy_record or the pointers. Returns a table
 -- { record =, dir =, source =, pointer_kind =, never_started = } (record nil: no code to undo)
 -- | nil, message, code.
-local function choose_record(svc, state_root, explicit, no_code, spell)
+local function choose_record(svc, state_root, explicit, no_code, spell, hfs)
   local c = {}
   if explicit then
     c.dir, c.source = explicit, spell.named
   elseif not no_code then
     for _, kind in ipairs({ "inflight", "last" }) do
-      local dir, _, code = state.read_pointer(state_root, svc.name, kind)
+      local dir, _, code = state.read_pointer(state_root, svc.name, kind, hfs)
       local path = state.pointer(state_root, svc.name, kind)
       if dir then
         c.dir, c.source, c.pointer_kind = dir, path, kind
         break
-      elseif code ~= "ENOENT" and fs.stat(path) then
+      elseif code ~= "ENOENT" and hfs.stat(path) then
         return nil, ("cannot read the deploy pointer %s (remove it, or name the record with %s)")
           :format(path, spell.deploy_record), "EPOINTER"
       end
@@ -59,15 +60,15 @@ local function choose_record(svc, state_root, explicit, no_code, spell)
   -- A deploy the engine was killed before it changed anything: the pointer is written before
   -- apply, which writes its record before rsync runs. No record and no backup: nothing to undo.
   c.never_started = c.dir and c.pointer_kind == "inflight"
-    and not fs.exists(c.dir .. "/deploy.json") and not fs.exists(c.dir .. "/backup") or false
+    and not hfs.exists(c.dir .. "/deploy.json") and not hfs.exists(c.dir .. "/backup") or false
   if c.dir and not c.never_started then
-    local record, derr = deploy.load(c.dir)
+    local record, derr = deploy.on(hfs).load(c.dir)
     if not record then
       return nil, ("cannot read the deploy record %s (from %s): %s%s"):format(c.dir, c.source, tostring(derr),
         c.pointer_kind and ("; to roll back without it, remove that pointer or use " .. spell.no_code) or ""),
         "ERECORD"
     end
-    if explicit and not state.same_path(record.target, svc.working_dir) then
+    if explicit and not state.same_path(record.target, svc.working_dir, hfs) then
       return nil, ("the deploy record %s is a deploy into %s, not into %s's working_dir %s"):format(
         c.dir, record.target, svc.name, svc.working_dir), "EFOREIGN"
     end
@@ -77,14 +78,14 @@ local function choose_record(svc, state_root, explicit, no_code, spell)
 end
 
 -- The pointers that name the chosen record: removed once it is undone.
-local function pointers_naming(svc, state_root, c)
+local function pointers_naming(svc, state_root, c, hfs)
   local kinds = {}
   if c.never_started then
     kinds[1] = "inflight"
   elseif c.record then
     for _, kind in ipairs({ "inflight", "last" }) do
-      local dir = state.read_pointer(state_root, svc.name, kind)
-      if kind == c.pointer_kind or state.same_path(dir, c.dir) then
+      local dir = state.read_pointer(state_root, svc.name, kind, hfs)
+      if kind == c.pointer_kind or state.same_path(dir, c.dir, hfs) then
         kinds[#kinds + 1] = kind
       end
     end
@@ -93,7 +94,7 @@ local function pointers_naming(svc, state_root, c)
 end
 
 -- Says which deploy is undone and why (or why the code is left). Returns the record to undo, or nil.
-local function announce(svc, state_root, c, no_code, spell, say)
+local function announce(svc, state_root, c, no_code, spell, say, hfs)
   local record = c.record
   if record then
     local when = ("created %s%s"):format(tostring(record.created_at),
@@ -115,11 +116,11 @@ local function announce(svc, state_root, c, no_code, spell, say)
       -- A later deploy of this service that was undone already (its run rolled back): the
       -- code now is the .last one, and undoing it goes one release further back.
       local runs = state.runs_dir(state_root)
-      for _, run in ipairs(fs.list(runs) or {}) do
+      for _, run in ipairs(hfs.list(runs) or {}) do
         local dir = runs .. "/" .. run .. "/" .. svc.name
-        local later = fs.stat(dir .. "/deploy.json") and deploy.load(dir)
+        local later = hfs.stat(dir .. "/deploy.json") and deploy.on(hfs).load(dir)
         if later and later.state == "undone" and tostring(later.created_at) > tostring(record.created_at)
-            and not state.same_path(dir, c.dir) then
+            and not state.same_path(dir, c.dir, hfs) then
           say(("note: a later deploy (%s, created %s) was already undone; this undoes the release "
             .. "before it too (%s leaves the code as it is)"):format(dir, tostring(later.created_at), spell.no_code))
           break
@@ -154,11 +155,16 @@ local function nothing_to_restore(svc, state_root, c, no_code, spell)
 end
 
 -- rollback.run{ svc =, platform =, user =, manager =, state_root =, events_file =, deploy_record =,
---   no_code =, force =, reason =, view =, say =, warn =, spell =, services_file = } -> exit_code, message|nil, code|nil
--- Rolls svc back under the run lock (see the top of this file for which deploy is undone).
+--   no_code =, force =, reason =, view =, say =, warn =, spell =, services_file =, ssh_config = }
+--   -> exit_code, message|nil, code|nil
+-- Rolls svc back under the run lock of its host (see the top of this file for which deploy is
+-- undone). A service with a host is rolled back there (rr.places): through that host's manager,
+-- with the snapshots, deploy records, pointers, lock and journal of that host's state root, so
+-- any engine host can do it; deploy_record then names a directory on that host.
 --   0, nil                  rolled back and healthy
 --   1, message, code        nothing was touched: ESTATE (the state root cannot be created, or its run
---                           lock cannot be taken for a reason other than another run), EMANAGER,
+--                           lock cannot be taken for a reason other than another run), EMANAGER
+--                           (the manager, or the service's host, cannot be reached),
 --                           ELOCKED (another run holds the lock), EPOINTER, ERECORD (a pointer or the
 --                           record cannot be read), ENOTHING (nothing to restore), EEVENTS
 --   2, message, code        configuration, nothing touched: ENOWORKDIR (a deploy_record for a service
@@ -166,8 +172,10 @@ end
 --   3, reason, "EROLLBACK"  flow.rollback failed: reason is its error; the manual steps were shown
 --   4, message, "EINTERRUPTED"  an earlier run was killed mid-way: nothing touched (message: what
 --                           it left and the command that resolves it)
--- manager: nil opens (and closes) the user or system manager. state_root, events_file: default as
--- rr.state. view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
+-- manager: this machine's (nil opens and closes the user or system manager; not used for a
+-- service on another host). state_root: this machine's (a host's is its own, rr.hostfs.state_root).
+-- ssh_config: for a host (default $RR_SSH_CONFIG). events_file: default as rr.state (this machine's
+-- event log, wherever the service is). view: an rr.ui for the events (default ui.new{}); say(line): progress lines (default
 -- view:line); warn(message): a problem after the rollback (default stderr, "rrengine: ..."). spell:
 -- how the messages name the caller's options, { no_code =, deploy_record =, named = } (required:
 -- plans/rollback.lua gives "--no-code", "--deploy-record DIR", "--deploy-record"). Misuse raises.
@@ -185,63 +193,50 @@ function rollback.run(args)
     if type(spell[k]) ~= "string" then error(("rollback.run: args.spell.%s must be a string"):format(k), 2) end
   end
 
-  if svc.host then
-    -- this machine's manager and state would be acted on: refused until rollback reaches hosts
-    return 2, ("service %s is on host %s: a rollback on request does not reach remote hosts yet; "
-      .. "plans/rolling.lua rolls it back when its restart fails, and --recover resolves a killed run"):format(
-      svc.name, svc.host), "EREMOTE"
+  if svc.blue_green and svc.host then
+    -- its live colour and its releases' records are kept on this machine: refused until a
+    -- blue-green release reaches hosts
+    return 2, ("service %s is on host %s: blue-green releases on remote hosts are not supported yet (run it on "
+      .. "that host)"):format(svc.name, svc.host), "EREMOTE"
   end
   if svc.blue_green and no_code then
     return 2, ("service %q is blue-green: its rollback switches back to the release its other colour still has, "
       .. "and changes neither colour's code (%s goes with other services)"):format(svc.name, spell.no_code), "EBLUEGREEN"
   end
-  local explicit
-  if args.deploy_record then
-    if not svc.working_dir and not svc.blue_green then
-      return 2, ("service %q has no working_dir: no deploy record can be its"):format(svc.name), "ENOWORKDIR"
-    end
-    explicit = state.canonical(args.deploy_record)
+  if args.deploy_record and not svc.working_dir and not svc.blue_green then
+    return 2, ("service %q has no working_dir: no deploy record can be its"):format(svc.name), "ENOWORKDIR"
   end
 
-  local manager, opened = args.manager, nil
-  if not manager then
-    local merr
-    manager, merr = (args.user and systemd.user or systemd.system)()
-    if not manager then return 1, tostring(merr), "EMANAGER" end
-    opened = manager
-  end
-  local close_manager <close> = opened -- a manager opened here is closed on every way out
-  local state_root = args.state_root or state.root(args.user)
-  local ok, mkerr = fs.mkdir_p(state_root, 448)
-  if not ok then return 1, ("cannot create %s: %s"):format(state_root, tostring(mkerr)), "ESTATE" end
-  local lock_path = state.lock_path(state_root)
-  local lock <close>, lerr, lcode = fs.lock(lock_path)
-  if not lock then
-    if lcode ~= "EWOULDBLOCK" then -- a full disk (ENOSPC), no permission: not another run
-      return 1, ("cannot take the run lock (%s): %s"):format(lock_path, tostring(lerr)), "ESTATE"
-    end
-    return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
-  end
+  -- The service's host (this machine, or the one it names): its manager, its files, its state
+  -- root (where its snapshots, deploy records and journal are) and its run lock (rr.places).
+  local set, perr, pcode = places.open({ hosts = { svc.host or false }, user = args.user, manager = args.manager,
+    state_root = args.state_root, ssh_config = args.ssh_config })
+  if not set then return 1, perr, pcode == "EHOST" and "EMANAGER" or pcode end
+  local close_place <close> = set -- the lock released, a manager opened here closed, on every way out
+  local place = set.list[1]
+  local manager, state_root, hfs = place.manager, place.state_root, place.fs
+  local explicit = args.deploy_record and state.canonical(args.deploy_record, hfs) or nil
 
   -- A run that was killed mid-way is resolved first (--recover), never around.
-  local dead = journal.interrupted(state_root, { locked = true })
+  local dead = journal.interrupted(state_root, { locked = true, fs = hfs })
   if dead then
-    return 4, table.concat(journal.describe(dead), "\n"), "EINTERRUPTED"
+    return 4, (svc.host and ("on host %s (%s):\n"):format(svc.host, state_root) or "")
+      .. table.concat(journal.describe(dead, { unit_alive = journal.unit_alive_on(manager) }), "\n"), "EINTERRUPTED"
   end
 
   if svc.blue_green and explicit then return rollback.bluegreen_undo(args, manager, state_root, explicit) end
   if svc.blue_green then return rollback.bluegreen(args, manager, state_root) end
 
-  local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell)
+  local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell, hfs)
   if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
-  local pointers_to_clear = pointers_naming(svc, state_root, c)
+  local pointers_to_clear = pointers_naming(svc, state_root, c, hfs)
 
   local view = args.view or ui.new({})
   local say = args.say or function(text) view:line(text) end
   local warn = args.warn or function(text) io.stderr:write("rrengine: ", text, "\n") end
 
-  local undo = announce(svc, state_root, c, no_code, spell, say)
-  local known = snapshot.known_good(state_root, svc.name)
+  local undo = announce(svc, state_root, c, no_code, spell, say, hfs)
+  local known = snapshot.on(hfs).known_good(state_root, svc.name)
   if known then
     say(("definition: the known-good snapshot of run %s (%s), %s"):format(tostring(known.run),
       tostring(known.created), known.dir))
@@ -258,28 +253,30 @@ function rollback.run(args)
   local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
 
   local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
-    platform = args.platform, opts = { force = args.force }, hooks_for = function() return nil end }
+    platform = args.platform, opts = { force = args.force }, hooks_for = function() return nil end,
+    hosts = set.by }
   -- An .inflight pointer naming another deploy than the one undone here must survive: it is the
   -- only trace of an unfinished deploy (rr.flow's rollback clears .inflight after any undo).
-  local other_inflight = state.read_pointer(state_root, svc.name, "inflight")
-  if other_inflight and (not c.dir or state.same_path(other_inflight, c.dir)) then
+  local other_inflight = state.read_pointer(state_root, svc.name, "inflight", hfs)
+  if other_inflight and (not c.dir or state.same_path(other_inflight, c.dir, hfs)) then
     other_inflight = nil
   end
   -- A rollback killed half-way is in the run journal like any run: --recover finishes it.
   local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
-    user = args.user, order = { svc.name }, kind = "rollback" })
+    user = args.user, order = { svc.name }, kind = "rollback", fs = hfs, host = svc.host })
   if not j then return 1, jerr, "EJOURNAL" end
   ctx.run_journal = j
+  place.journal = j
   j:update(svc.name, { phase = "rollback", deploy_record = undo and undo.state_dir or nil })
   local rok, rerr = flow.rollback(ctx, svc, args.reason or "manual rollback", undo)
   j:close()
   stream:close()
-  if other_inflight and not state.read_pointer(state_root, svc.name, "inflight") then
-    state.write_pointer(state_root, svc.name, "inflight", other_inflight)
+  if other_inflight and not state.read_pointer(state_root, svc.name, "inflight", hfs) then
+    state.write_pointer(state_root, svc.name, "inflight", other_inflight, hfs)
   end
   if not rok then return 3, tostring(rerr), "EROLLBACK" end
   for _, kind in ipairs(pointers_to_clear) do
-    local rmok, rmerr = state.remove_pointer(state_root, svc.name, kind)
+    local rmok, rmerr = state.remove_pointer(state_root, svc.name, kind, hfs)
     if not rmok then
       warn(("rolled back, but cannot remove %s: %s"):format(state.pointer(state_root, svc.name, kind),
         tostring(rmerr)))

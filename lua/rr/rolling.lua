@@ -3,7 +3,6 @@
 -- plans/rolling.lua is its command line; require("rr").rolling_restart is its Lua API.
 local rr = require("rr")
 local fs = require("rr.fs")
-local systemd = require("rr.systemd")
 local services = require("rr.services")
 local dag = require("rr.dag")
 local hooks = require("rr.hooks")
@@ -16,7 +15,7 @@ local health = require("rr.health")
 local canary = require("rr.canary")
 local bluegreen = require("rr.bluegreen")
 local hostfs = require("rr.hostfs")
-local remote = require("rr.remote")
+local hostplaces = require("rr.places")
 
 local rolling = {}
 
@@ -302,10 +301,11 @@ function rolling.recover(ctx, prep, dead, place)
   for _, name in ipairs(names) do
     local entry = dead.services[name]
     local svc = prep.platform.by_name[name]
-    local live = journal.live_children(entry)
+    -- a migration on a host is a transient unit there: its manager says whether it still runs
+    local live = journal.live_children(entry, { unit_alive = journal.unit_alive_on(place.manager or ctx.manager) })
     if #live > 0 then
       local what = {}
-      for _, c in ipairs(live) do what[#what + 1] = ("pid %d (%s)"):format(c.pid, tostring(c.what)) end
+      for _, c in ipairs(live) do what[#what + 1] = journal.child_text(c) end
       local why = "still running from the interrupted run: " .. table.concat(what, ", ")
       stream:emit("RECOVERY_FAILED", { service = name, unit = svc and svc.unit, error = why, blocked = true })
       blocked[#blocked + 1] = name
@@ -430,109 +430,33 @@ function rolling.run(opts)
   local state_root = opts.state_root or rolling.state_root(opts.user)
 
   -- The hosts the selected services live on: this machine (false) and each remote host. Each
-  -- gets a place (rr.flow.place): its manager, its files (rr.hostfs), its state root, its lock
-  -- and its run journal. Remote hosts are opened at once, one task each.
-  local has_local, remote_hosts, seen_host = false, {}, {}
-  for _, svc in ipairs(prep.order) do
-    if not svc.host then
-      has_local = true
-    elseif not seen_host[svc.host] then
-      seen_host[svc.host] = true
-      remote_hosts[#remote_hosts + 1] = svc.host
-    end
+  -- gets a place (rr.places, rr.flow.place): its manager, its files (rr.hostfs), its state root,
+  -- its lock and its run journal. Remote hosts are opened at once, one task each.
+  local hosts = hostplaces.hosts(prep.order)
+  local set, perr = hostplaces.open({ hosts = hosts, user = opts.user, manager = opts.manager, state_root = state_root,
+    host_state_root = opts.host_state_root, ssh_config = opts.ssh_config })
+  if not set then
+    return summary_of({ exit_code = rolling.EXIT_FAILED, error = perr })
   end
-  if #remote_hosts == 0 then has_local = true end
-  local ssh_config = opts.ssh_config
-  if ssh_config then hostfs.configure({ ssh_config = ssh_config }) end
-  local places = {}
   -- managers and locks opened here are released on every way out
-  local close_places <close> = setmetatable({}, { __close = function()
-    for _, p in pairs(places) do
-      if p.lock then p.lock:unlock() end
-      if p.opened then p.opened:close() end
-    end
-  end })
-
-  local manager = opts.manager
-  if has_local then
-    local opened
-    if not manager then
-      manager, err = (opts.user and systemd.user or systemd.system)()
-      if not manager then
-        return summary_of({ exit_code = rolling.EXIT_FAILED, error = err })
-      end
-      opened = manager
-    end
-    places[false] = { manager = manager, opened = opened, fs = hostfs.here(), state_root = state_root }
-    local ok, merr = fs.mkdir_p(state_root, 448)
-    if not ok then
-      return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("cannot create %s: %s"):format(state_root, merr) })
-    end
-    local lock_path = state.lock_path(state_root)
-    local lock, lerr, lcode = fs.lock(lock_path)
-    if not lock then
-      local what = lcode == "EWOULDBLOCK" and "another rrengine run holds the lock on this manager"
-        or "cannot take the run lock"
-      return summary_of({ exit_code = rolling.EXIT_FAILED, error = ("%s (%s): %s"):format(what, lock_path, lerr) })
-    end
-    places[false].lock = lock
-  end
-  if #remote_hosts > 0 then
-    local tasks = {}
-    for i, host in ipairs(remote_hosts) do
-      tasks[i] = rr.spawn(function()
-        local p = { host = host, fs = hostfs.get(host) }
-        places[host] = p
-        local m, merr = systemd.remote(host, { user = opts.user or false, ssh_config = ssh_config })
-        if not m then return nil, merr end
-        p.manager, p.opened = m, m
-        p.state_root = opts.host_state_root or hostfs.state_root(p.fs, opts.user)
-        local ok, derr = p.fs.mkdir_p(p.state_root, 448)
-        if not ok then return nil, ("cannot create %s on %s: %s"):format(p.state_root, host, tostring(derr)) end
-        local lock, lerr, lcode = remote.lock(host, { ssh_config = ssh_config, path = state.lock_path(p.state_root) })
-        if not lock then
-          if lcode == "EWOULDBLOCK" then
-            return nil, ("another rrengine run holds the lock on %s (%s): %s"):format(host,
-              state.lock_path(p.state_root), lerr)
-          end
-          return nil, lerr
-        end
-        p.lock = lock
-        return true
-      end)
-    end
-    local results = rr.wait(tasks)
-    local problems = {}
-    for i, r in ipairs(results) do
-      -- r = { ok, results... } per task
-      if not r[1] then
-        problems[#problems + 1] = ("%s: %s"):format(remote_hosts[i], tostring(r[2]))
-      elseif not r[2] then
-        problems[#problems + 1] = tostring(r[3])
-      end
-    end
-    if #problems > 0 then
-      return summary_of({ exit_code = rolling.EXIT_FAILED, error = table.concat(problems, "\n") })
-    end
-  end
-  -- the place of each host, in a fixed order: this machine first, then the hosts as named
-  local place_list = {}
-  if places[false] then place_list[1] = places[false] end
-  for _, host in ipairs(remote_hosts) do place_list[#place_list + 1] = places[host] end
+  local close_places <close> = set
+  local places = set.by
+  local place_list = set.list
+  local remote_hosts = {}
+  for _, host in ipairs(hosts) do if host then remote_hosts[#remote_hosts + 1] = host end end
+  local manager = places[false] and places[false].manager or opts.manager
 
   -- An earlier run that died mid-way (its lock died with it, so a journal here is a dead run's),
   -- on any of the hosts: nothing is touched until it is resolved.
-  local deads = {}
-  for _, p in ipairs(place_list) do
-    local d = journal.interrupted(p.state_root, { locked = true, fs = p.fs })
-    if d then deads[#deads + 1] = { place = p, data = d } end
-  end
+  local deads = set:interrupted()
   local dead = deads[1] and deads[1].data
   if dead and not (opts.recover or opts.abandon) then
     local lines = {}
     for _, d in ipairs(deads) do
       if d.place.host then lines[#lines + 1] = ("on host %s (%s):"):format(d.place.host, d.place.state_root) end
-      for _, l in ipairs(journal.describe(d.data)) do lines[#lines + 1] = l end
+      for _, l in ipairs(journal.describe(d.data, { unit_alive = journal.unit_alive_on(d.place.manager) })) do
+        lines[#lines + 1] = l
+      end
     end
     return summary_of({ exit_code = rolling.EXIT_UNRESOLVED, error = table.concat(lines, "\n") })
   end

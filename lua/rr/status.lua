@@ -136,6 +136,37 @@ function status.collect_hosts(list, opts)
   return rows, unreachable
 end
 
+-- status.journals(list, opts) -> { { host =, root =, look = (rr.journal.look) }, ... }: the run
+-- journal of this machine and of every host of list, looked at read-only (no lock), in
+-- status.hosts's order; only those where a journal was found. opts: user, ssh_config, skip =
+-- { [host] = true } (hosts known unreachable: not asked again), state_root (this machine's).
+function status.journals(list, opts)
+  opts = opts or {}
+  local journal = require("rr.journal")
+  local hostfs = require("rr.hostfs")
+  local found = {}
+  local tasks, hosts = {}, {}
+  for _, host in ipairs(status.hosts(list)) do
+    if not (host and opts.skip and opts.skip[host]) then
+      hosts[#hosts + 1] = host
+      tasks[#tasks + 1] = rr.spawn(function()
+        if not host then
+          local root = opts.state_root or require("rr.state").root(opts.user)
+          return root, journal.look(root)
+        end
+        -- a handle of its own: a short bound, for a host that stops answering now
+        local h = hostfs.remote(host, { ssh_config = opts.ssh_config, timeout = 30 })
+        local root = hostfs.state_root(h, opts.user)
+        return root, journal.look(root, h)
+      end)
+    end
+  end
+  for i, r in ipairs(rr.wait(tasks)) do
+    if r[1] and r[3] then found[#found + 1] = { host = hosts[i] or nil, root = r[2], look = r[3] } end
+  end
+  return found
+end
+
 -- The rows as a table; a HOST column ("local" for this machine) when any row has a host.
 function status.format(rows)
   local remote = false
