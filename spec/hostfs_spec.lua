@@ -97,6 +97,76 @@ describe("rr.hostfs", function()
     assert.equal(lsv.bsize, sv.bsize)
   end)
 
+  it("answers for thousands of paths in one command each: stat_many, sha256_many, readlink_many", function()
+    -- more than one command line can carry (a single argument to the remote shell is at most
+    -- 128 KiB): the paths travel on stdin
+    local many = dir .. "/many"
+    assert(fs.mkdir_p(many, 493))
+    local paths, odd = {}, { "sp ace", "it's", 'q"uote', "back\\slash", "new\nline", "$HOME", "-dash", " *star" }
+    for i = 1, 3000 do
+      local p = ("%s/%s-%04d-%s"):format(many, string.rep("n", 40), i, odd[i % #odd + 1])
+      assert(fs.write_atomic(p, "file " .. i .. "\n", { sync = false }))
+      paths[#paths + 1] = p
+    end
+    assert(fs.symlink(paths[1], many .. "/link"))
+    assert(fs.symlink(many .. "/nowhere", many .. "/dangling"))
+    local extra = { many .. "/gone", many, many .. "/link", many .. "/dangling" }
+    for _, p in ipairs(extra) do paths[#paths + 1] = p end
+
+    local before = h.calls
+    local sts = assert(h.stat_many(paths))
+    local sums, codes = h.sha256_many(paths)
+    assert.is_table(sums)
+    local links = assert(h.readlink_many(paths))
+    assert.equal(3, h.calls - before)
+
+    for i = 1, 3000 do
+      local p = paths[i]
+      local lst = fs.stat(p)
+      assert.equal(lst.size, sts[p].size, p)
+      assert.equal(lst.ino, sts[p].ino, p)
+      assert.equal(fs.sha256(p), sums[p], p)
+      assert.is_nil(codes[p])
+      assert.is_false(links[p])
+    end
+    assert.is_false(sts[many .. "/gone"])
+    assert.equal("dir", sts[many].type)
+    assert.equal("link", sts[many .. "/link"].type)
+    assert.equal("link", sts[many .. "/dangling"].type)
+    -- the same failure codes as h.sha256, path by path
+    assert.is_false(sums[many .. "/gone"])
+    assert.equal(select(3, h.sha256(many .. "/gone")), codes[many .. "/gone"])
+    assert.equal("ENOENT", codes[many .. "/gone"])
+    assert.equal(select(3, h.sha256(many)), codes[many])
+    assert.equal("EISDIR", codes[many])
+    assert.equal(fs.sha256(paths[1]), sums[many .. "/link"]) -- through the link, as sha256
+    assert.equal("ENOENT", codes[many .. "/dangling"])
+    assert.equal(paths[1], links[many .. "/link"])
+    assert.equal(many .. "/nowhere", links[many .. "/dangling"])
+    assert.is_false(links[many .. "/gone"])
+    assert.is_false(links[many])
+    -- following links: a dangling one is missing, as fs.stat(path, true) says
+    local followed = assert(h.stat_many({ many .. "/link", many .. "/dangling" }, true))
+    assert.equal("file", followed[many .. "/link"].type)
+    assert.is_false(followed[many .. "/dangling"])
+    -- the handle of this machine has the same calls
+    local here = hostfs.here()
+    assert.same(sums, (here.sha256_many(paths)))
+    assert.same(links, here.readlink_many(paths))
+    assert.equal(sts[paths[7]].ino, here.stat_many(paths)[paths[7]].ino)
+    -- an empty list costs nothing; an unreachable host fails the whole call
+    before = h.calls
+    assert.same({}, h.stat_many({}))
+    assert.same({}, (h.sha256_many({})))
+    assert.equal(before, h.calls)
+    local gone = hostfs.remote("nosuchhost", { ssh_config = hs[1].ssh_config })
+    local r, err, code = gone.sha256_many({ paths[1] })
+    assert.is_nil(r)
+    assert.equal("EHOSTUNREACH", code)
+    assert.matches("nosuchhost", err)
+    assert.has_error(function() h.sha256_many({ "relative" }) end)
+  end)
+
   it("never writes through a symlink below the state root (under)", function()
     local root = dir .. "/root"
     assert(fs.mkdir_p(root .. "/real", 448))

@@ -42,8 +42,23 @@ case $op in
 read) [ -d "$1" ] && fail EISDIR "$1: Is a directory"; exec cat -- "$1" ;;
 stat) f=; [ "$1" = -L ] && { f=-L; shift; }
       exec stat $f -c '%F|%a|%s|%u|%g|%.9Y|%i|%d|%h' -- "$1" ;;
-stats) f=; [ "$1" = -L ] && { f=-L; shift; }
-       for p in "$@"; do stat $f -c '%F|%a|%s|%u|%g|%.9Y|%i|%d|%h' -- "$p" 2>/dev/null || echo -; done ;;
+stats) f=; [ "$1" = -L ] && f=-L
+       # the paths on stdin, NUL-separated (a command line has room for a few thousand at most);
+       # xargs says 123 when stat failed for some of them: those are missing from the output
+       xargs -0 -r stat $f --printf '%n\0%F|%a|%s|%u|%g|%.9Y|%i|%d|%h\0' -- 2>/dev/null
+       s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+shas) xargs -0 -r sh -c '
+        for p do
+          shift
+          if [ -d "$p" ]; then printf "!EISDIR *%s\0" "$p"
+          elif [ ! -e "$p" ]; then printf "!ENOENT *%s\0" "$p"
+          elif [ ! -r "$p" ]; then printf "!EACCES *%s\0" "$p"
+          else set -- "$@" "$p"; fi
+        done
+        [ $# -eq 0 ] || exec sha256sum -z -b -- "$@"' rr-sha
+      s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+links) xargs -0 -r sh -c 'exec find -P "$@" -maxdepth 0 -printf "%p\0%y\0%l\0"' rr-links 2>/dev/null
+       s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 sha) [ -d "$1" ] && fail EISDIR "$1: Is a directory"; exec sha256sum -b -- "$1" ;;
 list) [ -e "$1" ] || fail ENOENT "$1: No such file or directory"
       [ -d "$1" ] || fail ENOTDIR "$1: Not a directory"
@@ -178,6 +193,26 @@ function hostfs.here()
       run = function(argv, opts) return proc.run(argv, opts) end,
       getenv = os.getenv,
       describe = function() return "this machine" end,
+      -- the batch calls of a remote handle, one call a path here (a local call is cheap)
+      stat_many = function(paths, follow)
+        local out = {}
+        for _, p in ipairs(paths) do out[p] = fs.stat(p, follow) or false end
+        return out
+      end,
+      sha256_many = function(paths)
+        local sums, codes = {}, {}
+        for _, p in ipairs(paths) do
+          local sum, _, code = fs.sha256(p)
+          sums[p] = sum or false
+          if not sum then codes[p] = code or "EIO" end
+        end
+        return sums, codes
+      end,
+      readlink_many = function(paths)
+        local out = {}
+        for _, p in ipairs(paths) do out[p] = fs.readlink(p) or false end
+        return out
+      end,
     }, { __index = fs })
   end
   return here
@@ -270,21 +305,68 @@ function hostfs.remote(host, opts)
     return st
   end
 
-  -- h.stat_many(paths[, follow]) -> { [path] = st | false } in one command (a batch: a remote
-  -- call costs milliseconds).
+  -- The paths of a batch, checked, as the command's stdin: NUL-separated.
+  local function nul_list(paths)
+    if type(paths) ~= "table" then misuse("rr.hostfs: expected a list of paths") end
+    for _, p in ipairs(paths) do check_path(p) end
+    return table.concat(paths, "\0") .. "\0"
+  end
+
+  local BATCH = 256 * 1024 * 1024
+
+  -- h.stat_many(paths[, follow]) -> { [path] = st | false } in one command, however many paths
+  -- (a remote call costs milliseconds: a deploy of thousands of files must not make one each).
   function h.stat_many(paths, follow)
     local out = {}
+    local input = nul_list(paths)
     if #paths == 0 then return out end
-    local args = follow and { "-L" } or {}
-    for _, p in ipairs(paths) do check_path(p); args[#args + 1] = p end
-    local res, err, code = op("stats", args, { max_capture = 64 * 1024 * 1024 }, "stat")
+    local res, err, code = op("stats", { follow and "-L" or "" }, { stdin = input, max_capture = BATCH }, "stat")
     if not res then return nil, err, code end
-    local i = 0
-    for line in res.stdout:gmatch("[^\n]*\n") do
-      i = i + 1
-      if i > #paths then break end
-      line = line:sub(1, -2)
-      out[paths[i]] = line ~= "-" and parse_stat(line) or false
+    for name, line in res.stdout:gmatch("([^\0]*)\0([^\0]*)\0") do out[name] = parse_stat(line) or false end
+    for _, p in ipairs(paths) do
+      if out[p] == nil then out[p] = false end
+    end
+    return out
+  end
+
+  -- h.sha256_many(paths) -> { [path] = hex | false }, { [path] = CODE } in one command: for each
+  -- path that has no hash, the code h.sha256 gives (ENOENT, EISDIR, EACCES; EIO when the tool
+  -- failed on it).
+  function h.sha256_many(paths)
+    local sums, codes = {}, {}
+    local input = nul_list(paths)
+    if #paths == 0 then return sums, codes end
+    local res, err, code = op("shas", {}, { stdin = input, max_capture = BATCH }, "sha256")
+    if not res then return nil, err, code end
+    for rec in res.stdout:gmatch("([^\0]*)\0") do
+      local head = rec:match("^(%S+) %*")
+      if head then
+        local p = rec:sub(#head + 3)
+        if head:sub(1, 1) == "!" then
+          sums[p], codes[p] = false, head:sub(2)
+        else
+          sums[p] = head
+        end
+      end
+    end
+    for _, p in ipairs(paths) do
+      if sums[p] == nil then sums[p], codes[p] = false, "EIO" end
+    end
+    return sums, codes
+  end
+
+  -- h.readlink_many(paths) -> { [path] = target | false (missing, or not a symlink) } in one command.
+  function h.readlink_many(paths)
+    local out = {}
+    local input = nul_list(paths)
+    if #paths == 0 then return out end
+    local res, err, code = op("links", {}, { stdin = input, max_capture = BATCH }, "readlink")
+    if not res then return nil, err, code end
+    for name, kind, target in res.stdout:gmatch("([^\0]*)\0([^\0]*)\0([^\0]*)\0") do
+      out[name] = kind == "l" and target or false
+    end
+    for _, p in ipairs(paths) do
+      if out[p] == nil then out[p] = false end
     end
     return out
   end
