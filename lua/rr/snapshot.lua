@@ -335,9 +335,15 @@ end
 
 -- Checks that every stored copy is there with the bytes its manifest names.
 local function verify(snap)
+  local paths = {}
+  for _, e in ipairs(snap.files) do
+    if not e.absent then paths[#paths + 1] = snap.dir .. "/" .. e.stored end
+  end
+  -- one batch call (on a remote host, one command there)
+  local sums = fs.sha256_many(paths) or {}
   for _, e in ipairs(snap.files) do
     if not e.absent then
-      local sum = fs.sha256(snap.dir .. "/" .. e.stored)
+      local sum = sums[snap.dir .. "/" .. e.stored]
       if sum ~= e.sha256 then
         return nil, ("the snapshot %s is damaged: %s does not match its hash"):format(snap.dir, e.stored)
       end
