@@ -167,6 +167,70 @@ describe("rr.hostfs", function()
     assert.has_error(function() h.sha256_many({ "relative" }) end)
   end)
 
+  it("removes and copies many paths in one command each, with rr.fs's outcome for each", function()
+    local b = dir .. "/batch"
+    assert(fs.mkdir_p(b .. "/full", 493))
+    assert(fs.mkdir_p(b .. "/empty/inner", 493))
+    local srcs, pairs_ = {}, {}
+    for i = 1, 300 do
+      local name = ("%s/src %d it's"):format(b, i)
+      assert(fs.write_atomic(name, ("source %d\n"):format(i), { mode = i % 2 == 0 and "0600" or "0644", sync = false }))
+      srcs[i] = name
+      pairs_[i] = { name, ("%s/dst %d \"q\""):format(b, i) }
+    end
+    assert(fs.write_atomic(pairs_[2][2], "an older dst\n", { mode = "0640" }))
+    assert(fs.write_atomic(b .. "/full/x", "x"))
+    assert(fs.symlink(srcs[1], b .. "/link"))
+    pairs_[#pairs_ + 1] = { b .. "/missing", b .. "/dst-missing" }
+    pairs_[#pairs_ + 1] = { b .. "/link", b .. "/dst-link" }
+    pairs_[#pairs_ + 1] = { srcs[1], b .. "/no/such/dir/dst" }
+
+    local before = h.calls
+    local copied, cerrs = assert(h.copy_many(pairs_))
+    assert.equal(1, h.calls - before)
+    for i = 1, 300 do
+      local dst = pairs_[i][2]
+      assert.is_true(copied[dst], dst)
+      assert.equal(fs.read(srcs[i]), fs.read(dst))
+      assert.equal(fs.stat(srcs[i]).mode, fs.stat(dst).mode)
+      assert.equal(fs.stat(srcs[i]).mtime, fs.stat(dst).mtime)
+    end
+    -- what copy_atomic says for each failure
+    assert.is_false(copied[b .. "/dst-missing"])
+    assert.equal(select(3, h.copy_atomic(b .. "/missing", b .. "/dst-missing")), cerrs[b .. "/dst-missing"].code)
+    assert.equal("ENOENT", cerrs[b .. "/dst-missing"].code)
+    assert.equal("ELOOP", cerrs[b .. "/dst-link"].code)
+    assert.equal("ENOENT", cerrs[b .. "/no/such/dir/dst"].code)
+    assert.matches(hs[1].name, cerrs[b .. "/no/such/dir/dst"].message)
+    assert.is_false(fs.exists(b .. "/dst-missing"))
+
+    -- deepest first: the inner directory, then its parent
+    local gone = { b .. "/empty/inner", b .. "/empty", b .. "/full", b .. "/link", b .. "/nothing" }
+    for i = 1, 300 do gone[#gone + 1] = pairs_[i][2] end
+    before = h.calls
+    local removed, rerrs = assert(h.remove_many(gone))
+    assert.equal(1, h.calls - before)
+    assert.is_true(removed[b .. "/empty/inner"])
+    assert.is_true(removed[b .. "/empty"])
+    assert.is_false(removed[b .. "/full"])
+    assert.equal("ENOTEMPTY", rerrs[b .. "/full"].code)
+    assert.equal(select(3, fs.remove(b .. "/full")), rerrs[b .. "/full"].code)
+    assert.is_true(removed[b .. "/link"])
+    assert.is_true(fs.exists(srcs[1])) -- a link is removed, not what it points to
+    assert.equal("ENOENT", rerrs[b .. "/nothing"].code)
+    for i = 1, 300 do assert.is_false(fs.exists(pairs_[i][2])) end
+    assert.is_true(fs.exists(b .. "/full/x"))
+
+    -- this machine's handle: the same outcomes
+    local here = hostfs.here()
+    local lc, lerrs = here.copy_many({ { srcs[3], b .. "/here" }, { b .. "/missing", b .. "/here2" } })
+    assert.is_true(lc[b .. "/here"])
+    assert.equal("ENOENT", lerrs[b .. "/here2"].code)
+    local lr, lrerrs = here.remove_many({ b .. "/here", b .. "/full" })
+    assert.is_true(lr[b .. "/here"])
+    assert.equal("ENOTEMPTY", lrerrs[b .. "/full"].code)
+  end)
+
   it("never writes through a symlink below the state root (under)", function()
     local root = dir .. "/root"
     assert(fs.mkdir_p(root .. "/real", 448))

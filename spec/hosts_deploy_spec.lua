@@ -1,7 +1,8 @@
--- A deploy to a remote host makes a fixed number of commands there, however many files the
--- release has: each remote command costs tens of milliseconds, and a release has thousands of
--- files. rr.deploy reads the host's files in batches (rr.hostfs's stat_many, sha256_many,
--- readlink_many); the handle counts its commands (h.calls). A structural check, not a timed one.
+-- A deploy to a remote host, and its undo, make a fixed number of commands there, however many
+-- files the release has: each remote command costs tens of milliseconds, and a release has
+-- thousands of files. rr.deploy reads the host's files in batches (rr.hostfs's stat_many,
+-- sha256_many, readlink_many) and its undo removes and copies back in batches (remove_many,
+-- copy_many); the handle counts its commands (h.calls). A structural check, not a timed one.
 --
 --   spec/support/run-specs ./rrengine spec/hosts_deploy_spec.lua
 local fs = require("rr.fs")
@@ -42,8 +43,8 @@ describe("a deploy on a remote host", function()
     return res.stdout
   end
 
-  -- Deploys v1 then v2 of n files into a fresh working dir on the host, then undoes v2:
-  -- the remote commands of each step, and the working dir before v2 and after its undo.
+  -- Deploys v1 then v2 of n files into a fresh working dir on the host, then undoes v2, then
+  -- v1: the remote commands of each step, and the working dir before v2 and after its undo.
   local function round(n)
     local base = ("%s/n%d"):format(dir, n)
     local wd, root = base .. "/wd", base .. "/state"
@@ -68,10 +69,19 @@ describe("a deploy on a remote host", function()
     assert.equal(n, #rec.replaced) -- every file, the link's target file included
     assert.is_not.equal(before, tree(wd))
     count("undo", function() return assert(d.undo(assert(d.load(root .. "/runs/r2/svc")))) end)
-    return calls, before, tree(wd)
+    local after = tree(wd)
+    -- then v1's undo: every file and directory it created removed, the working dir empty again
+    local first = count("undo new", function()
+      local r = assert(d.load(root .. "/runs/r1/svc"))
+      assert(d.undo(r))
+      return r
+    end)
+    assert.equal(n + 1 + 5, #first.undo_report.removed) -- the files, the link, the directories
+    assert.same({}, fs.list(wd))
+    return calls, before, after
   end
 
-  it("makes as many commands for 200 files as for 10, and its undo is byte-identical", function()
+  it("makes as many commands for 200 files as for 10, and so does its undo, byte-identical", function()
     local small, before10, after10 = round(10)
     local large, before200, after200 = round(200)
     assert.equal(before10, after10)
@@ -80,7 +90,9 @@ describe("a deploy on a remote host", function()
     assert.equal(small["apply new"], large["apply new"])
     assert.equal(small["apply replacing"], large["apply replacing"])
     assert.is_true(large["apply replacing"] < 30, tostring(large["apply replacing"]))
-    -- undo checks in batches too; what grows is one copy per file it puts back
-    assert.is_true(large.undo - small.undo <= 190 + 5, ("undo: %d for 10 files, %d for 200"):format(small.undo, large.undo))
+    -- and its undo: the checks, the removals and the copies back in batches too
+    assert.equal(small.undo, large.undo)
+    assert.equal(small["undo new"], large["undo new"])
+    assert.is_true(large.undo < 30, tostring(large.undo))
   end)
 end)

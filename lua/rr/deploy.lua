@@ -863,6 +863,7 @@ function deploy.undo(record, opts)
   local prior_of = by_path(record.prior)
   local created = deepest_first(record.created or {})
   local created_st = stats_of(target, created)
+  local removing, removing_rel = {}, {}
   for _, rel in ipairs(created) do
     local path = join(target, rel)
     local cur = created_st[rel]
@@ -874,37 +875,43 @@ function deploy.undo(record, opts)
       if changed_since(rel, cur) then
         report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
       end
-      local ok, err = fs.remove(path)
-      if ok then
-        report.removed[#report.removed + 1] = rel
-      else
-        problem(("cannot remove %s: %s"):format(path, tostring(err)))
-      end
+      removing[#removing + 1], removing_rel[path] = path, rel
     elseif cur then
       problem(("%s was created as a file by the deploy and is a directory now: left alone"):format(path))
     end
   end
+  -- one batch: on a remote host, one command for them all
+  local removed, rerrs = fs.remove_many(removing)
+  for _, path in ipairs(removing) do
+    if removed and removed[path] then
+      report.removed[#report.removed + 1] = removing_rel[path]
+    else
+      problem(("cannot remove %s: %s"):format(path, removed and rerrs[path].message or tostring(rerrs)))
+    end
+  end
 
   -- 2. Directories the deploy created: removed when empty (the service may have written into one).
+  -- Deepest first, in one batch: a directory is removed only when empty (rmdir), so one the
+  -- service wrote into fails with ENOTEMPTY and stays.
   local created_dirs = deepest_first(record.created_dirs or {})
   local dirs_st = stats_of(target, created_dirs)
+  local rmdirs, rmdir_rel = {}, {}
   for _, rel in ipairs(created_dirs) do
-    if rel ~= "." then
+    local cur = dirs_st[rel]
+    if rel ~= "." and cur and cur.type == "dir" then
       local path = join(target, rel)
-      local cur = dirs_st[rel]
-      if cur and cur.type == "dir" then
-        local names = fs.list(path)
-        if names and #names == 0 then
-          local ok, err = fs.remove(path)
-          if ok then
-            report.removed[#report.removed + 1] = rel .. "/"
-          else
-            problem(("cannot remove the directory %s: %s"):format(path, tostring(err)))
-          end
-        else
-          report.kept[#report.kept + 1] = rel .. "/"
-        end
-      end
+      rmdirs[#rmdirs + 1], rmdir_rel[path] = path, rel
+    end
+  end
+  local rmdired, derrs = fs.remove_many(rmdirs)
+  for _, path in ipairs(rmdirs) do
+    local rel = rmdir_rel[path]
+    if rmdired and rmdired[path] then
+      report.removed[#report.removed + 1] = rel .. "/"
+    elseif rmdired and (derrs[path].code == "ENOTEMPTY" or derrs[path].code == "EEXIST") then
+      report.kept[#report.kept + 1] = rel .. "/"
+    else
+      problem(("cannot remove the directory %s: %s"):format(path, rmdired and derrs[path].message or tostring(derrs)))
     end
   end
 
@@ -957,7 +964,7 @@ function deploy.undo(record, opts)
     local parent = join(target, want.path):match("^(.*)/[^/]+$")
     if not seen_parent[parent] then seen_parent[parent] = true; parents[#parents + 1] = parent end
   end
-  local dirs = {}
+  local dirs, copies, copy_of = {}, {}, {}
   for p, st in pairs(fs.stat_many(parents) or {}) do
     if st and st.type == "dir" then dirs[p] = true end
   end
@@ -983,6 +990,17 @@ function deploy.undo(record, opts)
       lost[want.path] = true
       report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = "a directory now" }
       problem(("%s was a %s before the deploy and is a directory now: left alone"):format(path, want.type))
+    elseif backup_st and backup_st.type == "file" then
+      -- files come back in one batch below; their directory first
+      local parent = path:match("^(.*)/[^/]+$")
+      local ok, err = true, nil
+      if not dirs[parent] then ok, err = fs.mkdir_p(parent, 493) end
+      if ok then
+        dirs[parent] = true
+        copies[#copies + 1], copy_of[path] = { backup, path }, want.path
+      else
+        problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
+      end
     else
       local ok, err = put_back(backup, path, backup_st, dirs)
       if ok then
@@ -990,6 +1008,16 @@ function deploy.undo(record, opts)
       else
         problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
       end
+    end
+  end
+  -- bytes, mode, owner and times come with each copy (atomic: a temporary file renamed over it)
+  local copied, cerrs = fs.copy_many(copies)
+  for _, pr in ipairs(copies) do
+    if copied and copied[pr[2]] then
+      report.restored[#report.restored + 1] = copy_of[pr[2]]
+    else
+      problem(("cannot put back %s from %s: %s"):format(pr[2], pr[1],
+        copied and cerrs[pr[2]].message or tostring(cerrs)))
     end
   end
   -- Backups the record holds no hash of: a version 1 record, or a file rsync replaced that its

@@ -111,6 +111,37 @@ write|copy)
   mv -fT -- "$t" "$p" || exit 1
   trap - EXIT
   if [ "$sy" = 1 ]; then sync -- "$d" || exit 1; fi ;;
+removes)
+  # paths on stdin, in the order given (deepest first, when that matters): each as `remove`
+  # does it (rmdir a directory, rm anything else), then one record per path: "ok" or the
+  # failure, then the path
+  xargs -0 -r sh -c '
+    for p do
+      if [ -d "$p" ] && [ ! -L "$p" ]; then e=$(rmdir -- "$p" 2>&1)
+      elif [ -e "$p" ] || [ -L "$p" ]; then e=$(rm -f -- "$p" 2>&1)
+      else e="ENOENT: $p: No such file or directory"; false; fi
+      if [ $? -eq 0 ]; then printf "ok\0%s\0" "$p"; else printf "%s\0%s\0" "${e:-EIO: failed}" "$p"; fi
+    done' rr-removes
+  s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+copies)
+  # SRC DST pairs on stdin: each as `copy` does it with sync (a temporary file beside DST,
+  # synced, renamed over it, its directory synced); one record per pair as for removes
+  xargs -0 -r -n 2 sh -c '
+    s=$1 p=$2
+    fail() { printf "%s: %s\0%s\0" "$1" "$2" "$p"; exit 0; }
+    [ -L "$s" ] && fail ELOOP "$s is a symbolic link"
+    [ -d "$s" ] && fail EISDIR "$s: Is a directory"
+    [ -e "$s" ] || fail ENOENT "$s: No such file or directory"
+    [ -f "$s" ] || fail EINVAL "$s is not a regular file"
+    d=${p%/*}; [ -z "$d" ] && d=/; b=${p##*/}
+    [ -d "$d" ] || fail ENOENT "$d: No such file or directory"
+    t=$(mktemp -- "$d/.$b.XXXXXX" 2>&1) || fail EIO "$t"
+    if e=$(cp -p -- "$s" "$t" 2>&1 && sync -- "$t" 2>&1 && mv -fT -- "$t" "$p" 2>&1 && sync -- "$d" 2>&1); then
+      printf "ok\0%s\0" "$p"
+    else
+      rm -f -- "$t"; printf "%s\0%s\0" "${e:-EIO: failed}" "$p"
+    fi' rr-copies
+  s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 facts)
   printf 'home=%s\n' "$HOME"
   printf 'xdg_config_home=%s\n' "$XDG_CONFIG_HOME"
@@ -212,6 +243,24 @@ function hostfs.here()
         local out = {}
         for _, p in ipairs(paths) do out[p] = fs.readlink(p) or false end
         return out
+      end,
+      remove_many = function(paths)
+        local done, errs = {}, {}
+        for _, p in ipairs(paths) do
+          local ok, err, code = fs.remove(p)
+          done[p] = ok == true
+          if not ok then errs[p] = { code = code or "EIO", message = tostring(err) } end
+        end
+        return done, errs
+      end,
+      copy_many = function(pairs_)
+        local done, errs = {}, {}
+        for _, pr in ipairs(pairs_) do
+          local ok, err, code = fs.copy_atomic(pr[1], pr[2])
+          done[pr[2]] = ok == true
+          if not ok then errs[pr[2]] = { code = code or "EIO", message = tostring(err) } end
+        end
+        return done, errs
       end,
     }, { __index = fs })
   end
@@ -369,6 +418,55 @@ function hostfs.remote(host, opts)
       if out[p] == nil then out[p] = false end
     end
     return out
+  end
+
+  -- The records of removes/copies -> { [path] = true | false }, { [path] = { code =, message = } }
+  local function outcomes(stdout, paths)
+    local done, errs = {}, {}
+    for status, p in stdout:gmatch("([^\0]*)\0([^\0]*)\0") do
+      if status == "ok" then done[p] = true
+      else
+        done[p] = false
+        local mine = status:match("^(E%u+): ")
+        errs[p] = { code = mine or code_of(status),
+          message = ("%s on %s: %s"):format(p, host, (status:gsub("^E%u+: ", ""))) }
+      end
+    end
+    for _, p in ipairs(paths) do
+      if done[p] == nil then
+        done[p] = false
+        errs[p] = { code = "EIO", message = ("%s on %s: no answer for it"):format(p, host) }
+      end
+    end
+    return done, errs
+  end
+
+  -- h.remove_many(paths) -> { [path] = true | false }, { [path] = { code =, message = } }: each
+  -- path removed as h.remove does it (a directory only when empty: ENOTEMPTY), in the order
+  -- given, in one command. nil, err, CODE when the command itself failed (the host lost).
+  function h.remove_many(paths)
+    local input = nul_list(paths)
+    if #paths == 0 then return {}, {} end
+    local res, err, code = op("removes", {}, { stdin = input, max_capture = BATCH }, "remove")
+    if not res then return nil, err, code end
+    return outcomes(res.stdout, paths)
+  end
+
+  -- h.copy_many({ {src, dst}, ... }) -> { [dst] = true | false }, { [dst] = { code =, message = } }:
+  -- each as h.copy_atomic(src, dst) does it, in one command.
+  function h.copy_many(pairs_)
+    if type(pairs_) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+    local flat, dsts = {}, {}
+    for _, pr in ipairs(pairs_) do
+      if type(pr) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+      flat[#flat + 1], flat[#flat + 2] = pr[1], pr[2]
+      dsts[#dsts + 1] = pr[2]
+    end
+    local input = nul_list(flat)
+    if #flat == 0 then return {}, {} end
+    local res, err, code = op("copies", {}, { stdin = input, max_capture = BATCH }, "copy")
+    if not res then return nil, err, code end
+    return outcomes(res.stdout, dsts)
   end
 
   function h.exists(path, follow)
