@@ -1010,14 +1010,32 @@ function deploy.undo(record, opts)
       end
     end
   end
-  -- bytes, mode, owner and times come with each copy (atomic: a temporary file renamed over it)
-  local copied, cerrs = fs.copy_many(copies)
-  for _, pr in ipairs(copies) do
-    if copied and copied[pr[2]] then
-      report.restored[#report.restored + 1] = copy_of[pr[2]]
-    else
-      problem(("cannot put back %s from %s: %s"):format(pr[2], pr[1],
-        copied and cerrs[pr[2]].message or tostring(cerrs)))
+  -- The files in one rsync on their host, from the backup dir, their relative paths on its
+  -- stdin: each written to a temporary name, synced, renamed over the file, with its bytes,
+  -- mode, owner and times (-I: whatever its size and time say). Whether each came back is then
+  -- checked against the record, all at once.
+  if #copies > 0 then
+    local rels = {}
+    for i, pr in ipairs(copies) do rels[i] = copy_of[pr[2]] end
+    local argv = { "rsync", "-a", "-I", "--fsync", "--no-implied-dirs", "--from0", "--files-from=-", "--",
+      record.backup_dir .. "/", target .. "/" }
+    local input = table.concat(rels, "\0") .. "\0"
+    local res, rerr, _, r = fs.run(argv, { stdin = input, capture = true })
+    if not res and r and r.exit_code == 1 and (r.stderr or ""):find("fsync", 1, true) then
+      -- an rsync older than 3.2.4 has no --fsync: the copies are still atomic
+      table.remove(argv, 4)
+      res, rerr, _, r = fs.run(argv, { stdin = input, capture = true })
+    end
+    local why = not res and (tostring(rerr) .. stderr_tail(r)) or nil
+    local probes_back = {}
+    for i, pr in ipairs(copies) do probes_back[i] = { entry = checked[copy_of[pr[2]]], path = pr[2] } end
+    for i, back in ipairs((holds_many(probes_back))) do
+      local pr = copies[i]
+      if back[1] then
+        report.restored[#report.restored + 1] = copy_of[pr[2]]
+      else
+        problem(("cannot put back %s from %s: %s"):format(pr[2], pr[1], why or ("it is " .. tostring(back[2]))))
+      end
     end
   end
   -- Backups the record holds no hash of: a version 1 record, or a file rsync replaced that its

@@ -124,11 +124,23 @@ removes)
     done' rr-removes
   s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 copies)
-  # SRC DST pairs on stdin: each as `copy` does it with sync (a temporary file beside DST,
-  # synced, renamed over it, its directory synced); one record per pair as for removes
+  # ROOT, and SRC DST pairs on stdin: each as `copy` does it with sync (a temporary file beside
+  # DST, synced, renamed over it, its directory synced; nothing written through a symlink below
+  # ROOT); one record per pair as for removes
   xargs -0 -r -n 2 sh -c '
-    s=$1 p=$2
+    set -f
+    root=$1 s=$2 p=$3
     fail() { printf "%s: %s\0%s\0" "$1" "$2" "$p"; exit 0; }
+    if [ -n "$root" ]; then
+      r=${root%/}; rest=${p#"$r"/}
+      [ "$rest" = "$p" ] && fail EINVAL "$p is not below $r"
+      cur=$r; IFS=/
+      for c in $rest; do
+        cur=$cur/$c
+        [ -L "$cur" ] && fail ELOOP "$cur is a symbolic link: refusing to write through it"
+      done
+      unset IFS
+    fi
     [ -L "$s" ] && fail ELOOP "$s is a symbolic link"
     [ -d "$s" ] && fail EISDIR "$s: Is a directory"
     [ -e "$s" ] || fail ENOENT "$s: No such file or directory"
@@ -140,7 +152,7 @@ copies)
       printf "ok\0%s\0" "$p"
     else
       rm -f -- "$t"; printf "%s\0%s\0" "${e:-EIO: failed}" "$p"
-    fi' rr-copies
+    fi' rr-copies "$1"
   s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 facts)
   printf 'home=%s\n' "$HOME"
@@ -253,10 +265,10 @@ function hostfs.here()
         end
         return done, errs
       end,
-      copy_many = function(pairs_)
+      copy_many = function(pairs_, opts)
         local done, errs = {}, {}
         for _, pr in ipairs(pairs_) do
-          local ok, err, code = fs.copy_atomic(pr[1], pr[2])
+          local ok, err, code = fs.copy_atomic(pr[1], pr[2], opts)
           done[pr[2]] = ok == true
           if not ok then errs[pr[2]] = { code = code or "EIO", message = tostring(err) } end
         end
@@ -452,19 +464,22 @@ function hostfs.remote(host, opts)
     return outcomes(res.stdout, paths)
   end
 
-  -- h.copy_many({ {src, dst}, ... }) -> { [dst] = true | false }, { [dst] = { code =, message = } }:
-  -- each as h.copy_atomic(src, dst) does it, in one command.
-  function h.copy_many(pairs_)
+  -- h.copy_many({ {src, dst}, ... }[, { under = root }]) -> { [dst] = true | false },
+  -- { [dst] = { code =, message = } }: each as h.copy_atomic(src, dst, opts) does it, in one command.
+  function h.copy_many(pairs_, o)
     if type(pairs_) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+    local root = under_of(o)
     local flat, dsts = {}, {}
     for _, pr in ipairs(pairs_) do
       if type(pr) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+      check_path(pr[2], "dst")
+      check_under(root, pr[2])
       flat[#flat + 1], flat[#flat + 2] = pr[1], pr[2]
       dsts[#dsts + 1] = pr[2]
     end
     local input = nul_list(flat)
     if #flat == 0 then return {}, {} end
-    local res, err, code = op("copies", {}, { stdin = input, max_capture = BATCH }, "copy")
+    local res, err, code = op("copies", { root }, { stdin = input, max_capture = BATCH }, "copy")
     if not res then return nil, err, code end
     return outcomes(res.stdout, dsts)
   end
