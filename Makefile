@@ -32,7 +32,7 @@ SPEC    ?= spec
 V       ?= 0
 Q       := $(if $(filter 1,$(V)),,@)
 
-.PHONY: FORCE all deps check check-asan check-valgrind bench demo man install uninstall deb deb-check clean help
+.PHONY: FORCE all deps check check-asan check-valgrind bench demo demo-hosts man install uninstall deb deb-check clean help
 
 all: rrengine build/fixture
 
@@ -83,7 +83,11 @@ build/benchtime: bench/benchtime.c Makefile
 	$(Q)$(CC) -std=gnu11 $(WARNINGS) $(CFLAGS) -o $@ $<
 
 demo: deps all
-	$(Q)./demo/run
+	$(Q)./demo/run && ./rrengine demo/hosts.lua
+
+# The second part of the demo alone: one platform on two test hosts (sshd + a user manager each).
+demo-hosts: deps all
+	$(Q)./rrengine demo/hosts.lua
 
 # Manual pages from their scdoc sources, with this build's paths filled in.
 MANPAGES := build/man/rrengine.1 build/man/rrengine-services.5
@@ -142,4 +146,4 @@ clean:
 	rm -rf rrengine rrengine-asan build
 
 help:
-	@echo "make deps | make | make check | make check-asan | make check-valgrind | make bench | make demo | make man | make install [PREFIX=... DESTDIR=...] | make uninstall | make deb | make deb-check | make clean"
+	@echo "make deps | make | make check | make check-asan | make check-valgrind | make bench | make demo | make demo-hosts | make man | make install [PREFIX=... DESTDIR=...] | make uninstall | make deb | make deb-check | make clean"

@@ -1,7 +1,9 @@
 -- `make demo` is the newcomer's first command: it must keep working. The demo checks itself
 -- (a full rolling restart under load, with three replicas behind a real HAProxy and wrk through
 -- it, then a broken deploy rolled back, everything healthy at the end) and exits non-zero when
--- anything is off: a failed request or a budget exceeded during the roll included.
+-- anything is off: a failed request or a budget exceeded during the roll included. Its second
+-- part (demo/hosts.lua) rolls one platform across two test hosts, each a real sshd and its own
+-- user manager, with dependencies across them.
 local proc = require("rr.proc")
 local fs = require("rr.fs")
 
@@ -27,5 +29,33 @@ describe("make demo", function()
     local haproxy = res.stdout:match("HAProxy %(pid (%d+)%)")
     assert.is_truthy(haproxy, out)
     assert.is_false(fs.exists("/proc/" .. haproxy), "HAProxy (pid " .. haproxy .. ") still runs")
+  end)
+
+  it("its second part rolls a platform across two hosts: both named, the order across them kept", function()
+    local res, err, _, r = proc.run({ "./rrengine", "demo/hosts.lua" }, { timeout = 120 })
+    res = res or r
+    assert.is_truthy(res, err)
+    local out = (res.stdout or "") .. (res.stderr or "")
+    assert.equal(0, res.exit_code, out)
+    assert.matches("Two%-host demo done", res.stdout)
+    -- each progress line names its host in a column; the first line matching pattern
+    local lines = {}
+    for line in res.stdout:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    local function at(pattern)
+      for i, line in ipairs(lines) do
+        if line:match("^%d%d:%d%d:%d%d%.%d%d%d  " .. pattern) then return i end
+      end
+      error(("no line %q in:\n%s"):format(pattern, out))
+    end
+    -- the order across hosts: db (h1) done before api (h2) starts; api (h2) and queue (h1)
+    -- done before worker (h2) starts
+    assert.is_true(at("h1  ✔ demo%-db%s+restart ok") < at("h2  demo%-api%s+inspect"))
+    assert.is_true(at("h2  ✔ demo%-api%s+restart ok") < at("h2  demo%-worker%s+inspect"))
+    assert.is_true(at("h1  ✔ demo%-queue%s+restart ok") < at("h2  demo%-worker%s+inspect"))
+    assert.matches("h1 %d/2%]", res.stdout)
+    assert.matches("%[4/4, h2 2/2%]", res.stdout)
+    assert.matches("✔ demo%-db %(h1%) was active again before demo%-api %(h2%) restarted", res.stdout)
+    assert.matches("✔ demo%-api %(h2%) and demo%-queue %(h1%) before demo%-worker %(h2%)", res.stdout)
+    assert.matches("both hosts stopped", res.stdout)
   end)
 end)

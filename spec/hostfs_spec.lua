@@ -97,6 +97,140 @@ describe("rr.hostfs", function()
     assert.equal(lsv.bsize, sv.bsize)
   end)
 
+  it("answers for thousands of paths in one command each: stat_many, sha256_many, readlink_many", function()
+    -- more than one command line can carry (a single argument to the remote shell is at most
+    -- 128 KiB): the paths travel on stdin
+    local many = dir .. "/many"
+    assert(fs.mkdir_p(many, 493))
+    local paths, odd = {}, { "sp ace", "it's", 'q"uote', "back\\slash", "new\nline", "$HOME", "-dash", " *star" }
+    for i = 1, 3000 do
+      local p = ("%s/%s-%04d-%s"):format(many, string.rep("n", 40), i, odd[i % #odd + 1])
+      assert(fs.write_atomic(p, "file " .. i .. "\n", { sync = false }))
+      paths[#paths + 1] = p
+    end
+    assert(fs.symlink(paths[1], many .. "/link"))
+    assert(fs.symlink(many .. "/nowhere", many .. "/dangling"))
+    local extra = { many .. "/gone", many, many .. "/link", many .. "/dangling" }
+    for _, p in ipairs(extra) do paths[#paths + 1] = p end
+
+    local before = h.calls
+    local sts = assert(h.stat_many(paths))
+    local sums, codes = h.sha256_many(paths)
+    assert.is_table(sums)
+    local links = assert(h.readlink_many(paths))
+    assert.equal(3, h.calls - before)
+
+    for i = 1, 3000 do
+      local p = paths[i]
+      local lst = fs.stat(p)
+      assert.equal(lst.size, sts[p].size, p)
+      assert.equal(lst.ino, sts[p].ino, p)
+      assert.equal(fs.sha256(p), sums[p], p)
+      assert.is_nil(codes[p])
+      assert.is_false(links[p])
+    end
+    assert.is_false(sts[many .. "/gone"])
+    assert.equal("dir", sts[many].type)
+    assert.equal("link", sts[many .. "/link"].type)
+    assert.equal("link", sts[many .. "/dangling"].type)
+    -- the same failure codes as h.sha256, path by path
+    assert.is_false(sums[many .. "/gone"])
+    assert.equal(select(3, h.sha256(many .. "/gone")), codes[many .. "/gone"])
+    assert.equal("ENOENT", codes[many .. "/gone"])
+    assert.equal(select(3, h.sha256(many)), codes[many])
+    assert.equal("EISDIR", codes[many])
+    assert.equal(fs.sha256(paths[1]), sums[many .. "/link"]) -- through the link, as sha256
+    assert.equal("ENOENT", codes[many .. "/dangling"])
+    assert.equal(paths[1], links[many .. "/link"])
+    assert.equal(many .. "/nowhere", links[many .. "/dangling"])
+    assert.is_false(links[many .. "/gone"])
+    assert.is_false(links[many])
+    -- following links: a dangling one is missing, as fs.stat(path, true) says
+    local followed = assert(h.stat_many({ many .. "/link", many .. "/dangling" }, true))
+    assert.equal("file", followed[many .. "/link"].type)
+    assert.is_false(followed[many .. "/dangling"])
+    -- the handle of this machine has the same calls
+    local here = hostfs.here()
+    assert.same(sums, (here.sha256_many(paths)))
+    assert.same(links, here.readlink_many(paths))
+    assert.equal(sts[paths[7]].ino, here.stat_many(paths)[paths[7]].ino)
+    -- an empty list costs nothing; an unreachable host fails the whole call
+    before = h.calls
+    assert.same({}, h.stat_many({}))
+    assert.same({}, (h.sha256_many({})))
+    assert.equal(before, h.calls)
+    local gone = hostfs.remote("nosuchhost", { ssh_config = hs[1].ssh_config })
+    local r, err, code = gone.sha256_many({ paths[1] })
+    assert.is_nil(r)
+    assert.equal("EHOSTUNREACH", code)
+    assert.matches("nosuchhost", err)
+    assert.has_error(function() h.sha256_many({ "relative" }) end)
+  end)
+
+  it("removes and copies many paths in one command each, with rr.fs's outcome for each", function()
+    local b = dir .. "/batch"
+    assert(fs.mkdir_p(b .. "/full", 493))
+    assert(fs.mkdir_p(b .. "/empty/inner", 493))
+    local srcs, pairs_ = {}, {}
+    for i = 1, 300 do
+      local name = ("%s/src %d it's"):format(b, i)
+      assert(fs.write_atomic(name, ("source %d\n"):format(i), { mode = i % 2 == 0 and "0600" or "0644", sync = false }))
+      srcs[i] = name
+      pairs_[i] = { name, ("%s/dst %d \"q\""):format(b, i) }
+    end
+    assert(fs.write_atomic(pairs_[2][2], "an older dst\n", { mode = "0640" }))
+    assert(fs.write_atomic(b .. "/full/x", "x"))
+    assert(fs.symlink(srcs[1], b .. "/link"))
+    pairs_[#pairs_ + 1] = { b .. "/missing", b .. "/dst-missing" }
+    pairs_[#pairs_ + 1] = { b .. "/link", b .. "/dst-link" }
+    pairs_[#pairs_ + 1] = { srcs[1], b .. "/no/such/dir/dst" }
+
+    local before = h.calls
+    local copied, cerrs = assert(h.copy_many(pairs_))
+    assert.equal(1, h.calls - before)
+    for i = 1, 300 do
+      local dst = pairs_[i][2]
+      assert.is_true(copied[dst], dst)
+      assert.equal(fs.read(srcs[i]), fs.read(dst))
+      assert.equal(fs.stat(srcs[i]).mode, fs.stat(dst).mode)
+      assert.equal(fs.stat(srcs[i]).mtime, fs.stat(dst).mtime)
+    end
+    -- what copy_atomic says for each failure
+    assert.is_false(copied[b .. "/dst-missing"])
+    assert.equal(select(3, h.copy_atomic(b .. "/missing", b .. "/dst-missing")), cerrs[b .. "/dst-missing"].code)
+    assert.equal("ENOENT", cerrs[b .. "/dst-missing"].code)
+    assert.equal("ELOOP", cerrs[b .. "/dst-link"].code)
+    assert.equal("ENOENT", cerrs[b .. "/no/such/dir/dst"].code)
+    assert.matches(hs[1].name, cerrs[b .. "/no/such/dir/dst"].message)
+    assert.is_false(fs.exists(b .. "/dst-missing"))
+
+    -- deepest first: the inner directory, then its parent
+    local gone = { b .. "/empty/inner", b .. "/empty", b .. "/full", b .. "/link", b .. "/nothing" }
+    for i = 1, 300 do gone[#gone + 1] = pairs_[i][2] end
+    before = h.calls
+    local removed, rerrs = assert(h.remove_many(gone))
+    assert.equal(1, h.calls - before)
+    assert.is_true(removed[b .. "/empty/inner"])
+    assert.is_true(removed[b .. "/empty"])
+    assert.is_false(removed[b .. "/full"])
+    assert.equal("ENOTEMPTY", rerrs[b .. "/full"].code)
+    assert.equal(select(3, fs.remove(b .. "/full")), rerrs[b .. "/full"].code)
+    assert.is_true(removed[b .. "/link"])
+    assert.is_true(fs.exists(srcs[1])) -- a link is removed, not what it points to
+    assert.equal("ENOENT", rerrs[b .. "/nothing"].code)
+    for i = 1, 300 do assert.is_false(fs.exists(pairs_[i][2])) end
+    assert.is_true(fs.exists(b .. "/full/x"))
+
+    -- this machine's handle: the same outcomes
+    local here = hostfs.here()
+    local lc, lerrs = here.copy_many({ { srcs[3], b .. "/here" }, { b .. "/missing", b .. "/here2" } })
+    assert.is_true(lc[b .. "/here"])
+    assert.equal("ENOENT", lerrs[b .. "/here2"].code)
+    local lr, lrerrs = here.remove_many({ b .. "/here", b .. "/full" })
+    assert.is_true(lr[b .. "/here"])
+    assert.equal("ENOTEMPTY", lrerrs[b .. "/full"].code)
+  end)
+
   it("never writes through a symlink below the state root (under)", function()
     local root = dir .. "/root"
     assert(fs.mkdir_p(root .. "/real", 448))
@@ -105,6 +239,14 @@ describe("rr.hostfs", function()
     assert.equal("ELOOP", code)
     assert.matches("symbolic link", err)
     assert.equal("ELOOP", select(3, h.write_atomic(root .. "/runs/f", "x", { under = root })))
+    assert(fs.write_atomic(dir .. "/cp-src", "copy"))
+    local copied, errs = assert(h.copy_many({ { dir .. "/cp-src", root .. "/runs/f" }, { dir .. "/cp-src", root .. "/real/g" } },
+      { under = root }))
+    assert.is_false(copied[root .. "/runs/f"])
+    assert.equal("ELOOP", errs[root .. "/runs/f"].code)
+    assert.matches("symbolic link", errs[root .. "/runs/f"].message)
+    assert.is_true(copied[root .. "/real/g"])
+    assert.has_error(function() h.copy_many({ { dir .. "/cp-src", "/elsewhere/g" } }, { under = root }) end)
     assert.is_false(fs.exists(dir .. "/r1"))
     assert.is_false(fs.exists(dir .. "/f"))
     assert(h.write_atomic(root .. "/real/f", "x", { under = root }))

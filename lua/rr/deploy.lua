@@ -205,30 +205,51 @@ local function record_prior(target, items)
   for _, item in ipairs(items) do
     if item.action ~= "attrs" then replaced[item.path] = true end
   end
-  local prior, seen = {}, {}
+  -- Batches: on a remote host one call stands for a command there, and a release has thousands
+  -- of files.
+  local rels, paths, seen = {}, {}, {}
   for _, item in ipairs(items) do
-    local p = item.path
-    if not seen[p] then
-      seen[p] = true
-      local path = join(target, p)
-      local st = fs.stat(path)
-      if st then
-        local e = { path = p, type = st.type, mode = perm(st.mode), uid = st.uid, gid = st.gid }
-        if replaced[p] and st.type ~= "dir" then
-          e.backup, e.size = true, st.size
-          local err
-          if st.type == "file" then
-            e.sha256, err = fs.sha256(path)
-          elseif st.type == "link" then
-            e.link, err = fs.readlink(path)
-          end
-          if err then
-            return nil, ("cannot read %s before the deploy (undo could not verify its backup): %s"):format(path, err)
-          end
-        end
-        prior[#prior + 1] = e
-      end
+    if not seen[item.path] then
+      seen[item.path] = true
+      rels[#rels + 1] = item.path
+      paths[#paths + 1] = join(target, item.path)
     end
+  end
+  local sts, serr = fs.stat_many(paths)
+  if not sts then return nil, ("cannot read %s before the deploy: %s"):format(target, tostring(serr)) end
+  local prior, files, links, entry_at = {}, {}, {}, {}
+  for i, p in ipairs(rels) do
+    local path = paths[i]
+    local st = sts[path]
+    if st then
+      local e = { path = p, type = st.type, mode = perm(st.mode), uid = st.uid, gid = st.gid }
+      if replaced[p] and st.type ~= "dir" then
+        e.backup, e.size = true, st.size
+        if st.type == "file" then files[#files + 1] = path
+        elseif st.type == "link" then links[#links + 1] = path end
+      end
+      prior[#prior + 1] = e
+      entry_at[path] = e
+    end
+  end
+  local sums, codes = fs.sha256_many(files)
+  local targets, lerr = fs.readlink_many(links)
+  if not sums or not targets then
+    return nil, ("cannot read the files of %s before the deploy (undo could not verify their backups): %s")
+      :format(target, tostring(codes or lerr))
+  end
+  for _, path in ipairs(files) do
+    if not sums[path] then
+      return nil, ("cannot read %s before the deploy (undo could not verify its backup): %s"):format(path, codes[path])
+    end
+    entry_at[path].sha256 = sums[path]
+  end
+  for _, path in ipairs(links) do
+    if not targets[path] then
+      return nil, ("cannot read %s before the deploy (undo could not verify its backup): not a symbolic link any more")
+        :format(path)
+    end
+    entry_at[path].link = targets[path]
   end
   table.sort(prior, function(a, b) return a.path < b.path end)
   return prior
@@ -349,9 +370,11 @@ end
 -- The fingerprint after the deploy of every regular file it wrote: undo compares them to
 -- name the files the service changed since.
 local function fingerprints(target, paths)
-  local after = {}
-  for _, p in ipairs(paths) do
-    local st = fs.stat(join(target, p))
+  local after, full = {}, {}
+  for i, p in ipairs(paths) do full[i] = join(target, p) end
+  local sts = fs.stat_many(full) or {}
+  for i, p in ipairs(paths) do
+    local st = sts[full[i]]
     if st and st.type == "file" then
       after[#after + 1] = { path = p, fingerprint = fingerprint(st) }
     end
@@ -718,33 +741,63 @@ local function remove_rsync_temps(target, paths)
   end
 end
 
--- Does path hold what a prior entry recorded before the deploy (type, and size + sha256 or link
--- target)? -> true | false, how it differs
-local function holds(entry, path)
-  local st = fs.stat(path)
-  if not st then return false, "missing" end
-  if st.type ~= entry.type then return false, ("a %s, not a %s"):format(st.type, entry.type) end
-  if entry.type == "file" then
-    if st.size ~= entry.size then return false, ("%d of %d bytes"):format(st.size, entry.size) end
-    local sum, err = fs.sha256(path)
-    if not sum then return false, ("unreadable: %s"):format(tostring(err)) end
-    if sum ~= entry.sha256 then return false, "other bytes of the same size (sha256 differs)" end
-  elseif entry.type == "link" then
-    local to = fs.readlink(path)
-    if to ~= entry.link then return false, ("a link to %s, not to %s"):format(tostring(to), tostring(entry.link)) end
+-- Does each { entry =, path = } hold what the prior entry recorded before the deploy (type, and
+-- size + sha256 or link target)? All at once, in a few batch calls (on a remote host each call
+-- is a command there): -> { [i] = { true } | { false, how it differs } }, the stats by path.
+local function holds_many(list)
+  local paths = {}
+  for i, x in ipairs(list) do paths[i] = x.path end
+  local sts = fs.stat_many(paths) or {}
+  local files, links = {}, {}
+  for _, x in ipairs(list) do
+    local st = sts[x.path]
+    if st and st.type == x.entry.type then
+      if st.type == "file" and st.size == x.entry.size then files[#files + 1] = x.path
+      elseif st.type == "link" then links[#links + 1] = x.path end
+    end
   end
-  return true
+  local sums, codes = fs.sha256_many(files)
+  if not sums then sums, codes = {}, {} end
+  local targets = fs.readlink_many(links) or {}
+  local out = {}
+  for i, x in ipairs(list) do
+    local e, st = x.entry, sts[x.path]
+    local r = { true }
+    if not st then r = { false, "missing" }
+    elseif st.type ~= e.type then r = { false, ("a %s, not a %s"):format(st.type, e.type) }
+    elseif e.type == "file" then
+      if st.size ~= e.size then r = { false, ("%d of %d bytes"):format(st.size, e.size) }
+      elseif not sums[x.path] then r = { false, ("unreadable: %s"):format(tostring(codes[x.path] or "EIO")) }
+      elseif sums[x.path] ~= e.sha256 then r = { false, "other bytes of the same size (sha256 differs)" } end
+    elseif e.type == "link" and (targets[x.path] or nil) ~= e.link then
+      r = { false, ("a link to %s, not to %s"):format(tostring(targets[x.path] or nil), tostring(e.link)) }
+    end
+    out[i] = r
+  end
+  return out, sts
+end
+
+-- { [rel] = st } of base/rel for each rel, in one batch call (missing ones absent).
+local function stats_of(base, rels)
+  local paths = {}
+  for i, rel in ipairs(rels) do paths[i] = join(base, rel) end
+  local sts = fs.stat_many(paths) or {}
+  local out = {}
+  for i, rel in ipairs(rels) do out[rel] = sts[paths[i]] or nil end
+  return out
 end
 
 -- Puts the backup `from` (a file, a symlink or a special file) in place of path, atomically
--- for files and links (bytes, mode, owner and times come with it).
-local function put_back(from, path)
-  local st = fs.stat(from)
+-- for files and links (bytes, mode, owner and times come with it). st: from's stat when known;
+-- dirs: { [dir] = true } of directories known to exist (filled in as it goes).
+local function put_back(from, path, st, dirs)
+  st = st or fs.stat(from)
   local parent, base = path:match("^(.*)/([^/]+)$")
-  if not fs.stat(parent) then
+  if not (dirs and dirs[parent]) and not fs.stat(parent) then
     local ok, err = fs.mkdir_p(parent, 493)
     if not ok then return nil, err end
   end
+  if dirs then dirs[parent] = true end
   if st and st.type == "file" then
     return fs.copy_atomic(from, path)
   elseif st and st.type == "link" then
@@ -808,9 +861,12 @@ function deploy.undo(record, opts)
   -- A path that held something else before (a symlink the deploy turned into a file) and
   -- still holds the same type was not reached by a killed deploy: it is the original.
   local prior_of = by_path(record.prior)
-  for _, rel in ipairs(deepest_first(record.created or {})) do
+  local created = deepest_first(record.created or {})
+  local created_st = stats_of(target, created)
+  local removing, removing_rel = {}, {}
+  for _, rel in ipairs(created) do
     local path = join(target, rel)
-    local cur = fs.stat(path)
+    local cur = created_st[rel]
     local before = prior_of[rel]
     if cur and before and before.type == cur.type then
       cur = nil -- the original, left alone
@@ -819,35 +875,43 @@ function deploy.undo(record, opts)
       if changed_since(rel, cur) then
         report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
       end
-      local ok, err = fs.remove(path)
-      if ok then
-        report.removed[#report.removed + 1] = rel
-      else
-        problem(("cannot remove %s: %s"):format(path, tostring(err)))
-      end
+      removing[#removing + 1], removing_rel[path] = path, rel
     elseif cur then
       problem(("%s was created as a file by the deploy and is a directory now: left alone"):format(path))
     end
   end
+  -- one batch: on a remote host, one command for them all
+  local removed, rerrs = fs.remove_many(removing)
+  for _, path in ipairs(removing) do
+    if removed and removed[path] then
+      report.removed[#report.removed + 1] = removing_rel[path]
+    else
+      problem(("cannot remove %s: %s"):format(path, removed and rerrs[path].message or tostring(rerrs)))
+    end
+  end
 
   -- 2. Directories the deploy created: removed when empty (the service may have written into one).
-  for _, rel in ipairs(deepest_first(record.created_dirs or {})) do
-    if rel ~= "." then
+  -- Deepest first, in one batch: a directory is removed only when empty (rmdir), so one the
+  -- service wrote into fails with ENOTEMPTY and stays.
+  local created_dirs = deepest_first(record.created_dirs or {})
+  local dirs_st = stats_of(target, created_dirs)
+  local rmdirs, rmdir_rel = {}, {}
+  for _, rel in ipairs(created_dirs) do
+    local cur = dirs_st[rel]
+    if rel ~= "." and cur and cur.type == "dir" then
       local path = join(target, rel)
-      local cur = fs.stat(path)
-      if cur and cur.type == "dir" then
-        local names = fs.list(path)
-        if names and #names == 0 then
-          local ok, err = fs.remove(path)
-          if ok then
-            report.removed[#report.removed + 1] = rel .. "/"
-          else
-            problem(("cannot remove the directory %s: %s"):format(path, tostring(err)))
-          end
-        else
-          report.kept[#report.kept + 1] = rel .. "/"
-        end
-      end
+      rmdirs[#rmdirs + 1], rmdir_rel[path] = path, rel
+    end
+  end
+  local rmdired, derrs = fs.remove_many(rmdirs)
+  for _, path in ipairs(rmdirs) do
+    local rel = rmdir_rel[path]
+    if rmdired and rmdired[path] then
+      report.removed[#report.removed + 1] = rel .. "/"
+    elseif rmdired and (derrs[path].code == "ENOTEMPTY" or derrs[path].code == "EEXIST") then
+      report.kept[#report.kept + 1] = rel .. "/"
+    else
+      problem(("cannot remove the directory %s: %s"):format(path, rmdired and derrs[path].message or tostring(derrs)))
     end
   end
 
@@ -859,9 +923,14 @@ function deploy.undo(record, opts)
     if da ~= db then return da < db end
     return a.path < b.path
   end)
+  local prior_dirs = {}
+  for _, want in ipairs(prior) do
+    if want.type == "dir" then prior_dirs[#prior_dirs + 1] = want.path end
+  end
+  local prior_dirs_st = stats_of(target, prior_dirs)
   for _, want in ipairs(prior) do
     local path = join(target, want.path)
-    if want.type == "dir" and not fs.stat(path) then
+    if want.type == "dir" and not prior_dirs_st[want.path] then
       local ok, err = fs.mkdir_p(path, want.mode or 493)
       if ok then
         report.recreated[#report.recreated + 1] = want.path .. "/"
@@ -871,43 +940,101 @@ function deploy.undo(record, opts)
     end
   end
 
-  -- 4. What the deploy replaced or deleted, each file verified before and after.
+  -- 4. What the deploy replaced or deleted, each file verified before and after (in batches:
+  -- the checks of every file at once, then one copy a file put back).
+  local replaced_st = stats_of(target, record.replaced or {})
   for _, rel in ipairs(record.replaced or {}) do
-    if changed_since(rel, fs.stat(join(target, rel))) then
+    if changed_since(rel, replaced_st[rel]) then
       report.changed_since_deploy[#report.changed_since_deploy + 1] = rel
     end
   end
   local lost = {}
   local checked = {}
+  local wants, probes = {}, {}
   for _, want in ipairs(prior) do
     if want.backup and (want.sha256 or want.link or (want.type ~= "file" and want.type ~= "link")) then
-      checked[want.path] = want
-      local path, backup = join(target, want.path), join(record.backup_dir, want.path)
-      local here, why_here = holds(want, path)
-      local good, why_backup = holds(want, backup)
-      if fs.stat(backup) and not good then
-        report.bad_backups[#report.bad_backups + 1] = { path = want.path, reason = why_backup,
-          outcome = here and "the working dir still holds the original" or "the working dir's copy is not the original" }
-      end
-      if here then
-        report.intact[#report.intact + 1] = want.path
-      elseif not good then
-        lost[want.path] = true
-        report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = why_here }
-        problem(("%s cannot be restored: it is %s, and its backup %s is %s; it was not touched, put its pre-deploy "
-          .. "version back by hand (sha256 %s)"):format(path, why_here, backup,
-          fs.stat(backup) and why_backup or "missing", tostring(want.sha256 or want.link or want.type)))
-      elseif (fs.stat(path) or {}).type == "dir" then
-        lost[want.path] = true
-        report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = "a directory now" }
-        problem(("%s was a %s before the deploy and is a directory now: left alone"):format(path, want.type))
+      wants[#wants + 1] = want
+      probes[#probes + 1] = { entry = want, path = join(target, want.path) }
+      probes[#probes + 1] = { entry = want, path = join(record.backup_dir, want.path) }
+    end
+  end
+  local held, probed = holds_many(probes)
+  local parents, seen_parent = {}, {}
+  for _, want in ipairs(wants) do
+    local parent = join(target, want.path):match("^(.*)/[^/]+$")
+    if not seen_parent[parent] then seen_parent[parent] = true; parents[#parents + 1] = parent end
+  end
+  local dirs, copies, copy_of = {}, {}, {}
+  for p, st in pairs(fs.stat_many(parents) or {}) do
+    if st and st.type == "dir" then dirs[p] = true end
+  end
+  for i, want in ipairs(wants) do
+    checked[want.path] = want
+    local path, backup = join(target, want.path), join(record.backup_dir, want.path)
+    local here, why_here = held[2 * i - 1][1], held[2 * i - 1][2]
+    local good, why_backup = held[2 * i][1], held[2 * i][2]
+    local backup_st = probed[backup] or nil
+    if backup_st and not good then
+      report.bad_backups[#report.bad_backups + 1] = { path = want.path, reason = why_backup,
+        outcome = here and "the working dir still holds the original" or "the working dir's copy is not the original" }
+    end
+    if here then
+      report.intact[#report.intact + 1] = want.path
+    elseif not good then
+      lost[want.path] = true
+      report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = why_here }
+      problem(("%s cannot be restored: it is %s, and its backup %s is %s; it was not touched, put its pre-deploy "
+        .. "version back by hand (sha256 %s)"):format(path, why_here, backup,
+        backup_st and why_backup or "missing", tostring(want.sha256 or want.link or want.type)))
+    elseif (probed[path] or {}).type == "dir" then
+      lost[want.path] = true
+      report.not_restorable[#report.not_restorable + 1] = { path = want.path, reason = "a directory now" }
+      problem(("%s was a %s before the deploy and is a directory now: left alone"):format(path, want.type))
+    elseif backup_st and backup_st.type == "file" then
+      -- files come back in one batch below; their directory first
+      local parent = path:match("^(.*)/[^/]+$")
+      local ok, err = true, nil
+      if not dirs[parent] then ok, err = fs.mkdir_p(parent, 493) end
+      if ok then
+        dirs[parent] = true
+        copies[#copies + 1], copy_of[path] = { backup, path }, want.path
       else
-        local ok, err = put_back(backup, path)
-        if ok then
-          report.restored[#report.restored + 1] = want.path
-        else
-          problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
-        end
+        problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
+      end
+    else
+      local ok, err = put_back(backup, path, backup_st, dirs)
+      if ok then
+        report.restored[#report.restored + 1] = want.path
+      else
+        problem(("cannot put back %s from %s: %s"):format(path, backup, tostring(err)))
+      end
+    end
+  end
+  -- The files in one rsync on their host, from the backup dir, their relative paths on its
+  -- stdin: each written to a temporary name, synced, renamed over the file, with its bytes,
+  -- mode, owner and times (-I: whatever its size and time say). Whether each came back is then
+  -- checked against the record, all at once.
+  if #copies > 0 then
+    local rels = {}
+    for i, pr in ipairs(copies) do rels[i] = copy_of[pr[2]] end
+    local argv = { "rsync", "-a", "-I", "--fsync", "--no-implied-dirs", "--from0", "--files-from=-", "--",
+      record.backup_dir .. "/", target .. "/" }
+    local input = table.concat(rels, "\0") .. "\0"
+    local res, rerr, _, r = fs.run(argv, { stdin = input, capture = true })
+    if not res and r and r.exit_code == 1 and (r.stderr or ""):find("fsync", 1, true) then
+      -- an rsync older than 3.2.4 has no --fsync: the copies are still atomic
+      table.remove(argv, 4)
+      res, rerr, _, r = fs.run(argv, { stdin = input, capture = true })
+    end
+    local why = not res and (tostring(rerr) .. stderr_tail(r)) or nil
+    local probes_back = {}
+    for i, pr in ipairs(copies) do probes_back[i] = { entry = checked[copy_of[pr[2]]], path = pr[2] } end
+    for i, back in ipairs((holds_many(probes_back))) do
+      local pr = copies[i]
+      if back[1] then
+        report.restored[#report.restored + 1] = copy_of[pr[2]]
+      else
+        problem(("cannot put back %s from %s: %s"):format(pr[2], pr[1], why or ("it is " .. tostring(back[2]))))
       end
     end
   end
@@ -937,9 +1064,12 @@ function deploy.undo(record, opts)
 
   -- 5. Modes and owners as the record saw them before the deploy (rsync changes a mode or an
   -- owner alone without a backup).
+  local prior_rels = {}
+  for i, want in ipairs(prior) do prior_rels[i] = want.path end
+  local prior_st = stats_of(target, prior_rels)
   for _, want in ipairs(prior) do
     local path = join(target, want.path)
-    local cur = fs.stat(path)
+    local cur = prior_st[want.path]
     if cur and cur.type == want.type then
       local ok, err = put_back_attrs(path, want, cur)
       if not ok then
@@ -952,12 +1082,13 @@ function deploy.undo(record, opts)
 
   -- 6. The result, checked before the deploy counts as undone: every verified file holds its
   -- pre-deploy size and hash.
-  for rel, want in pairs(checked) do
-    if not lost[rel] then
-      local ok, why = holds(want, join(target, rel))
-      if not ok then
-        problem(("after the undo %s is %s, not what it was before the deploy"):format(join(target, rel), why))
-      end
+  local final = {}
+  for _, want in ipairs(wants) do
+    if not lost[want.path] then final[#final + 1] = { entry = want, path = join(target, want.path) } end
+  end
+  for i, r in ipairs((holds_many(final))) do
+    if not r[1] then
+      problem(("after the undo %s is %s, not what it was before the deploy"):format(final[i].path, r[2]))
     end
   end
 

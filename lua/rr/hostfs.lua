@@ -42,8 +42,23 @@ case $op in
 read) [ -d "$1" ] && fail EISDIR "$1: Is a directory"; exec cat -- "$1" ;;
 stat) f=; [ "$1" = -L ] && { f=-L; shift; }
       exec stat $f -c '%F|%a|%s|%u|%g|%.9Y|%i|%d|%h' -- "$1" ;;
-stats) f=; [ "$1" = -L ] && { f=-L; shift; }
-       for p in "$@"; do stat $f -c '%F|%a|%s|%u|%g|%.9Y|%i|%d|%h' -- "$p" 2>/dev/null || echo -; done ;;
+stats) f=; [ "$1" = -L ] && f=-L
+       # the paths on stdin, NUL-separated (a command line has room for a few thousand at most);
+       # xargs says 123 when stat failed for some of them: those are missing from the output
+       xargs -0 -r stat $f --printf '%n\0%F|%a|%s|%u|%g|%.9Y|%i|%d|%h\0' -- 2>/dev/null
+       s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+shas) xargs -0 -r sh -c '
+        for p do
+          shift
+          if [ -d "$p" ]; then printf "!EISDIR *%s\0" "$p"
+          elif [ ! -e "$p" ]; then printf "!ENOENT *%s\0" "$p"
+          elif [ ! -r "$p" ]; then printf "!EACCES *%s\0" "$p"
+          else set -- "$@" "$p"; fi
+        done
+        [ $# -eq 0 ] || exec sha256sum -z -b -- "$@"' rr-sha
+      s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+links) xargs -0 -r sh -c 'exec find -P "$@" -maxdepth 0 -printf "%p\0%y\0%l\0"' rr-links 2>/dev/null
+       s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 sha) [ -d "$1" ] && fail EISDIR "$1: Is a directory"; exec sha256sum -b -- "$1" ;;
 list) [ -e "$1" ] || fail ENOENT "$1: No such file or directory"
       [ -d "$1" ] || fail ENOTDIR "$1: Not a directory"
@@ -96,6 +111,49 @@ write|copy)
   mv -fT -- "$t" "$p" || exit 1
   trap - EXIT
   if [ "$sy" = 1 ]; then sync -- "$d" || exit 1; fi ;;
+removes)
+  # paths on stdin, in the order given (deepest first, when that matters): each as `remove`
+  # does it (rmdir a directory, rm anything else), then one record per path: "ok" or the
+  # failure, then the path
+  xargs -0 -r sh -c '
+    for p do
+      if [ -d "$p" ] && [ ! -L "$p" ]; then e=$(rmdir -- "$p" 2>&1)
+      elif [ -e "$p" ] || [ -L "$p" ]; then e=$(rm -f -- "$p" 2>&1)
+      else e="ENOENT: $p: No such file or directory"; false; fi
+      if [ $? -eq 0 ]; then printf "ok\0%s\0" "$p"; else printf "%s\0%s\0" "${e:-EIO: failed}" "$p"; fi
+    done' rr-removes
+  s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
+copies)
+  # ROOT, and SRC DST pairs on stdin: each as `copy` does it with sync (a temporary file beside
+  # DST, synced, renamed over it, its directory synced; nothing written through a symlink below
+  # ROOT); one record per pair as for removes
+  xargs -0 -r -n 2 sh -c '
+    set -f
+    root=$1 s=$2 p=$3
+    fail() { printf "%s: %s\0%s\0" "$1" "$2" "$p"; exit 0; }
+    if [ -n "$root" ]; then
+      r=${root%/}; rest=${p#"$r"/}
+      [ "$rest" = "$p" ] && fail EINVAL "$p is not below $r"
+      cur=$r; IFS=/
+      for c in $rest; do
+        cur=$cur/$c
+        [ -L "$cur" ] && fail ELOOP "$cur is a symbolic link: refusing to write through it"
+      done
+      unset IFS
+    fi
+    [ -L "$s" ] && fail ELOOP "$s is a symbolic link"
+    [ -d "$s" ] && fail EISDIR "$s: Is a directory"
+    [ -e "$s" ] || fail ENOENT "$s: No such file or directory"
+    [ -f "$s" ] || fail EINVAL "$s is not a regular file"
+    d=${p%/*}; [ -z "$d" ] && d=/; b=${p##*/}
+    [ -d "$d" ] || fail ENOENT "$d: No such file or directory"
+    t=$(mktemp -- "$d/.$b.XXXXXX" 2>&1) || fail EIO "$t"
+    if e=$(cp -p -- "$s" "$t" 2>&1 && sync -- "$t" 2>&1 && mv -fT -- "$t" "$p" 2>&1 && sync -- "$d" 2>&1); then
+      printf "ok\0%s\0" "$p"
+    else
+      rm -f -- "$t"; printf "%s\0%s\0" "${e:-EIO: failed}" "$p"
+    fi' rr-copies "$1"
+  s=$?; [ $s -eq 0 ] || [ $s -eq 123 ] ;;
 facts)
   printf 'home=%s\n' "$HOME"
   printf 'xdg_config_home=%s\n' "$XDG_CONFIG_HOME"
@@ -178,6 +236,44 @@ function hostfs.here()
       run = function(argv, opts) return proc.run(argv, opts) end,
       getenv = os.getenv,
       describe = function() return "this machine" end,
+      -- the batch calls of a remote handle, one call a path here (a local call is cheap)
+      stat_many = function(paths, follow)
+        local out = {}
+        for _, p in ipairs(paths) do out[p] = fs.stat(p, follow) or false end
+        return out
+      end,
+      sha256_many = function(paths)
+        local sums, codes = {}, {}
+        for _, p in ipairs(paths) do
+          local sum, _, code = fs.sha256(p)
+          sums[p] = sum or false
+          if not sum then codes[p] = code or "EIO" end
+        end
+        return sums, codes
+      end,
+      readlink_many = function(paths)
+        local out = {}
+        for _, p in ipairs(paths) do out[p] = fs.readlink(p) or false end
+        return out
+      end,
+      remove_many = function(paths)
+        local done, errs = {}, {}
+        for _, p in ipairs(paths) do
+          local ok, err, code = fs.remove(p)
+          done[p] = ok == true
+          if not ok then errs[p] = { code = code or "EIO", message = tostring(err) } end
+        end
+        return done, errs
+      end,
+      copy_many = function(pairs_, opts)
+        local done, errs = {}, {}
+        for _, pr in ipairs(pairs_) do
+          local ok, err, code = fs.copy_atomic(pr[1], pr[2], opts)
+          done[pr[2]] = ok == true
+          if not ok then errs[pr[2]] = { code = code or "EIO", message = tostring(err) } end
+        end
+        return done, errs
+      end,
     }, { __index = fs })
   end
   return here
@@ -270,23 +366,122 @@ function hostfs.remote(host, opts)
     return st
   end
 
-  -- h.stat_many(paths[, follow]) -> { [path] = st | false } in one command (a batch: a remote
-  -- call costs milliseconds).
+  -- The paths of a batch, checked, as the command's stdin: NUL-separated.
+  local function nul_list(paths)
+    if type(paths) ~= "table" then misuse("rr.hostfs: expected a list of paths") end
+    for _, p in ipairs(paths) do check_path(p) end
+    return table.concat(paths, "\0") .. "\0"
+  end
+
+  local BATCH = 256 * 1024 * 1024
+
+  -- h.stat_many(paths[, follow]) -> { [path] = st | false } in one command, however many paths
+  -- (a remote call costs milliseconds: a deploy of thousands of files must not make one each).
   function h.stat_many(paths, follow)
     local out = {}
+    local input = nul_list(paths)
     if #paths == 0 then return out end
-    local args = follow and { "-L" } or {}
-    for _, p in ipairs(paths) do check_path(p); args[#args + 1] = p end
-    local res, err, code = op("stats", args, { max_capture = 64 * 1024 * 1024 }, "stat")
+    local res, err, code = op("stats", { follow and "-L" or "" }, { stdin = input, max_capture = BATCH }, "stat")
     if not res then return nil, err, code end
-    local i = 0
-    for line in res.stdout:gmatch("[^\n]*\n") do
-      i = i + 1
-      if i > #paths then break end
-      line = line:sub(1, -2)
-      out[paths[i]] = line ~= "-" and parse_stat(line) or false
+    for name, line in res.stdout:gmatch("([^\0]*)\0([^\0]*)\0") do out[name] = parse_stat(line) or false end
+    for _, p in ipairs(paths) do
+      if out[p] == nil then out[p] = false end
     end
     return out
+  end
+
+  -- h.sha256_many(paths) -> { [path] = hex | false }, { [path] = CODE } in one command: for each
+  -- path that has no hash, the code h.sha256 gives (ENOENT, EISDIR, EACCES; EIO when the tool
+  -- failed on it).
+  function h.sha256_many(paths)
+    local sums, codes = {}, {}
+    local input = nul_list(paths)
+    if #paths == 0 then return sums, codes end
+    local res, err, code = op("shas", {}, { stdin = input, max_capture = BATCH }, "sha256")
+    if not res then return nil, err, code end
+    for rec in res.stdout:gmatch("([^\0]*)\0") do
+      local head = rec:match("^(%S+) %*")
+      if head then
+        local p = rec:sub(#head + 3)
+        if head:sub(1, 1) == "!" then
+          sums[p], codes[p] = false, head:sub(2)
+        else
+          sums[p] = head
+        end
+      end
+    end
+    for _, p in ipairs(paths) do
+      if sums[p] == nil then sums[p], codes[p] = false, "EIO" end
+    end
+    return sums, codes
+  end
+
+  -- h.readlink_many(paths) -> { [path] = target | false (missing, or not a symlink) } in one command.
+  function h.readlink_many(paths)
+    local out = {}
+    local input = nul_list(paths)
+    if #paths == 0 then return out end
+    local res, err, code = op("links", {}, { stdin = input, max_capture = BATCH }, "readlink")
+    if not res then return nil, err, code end
+    for name, kind, target in res.stdout:gmatch("([^\0]*)\0([^\0]*)\0([^\0]*)\0") do
+      out[name] = kind == "l" and target or false
+    end
+    for _, p in ipairs(paths) do
+      if out[p] == nil then out[p] = false end
+    end
+    return out
+  end
+
+  -- The records of removes/copies -> { [path] = true | false }, { [path] = { code =, message = } }
+  local function outcomes(stdout, paths)
+    local done, errs = {}, {}
+    for status, p in stdout:gmatch("([^\0]*)\0([^\0]*)\0") do
+      if status == "ok" then done[p] = true
+      else
+        done[p] = false
+        local mine = status:match("^(E%u+): ")
+        errs[p] = { code = mine or code_of(status),
+          message = ("%s on %s: %s"):format(p, host, (status:gsub("^E%u+: ", ""))) }
+      end
+    end
+    for _, p in ipairs(paths) do
+      if done[p] == nil then
+        done[p] = false
+        errs[p] = { code = "EIO", message = ("%s on %s: no answer for it"):format(p, host) }
+      end
+    end
+    return done, errs
+  end
+
+  -- h.remove_many(paths) -> { [path] = true | false }, { [path] = { code =, message = } }: each
+  -- path removed as h.remove does it (a directory only when empty: ENOTEMPTY), in the order
+  -- given, in one command. nil, err, CODE when the command itself failed (the host lost).
+  function h.remove_many(paths)
+    local input = nul_list(paths)
+    if #paths == 0 then return {}, {} end
+    local res, err, code = op("removes", {}, { stdin = input, max_capture = BATCH }, "remove")
+    if not res then return nil, err, code end
+    return outcomes(res.stdout, paths)
+  end
+
+  -- h.copy_many({ {src, dst}, ... }[, { under = root }]) -> { [dst] = true | false },
+  -- { [dst] = { code =, message = } }: each as h.copy_atomic(src, dst, opts) does it, in one command.
+  function h.copy_many(pairs_, o)
+    if type(pairs_) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+    local root = under_of(o)
+    local flat, dsts = {}, {}
+    for _, pr in ipairs(pairs_) do
+      if type(pr) ~= "table" then misuse("rr.hostfs.copy_many: expected a list of { src, dst }") end
+      check_path(pr[2], "dst")
+      check_under(root, pr[2])
+      flat[#flat + 1], flat[#flat + 2] = pr[1], pr[2]
+      dsts[#dsts + 1] = pr[2]
+    end
+    local input = nul_list(flat)
+    if #flat == 0 then return {}, {} end
+    local res, err, code = op("copies", { root }, { stdin = input, max_capture = BATCH }, "copy")
+    if not res then return nil, err, code end
+    return outcomes(res.stdout, dsts)
   end
 
   function h.exists(path, follow)

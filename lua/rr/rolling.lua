@@ -645,7 +645,9 @@ function rolling.run(opts)
       groups = groups or {}
       groups[name] = { members = #g.members, budget = g.max_unavailable_count }
     end
-    view:begin({ order = order_names, parallel = parallel, groups = groups,
+    local host_of = {}
+    for _, n in ipairs(order_names) do host_of[n] = prep.platform.by_name[n].host end
+    view:begin({ order = order_names, parallel = parallel, groups = groups, hosts = host_of,
       history = require("rr.ui").history(events_file or nil) })
   end
   local stop_ticker = view and view:start_ticker() or function() end

@@ -229,36 +229,59 @@ local function name_part(run)
   return s == "" and "run" or s
 end
 
--- Copies one definition file into the snapshot dir (below state_root) -> manifest entry | nil, err.
-local function store_file(state_root, tmp, index, f)
-  local entry = { path = f.path, role = f.role, optional = f.optional == true }
-  local source, st, code = resolve(f.path)
-  if not source then
-    if code == "ENOENT" and f.optional then
-      entry.absent = true
-      return entry
+-- Copies the definition files into the snapshot dir (below state_root) -> manifest entries | nil,
+-- err. In batches (on a remote host each call is a command there): their stats, the copies, the
+-- hashes and sizes of the copies; a symlink or a missing file is resolved on its own.
+local function store_files(state_root, tmp, list)
+  local paths = {}
+  for i, f in ipairs(list) do paths[i] = f.path end
+  local lst = fs.stat_many(paths) or {}
+  local entries, copies, pending = {}, {}, {}
+  for i, f in ipairs(list) do
+    local entry = { path = f.path, role = f.role, optional = f.optional == true }
+    local source, st, code
+    if lst[f.path] and lst[f.path].type ~= "link" then
+      source, st = f.path, lst[f.path]
+    else
+      source, st, code = resolve(f.path)
     end
-    return nil, ("cannot snapshot %s: %s"):format(f.path, tostring(st))
+    if not source then
+      if not (code == "ENOENT" and f.optional) then
+        return nil, ("cannot snapshot %s: %s"):format(f.path, tostring(st))
+      end
+      entry.absent = true
+    elseif st.type ~= "file" then
+      return nil, ("cannot snapshot %s: not a regular file"):format(f.path)
+    else
+      if source ~= f.path then entry.link = source end
+      entry.stored = ("%02d.%s"):format(i, f.role)
+      entry.mode, entry.uid, entry.gid = perm(st.mode), st.uid, st.gid
+      copies[#copies + 1] = { source, tmp .. "/" .. entry.stored }
+      pending[#pending + 1] = entry
+    end
+    entries[i] = entry
   end
-  if st.type ~= "file" then
-    return nil, ("cannot snapshot %s: not a regular file"):format(f.path)
+  local copied, cerrs = fs.copy_many(copies, state.under(state_root))
+  if not copied then return nil, ("cannot copy the definition into the snapshot: %s"):format(tostring(cerrs)) end
+  local stored = {}
+  for k, pr in ipairs(copies) do
+    if not copied[pr[2]] then
+      return nil, ("cannot copy %s into the snapshot: %s"):format(pending[k].path, cerrs[pr[2]].message)
+    end
+    stored[k] = pr[2]
   end
-  if source ~= f.path then entry.link = source end
-  entry.stored = ("%02d.%s"):format(index, f.role)
-  local stored_path = tmp .. "/" .. entry.stored
-  local ok, err = fs.copy_atomic(source, stored_path, state.under(state_root))
-  if not ok then
-    return nil, ("cannot copy %s into the snapshot: %s"):format(f.path, tostring(err))
+  -- The hash and size of each copy: the bytes restore will write.
+  local sums, serr = fs.sha256_many(stored)
+  local sts = fs.stat_many(stored) or {}
+  for k, entry in ipairs(pending) do
+    local sum, copy = sums and sums[stored[k]], sts[stored[k]]
+    if not sum or not copy then
+      return nil, ("cannot read back the copy of %s: %s"):format(entry.path,
+        tostring(sums and serr[stored[k]] or serr or "missing"))
+    end
+    entry.sha256, entry.size = sum, copy.size
   end
-  -- The hash and size of the copy: the bytes restore will write.
-  local sum, serr = fs.sha256(stored_path)
-  local copy = fs.stat(stored_path)
-  if not sum or not copy then
-    return nil, ("cannot read back the copy of %s: %s"):format(f.path, tostring(serr))
-  end
-  entry.sha256, entry.size = sum, copy.size
-  entry.mode, entry.uid, entry.gid = perm(st.mode), st.uid, st.gid
-  return entry
+  return entries
 end
 
 -- snapshot.capture(state_root, service, files, meta) -> snap | nil, err. Stores a candidate
@@ -294,15 +317,15 @@ function snapshot.capture(state_root, service, files, meta)
     return nil, msg
   end
 
-  local entries, seen = {}, {}
+  local list, seen = {}, {}
   for _, f in ipairs(files) do
     if not seen[f.path] then
       seen[f.path] = true
-      local entry, serr = store_file(state_root, tmp, #entries + 1, f)
-      if not entry then return fail(serr) end
-      entries[#entries + 1] = entry
+      list[#list + 1] = f
     end
   end
+  local entries, serr = store_files(state_root, tmp, list)
+  if not entries then return fail(serr) end
 
   local snap = {
     version = VERSION,
@@ -335,9 +358,15 @@ end
 
 -- Checks that every stored copy is there with the bytes its manifest names.
 local function verify(snap)
+  local paths = {}
+  for _, e in ipairs(snap.files) do
+    if not e.absent then paths[#paths + 1] = snap.dir .. "/" .. e.stored end
+  end
+  -- one batch call (on a remote host, one command there)
+  local sums = fs.sha256_many(paths) or {}
   for _, e in ipairs(snap.files) do
     if not e.absent then
-      local sum = fs.sha256(snap.dir .. "/" .. e.stored)
+      local sum = sums[snap.dir .. "/" .. e.stored]
       if sum ~= e.sha256 then
         return nil, ("the snapshot %s is damaged: %s does not match its hash"):format(snap.dir, e.stored)
       end
@@ -378,8 +407,12 @@ function snapshot.known_good(state_root, service)
 end
 
 -- Does the file on disk differ from the stored entry? -> nil (same) | "content"|"mode"|"owner"
-local function difference(entry, st, path)
-  if st.size ~= entry.size or fs.sha256(path) ~= entry.sha256 then return "content" end
+-- sums: { [path] = sha256 } read beforehand, if any.
+local function difference(entry, st, path, sums)
+  if st.size ~= entry.size then return "content" end
+  local sum = sums and sums[path]
+  if sum == nil then sum = fs.sha256(path) end
+  if sum ~= entry.sha256 then return "content" end
   if perm(st.mode) ~= entry.mode then return "mode" end
   if st.uid ~= entry.uid or st.gid ~= entry.gid then return "owner" end
   return nil
@@ -489,9 +522,23 @@ function snapshot.diff(snap, current_files, opts)
     end
     changes[#changes + 1] = c
   end
+  -- In batches (on a remote host each call is a command there): the stats, then the hashes of
+  -- the files that have their recorded size; a symlink or a missing file resolved on its own.
+  local paths = {}
+  for i, e in ipairs(snap.files) do paths[i] = e.path end
+  local lst = fs.stat_many(paths) or {}
+  local found, hash = {}, {}
+  for _, e in ipairs(snap.files) do
+    local l = lst[e.path]
+    local path, st
+    if l and l.type ~= "link" then path, st = e.path, l else path, st = resolve(e.path) end
+    found[e.path] = { path, st }
+    if path and not e.absent and st.type == "file" and st.size == e.size then hash[#hash + 1] = path end
+  end
+  local sums = fs.sha256_many(hash) or {}
   for _, e in ipairs(snap.files) do
     known[e.path] = true
-    local path, st = resolve(e.path)
+    local path, st = found[e.path][1], found[e.path][2]
     if e.absent then
       if path then
         add({ path = e.path, role = e.role, change = "added", detail = "absent in the snapshot" })
@@ -501,16 +548,21 @@ function snapshot.diff(snap, current_files, opts)
     elseif st.type ~= "file" then
       add({ path = e.path, role = e.role, change = "modified", detail = "not a regular file" })
     else
-      local what = difference(e, st, path)
+      local what = difference(e, st, path, sums)
       if what then
         add({ path = e.path, role = e.role, change = "modified", detail = what })
       end
     end
   end
+  local others = {}
+  for _, f in ipairs(current_files) do
+    if not known[f.path] then others[#others + 1] = f.path end
+  end
+  local there = fs.stat_many(others) or {}
   for _, f in ipairs(current_files) do
     if not known[f.path] then
       known[f.path] = true
-      if fs.stat(f.path) then
+      if there[f.path] then
         add({ path = f.path, role = f.role, change = "added" })
       end
     end

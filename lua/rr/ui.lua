@@ -91,12 +91,37 @@ function ui:eta()
   return left / 1000 / width
 end
 
+-- A platform on several hosts: each line about a service starts with its host, in a column
+-- (services of this machine say "local"), and the counts go per host. Without any remote
+-- service, the lines are as they always were.
+ui.LOCAL = "local"
+
+-- The host column of a service ("" on a one-machine platform, or a line about no service).
+function ui:host_column(name)
+  local p = self.progress
+  if not p or not p.hosts or not name then return "" end
+  return ("%-" .. p.host_width .. "s  "):format(p.hosts[name] or ui.LOCAL)
+end
+
+-- "h1 1/3, h2 0/1, local 1/1": the services done per host against each host's total.
+function ui:host_counts()
+  local p = self.progress
+  if not p or not p.hosts then return nil end
+  local parts = {}
+  for _, host in ipairs(p.host_list) do
+    parts[#parts + 1] = ("%s %d/%d"):format(host, p.host_done[host] or 0, p.host_total[host])
+  end
+  return table.concat(parts, ", ")
+end
+
 function ui:progress_text()
   local p = self.progress
   if not p then return "" end
   local text = ("[%d/%d] %s"):format(p.done, p.total, fmt_duration(rr.now() - p.t0))
   local eta = self:eta()
   if eta then text = text .. (", ~%s left"):format(fmt_duration(eta)) end
+  local hosts = self:host_counts()
+  if hosts then text = text .. " · " .. hosts end
   return text
 end
 
@@ -105,8 +130,11 @@ function ui:draw_live()
   if not self.live or self.ended then return end
   local parts = {}
   local now = rr.now()
+  local hosts = self.progress and self.progress.hosts
   for name, s in pairs(self.inflight) do
-    parts[#parts + 1] = ("%s: %s %.1fs"):format(name, s.step, now - s.since)
+    -- by host first: an operator finds a host's services side by side
+    local where = hosts and ((hosts[name] or s.host or ui.LOCAL) .. " ") or ""
+    parts[#parts + 1] = ("%s%s: %s %.1fs"):format(where, name, s.step, now - s.since)
   end
   table.sort(parts)
   -- replica groups: how many members are down now against the group's size
@@ -154,19 +182,41 @@ function ui.history(path)
 end
 
 -- ui:begin{ order = {names}, parallel = n, history = {service = ms} }: what the progress counts.
+-- hosts = { [service] = host } (nil for this machine): with any remote service, the lines say
+-- the host of each and the counts go per host.
 function ui:begin(info)
   local order = info.order or {}
   self.progress = { order = order, total = #order, done = 0, finished = {}, took = {},
     parallel = info.parallel, history = info.history or {}, t0 = rr.now(), groups = info.groups }
+  local remote = false
+  for _, name in ipairs(order) do
+    if info.hosts and info.hosts[name] then remote = true end
+  end
+  if remote then
+    local p = self.progress
+    p.hosts, p.host_total, p.host_done, p.host_list, p.host_width = {}, {}, {}, {}, 0
+    for _, name in ipairs(order) do
+      local host = info.hosts[name] or ui.LOCAL
+      p.hosts[name] = host
+      if not p.host_total[host] then
+        p.host_list[#p.host_list + 1] = host
+        p.host_total[host] = 0
+      end
+      p.host_total[host] = p.host_total[host] + 1
+      p.host_width = math.max(p.host_width, utf8.len(host) or #host)
+    end
+  end
 end
 
-function ui:line(text)
+-- line(text[, service]): a line about service starts with its host's column (several hosts).
+function ui:line(text, service)
   if self.quiet then return end
   self:clear_live()
+  local where = self:host_column(service)
   if self.live then
-    self.out:write(text, "\n")
+    self.out:write(where, text, "\n")
   else
-    self.out:write(clock(), "  ", text, "\n")
+    self.out:write(clock(), "  ", where, text, "\n")
   end
   self.out:flush()
   self:draw_live()
@@ -176,13 +226,17 @@ end
 function ui:step(svc, step)
   local s = self.inflight[svc.name]
   if not s then
-    s = { since = rr.now(), group = svc.group }
+    s = { since = rr.now(), group = svc.group, host = svc.host }
     self.inflight[svc.name] = s
   end
   s.step = step
   if not self.live and not self.quiet then
-    -- a service on another host is named with it (NAME@HOST)
-    self:line(("%-24s %s"):format(svc.host and (svc.name .. "@" .. svc.host) or svc.name, step))
+    if self.progress and self.progress.hosts then
+      self:line(("%-24s %s"):format(svc.name, step), svc.name)
+    else
+      -- without a plan's hosts (a view used alone), a remote service is named NAME@HOST
+      self:line(("%-24s %s"):format(svc.host and (svc.name .. "@" .. svc.host) or svc.name, step))
+    end
   else
     self:draw_live()
   end
@@ -321,6 +375,10 @@ function ui:event(ev)
     if p and not p.finished[ev.service] then
       p.finished[ev.service] = true
       p.done = p.done + 1
+      if p.hosts and p.hosts[ev.service] then
+        local host = p.hosts[ev.service]
+        p.host_done[host] = (p.host_done[host] or 0) + 1
+      end
       if ev.event == "SERVICE_RESTART_SUCCESS" then p.took[ev.service] = ev.duration_ms end
     end
   end
@@ -328,9 +386,15 @@ function ui:event(ev)
   if show then
     local text = show(ev)
     if ended and p and p.total > 0 and ev.event ~= "SERVICE_SKIPPED" then
-      text = ("%s  [%d/%d]"):format(text, p.done, p.total)
+      local host = p.hosts and p.hosts[ev.service]
+      if host then
+        -- the run's count, then this host's
+        text = ("%s  [%d/%d, %s %d/%d]"):format(text, p.done, p.total, host, p.host_done[host], p.host_total[host])
+      else
+        text = ("%s  [%d/%d]"):format(text, p.done, p.total)
+      end
     end
-    self:line(text)
+    self:line(text, ev.service)
   end
 end
 
