@@ -267,12 +267,26 @@ static void stream_eof(RrStream *st) {
         st->line = NULL;
 }
 
-/* Read up to max_reads chunks; true when the pipe has nothing more right now (or is done). */
+/* Read up to max_reads chunks; true when the pipe has nothing more right now (or is done). With
+ * on_line, and unless draining, a read takes no more bytes than there is room for callbacks
+ * below CALLS_HIGH: each line needs a byte, so one read never queues more than that (a 64 KiB
+ * chunk of short lines queued ten thousand tasks at once). */
 static bool stream_read(RrStream *st, int max_reads) {
         char buf[READ_CHUNK];
+        RrOutput *o = st->output;
 
         for (int i = 0; i < max_reads && !st->eof; i++) {
-                ssize_t n = read(st->fd, buf, sizeof buf);
+                size_t want = sizeof buf;
+                ssize_t n;
+
+                if (o->on_line && !o->draining) {
+                        size_t room = o->pending < CALLS_HIGH ? CALLS_HIGH - o->pending : 0;
+                        if (room == 0)
+                                return false;
+                        if (room < want)
+                                want = room;
+                }
+                n = read(st->fd, buf, want);
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
@@ -285,9 +299,9 @@ static bool stream_read(RrStream *st, int max_reads) {
                         stream_eof(st);
                         return true;
                 }
-                if (st->output->capture)
+                if (o->capture)
                         stream_capture(st, buf, (size_t) n);
-                if (st->output->on_line)
+                if (o->on_line)
                         stream_lines(st, buf, (size_t) n);
         }
         return st->eof;
