@@ -30,6 +30,7 @@ local deploy = require("rr.deploy")
 local state = require("rr.state")
 local flow = require("rr.flow")
 local canary = require("rr.canary")
+local soak = require("rr.soak")
 local fs = require("rr.fs")
 
 local bluegreen = {}
@@ -212,85 +213,16 @@ end
 -- and restart count, its probe healthy, and the analysis (called about every quarter of the
 -- soak, at most every 5 s, and once more at its end) must return true.
 function bluegreen.soak(args)
-  local secs = args.seconds
-  local deadline = rr.now() + secs
-  local interval = math.max(0.05, math.min(5, secs / 4))
   local new = args.new
-  local base, berr = new.unit:properties()
-  if not base or base.ActiveState ~= "active" then
-    return nil, ("%s is %s at the start of the soak"):format(new.svc.unit,
-      base and base.ActiveState or ("unreadable: " .. tostring(berr)))
-  end
-  local watchers = {}
-  watchers[1] = function()
-    local p, err, code = new.unit:wait_change({ "ActiveState", "MainPID", "NRestarts" },
-      math.max(deadline - rr.now(), 0.001), base)
-    if not p then
-      if code == "ETIMEDOUT" then return "pass" end
-      return ("cannot watch %s: %s"):format(new.svc.unit, tostring(err))
-    end
-    if p.ActiveState ~= "active" then
-      return ("%s left active (%s)"):format(new.svc.unit, tostring(p.ActiveState))
-    elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
-      return ("%s was restarted by systemd (NRestarts %d -> %d)"):format(new.svc.unit, base.NRestarts or 0, p.NRestarts)
-    elseif p.MainPID == 0 then
-      return ("%s: its main process exited (MainPID %s -> 0)"):format(new.svc.unit, tostring(base.MainPID))
-    end
-    return ("%s changed its main process (MainPID %s -> %s)"):format(new.svc.unit, tostring(base.MainPID),
-      tostring(p.MainPID))
-  end
-  local hc = new.svc.health
-  if hc and hc.kind == "http" then
-    watchers[#watchers + 1] = function()
-      while rr.now() < deadline do
-        rr.sleep(math.min(interval, math.max(deadline - rr.now(), 0)))
-        if rr.now() >= deadline then return "pass" end
-        local kind, detail = health.probe(hc, math.min(math.max(hc.interval, 1), 5))
-        if kind ~= "healthy" then return ("%s: probe failed during the soak: %s"):format(new.svc.unit, detail) end
-      end
-      return "pass"
-    end
-  end
-  local final_look
+  local s = soak.new(args.seconds)
+  local ok, why = s:unit(new.unit, new.svc.unit)
+  if not ok then return nil, why end
+  s:probe(new.svc.health, new.svc.unit)
   if args.analysis then
-    local info = { service = args.svc.name, soak = secs, live = describe(new.svc), previous = describe(args.old.svc) }
-    local t0 = rr.now()
-    local function analyze()
-      info.elapsed = rr.now() - t0
-      -- bounded: an analysis stuck in a loop or on a hung metrics endpoint is a failure
-      local task = rr.spawn(args.analysis, info):deadline(math.max(interval * 2, 10))
-      local ok, verdict, why = rr.join(task)
-      if not ok then return ("analysis error: %s"):format(tostring(verdict)) end
-      if verdict ~= true then
-        return ("analysis: %s"):format(why and tostring(why) or ("returned " .. tostring(verdict)))
-      end
-    end
-    watchers[#watchers + 1] = function()
-      while rr.now() < deadline do
-        rr.sleep(math.min(interval, math.max(deadline - rr.now(), 0)))
-        if rr.now() >= deadline then break end
-        local failure = analyze()
-        if failure then return failure end
-      end
-      return "pass"
-    end
-    final_look = analyze
+    s:analysis(args.analysis, { service = args.svc.name, soak = args.seconds, live = describe(new.svc),
+      previous = describe(args.old.svc) })
   end
-  -- every watcher ends by the deadline: the first failure wins; the soak passes when the
-  -- deadline came with none (and the analysis' last look agrees)
-  while true do
-    local i, result = rr.race(watchers)
-    if i == nil then return nil, "cannot watch the soak: " .. tostring(result) end
-    if result ~= "pass" then return nil, result end
-    table.remove(watchers, i)
-    if #watchers == 0 or rr.now() >= deadline then
-      if final_look then
-        local failure = final_look()
-        if failure then return nil, failure end
-      end
-      return true
-    end
-  end
+  return s:run("the soak")
 end
 
 -- ---- a release ----

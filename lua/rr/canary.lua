@@ -8,12 +8,12 @@
 local rr = require("rr")
 local fs = require("rr.fs")
 local cjson = require("cjson")
-local health = require("rr.health")
 local chunk = require("rr.chunk")
 local hooks = require("rr.hooks")
 local state = require("rr.state")
 local snapshot = require("rr.snapshot")
 local flow = require("rr.flow")
+local soak = require("rr.soak")
 
 local canary = {}
 
@@ -47,97 +47,24 @@ end
 
 -- canary.soak{ group =, canaries = {svc}, others = {svc}, manager =, analysis = fn|nil,
 --   emit = fn(name, fields) } -> true | nil, reason
+-- Every canary's unit and probe are watched (rr.soak), and the analysis sees the group.
 function canary.soak(args)
   local g = args.group
-  local soak = g.canary.soak or 0
-  local deadline = rr.now() + soak
-  local interval = math.max(0.05, math.min(5, soak / 4))
-  local watchers = {}
-  local final_look
+  local s = soak.new(g.canary.soak or 0)
   for _, svc in ipairs(args.canaries) do
     local unit, uerr = args.manager:unit(svc.unit)
     if not unit then return nil, ("cannot watch canary %s: %s"):format(svc.name, tostring(uerr)) end
-    local base, berr = unit:properties()
-    if not base then return nil, ("cannot read canary %s: %s"):format(svc.name, tostring(berr)) end
-    if base.ActiveState ~= "active" then
-      return nil, ("canary %s is %s at the start of the soak"):format(svc.name, tostring(base.ActiveState))
-    end
-    -- its unit: compared with base, so nothing between the read and the wait is missed
-    watchers[#watchers + 1] = function()
-      local p, err, code = unit:wait_change({ "ActiveState", "MainPID", "NRestarts" },
-        math.max(deadline - rr.now(), 0.001), base)
-      if not p then
-        if code == "ETIMEDOUT" then return "pass" end
-        return ("cannot watch canary %s: %s"):format(svc.name, tostring(err))
-      end
-      if p.ActiveState ~= "active" then
-        return ("canary %s left active (%s)"):format(svc.name, tostring(p.ActiveState))
-      elseif (p.NRestarts or 0) > (base.NRestarts or 0) then
-        return ("canary %s was restarted by systemd (NRestarts %d -> %d)"):format(svc.name, base.NRestarts or 0,
-          p.NRestarts)
-      end
-      if p.MainPID == 0 then
-        return ("canary %s: its main process exited (MainPID %s -> 0)"):format(svc.name, tostring(base.MainPID))
-      end
-      return ("canary %s changed its main process (MainPID %s -> %s)"):format(svc.name, tostring(base.MainPID),
-        tostring(p.MainPID))
-    end
-    -- its health, while it serves
-    if svc.health and svc.health.kind == "http" then
-      watchers[#watchers + 1] = function()
-        while rr.now() < deadline do
-          rr.sleep(math.min(interval, math.max(deadline - rr.now(), 0)))
-          if rr.now() >= deadline then return "pass" end
-          local kind, detail = health.probe(svc.health, math.min(math.max(svc.health.interval, 1), 5))
-          if kind ~= "healthy" then
-            return ("canary %s: probe failed during the soak: %s"):format(svc.name, detail)
-          end
-        end
-        return "pass"
-      end
-    end
+    local ok, why = s:unit(unit, "canary " .. svc.name)
+    if not ok then return nil, why end
+    s:probe(svc.health, "canary " .. svc.name)
   end
   if args.analysis then
-    local info = { group = g.name, soak = soak, canaries = {}, others = {} }
+    local info = { group = g.name, soak = s.seconds, canaries = {}, others = {} }
     for _, svc in ipairs(args.canaries) do info.canaries[#info.canaries + 1] = describe(svc) end
     for _, svc in ipairs(args.others) do info.others[#info.others + 1] = describe(svc) end
-    local t0 = rr.now()
-    local function analyze()
-      info.elapsed = rr.now() - t0
-      -- a bounded task: an analysis stuck in a loop (or a hung metrics endpoint) is a failure
-      local task = rr.spawn(args.analysis, info):deadline(math.max(interval * 2, 10))
-      local ok, verdict, why = rr.join(task)
-      if not ok then return ("analysis error: %s"):format(tostring(verdict)) end
-      if verdict ~= true then
-        return ("analysis: %s"):format(why and tostring(why) or ("returned " .. tostring(verdict)))
-      end
-    end
-    watchers[#watchers + 1] = function()
-      while rr.now() < deadline do
-        rr.sleep(math.min(interval, math.max(deadline - rr.now(), 0)))
-        if rr.now() >= deadline then break end
-        local failure = analyze()
-        if failure then return failure end
-      end
-      return "pass"
-    end
-    final_look = analyze
+    s:analysis(args.analysis, info)
   end
-  -- every watcher ends by the deadline at the latest: the first failure wins, and the soak
-  -- passes only when the deadline came with none
-  while true do
-    local i, result = rr.race(watchers)
-    if i == nil then return nil, "cannot watch the canaries: " .. tostring(result) end
-    if result ~= "pass" then return nil, result end
-    table.remove(watchers, i)
-    if #watchers == 0 or rr.now() >= deadline then
-      if final_look then
-        local failure = final_look()
-        if failure then return nil, failure end
-      end
-      return true
-    end
-  end
+  return s:run("the canaries")
 end
 
 -- The name of a snapshot directory (what the held record and the run keep per canary).
