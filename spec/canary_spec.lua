@@ -124,25 +124,7 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
 
   -- wrk through HAProxy on /app for as long as the roll takes. Returns load.stop() -> counts.
   local function load_on()
-    local function served()
-      local total = 0
-      for _, s in pairs(hx.server_counts(hp)) do total = total + s.total end
-      return total
-    end
-    local before = served()
-    local w = assert(proc.spawn({ "wrk", "-t1", "-c8", "-d120s", "--timeout", "5s",
-      ("http://127.0.0.1:%d/app"):format(h.port) }, { timeout = 150 }))
-    assert(eventually(function() return served() > before + 10 end), "wrk's requests never reached the servers")
-    local load = {}
-    function load.stop()
-      assert(w:kill("INT"))
-      local res, err, r = w:wait()
-      res = res or r
-      assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
-        res and res.stderr or ""))
-      return hx.parse_wrk(res.stdout)
-    end
-    return load
+    return hx.load(hp, ("http://127.0.0.1:%d/app"):format(h.port))
   end
 
   -- HAProxy's admin state of every member every ~20 ms until w.stop():

@@ -52,27 +52,9 @@ local function output(res)
   return ("exit %s\nstdout:\n%s\nstderr:\n%s"):format(tostring(res.exit_code), res.stdout or "", res.stderr or "")
 end
 
--- wrk through HAProxy for as long as the roll takes. Returns load:stop() -> the report's counts.
+-- wrk through HAProxy for as long as the roll takes. Returns load.stop() -> the report's counts.
 local function load_on(h, hp)
-  local function served()
-    local n = 0
-    for _, s in pairs(assert(hp:stats())) do n = n + s.total end
-    return n
-  end
-  local before = served()
-  local p = assert(proc.spawn({ "wrk", "-t1", "-c8", "-d120s", "--timeout", "5s",
-    ("http://127.0.0.1:%d/health"):format(h.port) }, { timeout = 150 }))
-  assert(eventually(function() return served() > before + 10 end), "wrk's requests never reached the servers")
-  local load = {}
-  function load.stop()
-    assert(p:kill("INT"))
-    local res, err, _, r = p:wait()
-    res = res or r
-    assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
-      res and res.stderr or ""))
-    return hx.parse_wrk(res.stdout)
-  end
-  return load
+  return hx.load(hp, ("http://127.0.0.1:%d/health"):format(h.port))
 end
 
 -- Samples the group every ~20 ms until w:stop(). hp nil: units and health only.

@@ -197,25 +197,7 @@ end
 -- wrk through HAProxy for as long as it takes (stopped by load.stop() -> wrk's counts), started
 -- only once its requests reach a server (HAProxy's own counters say so).
 function bgp:load(path)
-  local function served()
-    local total = 0
-    for _, s in pairs(hx.server_counts(self.hp)) do total = total + s.total end
-    return total
-  end
-  local before = served()
-  local w = assert(require("rr.proc").spawn({ "wrk", "-t1", "-c8", "-d120s", "--timeout", "5s",
-    ("http://127.0.0.1:%d%s"):format(self.h.port, path or "/app") }, { timeout = 150 }))
-  assert(helpers.eventually(function() return served() > before + 10 end), "wrk's requests never reached the servers")
-  local load = {}
-  function load.stop()
-    assert(w:kill("INT"))
-    local res, err, _, r = w:wait()
-    res = res or r
-    assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
-      res and res.stderr or ""))
-    return hx.parse_wrk(res.stdout)
-  end
-  return load
+  return hx.load(self.hp, ("http://127.0.0.1:%d%s"):format(self.h.port, path or "/app"))
 end
 
 -- HAProxy's admin state of a colour's server every ~20 ms until w.stop(): w.seen[admin] = true

@@ -183,6 +183,30 @@ function hx.wrk(url, duration, connections)
   return load
 end
 
+-- wrk through HAProxy (url) for as long as the test takes: started only once its requests reach
+-- a server (HAProxy's own counters say so); load.stop() -> wrk's counts (as hx.parse_wrk).
+function hx.load(hp, url)
+  local function served()
+    local total = 0
+    for _, s in pairs(hx.server_counts(hp)) do total = total + s.total end
+    return total
+  end
+  local before = served()
+  local p = assert(proc.spawn({ "wrk", "-t1", "-c8", "-d120s", "--timeout", "5s", url }, { timeout = 150 }))
+  assert(require("spec.support.helpers").eventually(function() return served() > before + 10 end),
+    "wrk's requests never reached the servers")
+  local load = {}
+  function load.stop()
+    assert(p:kill("INT"))
+    local res, err, _, r = p:wait()
+    res = res or r
+    assert(res and res.exit_code == 0, ("wrk failed: %s %s %s"):format(tostring(err), res and res.stdout or "",
+      res and res.stderr or ""))
+    return hx.parse_wrk(res.stdout)
+  end
+  return load
+end
+
 -- The answers each server of hp's backend gave so far, from one `show stat` (HAProxy's own
 -- counters: what the clients got from that server): name -> { total =, ["2xx"] =, ["5xx"] = }.
 function hx.server_counts(hp)
