@@ -66,7 +66,7 @@ deps:
 check: all
 	$(Q)spec/support/run-specs ./rrengine $(SPEC)
 
-check-asan: rrengine-asan build/fixture
+check-asan: all rrengine-asan
 	$(Q)ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=99 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  spec/support/run-specs ./rrengine-asan $(SPEC)
 
