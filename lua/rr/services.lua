@@ -1246,15 +1246,6 @@ function services.remote_services(platform)
   return out
 end
 
--- Why a plan that acts on this machine's units, snapshots and locks (a rolling restart)
--- cannot take this platform: a message naming the first remote service, or nil.
-function services.remote_refusal(platform)
-  local svc = services.remote_services(platform)[1]
-  if not svc then return nil end
-  return ("service %s is on host %s: rolling restarts on remote hosts are not supported yet; plans/status.lua "
-    .. "and the REPL reach it"):format(svc.name, svc.host)
-end
-
 -- The globals a services file may use: enough to build tables in loops and
 -- format strings, nothing that reads the outside world (os, io, require) or
 -- varies between runs (math.random), so that loading is deterministic. This is

@@ -899,8 +899,6 @@ describe("rr.services", function()
         local remote = services.remote_services(platform)
         assert.equal(3, #remote)
         assert.equal("db", remote[1].name)
-        assert.equal("service db is on host deploy@db1: rolling restarts on remote hosts are not supported yet; "
-          .. "plans/status.lua and the REPL reach it", services.remote_refusal(platform))
       end)
 
       it("takes one unit name once per host", function()
@@ -912,11 +910,10 @@ describe("rr.services", function()
           { name = "a1", unit = "a.service" }, { name = "a2", unit = "a.service" } } }))
       end)
 
-      it("leaves a platform without hosts on this machine, and rolling restarts allowed", function()
+      it("leaves a platform without hosts on this machine", function()
         local platform = assert(services.validate(one(), "services.lua"))
         assert.is_nil(platform.by_name["sso.api"].host)
         assert.same({}, services.remote_services(platform))
-        assert.is_nil(services.remote_refusal(platform))
       end)
 
       it("refuses what is not an ssh destination, one line naming the service and the field", function()
