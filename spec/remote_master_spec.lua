@@ -54,6 +54,26 @@ describe("rr.remote's shared connection", function()
     assert.are_not.equal(client_port(), client_port())
   end)
 
+  it("keeps its socket path short when $XDG_RUNTIME_DIR is long (a unix socket path has 107 bytes)", function()
+    local long = hs.base .. "/" .. ("r"):rep(90)
+    assert(fs.mkdir_p(long, "0700"))
+    local script = hs.base .. "/short.lua"
+    assert(fs.write_atomic(script, ([[
+      local remote = require("rr.remote")
+      local lock = assert(remote.lock("h1", { ssh_config = %q, user = true }))
+      print(lock:control_path())
+      assert(lock:unlock())
+    ]]):format(cfg)))
+    local engine = os.getenv("RR_ENGINE") or arg[-1]
+    local env = {}
+    for _, k in ipairs({ "PATH", "HOME", "USER" }) do env[k] = os.getenv(k) end
+    env.XDG_RUNTIME_DIR = long
+    local res = assert(proc.run({ engine, script }, { env = env, capture = true, timeout = 30 }))
+    local path = res.stdout:match("^(%S+)")
+    assert.is_truthy(path, res.stdout .. res.stderr)
+    assert.matches("^/tmp/rrengine%-ssh%.", path)
+  end)
+
   it("goes with the engine: a killed engine leaves no session on the host", function()
     local script = hs.base .. "/hold.lua"
     assert(fs.write_atomic(script, ([[

@@ -357,15 +357,21 @@ function remote.lock(host, opts)
   local control
   if not control_dir then
     local base = os.getenv("XDG_RUNTIME_DIR")
-    if not base or base:sub(1, 1) ~= "/" then base = "/tmp" end
+    -- the socket's whole path must stay short (see below)
+    if not base or base:sub(1, 1) ~= "/" or #base > 50 then base = "/tmp" end
     control_dir = fs.mkdtemp(base .. "/rrengine-ssh.")
   end
   local extra = { "-o", "ControlMaster=no", "-o", "ControlPath=none" }
   if control_dir and not shared[host] then
     control_seq = control_seq + 1
-    -- short: a unix socket path has at most 107 bytes
     control = ("%s/%d"):format(control_dir, control_seq)
-    extra = { "-o", "ControlMaster=yes", "-o", "ControlPath=" .. control, "-o", "ControlPersist=no" }
+    -- a unix socket path has at most 107 bytes (ssh adds a suffix while it binds): a longer one
+    -- would make ssh refuse the whole connection, so the lock goes without sharing it
+    if #control > 80 then
+      control = nil
+    else
+      extra = { "-o", "ControlMaster=yes", "-o", "ControlPath=" .. control, "-o", "ControlPersist=no" }
+    end
   end
   local cmd = ssh_prefix(host, opts, extra)
   cmd[#cmd + 1] = remote.command_line({ "sh", "-c", HOLDER, "rr-lock", opts.path or "", holder,
