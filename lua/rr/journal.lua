@@ -24,6 +24,7 @@
 -- a journal on a host written by an engine elsewhere cannot be asked: they say so
 -- (journal.writer). A migration on a host is a transient unit there, named before it starts:
 -- whether it still runs is asked of that host's manager.
+local rr = require("rr")
 local fs = require("rr.fs")
 local hostfs = require("rr.hostfs")
 local cjson = require("cjson")
@@ -426,6 +427,43 @@ function journal:renew(run, order)
   self:append({ record = "renew", run = run, order = order }, true)
 end
 
+-- On another host: makes sure the file there holds the first n lines (fsynced when durable)
+-- -> true | nil, message, CODE. One write at a time: two services' records written at once
+-- would race, and the rename that came last would drop the other's line. A write in flight is
+-- waited for; the next one takes every line appended meanwhile.
+function journal:write_remote(n, durable)
+  if durable then self.sync_wanted = true end
+  local err, code
+  while (self.written or 0) < n or (durable and (self.synced or 0) < n) do
+    if self.write_task then
+      rr.wait(self.write_task)
+    else
+      local upto, sync = #self.lines, self.sync_wanted or false
+      self.sync_wanted = false
+      local content = table.concat(self.lines, "\n", 1, upto) .. "\n"
+      local under = state.under(self.root)
+      under.mode = 384
+      under.sync = sync
+      self.write_task = rr.spawn(function()
+        local ok, werr, wcode = self.fs.write_atomic(self.path, content, under)
+        if ok then
+          self.written = math.max(self.written or 0, upto)
+          if sync then self.synced = math.max(self.synced or 0, upto) end
+        else
+          self.write_error, self.write_code = werr, wcode
+        end
+        self.write_task = nil
+      end)
+      rr.wait(self.write_task)
+      if (self.written or 0) < upto then
+        err, code = self.write_error, self.write_code
+        return nil, err, code
+      end
+    end
+  end
+  return true
+end
+
 -- j:append(record[, durable]) -> true | nil, message, CODE: one line, fsynced when durable.
 -- Here, one write() on the open file. On another host there is no append over ssh that a kill
 -- cannot cut short, so the whole file is written again, atomically, through the host's handle
@@ -438,10 +476,7 @@ function journal:append(record, durable)
     if ok and durable then ok, err, code = self.file:sync() end
   elseif self.lines then
     self.lines[#self.lines + 1] = json.encode(record)
-    local under = state.under(self.root)
-    under.mode = 384
-    under.sync = durable and true or false
-    ok, err, code = self.fs.write_atomic(self.path, table.concat(self.lines, "\n") .. "\n", under)
+    ok, err, code = self:write_remote(#self.lines, durable)
   else
     ok, err, code = nil, "the run journal is closed", "EBADF"
   end
