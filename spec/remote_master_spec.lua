@@ -54,6 +54,25 @@ describe("rr.remote's shared connection", function()
     assert.are_not.equal(client_port(), client_port())
   end)
 
+  it("runs many commands at once on it, within what sshd allows one connection (MaxSessions)", function()
+    local lock = assert(remote.lock("h1", { ssh_config = cfg, user = true }))
+    local first = client_port()
+    local tasks = {}
+    for i = 1, 24 do
+      tasks[i] = require("rr").spawn(function()
+        local res, err = remote.run("h1", { "sh", "-c", "sleep 0.3; echo $SSH_CONNECTION" }, { ssh_config = cfg,
+          capture = true, timeout = 30 })
+        assert(res, err)
+        return res.stdout:match("^%S+ (%d+) ")
+      end)
+    end
+    for i, r in ipairs(require("rr").wait(tasks)) do
+      assert(r[1], "command " .. i .. ": " .. tostring(r[2]))
+      assert.equal(first, r[2], "command " .. i .. " came on another connection")
+    end
+    assert(lock:unlock())
+  end)
+
   it("keeps its socket path short when $XDG_RUNTIME_DIR is long (a unix socket path has 107 bytes)", function()
     local long = hs.base .. "/" .. ("r"):rep(90)
     assert(fs.mkdir_p(long, "0700"))

@@ -130,6 +130,37 @@ local function ssh_prefix(host, opts, extra)
   return argv
 end
 
+-- Sessions at once on a host's shared connection: sshd refuses more than MaxSessions (10 by
+-- default) on one connection, and ssh then exits 255 as if the host were gone. The lock holds
+-- one; rsync and the transient units' ssh take a few more.
+local MAX_SESSIONS = 6
+local sessions = {} -- host -> the tasks running a command on its shared connection
+
+-- proc.run(cmd, popts), as one of at most MAX_SESSIONS sessions on host's shared connection
+-- (without one, every command has a connection of its own: no limit). Waits for a session to end
+-- (the tasks' own ends: no polling) when all are taken.
+local function run_session(host, cmd, popts)
+  if not shared[host] then return proc.run(cmd, popts) end
+  local running = sessions[host] or {}
+  sessions[host] = running
+  while true do
+    -- a session whose task ended is free, whether or not its caller has run since
+    for i = #running, 1, -1 do
+      local st = running[i]:status()
+      if st == "done" or st == "failed" or st == "canceled" then table.remove(running, i) end
+    end
+    if #running < MAX_SESSIONS then break end
+    rr.wait_any(running)
+  end
+  local kids <close> = rr.children()
+  local t = kids:spawn(function() return proc.run(cmd, popts) end)
+  running[#running + 1] = t
+  local ok, res, err, code, r = rr.wait(t)
+  for i, x in ipairs(running) do if x == t then table.remove(running, i) break end end
+  if not ok then error(res, 0) end -- the run raised (misuse): as proc.run would have
+  return res, err, code, r
+end
+
 -- ssh's argv that runs argv on host: ssh [-F CONFIG] -x -T -o BatchMode=yes -- HOST 'LINE'.
 -- opts: ssh_config, cwd and env (on the host).
 function remote.command(host, argv, opts)
@@ -178,7 +209,7 @@ function remote.run(host, argv, opts)
     popts.timeout = opts.timeout + grace + 10
   end
   local cmd = remote.command(host, argv, line_opts)
-  local res, err, code, r = proc.run(cmd, popts)
+  local res, err, code, r = run_session(host, cmd, popts)
   if res then return res end
   if not r then return nil, err, code end
   local what = ("%s on %s"):format(tostring(argv[1]), host)
