@@ -193,12 +193,6 @@ function rollback.run(args)
     if type(spell[k]) ~= "string" then error(("rollback.run: args.spell.%s must be a string"):format(k), 2) end
   end
 
-  if svc.blue_green and svc.host then
-    -- its live colour and its releases' records are kept on this machine: refused until a
-    -- blue-green release reaches hosts
-    return 2, ("service %s is on host %s: blue-green releases on remote hosts are not supported yet (run it on "
-      .. "that host)"):format(svc.name, svc.host), "EREMOTE"
-  end
   if svc.blue_green and no_code then
     return 2, ("service %q is blue-green: its rollback switches back to the release its other colour still has, "
       .. "and changes neither colour's code (%s goes with other services)"):format(svc.name, spell.no_code), "EBLUEGREEN"
@@ -224,8 +218,8 @@ function rollback.run(args)
       .. table.concat(journal.describe(dead, { unit_alive = journal.unit_alive_on(manager) }), "\n"), "EINTERRUPTED"
   end
 
-  if svc.blue_green and explicit then return rollback.bluegreen_undo(args, manager, state_root, explicit) end
-  if svc.blue_green then return rollback.bluegreen(args, manager, state_root) end
+  if svc.blue_green and explicit then return rollback.bluegreen_undo(args, place, explicit) end
+  if svc.blue_green then return rollback.bluegreen(args, place, set.by) end
 
   local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell, hfs)
   if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
@@ -287,10 +281,12 @@ end
 
 -- A blue-green service back on the release before its last one (rr.bluegreen.rollback): its
 -- other colour started, checked, given the traffic, the current one stopped. Called by
--- rollback.run under the run lock; returns as rollback.run (1 "EFAILED": it failed and was undone,
--- traffic where it was; 3 "EROLLBACK": that undo failed too, the manual steps shown).
-function rollback.bluegreen(args, manager, state_root)
+-- rollback.run under the run lock of the service's host (place, and hosts: rr.places's set.by);
+-- returns as rollback.run (1 "EFAILED": it failed and was undone, traffic where it was; 3
+-- "EROLLBACK": that undo failed too, the manual steps shown).
+function rollback.bluegreen(args, place, hosts)
   local svc = args.svc
+  local manager, state_root = place.manager, place.state_root
   local b, berr = balancer.open(svc.blue_green, nil)
   if not b then return 1, ("service %q: blue_green: %s"):format(svc.name, tostring(berr)), "EBALANCER" end
   local view = args.view or ui.new({})
@@ -301,11 +297,12 @@ function rollback.bluegreen(args, manager, state_root)
   local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
   local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
     platform = args.platform, bluegreen_balancers = { [svc.name] = b }, services_file = args.services_file,
-    opts = { force = args.force }, hooks_for = function() return nil end }
+    opts = { force = args.force }, hooks_for = function() return nil end, hosts = hosts }
   local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
-    user = args.user, order = { svc.name }, kind = "rollback" })
+    user = args.user, order = { svc.name }, kind = "rollback", fs = place.fs, host = svc.host })
   if not j then return 1, jerr, "EJOURNAL" end
   ctx.run_journal = j
+  place.journal = j
   local ok, err, manual = require("rr.bluegreen").rollback(ctx, svc, args.reason or "manual rollback")
   if ok or not manual then j:close() end
   stream:close()
@@ -319,14 +316,16 @@ end
 
 -- The deploy a blue-green release made into a colour undone (--deploy-record DIR: the manual step
 -- a failed blue-green rollback prints): only into a colour that is neither the recorded live one
--- nor running. Returns as rollback.run.
-function rollback.bluegreen_undo(args, manager, state_root, dir)
+-- nor running, on the service's host (place). Returns as rollback.run.
+function rollback.bluegreen_undo(args, place, dir)
   local svc = args.svc
-  local record, derr = deploy.load(dir)
+  local manager, state_root, hfs = place.manager, place.state_root, place.fs
+  local deploys = deploy.on(hfs)
+  local record, derr = deploys.load(dir)
   if not record then return 1, ("cannot read the deploy record %s: %s"):format(dir, tostring(derr)), "ERECORD" end
   local colour
   for _, c in ipairs({ "blue", "green" }) do
-    if state.same_path(record.target, svc.blue_green[c].working_dir) then colour = c end
+    if state.same_path(record.target, svc.blue_green[c].working_dir, hfs) then colour = c end
   end
   if not colour then
     return 2, ("the deploy record %s is a deploy into %s, not into a working_dir of %s"):format(dir,
@@ -337,7 +336,7 @@ function rollback.bluegreen_undo(args, manager, state_root, dir)
     say(("deploy record %s: already undone; the code is left as it is"):format(dir))
     return 0
   end
-  if state.live_colour(state_root, svc.name) == colour then
+  if state.live_colour(state_root, svc.name, hfs) == colour then
     return 1, ("the deploy record %s went into %s's working dir, and %s is the live colour: switch the traffic and "
       .. "record the other colour live first"):format(dir, colour, colour), "ELIVE"
   end
@@ -347,9 +346,9 @@ function rollback.bluegreen_undo(args, manager, state_root, dir)
     return 1, ("%s is %s: stop it before its code is put back"):format(svc.blue_green[colour].unit,
       tostring(active)), "EACTIVE"
   end
-  local ok, err = deploy.undo(record)
+  local ok, err = deploys.undo(record)
   if not ok then return 3, ("undo of the deploy %s failed: %s"):format(dir, tostring(err)), "EROLLBACK" end
-  state.deploy_undone(state_root, svc.name, record.state_dir or dir)
+  state.deploy_undone(state_root, svc.name, record.state_dir or dir, hfs)
   say(("deploy %s undone in %s (the %s colour)"):format(dir, record.target, colour))
   return 0
 end
