@@ -86,7 +86,7 @@ local opts, platform = cli.plan_start({ ... }, spec, {
 })
 if opts.group then
   local code, msg = rollback.group({ group = opts.group, platform = platform, user = opts.user, force = opts.force,
-    events_file = opts.events_file, services_file = opts.services_file })
+    events_file = opts.events_file, services_file = opts.services_file, ssh_config = opts.ssh_config })
   if code == 3 then msg = ("rollback of the canaries of group %s failed: %s"):format(opts.group, msg) end
   if code ~= 0 then die(code, msg) end
   if msg then io.write(msg, "\n") end

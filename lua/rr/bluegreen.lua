@@ -63,12 +63,13 @@ local function member(svc, colour)
   return { name = ("%s (%s)"):format(svc.name, colour), server = svc.blue_green[colour].balancer_server }
 end
 
--- bluegreen.live(manager, root, svc[, user]) -> colour, how | nil, message
+-- bluegreen.live(manager, root, svc[, user[, hfs]]) -> colour, how | nil, message
 -- The live colour: the recorded one; with none recorded (the first release), the only active
 -- instance. Two active instances or none: nothing says which one serves, and the message says
--- how to make it clear.
-function bluegreen.live(manager, root, svc, user)
-  local recorded, err, code = state.live_colour(root, svc.name)
+-- how to make it clear. manager, root and hfs (rr.hostfs, default this machine's) are those of
+-- the service's host (rr.flow.place).
+function bluegreen.live(manager, root, svc, user, hfs)
+  local recorded, err, code = state.live_colour(root, svc.name, hfs)
   if recorded then return recorded, "recorded" end
   if code ~= "ENOENT" then return nil, ("blue-green service %s: %s"):format(svc.name, tostring(err)) end
   local states, active, inactive = {}, {}, {}
@@ -104,11 +105,14 @@ local function shared_files(a, b)
   return out
 end
 
--- bluegreen.definition_state(ctx, svc, idle_props, live_props) -> as rr.flow.definition_state
+-- bluegreen.definition_state(ctx, svc, idle_props, live_props) -> as rr.flow.definition_state:
+-- the known-good snapshot of the service's host (rr.flow.place).
 function bluegreen.definition_state(ctx, svc, idle_props, live_props)
+  local place = flow.place(ctx, svc)
+  local snaps = snapshot.on(place.fs)
   local current = shared_files(idle_props, live_props)
-  local known = snapshot.known_good(ctx.state_root, svc.name)
-  local changes = known and snapshot.diff(known, current, { unit = svc.unit }) or {}
+  local known = snaps.known_good(place.state_root, svc.name)
+  local changes = known and snaps.diff(known, current, { unit = svc.unit }) or {}
   local stale = idle_props.NeedDaemonReload == true or live_props.NeedDaemonReload == true
   return { current = current, known = known, changes = changes, stale = stale,
     changed = stale or #changes > 0, unknown = known == nil and stale }
@@ -120,7 +124,10 @@ end
 -- and the balancer.
 function bluegreen.explain(p, svc, out, problem, warn)
   local opts, bg = p.opts, svc.blue_green
-  local live, how = bluegreen.live(p.manager, p.state_root, svc, opts.user)
+  -- the service's host (p.places, as rr.dryrun's): its manager, files and state root
+  local pl = p.places and p.places[svc.host or false] or { manager = p.manager, state_root = p.state_root }
+  local hfs = pl.fs or fs
+  local live, how = bluegreen.live(pl.manager, pl.state_root, svc, opts.user, pl.fs)
   if not live then
     problem(how .. " (the run would refuse, exit 2)")
     return
@@ -129,7 +136,7 @@ function bluegreen.explain(p, svc, out, problem, warn)
   local props = {}
   for _, colour in ipairs(bluegreen.COLOURS) do
     local c = bg[colour]
-    local unit, uerr = p.manager:unit(c.unit)
+    local unit, uerr = pl.manager:unit(c.unit)
     local pr, perr = nil, uerr
     if unit then pr, perr = unit:properties() end
     if not pr then
@@ -163,7 +170,8 @@ function bluegreen.explain(p, svc, out, problem, warn)
     end
   end
   if props.blue and props.green then
-    local def = bluegreen.definition_state({ state_root = p.state_root }, svc, props[idle], props[live])
+    local def = bluegreen.definition_state({ state_root = pl.state_root, hosts = p.places }, svc, props[idle],
+      props[live])
     if def.known then
       out(("     rollback restores: the known-good definition of the template (run %s)"):format(tostring(def.known.run)))
     elseif def.unknown then
@@ -183,7 +191,7 @@ function bluegreen.explain(p, svc, out, problem, warn)
       .. "still holds the release before it; undone on rollback)"):format(bg[live].working_dir, bg[idle].working_dir,
       idle)
   end
-  if not fs.stat(bg[idle].working_dir, true) then problem(("working_dir %s does not exist"):format(bg[idle].working_dir)) end
+  if not hfs.stat(bg[idle].working_dir, true) then problem(("working_dir %s does not exist"):format(bg[idle].working_dir)) end
   if svc.migrate then
     steps[#steps + 1] = opts.skip_migrations and "migrate: skipped (--skip-migrations)"
       or ("migrate: %s (in %s; not undone on rollback)"):format(table.concat(svc.migrate, " "), bg[idle].working_dir)
@@ -301,7 +309,7 @@ function Release:switch_back()
   if not ok then return nil, err end
   ok, err = self:drain(self.idle, "switch back")
   if not ok then return nil, err end
-  ok, err = state.set_live_colour(self.ctx.state_root, self.svc.name, self.live)
+  ok, err = state.set_live_colour(self.I.state_root, self.svc.name, self.live, self.I.fs)
   if not ok then
     self:emit("WARNING", { warning = ("cannot record %s as the live colour again: %s"):format(self.live, tostring(err)) })
   end
@@ -330,8 +338,8 @@ function Release:manual_steps()
   steps[#steps + 1] = ("%s stop %s"):format(sc, self.I.svc.unit)
   -- the colour that serves is the live one: a next release must not deploy into it
   steps[#steps + 1] = ("echo %s > %s   # %s is the live colour again"):format(self.live,
-    flow.shell_quote(("%s/bluegreen/%s.live"):format(tostring(self.ctx.state_root):gsub("/+$", ""), self.svc.name)),
-    self.live)
+    flow.shell_quote(("%s/bluegreen/%s.live"):format(tostring(self.I.state_root):gsub("/+$", ""), self.svc.name)),
+    self.live .. (self.svc.host and (" (on host %s)"):format(self.svc.host) or ""))
   if self.I.touched.deploy then
     steps[#steps + 1] = ("rrengine plans/rollback.lua%s --service %s --deploy-record %s   # undo the code deploy"):format(
       self.ctx.user and " --user" or "", self.svc.name, flow.shell_quote(self.I.touched.deploy.state_dir or "?"))
@@ -377,7 +385,7 @@ function Release:rollback(reason)
   if def and def.known then
     local ip, lp = I.unit:properties(), self.L.unit:properties()
     local current = (ip and lp) and shared_files(ip, lp) or def.current
-    local restored, rerr = snapshot.restore(def.known, current, { unit = self.svc.unit })
+    local restored, rerr = I.snaps.restore(def.known, current, { unit = self.svc.unit })
     if restored then
       if #restored.restored > 0 or #restored.removed > 0 then reload = true end
       I:emit("DEFINITION_RESTORED", { restored = restored.restored, removed = restored.removed,
@@ -448,16 +456,16 @@ function Release:commit()
   elseif not (self.def and self.def.known and not self.def.changed) then
     local ip, lp = I.unit:properties(), self.L.unit:properties()
     local files = (ip and lp) and shared_files(ip, lp) or (self.def and self.def.current) or {}
-    local snap, serr = snapshot.capture(ctx.state_root, svc.name, files, { run = ctx.events.run, unit = svc.unit })
-    if snap then snap, serr = snapshot.promote(ctx.state_root, svc.name, snap) end
+    local snap, serr = I.snaps.capture(I.state_root, svc.name, files, { run = ctx.events.run, unit = svc.unit })
+    if snap then snap, serr = I.snaps.promote(I.state_root, svc.name, snap) end
     if not snap then
       I:emit("WARNING", { warning = "cannot record the known-good snapshot: " .. tostring(serr) })
     end
   end
   local record = I.touched.deploy
   if record then
-    state.deploy_commit(ctx.state_root, svc.name, I.record_dir or record.state_dir)
-    deploy.prune(ctx.state_root, svc.name, { keep = deploy.KEEP, protect = { record.state_dir } })
+    state.deploy_commit(I.state_root, svc.name, I.record_dir or record.state_dir, I.fs)
+    I.deploys.prune(I.state_root, svc.name, { keep = deploy.KEEP, protect = { record.state_dir } })
   end
   return true
 end
@@ -509,8 +517,8 @@ STEPS[#STEPS + 1] = { name = "snapshot", fn = function(self)
   local def = bluegreen.definition_state(ctx, svc, I.props, self.L.props)
   self.def, I.def = def, def
   if not def.known and self.prechecked and not def.stale then
-    local snap, err = snapshot.capture(ctx.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
-    if snap then snap, err = snapshot.promote(ctx.state_root, svc.name, snap) end
+    local snap, err = I.snaps.capture(I.state_root, svc.name, def.current, { run = ctx.events.run, unit = svc.unit })
+    if snap then snap, err = I.snaps.promote(I.state_root, svc.name, snap) end
     if not snap then return nil, "cannot snapshot the unit definition: " .. tostring(err) end
     def.known = snap
     I:emit("SNAPSHOT_KNOWN_GOOD", { snapshot = snap.dir, files = #def.current })
@@ -588,7 +596,7 @@ STEPS[#STEPS + 1] = { name = "bg-switch", journal = { switched = true }, fn = fu
   if not ok then return nil, err end
   ok, err = self:drain(self.live, "the switch: the old release leaves the rotation")
   if not ok then return nil, err end
-  ok, err = state.set_live_colour(self.ctx.state_root, self.svc.name, self.idle)
+  ok, err = state.set_live_colour(self.I.state_root, self.svc.name, self.idle, self.I.fs)
   if not ok then
     -- a next run would deploy into the colour that serves: the release cannot stand
     return nil, ("cannot record %s as the live colour: %s"):format(self.idle, tostring(err))
@@ -663,7 +671,13 @@ end
 -- bluegreen.run(ctx, svc) -> outcome, error, info: one release of a blue-green service (as
 -- rr.flow.run for any other service; ctx as there, with bluegreen_balancers = { [name] = b }).
 function bluegreen.run(ctx, svc)
-  local live, why = bluegreen.live(ctx.manager, ctx.state_root, svc, ctx.user)
+  local place = flow.place(ctx, svc)
+  local live, why
+  if place.manager then
+    live, why = bluegreen.live(place.manager, place.state_root, svc, ctx.user, place.fs)
+  else
+    why = place.error or ("host " .. tostring(svc.host) .. " cannot be reached")
+  end
   if not live then
     ctx.events:emit("SERVICE_RESTART_START", { service = svc.name, unit = svc.unit })
     ctx.events:emit("SERVICE_RESTART_FAILED", { service = svc.name, unit = svc.unit, error = why, touched = false })
@@ -705,7 +719,8 @@ local ON_REQUEST = { "inspect", "bg-start", "bg-verify", "bg-switch", "bg-stop-o
 -- resolves an interrupted one as it does a release. A failure undoes what was done (traffic
 -- back first): manual_steps nil; an undo that failed returns them. ctx as bluegreen.run's.
 function bluegreen.rollback(ctx, svc, reason)
-  local recorded, rerr, rcode = state.live_colour(ctx.state_root, svc.name)
+  local place = flow.place(ctx, svc)
+  local recorded, rerr, rcode = state.live_colour(place.state_root, svc.name, place.fs)
   if not recorded then
     if rcode == "ENOENT" then
       return nil, ("blue-green service %s: no live colour recorded (no release of it finished here): nothing to go "
@@ -714,7 +729,7 @@ function bluegreen.rollback(ctx, svc, reason)
     return nil, ("blue-green service %s: %s"):format(svc.name, tostring(rerr))
   end
   local live, idle = recorded, bluegreen.other(recorded)
-  if not fs.stat(svc.blue_green[idle].working_dir, true) then
+  if not place.fs.stat(svc.blue_green[idle].working_dir, true) then
     return nil, ("the idle colour %s has no working dir %s: no earlier release to go back to"):format(idle,
       svc.blue_green[idle].working_dir)
   end
@@ -791,14 +806,14 @@ function bluegreen.recover(ctx, svc, entry)
   I.def = self.def
   if entry.deploy_record then
     I.record_dir = entry.deploy_record
-    local record = deploy.load(entry.deploy_record)
+    local record = I.deploys.load(entry.deploy_record)
     if record and record.state ~= "undone" then
       I.touched.deploy = record
-    elseif not record and require("rr.fs").exists(entry.deploy_record .. "/backup") then
+    elseif not record and I.fs.exists(entry.deploy_record .. "/backup") then
       return failed(("the deploy record %s cannot be read: undo that deploy by hand"):format(entry.deploy_record),
         flow.ROLLBACK_FAILED)
     else
-      state.deploy_undone(ctx.state_root, svc.name, entry.deploy_record)
+      state.deploy_undone(I.state_root, svc.name, entry.deploy_record, I.fs)
     end
   end
   I.touched.migrated = entry.migration == "finished"
@@ -809,7 +824,7 @@ function bluegreen.recover(ctx, svc, entry)
   if FINISHING[entry.phase] then
     -- the new colour had soaked: it serves; the old one stops
     local ok, err = self:enable(self.idle, "recovery: the release had passed its soak")
-    if ok then ok, err = state.set_live_colour(ctx.state_root, svc.name, self.idle) end
+    if ok then ok, err = state.set_live_colour(I.state_root, svc.name, self.idle, I.fs) end
     if not ok then return failed(tostring(err), flow.ROLLBACK_FAILED, { manual_steps = self:manual_steps() }) end
     local sok, serr = self.L:job("stop")
     if not sok then

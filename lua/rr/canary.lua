@@ -45,14 +45,21 @@ local function describe(svc)
     server = svc.balancer_server or svc.name }
 end
 
--- canary.soak{ group =, canaries = {svc}, others = {svc}, manager =, analysis = fn|nil,
+-- canary.soak{ group =, canaries = {svc}, others = {svc}, ctx = | manager =, analysis = fn|nil,
 --   emit = fn(name, fields) } -> true | nil, reason
--- Every canary's unit and probe are watched (rr.soak), and the analysis sees the group.
+-- Every canary's unit and probe are watched (rr.soak), and the analysis sees the group. A
+-- canary's unit is its host's (rr.flow.place(ctx, svc)); without ctx, all are manager's.
 function canary.soak(args)
   local g = args.group
   local s = soak.new(g.canary.soak or 0)
   for _, svc in ipairs(args.canaries) do
-    local unit, uerr = args.manager:unit(svc.unit)
+    local manager = args.ctx and flow.place(args.ctx, svc).manager or args.manager
+    local unit, uerr
+    if manager then
+      unit, uerr = manager:unit(svc.unit)
+    else
+      uerr = "host " .. tostring(svc.host) .. " cannot be reached"
+    end
     if not unit then return nil, ("cannot watch canary %s: %s"):format(svc.name, tostring(uerr)) end
     local ok, why = s:unit(unit, "canary " .. svc.name)
     if not ok then return nil, why end
@@ -72,27 +79,30 @@ function canary.snapshot_name(dir)
   return type(dir) == "string" and dir:match("[^/]+$") or nil
 end
 
--- canary.put_back_known_good(root, name, before) -> snap, changed | nil, message
+-- canary.put_back_known_good(root, name, before[, hfs]) -> snap, changed | nil, message
 -- A canary's own successful flow made its new definition the known good one; a canary rolled
 -- back must get the definition known good before the canary run (`before`, a snapshot name)
 -- back, and the known-good pointer with it. nil `before`: nothing was known good before, the
--- pointer is left as it is (snap nil, changed false).
-function canary.put_back_known_good(root, name, before)
+-- pointer is left as it is (snap nil, changed false). root and hfs (rr.hostfs, default this
+-- machine's) are the canary's host's: its snapshots are there.
+function canary.put_back_known_good(root, name, before, hfs)
   if not before then return nil, false end
-  local now = snapshot.known_good(root, name)
+  local snaps = snapshot.on(hfs)
+  local now = snaps.known_good(root, name)
   if now and canary.snapshot_name(now.dir) == before then return now, false end
-  local snap, err = snapshot.promote(root, name, { name = before })
+  local snap, err = snaps.promote(root, name, { name = before })
   if not snap then return nil, err end
   return snap, true
 end
 
 -- canary.roll_back(ctx, svc, args) -> true | nil, message, manual_steps
--- One canary back on the release it had: the definition known good before the canary run
+-- One canary back on the release it had, on its host (rr.flow.place): the definition known good before the canary run
 -- (args.before) becomes the known good one again and is restored, its deploy (args.record)
 -- undone; a replica is drained first and back in rotation once healthy (rr.flow.rollback).
 -- args = { reason =, record = deploy record | nil, before = snapshot name | nil, group = name }
 function canary.roll_back(ctx, svc, args)
-  local snap, changed = canary.put_back_known_good(ctx.state_root, svc.name, args.before)
+  local place = flow.place(ctx, svc)
+  local snap, changed = canary.put_back_known_good(place.state_root, svc.name, args.before, place.fs)
   if snap and changed then
     ctx.events:emit("KNOWN_GOOD_RESTORED", { service = svc.name, unit = svc.unit, snapshot = snap.dir,
       reason = ("the definition known good before the canary of group %s"):format(tostring(args.group)) })
@@ -104,7 +114,10 @@ function canary.roll_back(ctx, svc, args)
   return flow.rollback(ctx, svc, args.reason, args.record)
 end
 
--- The canary record of a group held after its canary (--canary-only).
+-- The canary record of a group held after its canary (--canary-only). It is the run's, not a
+-- host's: a group's canaries may be on several hosts, and --promote and status read it where the
+-- engine runs; what it names per canary (the deploy record, the known-good snapshot) is on that
+-- canary's host.
 local function record_path(root, group)
   return ("%s/canary/%s.json"):format(root, group)
 end

@@ -15,7 +15,6 @@
 -- pointer that named the record is removed. With no known-good snapshot and no deploy to undo
 -- there is nothing to restore: the service is not touched.
 local fs = require("rr.fs")
-local systemd = require("rr.systemd")
 local events = require("rr.events")
 local flow = require("rr.flow")
 local deploy = require("rr.deploy")
@@ -193,12 +192,6 @@ function rollback.run(args)
     if type(spell[k]) ~= "string" then error(("rollback.run: args.spell.%s must be a string"):format(k), 2) end
   end
 
-  if svc.blue_green and svc.host then
-    -- its live colour and its releases' records are kept on this machine: refused until a
-    -- blue-green release reaches hosts
-    return 2, ("service %s is on host %s: blue-green releases on remote hosts are not supported yet (run it on "
-      .. "that host)"):format(svc.name, svc.host), "EREMOTE"
-  end
   if svc.blue_green and no_code then
     return 2, ("service %q is blue-green: its rollback switches back to the release its other colour still has, "
       .. "and changes neither colour's code (%s goes with other services)"):format(svc.name, spell.no_code), "EBLUEGREEN"
@@ -224,8 +217,8 @@ function rollback.run(args)
       .. table.concat(journal.describe(dead, { unit_alive = journal.unit_alive_on(manager) }), "\n"), "EINTERRUPTED"
   end
 
-  if svc.blue_green and explicit then return rollback.bluegreen_undo(args, manager, state_root, explicit) end
-  if svc.blue_green then return rollback.bluegreen(args, manager, state_root) end
+  if svc.blue_green and explicit then return rollback.bluegreen_undo(args, place, explicit) end
+  if svc.blue_green then return rollback.bluegreen(args, place, set.by) end
 
   local c, cerr, ccode = choose_record(svc, state_root, explicit, no_code, spell, hfs)
   if not c then return ccode == "EFOREIGN" and 2 or 1, cerr, ccode end
@@ -287,10 +280,12 @@ end
 
 -- A blue-green service back on the release before its last one (rr.bluegreen.rollback): its
 -- other colour started, checked, given the traffic, the current one stopped. Called by
--- rollback.run under the run lock; returns as rollback.run (1 "EFAILED": it failed and was undone,
--- traffic where it was; 3 "EROLLBACK": that undo failed too, the manual steps shown).
-function rollback.bluegreen(args, manager, state_root)
+-- rollback.run under the run lock of the service's host (place, and hosts: rr.places's set.by);
+-- returns as rollback.run (1 "EFAILED": it failed and was undone, traffic where it was; 3
+-- "EROLLBACK": that undo failed too, the manual steps shown).
+function rollback.bluegreen(args, place, hosts)
   local svc = args.svc
+  local manager, state_root = place.manager, place.state_root
   local b, berr = balancer.open(svc.blue_green, nil)
   if not b then return 1, ("service %q: blue_green: %s"):format(svc.name, tostring(berr)), "EBALANCER" end
   local view = args.view or ui.new({})
@@ -301,11 +296,12 @@ function rollback.bluegreen(args, manager, state_root)
   local close_log <close> = setmetatable({}, { __close = function() stream:close() end })
   local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
     platform = args.platform, bluegreen_balancers = { [svc.name] = b }, services_file = args.services_file,
-    opts = { force = args.force }, hooks_for = function() return nil end }
+    opts = { force = args.force }, hooks_for = function() return nil end, hosts = hosts }
   local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
-    user = args.user, order = { svc.name }, kind = "rollback" })
+    user = args.user, order = { svc.name }, kind = "rollback", fs = place.fs, host = svc.host })
   if not j then return 1, jerr, "EJOURNAL" end
   ctx.run_journal = j
+  place.journal = j
   local ok, err, manual = require("rr.bluegreen").rollback(ctx, svc, args.reason or "manual rollback")
   if ok or not manual then j:close() end
   stream:close()
@@ -319,14 +315,16 @@ end
 
 -- The deploy a blue-green release made into a colour undone (--deploy-record DIR: the manual step
 -- a failed blue-green rollback prints): only into a colour that is neither the recorded live one
--- nor running. Returns as rollback.run.
-function rollback.bluegreen_undo(args, manager, state_root, dir)
+-- nor running, on the service's host (place). Returns as rollback.run.
+function rollback.bluegreen_undo(args, place, dir)
   local svc = args.svc
-  local record, derr = deploy.load(dir)
+  local manager, state_root, hfs = place.manager, place.state_root, place.fs
+  local deploys = deploy.on(hfs)
+  local record, derr = deploys.load(dir)
   if not record then return 1, ("cannot read the deploy record %s: %s"):format(dir, tostring(derr)), "ERECORD" end
   local colour
   for _, c in ipairs({ "blue", "green" }) do
-    if state.same_path(record.target, svc.blue_green[c].working_dir) then colour = c end
+    if state.same_path(record.target, svc.blue_green[c].working_dir, hfs) then colour = c end
   end
   if not colour then
     return 2, ("the deploy record %s is a deploy into %s, not into a working_dir of %s"):format(dir,
@@ -337,7 +335,7 @@ function rollback.bluegreen_undo(args, manager, state_root, dir)
     say(("deploy record %s: already undone; the code is left as it is"):format(dir))
     return 0
   end
-  if state.live_colour(state_root, svc.name) == colour then
+  if state.live_colour(state_root, svc.name, hfs) == colour then
     return 1, ("the deploy record %s went into %s's working dir, and %s is the live colour: switch the traffic and "
       .. "record the other colour live first"):format(dir, colour, colour), "ELIVE"
   end
@@ -347,9 +345,9 @@ function rollback.bluegreen_undo(args, manager, state_root, dir)
     return 1, ("%s is %s: stop it before its code is put back"):format(svc.blue_green[colour].unit,
       tostring(active)), "EACTIVE"
   end
-  local ok, err = deploy.undo(record)
+  local ok, err = deploys.undo(record)
   if not ok then return 3, ("undo of the deploy %s failed: %s"):format(dir, tostring(err)), "EROLLBACK" end
-  state.deploy_undone(state_root, svc.name, record.state_dir or dir)
+  state.deploy_undone(state_root, svc.name, record.state_dir or dir, hfs)
   say(("deploy %s undone in %s (the %s colour)"):format(dir, record.target, colour))
   return 0
 end
@@ -360,7 +358,9 @@ end
 -- rotation once healthy; then the record goes, and the group is on one release again.
 --
 -- rollback.group{ group =, platform =, user =, manager =, state_root =, events_file =, force =,
---   view =, say =, services_file = } -> exit_code, message|nil, code|nil
+--   view =, say =, services_file =, ssh_config = } -> exit_code, message|nil, code|nil
+-- A canary on a host is rolled back there (its manager, snapshots, deploy records, lock and
+-- journal); the held record is this machine's (rr.canary).
 --   0, message|nil          rolled back (message nil), or nothing held: message says so, nothing touched
 --   1, message, code        nothing touched: ESTATE, EMANAGER, ELOCKED, EEVENTS, EJOURNAL, EBALANCER
 --   2, message, "EUNKNOWN"  no such group in the services file
@@ -381,24 +381,27 @@ function rollback.group(args)
     return 0, ("group %s has no held canary (plans/rolling.lua --canary-only): nothing to roll back"):format(name)
   end
 
-  local manager, opened = args.manager, nil
-  if not manager then
-    local merr
-    manager, merr = (args.user and systemd.user or systemd.system)()
-    if not manager then return 1, tostring(merr), "EMANAGER" end
-    opened = manager
-  end
-  local close_manager <close> = opened
-  local lock_path = state.lock_path(state_root)
-  local lock <close>, lerr, lcode = fs.lock(lock_path)
-  if not lock then
-    if lcode ~= "EWOULDBLOCK" then
-      return 1, ("cannot take the run lock (%s): %s"):format(lock_path, tostring(lerr)), "ESTATE"
+  -- This machine (the held record is here) and every host a held canary is on: its manager,
+  -- files, state root (its snapshots and deploy records) and run lock (rr.places).
+  local svcs = {}
+  for _, n in ipairs(held.canaries or {}) do svcs[#svcs + 1] = platform.by_name[n] end
+  local hosts = places.hosts(svcs)
+  if hosts[1] ~= false then table.insert(hosts, 1, false) end
+  local set, perr, pcode = places.open({ hosts = hosts, user = args.user, manager = args.manager,
+    state_root = state_root, ssh_config = args.ssh_config })
+  if not set then return 1, perr, pcode == "EHOST" and "EMANAGER" or pcode end
+  local close_places <close> = set
+  local deads = set:interrupted()
+  if #deads > 0 then
+    local lines = {}
+    for _, d in ipairs(deads) do
+      if d.place.host then lines[#lines + 1] = ("on host %s (%s):"):format(d.place.host, d.place.state_root) end
+      for _, l in ipairs(journal.describe(d.data, { unit_alive = journal.unit_alive_on(d.place.manager) })) do
+        lines[#lines + 1] = l
+      end
     end
-    return 1, ("another rrengine run holds the lock (%s): %s"):format(lock_path, tostring(lerr)), "ELOCKED"
+    return 4, table.concat(lines, "\n"), "EINTERRUPTED"
   end
-  local dead = journal.interrupted(state_root, { locked = true })
-  if dead then return 4, table.concat(journal.describe(dead), "\n"), "EINTERRUPTED" end
   -- read again under the lock: a --promote that ran meanwhile released it
   held = canary.held(state_root, name)
   if not held then
@@ -423,22 +426,39 @@ function rollback.group(args)
   for _, n in ipairs(held.canaries or {}) do
     if platform.by_name[n] then list[#list + 1] = n end
   end
-  local ctx = { manager = manager, events = stream, state_root = state_root, user = args.user,
-    platform = platform, balancers = balancers, opts = { force = args.force }, hooks_for = function() return nil end }
-  local j, jerr = journal.create(state_root, { run = stream.run, services_file = args.services_file,
-    user = args.user, order = list, kind = "rollback" })
-  if not j then return 1, jerr, "EJOURNAL" end
-  ctx.run_journal = j
+  local ctx = { manager = set.by[false].manager, events = stream, state_root = state_root, user = args.user,
+    platform = platform, balancers = balancers, opts = { force = args.force }, hooks_for = function() return nil end,
+    hosts = set.by }
+  -- a journal on each host, naming that host's canaries (as a rolling run's)
+  local journals = {}
+  for _, p in ipairs(set.list) do
+    local order = {}
+    for _, n in ipairs(list) do
+      if (platform.by_name[n].host or false) == (p.host or false) then order[#order + 1] = n end
+    end
+    if #order > 0 then
+      local jj, jerr = journal.create(p.state_root, { run = stream.run, services_file = args.services_file,
+        user = args.user, order = order, kind = "rollback", fs = p.fs, host = p.host })
+      if not jj then
+        for _, other in pairs(journals) do other:close() end -- nothing was touched yet
+        return 1, jerr, "EJOURNAL"
+      end
+      journals[p.host or false], p.journal = jj, jj
+    end
+  end
+  ctx.run_journal = journals[false]
 
   say(("group %s: rolling back the canaries held since %s (run %s): %s"):format(name, tostring(held.passed_at),
     tostring(held.run), table.concat(list, ", ")))
   local failed = {}
   for _, n in ipairs(list) do
     local svc = platform.by_name[n]
+    local p = set.by[svc.host or false]
+    local j, hfs = journals[svc.host or false], p.fs
     -- the definition known good before the canary's run, when the record names one that is not
     -- the known-good one now
     local before = held.known_good and held.known_good[n]
-    local snap, changed = canary.put_back_known_good(state_root, n, before)
+    local snap, changed = canary.put_back_known_good(p.state_root, n, before, hfs)
     if snap and changed then
       say(("%s: definition: the known-good snapshot from before the canary (%s)"):format(n, snap.dir))
     elseif before and not snap then
@@ -447,10 +467,10 @@ function rollback.group(args)
     end
     -- the canary's deploy: the one its run recorded, else the last one its pointer names
     local dir = held.deploys and held.deploys[n]
-    if not dir then dir = state.read_pointer(state_root, n, "last") end
+    if not dir then dir = state.read_pointer(p.state_root, n, "last", hfs) end
     local record
-    if dir and fs.exists(dir .. "/deploy.json") then
-      local r, derr = deploy.load(dir)
+    if dir and hfs.exists(dir .. "/deploy.json") then
+      local r, derr = deploy.on(hfs).load(dir)
       if not r then
         failed[#failed + 1] = ("%s: cannot read its deploy record %s: %s"):format(n, dir, tostring(derr))
         goto next
@@ -466,7 +486,7 @@ function rollback.group(args)
     end
     ::next::
   end
-  j:close()
+  for _, jj in pairs(journals) do jj:close() end
   if #failed > 0 then
     return 3, table.concat(failed, "; "), "EROLLBACK"
   end

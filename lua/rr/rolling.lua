@@ -159,14 +159,14 @@ local function prepare(opts)
   if not order then
     return nil, err
   end
-  -- Blue-green releases and canaries keep their records (live colour, held canaries) in this
-  -- machine's state directory and act through its manager: on another host they would act on
-  -- the wrong machine, so they are refused before anything is touched.
+  -- Canaries and blue-green releases on a host act there (rr.canary, rr.bluegreen through
+  -- rr.flow.place). A blue-green restart without --deploy copies the live colour's code into the
+  -- idle one from this machine's files (rr.deploy's source is always here): on another host it is
+  -- refused before anything is touched.
   for _, svc in ipairs(order) do
-    local group = svc.group and platform.groups and platform.groups[svc.group]
-    if svc.host and (svc.blue_green or (group and group.canary)) then
-      return nil, ("service %s is on host %s: %s releases on remote hosts are not supported yet (run them on that host)")
-        :format(svc.name, svc.host, svc.blue_green and "blue-green" or "canary")
+    if svc.host and svc.blue_green and not opts.deploy and not (opts.recover or opts.abandon) then
+      return nil, ("service %s is on host %s: a blue-green restart without --deploy on a remote host is not supported "
+        .. "yet (give the release with --deploy --deploy-path DIR, or run it on that host)"):format(svc.name, svc.host)
     end
   end
   if opts.deploy then
@@ -477,7 +477,8 @@ function rolling.run(opts)
   if not (opts.recover or opts.abandon) then
     for _, svc in ipairs(prep.order) do
       if svc.blue_green then
-        local live, why = bluegreen.live(manager, state_root, svc, opts.user)
+        local pl = places[svc.host or false]
+        local live, why = bluegreen.live(pl.manager, pl.state_root, svc, opts.user, pl.fs)
         if not live then return usage_error(why) end
       end
     end
@@ -701,7 +702,8 @@ function rolling.run(opts)
             canary_of[n] = name
             -- the definition known good before the canary's flow makes its own so: what a later
             -- plans/rollback.lua --group of a held canary restores
-            local kg = require("rr.snapshot").known_good(state_root, n)
+            local np = flow.place(ctx, prep.platform.by_name[n])
+            local kg = np.state_root and require("rr.snapshot").on(np.fs).known_good(np.state_root, n)
             if kg and kg.dir then canary_info[name].known_good[n] = kg.dir:match("[^/]+$") end
           end
           if g.canary.weight ~= nil and prep.balancers[name] then
@@ -939,7 +941,7 @@ function rolling.run(opts)
           stream:emit("CANARY_START", { group = group, canaries = canaries[group], soak = g.canary.soak })
           soaks[#soaks + 1] = { group = group, task = rr.spawn(function()
             if aerr then return nil, aerr end
-            return canary.soak({ group = g, canaries = cs, others = others, manager = manager, analysis = analysis })
+            return canary.soak({ group = g, canaries = cs, others = others, ctx = ctx, analysis = analysis })
           end) }
         end
       end
