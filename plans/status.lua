@@ -66,7 +66,7 @@ if not opts.host and status.hosts(list)[1] == false then
   if not manager then io.stderr:write("rrengine: ", merr, "\n"); os.exit(1) end
 end
 -- a blue-green service: a row per colour, the live one named
-list = status.expand(list, require("rr.state").root(opts.user))
+list = status.expand(list, require("rr.state").root(opts.user), { user = opts.user, ssh_config = opts.ssh_config })
 local rows, unreachable = status.collect_hosts(list, { manager = manager, user = opts.user,
   ssh_config = opts.ssh_config })
 -- a run that was killed mid-way comes first, on any host: its services may be half done. A journal

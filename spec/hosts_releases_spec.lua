@@ -176,6 +176,14 @@ describe("a blue-green release on a remote host", function()
     assert.is_false(fs.exists(state_home .. "/rrengine/snapshots/web"))
   end)
 
+  it("plans/status.lua names the live colour recorded on the host", function()
+    local res = proc.run({ helpers.engine, "plans/status.lua", "--user", "--services", dir .. "/services.lua",
+      "--ssh-config", cfg }, { timeout = 60, cwd = units.root, capture = true, env = { XDG_STATE_HOME = state_home } })
+    assert.is_truthy(res, "status failed")
+    assert.matches("web %[green, live%]", res.stdout)
+    assert.matches("web %[blue, idle%]", res.stdout)
+  end)
+
   it("the dry run reads the host: its live colour and instances", function()
     local d = release("dry")
     local res = engine({ "--service", "web", "--dry-run", "--deploy", "--deploy-path", d })

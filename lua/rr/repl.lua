@@ -204,7 +204,7 @@ function helpers.services_file(path)
 end
 
 function helpers.status()
-  local list = status.expand(platform().services, require("rr.state").root(env.user))
+  local list = status.expand(platform().services, require("rr.state").root(env.user), { user = env.user })
   local here = status.hosts(list)[1] == false
   local rows, unreachable = status.collect_hosts(list, { manager = here and manager() or nil, user = env.user })
   -- a run that was killed mid-way comes first, here or on a host: its services may be half done

@@ -33,15 +33,33 @@ function status.collect(manager, list)
   return rows
 end
 
--- status.expand(list, state_root) -> list: a blue-green service becomes one entry per colour
+-- status.expand(list, state_root[, {user =, ssh_config =}]) -> list: a blue-green service becomes one entry per colour
 -- (its instance and health), named "NAME [COLOUR, live]" or "NAME [COLOUR, idle]" from the live
 -- colour recorded under state_root ("NAME [COLOUR]" when none is recorded); other services as
 -- they are.
-function status.expand(list, state_root)
+function status.expand(list, state_root, opts)
+  opts = opts or {}
   local out = {}
+  local handles = {} -- host -> { fs, root } | false (cannot be read)
+  local function live_colour(svc)
+    if not svc.host then
+      return state_root and require("rr.state").live_colour(state_root, svc.name)
+    end
+    -- a service on a host: its record is that host's (bounded: a host that does not answer
+    -- leaves the colours unnamed, and its row says why)
+    local hh = handles[svc.host]
+    if hh == nil then
+      local hostfs = require("rr.hostfs")
+      local h = hostfs.remote(svc.host, { ssh_config = opts.ssh_config, timeout = 10 })
+      local ok, root = pcall(hostfs.state_root, h, opts.user)
+      hh = ok and { fs = h, root = root } or false
+      handles[svc.host] = hh
+    end
+    return hh and require("rr.state").live_colour(hh.root, svc.name, hh.fs)
+  end
   for _, svc in ipairs(list) do
     if svc.blue_green then
-      local live = state_root and require("rr.state").live_colour(state_root, svc.name)
+      local live = live_colour(svc)
       for _, colour in ipairs({ "blue", "green" }) do
         local c = svc.blue_green[colour]
         local entry = {}
