@@ -1248,20 +1248,7 @@ deploy._parse_item = parse_item
 return deploy
 end
 
-local instances = setmetatable({}, { __mode = "k" })
-local deploy = make(hostfs.here())
-instances[hostfs.here()] = deploy
-
 -- deploy.on(handle) -> the module acting on the files of handle's host (rr.hostfs).
-function deploy.on(h)
-  if h == nil then return deploy end
-  local m = instances[h]
-  if not m then
-    m = make(h)
-    m.on = deploy.on
-    instances[h] = m
-  end
-  return m
-end
+local deploy = hostfs.per_host(make)
 
 return deploy

@@ -300,6 +300,28 @@ function hostfs.get(host)
 end
 
 -- hostfs.remote(host[, { ssh_config = FILE, timeout = 120 }]) -> a handle for host's files.
+-- hostfs.per_host(make) -> module: make(h) builds a module acting on h's files (rr.snapshot,
+-- rr.deploy); the module returned acts on this machine's, and module.on(h) gives (and keeps,
+-- while h lives) the one acting on h's. on(nil) is the module itself.
+function hostfs.per_host(make)
+  local instances = setmetatable({}, { __mode = "k" })
+  local here = hostfs.here()
+  local default = make(here)
+  instances[here] = default
+  local function on(h)
+    if h == nil then return default end
+    local m = instances[h]
+    if not m then
+      m = make(h)
+      m.on = on
+      instances[h] = m
+    end
+    return m
+  end
+  default.on = on
+  return default
+end
+
 function hostfs.remote(host, opts)
   opts = opts or {}
   if type(host) ~= "string" or host == "" then misuse("rr.hostfs.remote: bad host %s", tostring(host)) end

@@ -718,20 +718,7 @@ end
 return snapshot
 end
 
-local instances = setmetatable({}, { __mode = "k" })
-local snapshot = make(hostfs.here())
-instances[hostfs.here()] = snapshot
-
 -- snapshot.on(handle) -> the module acting on the files of handle's host (rr.hostfs).
-function snapshot.on(h)
-  if h == nil then return snapshot end
-  local m = instances[h]
-  if not m then
-    m = make(h)
-    m.on = snapshot.on
-    instances[h] = m
-  end
-  return m
-end
+local snapshot = hostfs.per_host(make)
 
 return snapshot
