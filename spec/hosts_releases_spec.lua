@@ -193,13 +193,27 @@ describe("a blue-green release on a remote host", function()
     assert.matches("deploy: rsync %-a [^\n]* %-> " .. colours.blue.working_dir:gsub("%p", "%%%0") .. "/", res.stdout)
   end)
 
-  it("a restart without --deploy on the host is refused (exit 2), nothing touched", function()
-    local pid = unit_get("green", "MainPID")
+  it("a restart without --deploy serves the live release from the other colour on the host", function()
+    local version, green_tree = running("green"), tree("green")
+    assert.are_not.equal(green_tree, tree("blue")) -- blue still holds the release before
     local res = engine({ "--service", "web" })
-    assert.equal(2, res.exit_code, output(res))
-    assert.matches("blue%-green restart without %-%-deploy on a remote host is not supported yet", res.stderr)
-    assert.equal(pid, unit_get("green", "MainPID"))
+    assert.equal(0, res.exit_code, output(res))
+    assert.equal("blue", live())
+    assert.equal(version, running("blue"))
+    assert.equal(green_tree, tree("blue"))
+    assert.equal(green_tree, tree("green"))
+    assert.equal("inactive", unit_get("green", "ActiveState"))
+    -- nothing of the copy is left here
+    assert.same({}, (function()
+      local left = {}
+      for _, n in ipairs(fs.list("/tmp") or {}) do if n:match("^rrengine%-release%.") then left[#left + 1] = n end end
+      return left
+    end)())
+    -- back to green, the same release, for the cases below
+    res = engine({ "--service", "web" })
+    assert.equal(0, res.exit_code, output(res))
     assert.equal("green", live())
+    assert.equal(version, running("green"))
   end)
 
   it("an analysis failing after the switch: traffic back, the new colour stopped, its dir byte-identical", function()
@@ -233,10 +247,13 @@ describe("a blue-green release on a remote host", function()
   it("plans/rollback.lua --service: back to the release the idle colour on the host still has", function()
     assert.equal("green", live())
     local trees = { blue = tree("blue"), green = tree("green") }
+    -- what blue's working dir on the host holds (the restart above copied green's release there)
+    local held = assert(proc.run(hosts.ssh(h, "cat " .. colours.blue.working_dir .. "/version"), { capture = true }))
+      .stdout:match("%S+")
     local res = engine({ "--service", "web" }, { plan = "plans/rollback.lua" })
     assert.equal(0, res.exit_code, output(res))
     assert.equal("blue", live())
-    assert.equal("v1-blue", running("blue"))
+    assert.equal(held, running("blue"))
     assert.equal("ready", admin("blue"))
     assert.equal("drain", admin("green"))
     assert.equal("inactive", unit_get("green", "ActiveState"))

@@ -63,21 +63,6 @@ describe("plans/rolling.lua", function()
       assert.not_matches("traceback", res.stderr)
     end)
 
-    it("a blue-green restart without --deploy on a remote host (it would copy from this machine's files)", function()
-      local bg = helpers.write(p.dir .. "/remote-bg.lua", [[
-        return { services = {
-          { name = "web", unit = "web@.service", host = "deploy@db1",
-            blue_green = {
-              blue = { working_dir = "/srv/web/blue", health = { url = "http://127.0.0.1:8081/" }, balancer_server = "b" },
-              green = { working_dir = "/srv/web/green", health = { url = "http://127.0.0.1:8082/" }, balancer_server = "g" },
-              balancer = { haproxy = "/run/haproxy/admin.sock", backend = "web" } } },
-        } }]])
-      local res = p:cli({}, { services_file = bg })
-      assert.equal(2, res.exit_code, res.stderr)
-      assert.matches("^rrengine: service web is on host deploy@db1: a blue%-green restart without %-%-deploy on a remote "
-        .. "host is not supported yet", res.stderr)
-    end)
-
     it("a services file that is not valid Lua", function()
       local bad = helpers.write(p.dir .. "/broken-services.lua", "return { services = { ")
       local res = p:cli({}, { services_file = bad })

@@ -688,14 +688,29 @@ function bluegreen.run(ctx, svc)
     self.I:emit("SERVICE_RESTART_START", {})
     return self:fail("cannot reach the unit: " .. tostring(uerr))
   end
+  local staged -- on another host: this machine's copy of the live release, removed at the end
+  local _ <close> = setmetatable({}, { __close = function() if staged then fs.remove_tree(staged) end end })
   if not ctx.opts.deploy then
     -- A restart without a release: the idle colour still holds the release before the live
     -- one, and switching to it as it is would roll the code back. The live colour's release is
     -- copied into it first (rsync, with the same undo record as a deploy), so the restart
     -- serves the same code, with no request lost.
+    local source = svc.blue_green[live].working_dir
+    if svc.host then
+      -- a deploy's source is on this machine: the live release comes here first
+      local dir, derr = fs.mkdtemp("/tmp/rrengine-release.")
+      if not dir then return self:fail("cannot make a directory for the live release: " .. tostring(derr)) end
+      staged = dir
+      local argv = require("rr.remote").rsync_argv(svc.host, { "-a" }, source .. "/", dir .. "/",
+        { pull = true, ssh_config = place.fs and place.fs.ssh_config })
+      local res, rerr = require("rr.proc").run(argv, { timeout = svc.deploy_timeout or 1800 })
+      if not res then
+        return self:fail(("cannot copy the live release %s from %s: %s"):format(source, svc.host, tostring(rerr)))
+      end
+      source = dir
+    end
     local ictx = setmetatable({}, { __index = ctx })
-    ictx.opts = setmetatable({ deploy = true, deploy_path = svc.blue_green[live].working_dir },
-      { __index = ctx.opts })
+    ictx.opts = setmetatable({ deploy = true, deploy_path = source }, { __index = ctx.opts })
     self.I.ctx = ictx
   end
   local ok, outcome, err, info = pcall(Release.go, self)

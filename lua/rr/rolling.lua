@@ -159,16 +159,6 @@ local function prepare(opts)
   if not order then
     return nil, err
   end
-  -- Canaries and blue-green releases on a host act there (rr.canary, rr.bluegreen through
-  -- rr.flow.place). A blue-green restart without --deploy copies the live colour's code into the
-  -- idle one from this machine's files (rr.deploy's source is always here): on another host it is
-  -- refused before anything is touched.
-  for _, svc in ipairs(order) do
-    if svc.host and svc.blue_green and not opts.deploy and not (opts.recover or opts.abandon) then
-      return nil, ("service %s is on host %s: a blue-green restart without --deploy on a remote host is not supported "
-        .. "yet (give the release with --deploy --deploy-path DIR, or run it on that host)"):format(svc.name, svc.host)
-    end
-  end
   if opts.deploy then
     if not opts.deploy_path then
       return nil, "--deploy needs --deploy-path DIR"
