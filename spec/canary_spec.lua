@@ -131,32 +131,19 @@ describe("a replica group's canary, behind a real HAProxy, under a real wrk load
   --   w.drained[n]  member n was seen out of rotation (drain or maint) at some sample
   --   w.max         the most members out of rotation in one sample
   local function watch()
-    local w = { drained = {}, max = 0, samples = 0 }
-    local stopping = false
-    local task = rr.spawn(function()
-      while not stopping do
-        local t0 = rr.now()
-        local servers = assert(hp:servers())
-        local out = 0
-        for _, n in ipairs(MEMBERS) do
-          local s = assert(servers[n], "HAProxy has no server " .. n)
-          if s.admin ~= "ready" then
-            w.drained[n] = true
-            out = out + 1
-          end
+    local w = { drained = {}, max = 0 }
+    return hx.sample(w, function()
+      local servers = assert(hp:servers())
+      local out = 0
+      for _, n in ipairs(MEMBERS) do
+        local s = assert(servers[n], "HAProxy has no server " .. n)
+        if s.admin ~= "ready" then
+          w.drained[n] = true
+          out = out + 1
         end
-        w.max = math.max(w.max, out)
-        w.samples = w.samples + 1
-        rr.sleep(math.max(0, 0.02 - (rr.now() - t0)))
       end
+      w.max = math.max(w.max, out)
     end)
-    function w.stop()
-      stopping = true
-      local ok, err = rr.wait(task)
-      assert(ok, err)
-      return w
-    end
-    return w
   end
 
   -- Per server, what HAProxy counted between two server_counts.

@@ -68,7 +68,7 @@ end
 --                  passed check, and a failed probe after it is a member in rotation unhealthy.
 local function watch(p, hp)
   local w = { max = 0, worst = "no sample", samples = 0, seen = {}, drained = {}, ready_unhealthy = {} }
-  local units, stopping = {}, false
+  local units = {}
   for _, n in ipairs(MEMBERS) do
     units[n] = p:unit(n)
     w.seen[n] = {}
@@ -127,26 +127,12 @@ local function watch(p, hp)
         parts[#parts + 1] = n .. ": " .. why[n]
       end
     end
-    w.samples = w.samples + 1
     if count > w.max then
       w.max = count
       w.worst = ("%d down: %s"):format(count, table.concat(parts, "; "))
     end
   end
-  local task = rr.spawn(function()
-    while not stopping do
-      local t0 = rr.now()
-      one()
-      rr.sleep(math.max(0, 0.02 - (rr.now() - t0)))
-    end
-  end)
-  function w.stop()
-    stopping = true
-    local ok, err = rr.wait(task)
-    assert(ok, err)
-    return w
-  end
-  return w
+  return hx.sample(w, one)
 end
 
 describe("replica groups behind a real HAProxy, under a real wrk load", function()

@@ -203,23 +203,8 @@ end
 -- HAProxy's admin state of a colour's server every ~20 ms until w.stop(): w.seen[admin] = true
 -- for every state seen.
 function bgp:watch(colour)
-  local w = { seen = {}, samples = 0 }
-  local stopping = false
-  local task = rr.spawn(function()
-    while not stopping do
-      local t0 = rr.now()
-      w.seen[self:admin(colour)] = true
-      w.samples = w.samples + 1
-      rr.sleep(math.max(0, 0.02 - (rr.now() - t0)))
-    end
-  end)
-  function w.stop()
-    stopping = true
-    local ok, err = rr.wait(task)
-    assert(ok, err)
-    return w
-  end
-  return w
+  local w = { seen = {} }
+  return hx.sample(w, function() w.seen[self:admin(colour)] = true end)
 end
 
 return bgp

@@ -207,6 +207,28 @@ function hx.load(hp, url)
   return load
 end
 
+-- Calls sample() about every 20 ms in a task until w.stop() (which waits for that task and
+-- returns w): the samplers of the group, canary and blue-green specs. w.samples counts them.
+function hx.sample(w, sample)
+  w.samples = w.samples or 0
+  local stopping = false
+  local task = rr.spawn(function()
+    while not stopping do
+      local t0 = rr.now()
+      sample()
+      w.samples = w.samples + 1
+      rr.sleep(math.max(0, 0.02 - (rr.now() - t0)))
+    end
+  end)
+  function w.stop()
+    stopping = true
+    local ok, err = rr.wait(task)
+    assert(ok, err)
+    return w
+  end
+  return w
+end
+
 -- The answers each server of hp's backend gave so far, from one `show stat` (HAProxy's own
 -- counters: what the clients got from that server): name -> { total =, ["2xx"] =, ["5xx"] = }.
 function hx.server_counts(hp)
