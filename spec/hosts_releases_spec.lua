@@ -25,21 +25,24 @@ local function output(res)
   return ("exit %s\nstdout:\n%s\nstderr:\n%s"):format(tostring(res.exit_code), res.stdout or "", res.stderr or "")
 end
 
+-- plans/rolling.lua (or opts.plan) through the command line, with the services file and event log
+-- in dir, the ssh config cfg, this machine's state under state_home.
+local function run_engine(dir, cfg, state_home, args, opts)
+  opts = opts or {}
+  local argv = { helpers.engine, opts.plan or "plans/rolling.lua", "--user", "--services", opts.services or
+    (dir .. "/services.lua"), "--ssh-config", cfg, "--events", dir .. "/events.jsonl" }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local res, _, _, r = proc.run(argv, { timeout = 120, cwd = units.root, capture = true,
+    env = { XDG_STATE_HOME = state_home } })
+  local out = res or r
+  assert(out and not out.timed_out, "the engine did not finish within 120 s")
+  return out
+end
+
 describe("a blue-green release on a remote host", function()
   local hs, h, cfg, dir, state_home, hxp, hp, template, colours, releases = nil, nil, nil, nil, nil, nil, nil, nil, {}, 0
 
-  -- plans/rolling.lua (or opts.plan) through the command line, this machine's state in dir
-  local function engine(args, opts)
-    opts = opts or {}
-    local argv = { helpers.engine, opts.plan or "plans/rolling.lua", "--user", "--services", opts.services or
-      (dir .. "/services.lua"), "--ssh-config", cfg, "--events", dir .. "/events.jsonl" }
-    for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-    local res, _, _, r = proc.run(argv, { timeout = 120, cwd = units.root, capture = true,
-      env = { XDG_STATE_HOME = state_home } })
-    local out = res or r
-    assert(out and not out.timed_out, "the engine did not finish within 120 s")
-    return out
-  end
+  local function engine(args, opts) return run_engine(dir, cfg, state_home, args, opts) end
 
   local function remote_manager()
     return assert(systemd.remote(h.name, { user = true, ssh_config = cfg }))
@@ -271,17 +274,7 @@ describe("a canary group with members on a remote host", function()
   local hs, h, cfg, dir, state_home, hxp, hp, m = nil, nil, nil, nil, nil, nil, nil, {}
   local releases = 0
 
-  local function engine(args, opts)
-    opts = opts or {}
-    local argv = { helpers.engine, opts.plan or "plans/rolling.lua", "--user", "--services", opts.services or
-      (dir .. "/services.lua"), "--ssh-config", cfg, "--events", dir .. "/events.jsonl" }
-    for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-    local res, _, _, r = proc.run(argv, { timeout = 120, cwd = units.root, capture = true,
-      env = { XDG_STATE_HOME = state_home } })
-    local out = res or r
-    assert(out and not out.timed_out, "the engine did not finish within 120 s")
-    return out
-  end
+  local function engine(args, opts) return run_engine(dir, cfg, state_home, args, opts) end
 
   local function manager_of(n)
     if ON_HOST[n] then return assert(systemd.remote(h.name, { user = true, ssh_config = cfg })) end
